@@ -1,0 +1,312 @@
+"""`compile`, `backend`, `prepare`: the three ways in, and the compiled step they return.
+
+    capture (dynamo + roles) -> passes (policy) -> lowering -> compiler -> runtime
+
+`LordoBackend` is the dynamo backend that runs that pipeline on each graph dynamo
+captures; `CompiledStep` wraps a user's step with it, captured as one graph.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+import types
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_map_only
+
+from . import passes as _passes  # noqa: F401  (registers every pass)
+from .capture.discover import Names, find_optimizers, optimizers_in_frame
+from .capture.optim import OptimizerAdapter, prepare, prepared_adapters
+from .capture.roles import InputCatalog, build_train_graph
+from .errors import CaptureError
+from .graph import ROLE, Role, TrainGraph
+from .inspect import GraphView, PhaseGraphs, describe_stage_change, role_counts, update_counts
+from .lowering import COMPILERS, compile_phase, lower
+from .passes import Program, Stage, run_passes
+from .policy import Policy
+from .runtime.executor import CompiledPhase, OptimizerChanged, StepExecutor
+from .runtime.state import RuntimeState
+
+
+def _enable_capture_config() -> None:
+    # Dynamo traces loss.backward() into the graph only with this flag (torch >= 2.9).
+    torch._dynamo.config.trace_autograd_ops = True
+
+
+class LordoBackend:
+    """A dynamo backend that captures, rewrites and compiles a training step.
+
+    Use through `lordo_compile.backend(policy)` or `lordo_compile.compile(step, policy)`.
+    After the first call, `graphs`, `explain()` and `state_dict()` describe the step.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        compiler: str = "inductor",
+        names: Names | None = None,
+        arg_names: Sequence[str] = (),
+        adapters: Sequence[OptimizerAdapter] | None = None,
+    ) -> None:
+        if not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a lordo_compile.Policy, got {type(policy).__name__}")
+        if compiler not in COMPILERS:
+            raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
+        self.policy = policy
+        self.compiler = compiler
+        self.names = names or Names()
+        self.arg_names = list(arg_names)
+        self._adapters = list(adapters) if adapters is not None else None
+        self.runtime = RuntimeState()
+        self.graphs: dict[str, PhaseGraphs] = {}
+        self.stages: list[Stage] = []
+        self.captures = 0
+        self.timings: dict[str, float] = {}
+
+    def adapters_for(self, example_inputs: Sequence) -> list[OptimizerAdapter]:
+        ids = {id(t) for t in example_inputs}
+        candidates = self._adapters if self._adapters is not None else prepared_adapters()
+        return [a for a in candidates if any(id(p) in ids for p in a.parameters())]
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
+        started = time.perf_counter()
+        adapters = self.adapters_for(example_inputs)
+        catalog = InputCatalog.build(self.names, self.arg_names, adapters)
+        captured = build_train_graph(gm, list(example_inputs), catalog)
+        captured.recompile()
+        self.stages = run_passes(Program({"step": captured}), self.policy)
+        final = self.stages[-1].program
+        params = {
+            node.meta["lordo_param"]: example_inputs[node.meta["lordo_input"][1]]
+            for graph in final.phases.values()
+            for node in graph.placeholders()
+            if node.meta.get(ROLE) == Role.PARAMETER
+        }
+        self.runtime.allocate(final.state(), params)
+        self.timings["capture_and_passes_s"] = time.perf_counter() - started
+        self.graphs = {}
+        compiled = {}
+        started = time.perf_counter()
+        for phase, graph in final.phases.items():
+            views = PhaseGraphs(phase)
+            for stage in self.stages:
+                source = stage.program.phases.get(phase)
+                if source is not None:
+                    views.add(GraphView(phase, stage.name, source.module, source))
+            lowered = lower(graph)
+            views.add(GraphView(phase, "lowered", lowered))
+            state_names = list(graph.state)
+            inputs = list(example_inputs) + self.runtime.inputs(state_names)
+            fn = compile_phase(
+                lowered, inputs, self.compiler, lambda aten, v=views, p=phase: v.add(GraphView(p, "aten", aten))
+            )
+            compiled[phase] = CompiledPhase(fn, state_names)
+            self.graphs[phase] = views
+        self.timings["codegen_s"] = time.perf_counter() - started
+        self.captures += 1
+        return StepExecutor(compiled, final.schedule, self.runtime, adapters)
+
+    def explain(self) -> str:
+        """Per phase: what was captured, what each pass changed, what state it added."""
+        if not self.stages:
+            return "lordo_compile: nothing captured yet; call the step once."
+        lines = [
+            f"lordo_compile: {self.policy.describe()}, compiler={self.compiler}",
+            f"captures: {self.captures} (recompiles: {self.captures - 1})",
+        ]
+        final = self.stages[-1].program
+        for phase, graph in final.phases.items():
+            lines.append(f'phase "{phase}"')
+            captured = self.stages[0].program.phases.get(phase)
+            if captured is not None:
+                roles = role_counts(captured)
+                updates = ", ".join(f"{n}x {k}" for k, n in sorted(update_counts(captured).items()))
+                lines.append(
+                    f"  captured: {len(captured.graph.nodes)} nodes, {roles[str(Role.PARAMETER)]} "
+                    f"parameters, updates: {updates or 'none'}, "
+                    f"{roles[str(Role.COLLECTIVE)]} collective nodes"
+                )
+            for previous, stage in zip(self.stages, self.stages[1:]):
+                if phase not in stage.program.phases:
+                    continue
+                change = describe_stage_change(previous.program.phases.get(phase), stage.program.phases[phase])
+                lines.append(f"  {stage.name}: " + "; ".join(change))
+                for note in stage.summary:
+                    if note not in change:
+                        lines.append(f"    {note}")
+            lowered = sum(1 for _ in graph.updates())
+            lines.append(f"  lowered: {lowered} canonical updates replaced by their aten math")
+        specs = final.state()
+        total = sum(spec.nbytes for spec in specs.values())
+        lines.append(f"state added by passes: {len(specs)} tensors, {total} bytes")
+        return "\n".join(lines)
+
+    def state_dict(self) -> dict:
+        return {"runtime": self.runtime.state_dict(), "optimizers": [a.state_dict() for a in self._adapters or []]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.runtime.load_state_dict(state["runtime"])
+        for adapter, adapter_state in zip(self._adapters or [], state["optimizers"]):
+            adapter.load_state_dict(adapter_state)
+
+
+def _detach(out):
+    return tree_map_only(torch.Tensor, torch.Tensor.detach, out)
+
+
+def _entry_for(step: Callable) -> Callable:
+    """A fresh function (own code object, so own dynamo cache) that detaches outputs.
+
+    Users return `loss`, whose graph `backward` consumed; dynamo refuses to return it,
+    so the compiled step returns it detached, as eager code would use it.
+    """
+
+    def entry(*args, **kwargs):
+        return _detach(step(*args, **kwargs))
+
+    code = entry.__code__.replace(co_name=f"lordo_{getattr(step, '__name__', 'step')}")
+    return types.FunctionType(code, entry.__globals__, code.co_name, None, entry.__closure__)
+
+
+class CompiledStep:
+    """A training step captured as one graph per phase, rewritten by a policy, compiled.
+
+    Call it like the original step. `graphs[phase][stage]` holds every stage of every
+    phase; `explain()` says what each pass did; `state_dict()` holds what passes added.
+    """
+
+    def __init__(
+        self,
+        step: Callable,
+        policy: Policy,
+        *,
+        optimizers: Sequence[torch.optim.Optimizer] | None = None,
+        compiler: str = "inductor",
+    ) -> None:
+        if not callable(step):
+            raise TypeError(f"compile() takes the training step function, got {type(step).__name__}")
+        found = list(optimizers) if optimizers is not None else find_optimizers(step)
+        if not found:
+            raise ValueError(
+                f"found no torch.optim optimizer in the closure, globals or self of {step!r}; "
+                "pass it explicitly: lordo_compile.compile(step, policy, optimizers=[opt])"
+            )
+        self.step = step
+        self.adapters = prepare(*found)
+        try:
+            arg_names = [
+                p.name for p in inspect.signature(step).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+        except (TypeError, ValueError):
+            arg_names = []
+        self.backend = LordoBackend(
+            policy, compiler=compiler, names=Names.of_step(step), arg_names=arg_names, adapters=self.adapters
+        )
+        self._compiled = torch.compile(_entry_for(step), backend=self.backend, fullgraph=True)
+
+    @property
+    def policy(self) -> Policy:
+        return self.backend.policy
+
+    @property
+    def graphs(self) -> dict[str, PhaseGraphs]:
+        return self.backend.graphs
+
+    @property
+    def captures(self) -> int:
+        return self.backend.captures
+
+    def explain(self) -> str:
+        return self.backend.explain()
+
+    def state_dict(self) -> dict:
+        return self.backend.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.backend.load_state_dict(state)
+
+    def __call__(self, *args, **kwargs):
+        _enable_capture_config()
+        try:
+            return self._compiled(*args, **kwargs)
+        except OptimizerChanged:
+            for adapter in self.adapters:
+                adapter.replan()
+            return self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.Unsupported as error:
+            raise _capture_error(error) from None
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            if isinstance(error.inner_exception, (ValueError, NotImplementedError)):
+                raise error.inner_exception.with_traceback(None) from None
+            raise
+
+
+def _capture_error(error: torch._dynamo.exc.Unsupported) -> CaptureError:
+    frames = [f for f in (getattr(error, "real_stack", None) or []) if "/lordo_compile/" not in f.filename]
+    where = f"{frames[-1].filename}:{frames[-1].lineno} (`{(frames[-1].line or '').strip()}`)" if frames else "an unknown line"
+    reason = getattr(error, "gb_type", None) or str(error).splitlines()[0]
+    detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else ""
+    hint = ""
+    if frames and "/torch/optim/" in frames[-1].filename:
+        hint = " The optimizer was not prepared: pass it to lordo_compile.compile(..., optimizers=[opt])."
+    return CaptureError(
+        f"lordo_compile cannot capture the step as one graph: {reason} at {where}. {detail} "
+        f"Move that code out of the step (or make it traceable) and compile again.{hint}"
+    )
+
+
+def compile(
+    step: Callable,
+    policy: Policy | None = None,
+    *,
+    optimizers: Sequence[torch.optim.Optimizer] | None = None,
+    compiler: str = "inductor",
+) -> CompiledStep:
+    """Capture `step` (forward, backward, optimizer step) as one graph and compile it.
+
+    Args:
+      step: an ordinary training step; it may return the loss as is.
+      policy: the rewrites to apply; `Policy()` (the default) compiles the step unchanged.
+      optimizers: the optimizers the step uses; found in its closure/globals when omitted.
+      compiler: "inductor" (default), "aot_eager" (no code generation), or "eager" (run
+        the rewritten graph directly).
+    """
+    return CompiledStep(step, policy if policy is not None else Policy(), optimizers=optimizers, compiler=compiler)
+
+
+def backend(
+    policy: Policy | None = None,
+    *,
+    optimizers: Sequence[torch.optim.Optimizer] | None = None,
+    compiler: str = "inductor",
+) -> LordoBackend:
+    """A backend for `torch.compile(step, backend=..., fullgraph=True)`.
+
+    Prepares `optimizers`, or else every optimizer among the caller's locals and globals,
+    and turns on `torch._dynamo.config.trace_autograd_ops` (needed to capture backward).
+    The step must return `loss.detach()`: dynamo refuses to return a tensor whose graph
+    backward consumed (`lordo_compile.compile` handles that for you).
+    """
+    _enable_capture_config()
+    if optimizers is None:
+        optimizers = optimizers_in_frame(sys._getframe(1))
+    return LordoBackend(policy if policy is not None else Policy(), compiler=compiler, adapters=prepare(*optimizers))
+
+
+def dynamo_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None) -> Callable:
+    """The `backend="lordo"` entry point: `options={"policy": ..., "compiler": ...}`.
+
+    Optimizers must be prepared before the first call (`lordo_compile.prepare(opt)`).
+    """
+    options = dict(options or {})
+    policy = options.pop("policy", None) or Policy()
+    compiler = options.pop("compiler", "inductor")
+    if options:
+        raise ValueError(f"unknown lordo backend options {sorted(options)}; known: policy, compiler")
+    return LordoBackend(policy, compiler=compiler)(gm, example_inputs)

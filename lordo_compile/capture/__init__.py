@@ -1,0 +1,1 @@
+"""Capture: dynamo traces the step; recognised optimizers step through canonical ops."""

@@ -1,0 +1,90 @@
+"""Find the optimizers and modules a training step uses, and name its parameters.
+
+A step reaches its model and optimizer through closure cells, module globals, or
+`self` when it is a bound method. That is where users keep them, so that is where we
+look; `lc.compile(..., optimizers=[...])` overrides the search.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+
+def _namespace(fn: Callable) -> list[tuple[str, Any]]:
+    fn = inspect.unwrap(fn)
+    owner = getattr(fn, "__self__", None)
+    func = getattr(fn, "__func__", fn)
+    items: list[tuple[str, Any]] = []
+    if inspect.isfunction(func):
+        found = inspect.getclosurevars(func)
+        items += list(found.nonlocals.items()) + list(found.globals.items())
+    elif callable(fn) and not inspect.isfunction(fn):
+        owner = owner or fn
+    if owner is not None:
+        items.append(("self", owner))
+        items += list(getattr(owner, "__dict__", {}).items())
+    return items
+
+
+def _flatten(items: Iterable[tuple[str, Any]]) -> Iterable[tuple[str, Any]]:
+    for name, value in items:
+        yield name, value
+        if isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                yield f"{name}[{i}]", item
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                yield f"{name}[{key!r}]", item
+
+
+def find_optimizers(*fns: Callable) -> list[torch.optim.Optimizer]:
+    found: dict[int, torch.optim.Optimizer] = {}
+    for fn in fns:
+        for _, value in _flatten(_namespace(fn)):
+            if isinstance(value, torch.optim.Optimizer):
+                found.setdefault(id(value), value)
+    return list(found.values())
+
+
+def optimizers_in_frame(frame) -> list[torch.optim.Optimizer]:
+    found: dict[int, torch.optim.Optimizer] = {}
+    for _, value in _flatten([*frame.f_locals.items(), *frame.f_globals.items()]):
+        if isinstance(value, torch.optim.Optimizer):
+            found.setdefault(id(value), value)
+    return list(found.values())
+
+
+@dataclass
+class Names:
+    """Readable names for the tensors a step reads, keyed by `id(tensor)`."""
+
+    params: dict[int, str] = field(default_factory=dict)
+    module_types: dict[int, type] = field(default_factory=dict)
+    buffers: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def of_step(cls, fn: Callable) -> "Names":
+        found: dict[int, tuple[str, nn.Module]] = {}
+        for var, value in _flatten(_namespace(fn)):
+            if isinstance(value, nn.Module):
+                found.setdefault(id(value), (var, value))
+        inner = {id(sub) for _, m in found.values() for sub in m.modules() if sub is not m}
+        roots = [item for key, item in found.items() if key not in inner]
+        names = cls()
+        prefix_needed = len(roots) > 1
+        for var, module in roots:
+            prefix = f"{var}." if prefix_needed else ""
+            for module_name, sub in module.named_modules():
+                for pname, p in sub.named_parameters(recurse=False):
+                    full = f"{module_name}.{pname}" if module_name else pname
+                    names.params.setdefault(id(p), prefix + full)
+                    names.module_types.setdefault(id(p), type(sub))
+                for bname, b in sub.named_buffers(recurse=False):
+                    full = f"{module_name}.{bname}" if module_name else bname
+                    names.buffers.setdefault(id(b), prefix + full)
+        return names

@@ -1,0 +1,242 @@
+"""Turn dynamo's graph of a training step into a TrainGraph: roles, names, checks.
+
+What dynamo hands over (torch 2.13, `trace_autograd_ops=True`):
+
+    params, batch, opt state, hparams (placeholders)
+    loss = ... forward ...
+    grad = torch.autograd.grad(loss, [p0, p1, ...]); g0 = grad[0]; ...
+    new_grad_strided = torch.empty_like(p0); new_grad_strided.copy_(g0)    # the .grad write
+    out = torch.ops.lordo.adamw.default(p0, new_grad_strided, m0, v0, ...) # traced opt.step()
+    p0.copy_(out[0]); m0.copy_(out[1]); ...
+
+Here the `.grad` staging copies are folded away (uses read `g0` directly), every node
+gets a role, and placeholders and gradients get names (`layers_0_weight`,
+`grad_layers_0_weight`, `exp_avg_layers_0_weight`, `group0_lr`).
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import CaptureError, user_line
+from ..graph import INPUT, PARAM, PROVENANCE, ROLE, STATE, ParamInfo, Role, TrainGraph, identifier
+from ..ops import canonical_op
+from .discover import Names
+from .optim import OptimizerAdapter
+
+_HOST_SYNCS = {"item", "tolist", "__bool__", "__int__", "__float__"}
+
+
+@dataclass
+class InputCatalog:
+    """What each tensor the step may read is, keyed by `id(tensor)`."""
+
+    names: Names
+    arg_names: list[str]
+    params: dict[int, nn.Parameter | torch.Tensor] = field(default_factory=dict)
+    state: dict[int, tuple[torch.Tensor, str]] = field(default_factory=dict)
+    hyperparameters: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, names: Names, arg_names: list[str], adapters: list[OptimizerAdapter]) -> "InputCatalog":
+        catalog = cls(names, arg_names)
+        for a, adapter in enumerate(adapters):
+            prefix = f"opt{a}_" if len(adapters) > 1 else ""
+            for g, plan in enumerate(adapter.groups):
+                for key, tensor in plan.hyperparameters.items():
+                    catalog.hyperparameters[id(tensor)] = f"{prefix}group{g}_{key}"
+                for p in plan.params:
+                    catalog.params[id(p)] = p
+                    for key, tensor in zip(plan.op.state, adapter.state_tensors(p, plan.op)):
+                        catalog.state[id(tensor)] = (p, key)
+        return catalog
+
+
+def _source_name(node: fx.Node) -> str:
+    grapharg = node.meta.get("grapharg")
+    if grapharg is None or grapharg.source is None:
+        return node.name
+    text = grapharg.source.name
+    text = re.sub(r"\._(modules|parameters|buffers)\['([^']+)'\]", r".\2", text)
+    text = re.sub(r"^[LG]\['([^']+)'\]", r"\1", text)
+    return text
+
+
+def _param_name(tensor: torch.Tensor, node: fx.Node, catalog: InputCatalog) -> str:
+    return catalog.names.params.get(id(tensor)) or _source_name(node)
+
+
+def _is_grad_call(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.autograd.grad
+
+
+def _is_collective(node: fx.Node) -> bool:
+    return getattr(node.target, "namespace", None) == "_c10d_functional"
+
+
+def _check_host_syncs(graph: fx.Graph) -> None:
+    for node in graph.nodes:
+        sync = (node.op == "call_method" and node.target in _HOST_SYNCS) or (
+            node.op == "call_function" and node.target is torch.ops.aten._local_scalar_dense.default
+        )
+        if sync:
+            raise CaptureError(
+                f"the step reads a tensor's value on the host (`.{node.target}()`) at "
+                f"{user_line(node.meta.get('stack_trace'))}; that would stall every step. "
+                "Return the tensor from the step and call .item() on the result instead."
+            )
+
+
+def _fold_grad_staging(graph: fx.Graph, grads: set[fx.Node]) -> None:
+    """Replace `e = empty_like(p); e.copy_(g)` by `g` where `g` is a fresh gradient."""
+    for node in list(graph.nodes):
+        if not (node.op == "call_method" and node.target == "copy_" and len(node.args) == 2):
+            continue
+        staging, grad = node.args
+        if grad not in grads or len(grad.users) != 1 or node.users:
+            continue
+        if not (isinstance(staging, fx.Node) and staging.target is torch.empty_like):
+            continue
+        staging.replace_all_uses_with(grad, delete_user_cb=lambda user: user is not node)
+        graph.erase_node(node)
+        graph.erase_node(staging)
+
+
+def build_train_graph(
+    gm: fx.GraphModule, example_inputs: list, catalog: InputCatalog, phase: str = "step"
+) -> TrainGraph:
+    graph = gm.graph
+    _check_host_syncs(graph)
+    params: dict[str, ParamInfo] = {}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    names: dict[fx.Node, str] = {}
+    for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        node.meta[INPUT] = ("dynamo", index)
+        key = id(value)
+        if key in catalog.params or isinstance(value, nn.Parameter):
+            name = _param_name(value, node, catalog)
+            node.meta.update({ROLE: Role.PARAMETER, PARAM: name})
+            params[name] = ParamInfo(name, tuple(value.shape), value.dtype, catalog.names.module_types.get(key))
+            names[node] = identifier(name)
+        elif key in catalog.state:
+            owner, state_key = catalog.state[key]
+            pname = _param_name(owner, node, catalog)
+            node.meta.update({ROLE: Role.OPTIMIZER_STATE, PARAM: pname, STATE: state_key})
+            names[node] = identifier(f"{state_key}_{pname}")
+        elif key in catalog.hyperparameters:
+            node.meta[ROLE] = Role.HYPERPARAMETER
+            names[node] = catalog.hyperparameters[key]
+        elif key in catalog.names.buffers:
+            node.meta[ROLE] = Role.BUFFER
+            names[node] = identifier(catalog.names.buffers[key])
+        else:
+            node.meta[ROLE] = Role.BATCH_INPUT
+            source = _source_name(node)
+            match = re.fullmatch(r"args\[(\d+)\]", source)
+            if match and int(match.group(1)) < len(catalog.arg_names):
+                source = catalog.arg_names[int(match.group(1))]
+            names[node] = identifier(source)
+
+    backward = [n for n in graph.nodes if _is_grad_call(n)]
+    if not backward:
+        raise CaptureError(
+            "the step never calls loss.backward() (or torch.autograd.grad), so there is no "
+            "training step to compile: call backward inside the step, or use torch.compile "
+            "with another backend for inference."
+        )
+    grads: set[fx.Node] = set()
+    for call in backward:
+        call.meta[ROLE] = Role.BACKWARD
+        outputs, inputs = call.args[0], call.args[1]
+        for loss in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
+            loss.meta[ROLE] = Role.LOSS
+        for user in list(call.users):
+            if user.target is operator.getitem:
+                param_node = inputs[user.args[1]]
+                pname = param_node.meta.get(PARAM, param_node.name)
+                user.meta.update({ROLE: Role.GRADIENT, PARAM: pname})
+                names[user] = identifier(f"grad_{pname}")
+                grads.add(user)
+    _fold_grad_staging(graph, grads)
+
+    updates = []
+    for node in graph.nodes:
+        op = canonical_op(node.target) if node.op == "call_function" else None
+        if op is None:
+            continue
+        updates.append(node)
+        pname = node.args[0].meta.get(PARAM, node.args[0].name)
+        node.meta.update({ROLE: Role.OPTIMIZER_UPDATE, PARAM: pname})
+        names[node] = identifier(f"{op.name}_{pname}")
+        for user in node.users:
+            out_key = ("param",) + op.state
+            key = out_key[user.args[1]]
+            user.meta.update({ROLE: Role.OPTIMIZER_UPDATE, PARAM: pname, STATE: key})
+            names[user] = identifier(f"new_{key}_{pname}")
+            for write in user.users:
+                if write.op == "call_method" and write.target == "copy_" and write.args[1] is user:
+                    write.meta.update({ROLE: Role.WRITEBACK, PARAM: pname, STATE: key})
+                    names[write] = identifier(f"write_{key}_{pname}")
+    if not updates:
+        raise CaptureError(
+            "the step computes gradients but no optimizer update was captured. Step a "
+            "torch.optim optimizer inside the step (SGD, Adam, AdamW); if you call "
+            "torch.compile(..., backend='lordo') yourself, call lordo_compile.prepare(opt) first "
+            "and pass fullgraph=True, or use lordo_compile.compile(step, policy)."
+        )
+
+    _assign_remaining_roles(graph, backward, grads, updates)
+    for node in graph.nodes:
+        node.meta[PROVENANCE] = "capture"
+    for node, name in names.items():
+        node._rename(name)
+    gm.recompile()
+    return TrainGraph(gm, phase, params, num_dynamo_inputs=len(placeholders))
+
+
+def _assign_remaining_roles(graph: fx.Graph, backward, grads, updates) -> None:
+    dag = nx.DiGraph()
+    for node in graph.nodes:
+        dag.add_node(node)
+        for source in node.all_input_nodes:
+            dag.add_edge(source, node)
+    losses = [n for n in graph.nodes if n.meta.get(ROLE) == Role.LOSS]
+    forward = set().union(*(nx.ancestors(dag, loss) for loss in losses))
+    after_grads = set().union(*(nx.descendants(dag, g) for g in grads))
+    before_updates = set().union(*(nx.ancestors(dag, u) for u in updates))
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.meta[ROLE] = Role.OUTPUT
+    for node in graph.nodes:
+        if ROLE in node.meta:
+            continue
+        if _is_collective(node) or node.target is torch.ops._c10d_functional.wait_tensor.default:
+            node.meta[ROLE] = Role.COLLECTIVE
+        elif node in forward:
+            node.meta[ROLE] = Role.FORWARD
+        elif node in after_grads and (node in before_updates or _writes_into(node, grads, dag)):
+            node.meta[ROLE] = Role.GRADIENT
+        elif list(node.users) == [output]:
+            node.meta[ROLE] = Role.OUTPUT
+        else:
+            node.meta[ROLE] = Role.OTHER
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _writes_into(node: fx.Node, grads, dag) -> bool:
+    """An in-place op on a gradient (`g.copy_(reduced)`, `g /= world`) is gradient work."""
+    inplace = (node.op == "call_method" and str(node.target).endswith("_")) or (
+        node.op == "call_function" and node.target in _INPLACE_OPERATORS
+    )
+    target = node.args[0] if node.args else None
+    return inplace and isinstance(target, fx.Node) and (
+        target in grads or target.meta.get(ROLE) == Role.GRADIENT
+    )

@@ -1,0 +1,178 @@
+"""TrainGraph: a captured training step as an FX graph whose nodes know their role.
+
+Every node carries `node.meta["lordo_role"]` (a `Role`); nodes that belong to one
+parameter carry `meta["lordo_param"]` (its name) and optimizer state carries
+`meta["lordo_state"]` (the state key). Each node records the stage that made it in
+`meta["lordo_pass"]` ("capture", or a pass's name).
+
+Placeholders come in two kinds: the inputs dynamo passes at every call (parameters,
+batch, optimizer state, hyperparameters), and state a pass asked for, which the runtime
+allocates from a `StateSpec` and appends after them.
+"""
+
+from __future__ import annotations
+
+import enum
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from .ops import CanonicalOp, canonical_op
+
+ROLE = "lordo_role"
+PARAM = "lordo_param"
+STATE = "lordo_state"
+PROVENANCE = "lordo_pass"
+INPUT = "lordo_input"
+
+
+class Role(str, enum.Enum):
+    BATCH_INPUT = "batch_input"
+    PARAMETER = "parameter"
+    BUFFER = "buffer"
+    OPTIMIZER_STATE = "optimizer_state"
+    HYPERPARAMETER = "hyperparameter"
+    FORWARD = "forward"
+    LOSS = "loss"
+    BACKWARD = "backward"
+    GRADIENT = "gradient"
+    COLLECTIVE = "collective"
+    OPTIMIZER_UPDATE = "optimizer_update"
+    WRITEBACK = "writeback"
+    OUTPUT = "output"
+    OTHER = "other"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """A trainable tensor the step reads."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    module_type: type | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StateSpec:
+    """State a pass needs; the runtime allocates it, the pass never touches a tensor.
+
+    `init` is "zeros", "ones" or "copy:<parameter name>" (a copy of the parameter's
+    value when the runtime first allocates it).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    owner: str
+    param: str | None = None
+    init: str = "zeros"
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class UpdateSite:
+    """One canonical optimizer update in a graph, with its inputs and outputs by name."""
+
+    node: fx.Node
+    op: CanonicalOp
+    param: str
+
+    def input(self, key: str) -> fx.Node:
+        if key == "param":
+            return self.node.args[0]  # type: ignore[return-value]
+        if key == "grad":
+            return self.node.args[1]  # type: ignore[return-value]
+        if key in self.op.state:
+            return self.node.args[self.op.state_input_index(key)]  # type: ignore[return-value]
+        return self.node.args[self.op.hyperparameter_index(key)]  # type: ignore[return-value]
+
+    def outputs(self) -> dict[int, fx.Node]:
+        return {user.args[1]: user for user in self.node.users if user.target is operator.getitem}
+
+
+def identifier(name: str) -> str:
+    """A Python identifier for a dotted name: `layers.0.attn.weight` -> `layers_0_attn_weight`."""
+    text = re.sub(r"\W+", "_", name).strip("_") or "t"
+    return f"_{text}" if text[0].isdigit() else text
+
+
+@dataclass
+class TrainGraph:
+    module: fx.GraphModule
+    phase: str
+    params: dict[str, ParamInfo]
+    num_dynamo_inputs: int
+    state: dict[str, StateSpec] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.module.graph
+
+    def copy(self, phase: str | None = None) -> "TrainGraph":
+        """A copy a pass may edit; node meta is copied shallowly, tensors are shared."""
+        graph = fx.Graph()
+        output = graph.graph_copy(self.graph, {})
+        graph.output(output)
+        old_output = next(iter(reversed(self.graph.nodes)))
+        new_output = next(iter(reversed(graph.nodes)))
+        new_output.meta = dict(old_output.meta)
+        module = fx.GraphModule(self.module, graph, class_name=type(self.module).__name__)
+        return TrainGraph(module, phase or self.phase, dict(self.params), self.num_dynamo_inputs, dict(self.state))
+
+    def nodes(self, role: Role | None = None) -> Iterator[fx.Node]:
+        for node in self.graph.nodes:
+            if role is None or node.meta.get(ROLE) == role:
+                yield node
+
+    def placeholders(self) -> list[fx.Node]:
+        return [n for n in self.graph.nodes if n.op == "placeholder"]
+
+    def updates(self) -> list[UpdateSite]:
+        sites = []
+        for node in self.graph.nodes:
+            op = canonical_op(node.target) if node.op == "call_function" else None
+            if op is not None:
+                sites.append(UpdateSite(node, op, node.meta[PARAM]))
+        return sites
+
+    def add_state(self, spec: StateSpec) -> fx.Node:
+        """A placeholder for runtime-owned state, appended after every other input."""
+        if spec.name in self.state:
+            raise ValueError(f"state {spec.name!r} is already declared in phase {self.phase!r}")
+        last = self.placeholders()[-1]
+        with self.graph.inserting_after(last):
+            node = self.graph.placeholder(identifier(spec.name))
+        node.meta.update({ROLE: Role.OPTIMIZER_STATE, STATE: spec.name, INPUT: ("state", spec.name)})
+        if spec.param is not None:
+            node.meta[PARAM] = spec.param
+        node.meta["val"] = torch.empty(spec.shape, dtype=spec.dtype, device="meta")
+        self.state[spec.name] = spec
+        return node
+
+    def to_networkx(self) -> nx.DiGraph:
+        """Data dependencies between nodes (by node name)."""
+        dag = nx.DiGraph()
+        for node in self.graph.nodes:
+            dag.add_node(node.name)
+            for source in node.all_input_nodes:
+                dag.add_edge(source.name, node.name)
+        return dag
+
+    def recompile(self) -> None:
+        self.graph.lint()
+        self.module.recompile()

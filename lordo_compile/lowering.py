@@ -1,0 +1,60 @@
+"""Lowering: canonical nodes become their math, then AOTAutograd and a code generator.
+
+    TrainGraph (lordo.adamw nodes)  --lower-->  GraphModule (torch ops only)
+        --compile_phase-->  Inductor (C++ on CPU, Triton on GPU) | aot_eager | eager
+
+`lower` swaps each canonical node's target for the op's `math` function; AOTAutograd
+traces that function into aten ops, so Inductor sees the whole update and fuses it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .graph import TrainGraph
+from .ops import canonical_op
+
+COMPILERS = ("inductor", "aot_eager", "eager")
+
+
+def lower(train_graph: TrainGraph) -> fx.GraphModule:
+    """A copy of the graph with every canonical op replaced by its math."""
+    module = train_graph.copy().module
+    for node in module.graph.nodes:
+        op = canonical_op(node.target) if node.op == "call_function" else None
+        if op is not None:
+            node.target = op.math
+    module.recompile()
+    return module
+
+
+def compile_phase(
+    module: fx.GraphModule,
+    example_inputs: Sequence,
+    compiler: str,
+    on_aten_graph: Callable[[fx.GraphModule], None],
+) -> Callable:
+    """Compile a lowered phase; `on_aten_graph` receives the graph AOTAutograd produced."""
+    if compiler == "eager":
+        return module.forward
+    if compiler == "aot_eager":
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        def keep(graph: fx.GraphModule, inputs):
+            on_aten_graph(graph)
+            return make_boxed_func(graph.forward)
+
+        return aot_autograd(fw_compiler=keep)(module, list(example_inputs))
+    if compiler == "inductor":
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+        def inner(graph: fx.GraphModule, inputs, **kwargs):
+            on_aten_graph(graph)
+            return compile_fx_inner(graph, inputs, **kwargs)
+
+        return compile_fx(module, list(example_inputs), inner_compile=inner)
+    raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")

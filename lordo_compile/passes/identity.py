@@ -1,0 +1,17 @@
+"""The identity pass: the captured step, unchanged.
+
+    before:  ... grad = autograd.grad(loss, params); lordo.adamw(p, grad, m, v, ...) ...
+    after:   the same graph
+
+It runs when a policy enables no rewrite, so every compiled step goes through the same
+pipeline (capture, passes, lowering) and shows the same stages in `step.graphs`.
+"""
+
+from __future__ import annotations
+
+from .manager import PassResult, Program, register_pass
+
+
+@register_pass("identity", option=None)
+def identity(program: Program, option: None) -> PassResult:
+    return PassResult(program, ("no change",))

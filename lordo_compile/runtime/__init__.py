@@ -1,0 +1,1 @@
+"""Runtime: state passes asked for, the phase schedule, and the per-call executor."""

@@ -1,0 +1,50 @@
+"""The callable dynamo runs: refresh hyperparameters, pick the phase, run its compiled graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..capture.optim import OptimizerAdapter
+from ..passes import Schedule
+from .state import RuntimeState
+
+
+class OptimizerChanged(RuntimeError):
+    """An optimizer's structure changed since capture; the step must be captured again."""
+
+
+@dataclass
+class CompiledPhase:
+    fn: Callable
+    state_names: list[str]
+
+
+class StepExecutor:
+    """Runs one captured step. Per call: O(param groups) Python, then one compiled graph."""
+
+    def __init__(
+        self,
+        phases: dict[str, CompiledPhase],
+        schedule: Schedule,
+        runtime: RuntimeState,
+        adapters: list[OptimizerAdapter],
+    ) -> None:
+        self.phases = phases
+        self.schedule = schedule
+        self.runtime = runtime
+        self.adapters = adapters
+        self.state_inputs = {name: runtime.inputs(p.state_names) for name, p in phases.items()}
+
+    def __call__(self, *args):
+        for adapter in self.adapters:
+            if not adapter.refresh():
+                raise OptimizerChanged(
+                    f"{type(adapter.optimizer).__name__}: {adapter.structure_change()} after the "
+                    "step was captured. lordo_compile.compile() re-captures on its own; with "
+                    "torch.compile(backend=...), call torch._dynamo.reset() and compile again."
+                )
+        phase = self.schedule.phase_at(self.runtime.step)
+        out = self.phases[phase].fn(*args, *self.state_inputs[phase])
+        self.runtime.step += 1
+        return out

@@ -1,0 +1,68 @@
+"""Runtime state: the tensors passes asked for, the step counter, and their checkpoint."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ..graph import StateSpec
+
+
+class RuntimeState:
+    """Owns every tensor a pass declared, allocated once from its `StateSpec`."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.specs: dict[str, StateSpec] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._pending: Mapping | None = None
+
+    def allocate(self, specs: Mapping[str, StateSpec], params: Mapping[str, torch.Tensor]) -> None:
+        """Create the tensors of specs not yet held; a spec seen again must not change."""
+        for name, spec in specs.items():
+            if name in self.specs:
+                if self.specs[name] != spec:
+                    raise ValueError(f"state {name!r} was declared twice with different specs")
+                continue
+            device = params[spec.param].device if spec.param in params else torch.device("cpu")
+            if spec.init == "zeros":
+                tensor = torch.zeros(spec.shape, dtype=spec.dtype, device=device)
+            elif spec.init == "ones":
+                tensor = torch.ones(spec.shape, dtype=spec.dtype, device=device)
+            elif spec.init.startswith("copy:"):
+                source = params[spec.init.removeprefix("copy:")]
+                tensor = source.detach().to(spec.dtype).clone().reshape(spec.shape)
+            else:
+                raise ValueError(f"state {name!r} has an unknown init rule {spec.init!r}")
+            self.specs[name] = spec
+            self.tensors[name] = tensor
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.load_state_dict(pending)
+
+    def inputs(self, names: list[str]) -> list[torch.Tensor]:
+        return [self.tensors[name] for name in names]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tensors": {k: v.detach().clone() for k, v in self.tensors.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Load a checkpoint; before the first call, it is applied once state is allocated."""
+        if not self.specs and state["tensors"]:
+            self._pending = state
+            self.step = int(state["step"])
+            return
+        missing = set(self.tensors) - set(state["tensors"])
+        unexpected = set(state["tensors"]) - set(self.tensors)
+        if missing or unexpected:
+            raise ValueError(
+                f"state_dict does not match this compiled step: missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}; was it saved from a step with another policy?"
+            )
+        for name, tensor in state["tensors"].items():
+            self.tensors[name].copy_(tensor)
+        self.step = int(state["step"])
