@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_map_only
 
 from . import passes as _passes  # noqa: F401  (registers every pass)
 from .capture.discover import Names, find_optimizers, optimizers_in_frame
-from .capture.optim import OptimizerAdapter, prepare, prepared_adapters
+from .capture.optim import SUPPORTED_OPTIMIZERS, OptimizerAdapter, prepare, prepared_adapters, supported_names
 from .capture.roles import InputCatalog, build_train_graph
 from .errors import CaptureError
 from .graph import ROLE, Role, TrainGraph
@@ -190,7 +190,7 @@ class CompiledStep:
     ) -> None:
         if not callable(step):
             raise TypeError(f"compile() takes the training step function, got {type(step).__name__}")
-        found = list(optimizers) if optimizers is not None else find_optimizers(step)
+        found = list(optimizers) if optimizers is not None else find_optimizers(step, SUPPORTED_OPTIMIZERS)
         if not found:
             raise ValueError(
                 f"found no torch.optim optimizer in the closure, globals or self of {step!r}; "
@@ -253,8 +253,11 @@ def _capture_error(error: torch._dynamo.exc.Unsupported) -> CaptureError:
     reason = getattr(error, "gb_type", None) or str(error).splitlines()[0]
     detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else ""
     hint = ""
-    if frames and "/torch/optim/" in frames[-1].filename:
-        hint = " The optimizer was not prepared: pass it to lordo_compile.compile(..., optimizers=[opt])."
+    if any("/torch/optim/" in f.filename for f in frames):
+        hint = (
+            f" The graph break is inside torch.optim: lordo_compile captures {supported_names()}, "
+            "and only optimizers it found or was given (lordo_compile.compile(..., optimizers=[opt]))."
+        )
     return CaptureError(
         f"lordo_compile cannot capture the step as one graph: {reason} at {where}. {detail} "
         f"Move that code out of the step (or make it traceable) and compile again.{hint}"

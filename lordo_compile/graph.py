@@ -101,8 +101,12 @@ class UpdateSite:
             return self.node.args[self.op.state_input_index(key)]  # type: ignore[return-value]
         return self.node.args[self.op.hyperparameter_index(key)]  # type: ignore[return-value]
 
-    def outputs(self) -> dict[int, fx.Node]:
-        return {user.args[1]: user for user in self.node.users if user.target is operator.getitem}
+    def outputs(self) -> dict[str, fx.Node]:
+        """The nodes holding each output ("param", then state keys) that the graph uses."""
+        if not self.op.state:
+            return {"param": self.node}
+        keys = self.op.output_keys
+        return {keys[u.args[1]]: u for u in self.node.users if u.target is operator.getitem}
 
 
 def identifier(name: str) -> str:

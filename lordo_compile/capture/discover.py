@@ -15,7 +15,18 @@ import torch
 from torch import nn
 
 
-def _namespace(fn: Callable) -> list[tuple[str, Any]]:
+def _namespace(fn: Callable, depth: int = 3) -> list[tuple[str, Any]]:
+    """Names a function can reach: closure, referenced globals, `self`; and, up to
+    `depth` calls deep, the same for functions among those (a step calling `loss_fn`)."""
+    items = _direct_namespace(fn)
+    if depth > 0:
+        for _, value in list(items):
+            if inspect.isfunction(value) or inspect.ismethod(value):
+                items += _namespace(value, depth - 1)
+    return items
+
+
+def _direct_namespace(fn: Callable) -> list[tuple[str, Any]]:
     fn = inspect.unwrap(fn)
     owner = getattr(fn, "__self__", None)
     func = getattr(fn, "__func__", fn)
@@ -42,12 +53,15 @@ def _flatten(items: Iterable[tuple[str, Any]]) -> Iterable[tuple[str, Any]]:
                 yield f"{name}[{key!r}]", item
 
 
-def find_optimizers(*fns: Callable) -> list[torch.optim.Optimizer]:
+def find_optimizers(fn: Callable, supported: tuple[type, ...]) -> list[torch.optim.Optimizer]:
+    """Optimizers `fn` reaches. Those it names directly are returned whatever their type
+    (an unsupported one is an error worth raising early); those found deeper, only when
+    supported, since a helper module may hold optimizers this step never steps."""
     found: dict[int, torch.optim.Optimizer] = {}
-    for fn in fns:
-        for _, value in _flatten(_namespace(fn)):
-            if isinstance(value, torch.optim.Optimizer):
-                found.setdefault(id(value), value)
+    direct = {id(v) for _, v in _flatten(_direct_namespace(fn))}
+    for _, value in _flatten(_namespace(fn)):
+        if isinstance(value, torch.optim.Optimizer) and (id(value) in direct or type(value) in supported):
+            found.setdefault(id(value), value)
     return list(found.values())
 
 

@@ -152,10 +152,10 @@ class OptimizerAdapter:
     def _init_state(self, p: Tensor, op: CanonicalOp) -> None:
         """Create the state `torch.optim` would create lazily on its first step."""
         state = self.optimizer.state[p]
+        fresh = state.get("momentum_buffer") is None
         for key in op.state:
             if key in ADAPTER_STATE_KEYS:
                 if key not in self.extra_state.get(p, {}):
-                    fresh = state.get("momentum_buffer") is None
                     self.extra_state.setdefault(p, {})[key] = torch.tensor(float(fresh), device=p.device)
             elif key == "step":
                 if "step" not in state:
@@ -219,6 +219,8 @@ class OptimizerAdapter:
                         continue
                     state = self.state_tensors(p, plan.op)
                     outputs = plan.overload(p, grad, *state, *plan.hyperparameter_list, **plan.flags)
+                    if not state:
+                        outputs = (outputs,)
                     p.copy_(outputs[0])
                     for tensor, new in zip(state, outputs[1:]):
                         tensor.copy_(new)

@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import CaptureError, user_line
-from ..graph import INPUT, PARAM, PROVENANCE, ROLE, STATE, ParamInfo, Role, TrainGraph, identifier
+from ..graph import INPUT, PARAM, PROVENANCE, ROLE, STATE, ParamInfo, Role, TrainGraph, UpdateSite, identifier
 from ..ops import canonical_op
 from .discover import Names
 from .optim import OptimizerAdapter
@@ -64,13 +64,11 @@ def _source_name(node: fx.Node) -> str:
     if grapharg is None or grapharg.source is None:
         return node.name
     text = grapharg.source.name
+    # Keep what follows the last closure cell: `...cell_contents.net.0.weight` -> `net.0.weight`.
+    text = re.split(r"\.cell_contents\.?", text)[-1] or text
     text = re.sub(r"\._(modules|parameters|buffers)\['([^']+)'\]", r".\2", text)
     text = re.sub(r"^[LG]\['([^']+)'\]", r"\1", text)
-    return text
-
-
-def _param_name(tensor: torch.Tensor, node: fx.Node, catalog: InputCatalog) -> str:
-    return catalog.names.params.get(id(tensor)) or _source_name(node)
+    return re.sub(r"^_(modules|parameters|buffers)\['([^']+)'\]", r"\2", text)
 
 
 def _is_grad_call(node: fx.Node) -> bool:
@@ -117,17 +115,23 @@ def build_train_graph(
     params: dict[str, ParamInfo] = {}
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     names: dict[fx.Node, str] = {}
+    param_names: dict[int, str] = {}
     for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
         node.meta[INPUT] = ("dynamo", index)
         key = id(value)
         if key in catalog.params or isinstance(value, nn.Parameter):
-            name = _param_name(value, node, catalog)
+            name = catalog.names.params.get(key) or _source_name(node)
+            param_names[key] = name
             node.meta.update({ROLE: Role.PARAMETER, PARAM: name})
             params[name] = ParamInfo(name, tuple(value.shape), value.dtype, catalog.names.module_types.get(key))
             names[node] = identifier(name)
-        elif key in catalog.state:
+    for node, value in zip(placeholders, example_inputs):
+        key = id(value)
+        if key in param_names:
+            continue
+        if key in catalog.state:
             owner, state_key = catalog.state[key]
-            pname = _param_name(owner, node, catalog)
+            pname = param_names.get(id(owner)) or catalog.names.params.get(id(owner)) or _source_name(node)
             node.meta.update({ROLE: Role.OPTIMIZER_STATE, PARAM: pname, STATE: state_key})
             names[node] = identifier(f"{state_key}_{pname}")
         elif key in catalog.hyperparameters:
@@ -175,13 +179,13 @@ def build_train_graph(
         pname = node.args[0].meta.get(PARAM, node.args[0].name)
         node.meta.update({ROLE: Role.OPTIMIZER_UPDATE, PARAM: pname})
         names[node] = identifier(f"{op.name}_{pname}")
-        for user in node.users:
-            out_key = ("param",) + op.state
-            key = out_key[user.args[1]]
-            user.meta.update({ROLE: Role.OPTIMIZER_UPDATE, PARAM: pname, STATE: key})
-            names[user] = identifier(f"new_{key}_{pname}")
-            for write in user.users:
-                if write.op == "call_method" and write.target == "copy_" and write.args[1] is user:
+        site = UpdateSite(node, op, pname)
+        for key, output in site.outputs().items():
+            if output is not node:
+                output.meta.update({ROLE: Role.OPTIMIZER_UPDATE, PARAM: pname, STATE: key})
+                names[output] = identifier(f"new_{key}_{pname}")
+            for write in output.users:
+                if write.op == "call_method" and write.target == "copy_" and write.args[1] is output:
                     write.meta.update({ROLE: Role.WRITEBACK, PARAM: pname, STATE: key})
                     names[write] = identifier(f"write_{key}_{pname}")
     if not updates:

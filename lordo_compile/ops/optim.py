@@ -25,7 +25,7 @@ from .registry import define_op
 def sgd(param: Tensor, grad: Tensor, lr: Tensor, weight_decay: Tensor, *, maximize: bool):
     grad = -grad if maximize else grad
     grad = grad + weight_decay * param
-    return (param + (-lr) * grad,)
+    return param + (-lr) * grad
 
 
 def _momentum_direction(grad, buf, momentum, nesterov):

@@ -9,6 +9,8 @@ Every op has the signature
 
     (param, grad, *state, *hyperparameters, *, **flags) -> (param, *state)
 
+and an op without state returns the new parameter alone (a Tensor, not a 1-tuple).
+
 so generic code (roles, passes, the runtime) can read which input is which from the table.
 """
 
@@ -49,9 +51,10 @@ class CanonicalOp:
     def hyperparameter_index(self, key: str) -> int:
         return 2 + len(self.state) + self.hyperparameters.index(key)
 
-    def output_index(self, key: str) -> int:
-        """Index into the op's outputs: 0 is the new parameter, then the new state."""
-        return 0 if key == "param" else 1 + self.state.index(key)
+    @property
+    def output_keys(self) -> tuple[str, ...]:
+        """What each output is: the new parameter, then the new state."""
+        return ("param",) + self.state
 
 
 _OPS: dict[str, CanonicalOp] = {}
@@ -80,18 +83,20 @@ def define_op(
         tensors += [f"Tensor {key}" for key in state + hyperparameters]
         flag_args = [f"bool {flag}" for flag in flags]
         args = ", ".join(tensors + (["*"] + flag_args if flag_args else []))
-        returns = ", ".join(["Tensor"] * (1 + len(state)))
-        _library.define(f"{name}({args}) -> ({returns})")
+        returns = "(" + ", ".join(["Tensor"] * (1 + len(state))) + ")" if state else "Tensor"
+        _library.define(f"{name}({args}) -> {returns}")
 
         def kernel(*args, **kwargs):
             outputs = math(*args, **kwargs)
             inputs = {id(a) for a in args if isinstance(a, torch.Tensor)}
+            if not state:
+                return outputs.clone() if id(outputs) in inputs else outputs
             return tuple(o.clone() if id(o) in inputs else o for o in outputs)
 
         def fake(param, grad, *rest, **kwargs):
-            return (torch.empty_like(param),) + tuple(
-                torch.empty_like(t) for t in rest[: len(state)]
-            )
+            if not state:
+                return torch.empty_like(param)
+            return (torch.empty_like(param),) + tuple(torch.empty_like(t) for t in rest[: len(state)])
 
         _library.impl(name, kernel, "CompositeExplicitAutograd")
         torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_library)
