@@ -9,6 +9,7 @@ captures; `CompiledStep` wraps a user's step with it, captured as one graph.
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 import time
 import types
@@ -239,7 +240,7 @@ class CompiledStep:
             for adapter in self.adapters:
                 adapter.replan()
             return self._compiled(*args, **kwargs)
-        except torch._dynamo.exc.Unsupported as error:
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as error:
             raise _capture_error(error) from None
         except torch._dynamo.exc.BackendCompilerFailed as error:
             if isinstance(error.inner_exception, (ValueError, NotImplementedError)):
@@ -247,13 +248,24 @@ class CompiledStep:
             raise
 
 
-def _capture_error(error: torch._dynamo.exc.Unsupported) -> CaptureError:
-    frames = [f for f in (getattr(error, "real_stack", None) or []) if "/lordo_compile/" not in f.filename]
-    where = f"{frames[-1].filename}:{frames[-1].lineno} (`{(frames[-1].line or '').strip()}`)" if frames else "an unknown line"
-    reason = getattr(error, "gb_type", None) or str(error).splitlines()[0]
-    detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else ""
+def _capture_error(error: Exception) -> CaptureError:
+    """Dynamo's refusal, restated: where in the user's code, why, and what to do."""
+    text = str(error)
+    frames = [
+        (f.filename, f.lineno, (f.line or "").strip())
+        for f in (getattr(error, "real_stack", None) or [])
+    ] or [
+        (path, int(line), code.strip())
+        for path, line, code in re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', text)
+    ]
+    frames = [f for f in frames if "/lordo_compile/" not in f[0]]
+    user = [f for f in frames if "/torch/" not in f[0]]
+    where = f"{user[-1][0]}:{user[-1][1]} (`{user[-1][2]}`)" if user else "an unknown line"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = getattr(error, "gb_type", None) or (lines[0] if lines else type(error).__name__)
+    detail = lines[1] if len(lines) > 1 and lines[1].startswith("Explanation") else ""
     hint = ""
-    if any("/torch/optim/" in f.filename for f in frames):
+    if any("/torch/optim/" in f[0] for f in frames):
         hint = (
             f" The graph break is inside torch.optim: lordo_compile captures {supported_names()}, "
             "and only optimizers it found or was given (lordo_compile.compile(..., optimizers=[opt]))."

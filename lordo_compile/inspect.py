@@ -166,7 +166,12 @@ class GraphView:
 
     @property
     def text(self) -> str:
-        return format_graph(self.train_graph or self.module, f'phase "{self.phase}" after {self.stage}')
+        return f'# phase "{self.phase}" after {self.stage}\n' + self.body
+
+    @property
+    def body(self) -> str:
+        """The graph without the title line."""
+        return format_graph(self.train_graph or self.module)
 
     def __str__(self) -> str:
         return self.text
@@ -198,7 +203,7 @@ class PhaseGraphs(Mapping[str, GraphView]):
         return len(self._views)
 
     def diff(self, before: str, after: str) -> str:
-        return diff_graphs(self[before].text, self[after].text, before, after)
+        return diff_graphs(self[before].body, self[after].body, before, after)
 
     def __repr__(self) -> str:
         return f"PhaseGraphs({self.phase!r}, stages={list(self._views)})"

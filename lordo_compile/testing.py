@@ -1,0 +1,37 @@
+"""Helpers for testing passes, ours and users': capture a step, print a stage stably.
+
+    step = capture(train_step, x, y, policy=Policy(extra_passes=("my_pass",)))
+    self.assertExpectedInline(stage_text(step, "my_pass"), '''...''')
+
+`EXPECTTEST_ACCEPT=1 pytest ...` writes the current text into the test for review.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .api import CompiledStep, compile
+from .policy import Policy
+
+
+def capture(
+    step: Callable,
+    *example_args,
+    policy: Policy | None = None,
+    optimizers: Sequence[torch.optim.Optimizer] | None = None,
+) -> CompiledStep:
+    """Compile `step` without code generation and run it once on `example_args`."""
+    compiled = compile(step, policy or Policy(), optimizers=optimizers, compiler="eager")
+    compiled(*example_args)
+    return compiled
+
+
+def stage_text(step: CompiledStep, stage: str = "captured", phase: str = "step") -> str:
+    """The stable text of one stage of one phase (no title line)."""
+    return step.graphs[phase][stage].body
+
+
+def stage_diff(step: CompiledStep, before: str, after: str, phase: str = "step") -> str:
+    return step.graphs[phase].diff(before, after)

@@ -1,0 +1,151 @@
+"""Run a function in N fresh gloo processes and hand their results back to the test.
+
+    results = run_workers(worker, 2, args=(...,))   # [rank0_result, rank1_result]
+
+`worker(rank, world_size, *args)` must be a module-level function (spawned processes
+import it by name) and return something `torch.save` can write (tensors, lists, ints).
+Each process starts with `torch.distributed` initialised (gloo, a FileStore in a
+temporary directory, loopback only) and destroys the process group when `worker`
+returns. A worker that raises fails the caller with the worker's traceback; workers
+that are still running at `timeout` are killed and fail the caller, so a hung
+collective never hangs pytest.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.multiprocessing as mp
+
+DEFAULT_TIMEOUT_S = 240.0
+
+
+class WorkerError(RuntimeError):
+    """A worker process raised, died, or did not finish in time."""
+
+
+def _worker_main(
+    rank: int,
+    world_size: int,
+    fn: Callable,
+    args: tuple,
+    workdir: str,
+    env: dict[str, str],
+    timeout: float,
+    threads: int,
+) -> None:
+    out = Path(workdir)
+    try:
+        os.environ.update(env)
+        if sys.platform.startswith("linux"):
+            # Keep gloo on loopback even where the hostname resolves to no usable interface.
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        torch.set_num_threads(threads)
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{out / 'store'}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+        try:
+            result = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        torch.save(result, out / f"result_{rank}.pt.tmp")
+        os.replace(out / f"result_{rank}.pt.tmp", out / f"result_{rank}.pt")
+    except BaseException:
+        (out / f"error_{rank}.txt").write_text(traceback.format_exc())
+        raise SystemExit(1)
+
+
+def run_workers(
+    fn: Callable,
+    world_size: int = 2,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    *,
+    args: Sequence[Any] = (),
+    threads: int = 1,
+) -> list[Any]:
+    """`[fn(rank, world_size, *args) for rank in range(world_size)]`, each in its own process.
+
+    `threads` sets `torch.set_num_threads` in each worker (1 by default, so that N
+    workers do not oversubscribe a small machine). Raises `WorkerError` with the
+    worker's traceback if one raises or dies, and after killing every worker if they
+    are not all done within `timeout` seconds.
+    """
+    env = {
+        key: os.environ[key]
+        for key in ("TORCHINDUCTOR_CACHE_DIR", "GLOO_SOCKET_IFNAME")
+        if key in os.environ
+    }
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="lordo-dist-") as workdir:
+        out = Path(workdir)
+        procs = [
+            ctx.Process(
+                target=_worker_main,
+                args=(rank, world_size, fn, tuple(args), workdir, env, timeout, threads),
+                name=f"{getattr(fn, '__name__', 'worker')}-rank{rank}",
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for proc in procs:
+            proc.start()
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if failed:
+                    # Give the others a moment to report their own error, then stop them.
+                    time.sleep(0.5)
+                    raise WorkerError(_describe_failure(fn, procs, out, failed))
+                if all(p.exitcode == 0 for p in procs):
+                    break
+                if time.monotonic() > deadline:
+                    running = [r for r, p in enumerate(procs) if p.exitcode is None]
+                    raise WorkerError(
+                        f"{_fn_name(fn)}: rank(s) {running} still running after {timeout:.0f} s "
+                        f"(a hung collective?); killed them.\n" + _errors(out, world_size)
+                    )
+                time.sleep(0.05)
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+            for proc in procs:
+                proc.join(10)
+        missing = [r for r in range(world_size) if not (out / f"result_{r}.pt").exists()]
+        if missing:
+            raise WorkerError(f"{_fn_name(fn)}: rank(s) {missing} exited 0 without a result")
+        return [torch.load(out / f"result_{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def _fn_name(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _errors(out: Path, world_size: int) -> str:
+    parts = []
+    for rank in range(world_size):
+        error = out / f"error_{rank}.txt"
+        if error.exists():
+            parts.append(f"--- rank {rank} traceback ---\n{error.read_text()}")
+    return "\n".join(parts)
+
+
+def _describe_failure(fn: Callable, procs, out: Path, failed: list[int]) -> str:
+    codes = ", ".join(f"rank {r}: exit code {procs[r].exitcode}" for r in failed)
+    errors = _errors(out, len(procs))
+    return f"{_fn_name(fn)} failed ({codes}).\n" + (errors or "(no traceback: the process died)")

@@ -1,0 +1,55 @@
+"""End to end through Inductor (C++ on CPU): fused updates, no Python per parameter."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
+
+import lordo_compile as lc
+from common import gpt_problem, max_rel_diff, mlp_problem, train
+from lordo_compile.models import MLP
+
+pytestmark = pytest.mark.inductor
+
+
+def test_generated_code_has_no_python_callbacks():
+    torch.manual_seed(0)
+    model = MLP((16, 32, 32, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+    def train_step(x, y):
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    step = lc.compile(train_step, lc.Policy())
+    _, sources = run_and_get_code(step, torch.randn(8, 16), torch.randn(8, 4))
+    code = "\n".join(sources)
+    assert "lordo" not in code
+    extern = set(re.findall(r"extern_kernels\.(\w+)\(", code))
+    assert extern <= {"mm", "addmm", "bmm", "baddbmm"}, extern
+    kernels = re.findall(r"^(cpp_fused_\w+) = ", code, flags=re.M)
+    params = len(list(model.parameters()))
+    # Updates are fused across parameters, not one kernel (let alone a call) per parameter.
+    assert len(kernels) < params + 2, kernels
+
+
+ADAMW = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)  # noqa: E731
+NESTEROV = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True)  # noqa: E731
+
+
+# On the GPT, Inductor's reductions round a few layer-norm bias gradients of size ~eps
+# differently from eager (plain torch.compile of the model does the same), and Adam's
+# first step g / (|g| + eps) turns that into 1e-3 relative; SGD is the well-posed check
+# there, and AdamW on the GPT is checked without code generation in test_parity.py.
+@pytest.mark.parametrize("problem, make", [(mlp_problem, ADAMW), (gpt_problem, NESTEROV)], ids=["mlp-adamw", "gpt-sgd"])
+def test_inductor_matches_torch_optim(problem, make):
+    reference, *_ = train(problem, make)
+    params, _, step, _ = train(problem, make, compiler="inductor")
+    assert max_rel_diff(reference, params) <= 1e-5
+    assert step.captures == 1
+    assert "aten" in step.graphs["step"]
