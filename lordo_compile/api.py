@@ -76,6 +76,7 @@ class LordoBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
         started = time.perf_counter()
+        self.timings["backend_entered"] = started
         adapters = self.adapters_for(example_inputs)
         catalog = InputCatalog.build(self.names, self.arg_names, adapters)
         captured = build_train_graph(gm, list(example_inputs), catalog)

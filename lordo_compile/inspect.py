@@ -29,6 +29,8 @@ def _target_name(node: fx.Node) -> str:
     if isinstance(target, torch._ops.OpOverload):
         name = f"{target.namespace}.{target._opname}"
         return name if target._overloadname == "default" else f"{name}.{target._overloadname}"
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name.replace("::", ".")
     if isinstance(target, str):
         return target
     module = getattr(target, "__module__", None) or ""

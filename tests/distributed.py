@@ -56,7 +56,9 @@ def _worker_main(
             init_method=f"file://{out / 'store'}",
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout),
+            # Shorter than the parent's deadline, so a hung collective raises here (with a
+            # traceback naming it) before the parent has to kill the process.
+            timeout=datetime.timedelta(seconds=max(1.0, 0.8 * timeout)),
         )
         try:
             result = fn(rank, world_size, *args)

@@ -146,12 +146,6 @@ def test_one_all_reduce_per_parameter(run):
         assert result["all_reduces"] == result["num_params"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="capture/roles.py _is_collective() only recognises OpOverloads (`.default`), but dynamo's "
-    "graph holds OpOverloadPackets (torch.ops._c10d_functional.all_reduce): collectives get role "
-    "OTHER or GRADIENT instead of COLLECTIVE",
-)
 def test_all_reduces_have_collective_role(run):
     for result in run:
         assert result["all_reduce_roles"] == [str(Role.COLLECTIVE)]

@@ -76,7 +76,10 @@ def _is_grad_call(node: fx.Node) -> bool:
 
 
 def _is_collective(node: fx.Node) -> bool:
-    return getattr(node.target, "namespace", None) == "_c10d_functional"
+    # Dynamo records packets (`_c10d_functional.all_reduce`), AOT graphs overloads (`.default`).
+    target = getattr(node.target, "_overloadpacket", node.target)
+    name = getattr(target, "_qualified_op_name", "")
+    return node.op == "call_function" and name.startswith("_c10d_functional::")
 
 
 def _check_host_syncs(graph: fx.Graph) -> None:
@@ -220,7 +223,7 @@ def _assign_remaining_roles(graph: fx.Graph, backward, grads, updates) -> None:
     for node in graph.nodes:
         if ROLE in node.meta:
             continue
-        if _is_collective(node) or node.target is torch.ops._c10d_functional.wait_tensor.default:
+        if _is_collective(node):
             node.meta[ROLE] = Role.COLLECTIVE
         elif node in forward:
             node.meta[ROLE] = Role.FORWARD

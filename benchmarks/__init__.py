@@ -1,0 +1,1 @@
+"""Commands that produce every figure a doc quotes: `python -m benchmarks.<name> [--json PATH]`."""

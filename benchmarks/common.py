@@ -1,0 +1,77 @@
+"""Shared pieces: the tiny GPT step in its three forms, timing, tables, JSON."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+import lordo_compile as lc
+from lordo_compile.data import ByteBatches
+from lordo_compile.models import GPTConfig, TinyGPT
+
+
+def gpt_step(cfg: GPTConfig = GPTConfig(), seed: int = 0):
+    """A fresh tiny GPT, its AdamW, and an ordinary training step over them."""
+    torch.manual_seed(seed)
+    model = TinyGPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+
+    def train_step(x, y):
+        loss = model.loss(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    return model, opt, train_step
+
+
+def batches(cfg: GPTConfig, batch_size: int, count: int, seed: int = 0):
+    data = ByteBatches(block_size=cfg.block_size)
+    generator = torch.Generator().manual_seed(seed)
+    return [data.batch(batch_size, generator) for _ in range(count)]
+
+
+def time_steps(step: Callable, data: list, warmup: int) -> tuple[float, list[float]]:
+    """First call's seconds (compile included), then per-step seconds after `warmup` calls."""
+    t0 = time.perf_counter()
+    step(*data[0])
+    first = time.perf_counter() - t0
+    times = []
+    for i, batch in enumerate(data[1:]):
+        t0 = time.perf_counter()
+        step(*batch)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return first, times
+
+
+def median_ms(times: list[float]) -> float:
+    return statistics.median(times) * 1e3
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """columns: (key, header, format spec)."""
+    widths = [max(len(header), 10) for _, header, _ in columns]
+    print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths)))
+    for row in rows:
+        cells = []
+        for (key, _, spec), width in zip(columns, widths):
+            value = row.get(key, "")
+            cells.append((format(value, spec) if value != "" else "").rjust(width))
+        print("  ".join(cells))
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+
+
+def lordo_compile(train_step, policy=None, compiler="inductor"):
+    return lc.compile(train_step, policy or lc.Policy(), compiler=compiler)
