@@ -33,11 +33,8 @@ x: f32[4, 8]  batch_input
 net_2_weight: f32[2, 16]  parameter
 net_2_bias: f32[2]  parameter
 y: f32[4, 2]  batch_input
+group0_hyperparameters: f64[4]  hyperparameter
 momentum_buffer_net_0_weight: f32[16, 8]  optimizer_state  [momentum_buffer]
-group0_lr: f64[]  hyperparameter
-group0_momentum: f64[]  hyperparameter
-group0_dampening: f64[]  hyperparameter
-group0_weight_decay: f64[]  hyperparameter
 momentum_buffer_net_0_bias: f32[16]  optimizer_state  [momentum_buffer]
 momentum_buffer_net_2_weight: f32[2, 16]  optimizer_state  [momentum_buffer]
 momentum_buffer_net_2_bias: f32[2]  optimizer_state  [momentum_buffer]
@@ -51,6 +48,10 @@ grad_net_0_bias = grad[1]  # f32[16]  gradient
 grad_net_2_weight = grad[2]  # f32[2, 16]  gradient
 grad_net_2_bias = grad[3]  # f32[2]  gradient
 _set_grad_enabled = torch._C._set_grad_enabled(False)  # other
+group0_lr = group0_hyperparameters[0]  # f64[]  hyperparameter
+group0_momentum = group0_hyperparameters[1]  # f64[]  hyperparameter
+group0_dampening = group0_hyperparameters[2]  # f64[]  hyperparameter
+group0_weight_decay = group0_hyperparameters[3]  # f64[]  hyperparameter
 sgd_momentum_net_0_weight = lordo.sgd_momentum(net_0_weight, grad_net_0_weight, momentum_buffer_net_0_weight, group0_lr, group0_momentum, group0_dampening, group0_weight_decay, nesterov=False, maximize=False)  # (f32[16, 8], f32[16, 8])  optimizer_update
 new_param_net_0_weight = sgd_momentum_net_0_weight[0]  # f32[16, 8]  optimizer_update
 new_momentum_buffer_net_0_weight = sgd_momentum_net_0_weight[1]  # f32[16, 8]  optimizer_update
@@ -85,14 +86,10 @@ x: f32[4, 8]  batch_input
 net_2_weight: f32[2, 16]  parameter
 net_2_bias: f32[2]  parameter
 y: f32[4, 2]  batch_input
+group0_hyperparameters: f64[5]  hyperparameter
 exp_avg_net_0_weight: f32[16, 8]  optimizer_state  [exp_avg]
 exp_avg_sq_net_0_weight: f32[16, 8]  optimizer_state  [exp_avg_sq]
 step_net_0_weight: f32[]  optimizer_state  [step]
-group0_lr: f64[]  hyperparameter
-group0_beta1: f64[]  hyperparameter
-group0_beta2: f64[]  hyperparameter
-group0_eps: f64[]  hyperparameter
-group0_weight_decay: f64[]  hyperparameter
 exp_avg_net_0_bias: f32[16]  optimizer_state  [exp_avg]
 exp_avg_sq_net_0_bias: f32[16]  optimizer_state  [exp_avg_sq]
 step_net_0_bias: f32[]  optimizer_state  [step]
@@ -112,6 +109,11 @@ grad_net_0_bias = grad[1]  # f32[16]  gradient
 grad_net_2_weight = grad[2]  # f32[2, 16]  gradient
 grad_net_2_bias = grad[3]  # f32[2]  gradient
 _set_grad_enabled = torch._C._set_grad_enabled(False)  # other
+group0_lr = group0_hyperparameters[0]  # f64[]  hyperparameter
+group0_beta1 = group0_hyperparameters[1]  # f64[]  hyperparameter
+group0_beta2 = group0_hyperparameters[2]  # f64[]  hyperparameter
+group0_eps = group0_hyperparameters[3]  # f64[]  hyperparameter
+group0_weight_decay = group0_hyperparameters[4]  # f64[]  hyperparameter
 adamw_net_0_weight = lordo.adamw(net_0_weight, grad_net_0_weight, exp_avg_net_0_weight, exp_avg_sq_net_0_weight, step_net_0_weight, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, maximize=False)  # (f32[16, 8], f32[16, 8], f32[16, 8], f32[])  optimizer_update
 new_param_net_0_weight = adamw_net_0_weight[0]  # f32[16, 8]  optimizer_update
 new_exp_avg_net_0_weight = adamw_net_0_weight[1]  # f32[16, 8]  optimizer_update

@@ -9,8 +9,10 @@ the results back with `copy_`; called eagerly, they run the optimizer's own meth
 The optimizer stays the source of truth: state is initialised eagerly into `opt.state`
 exactly as `torch.optim` would lazily, the graph reads and writes those tensors, and
 `param_groups` keep their Python floats. The adapter mirrors each group's float
-hyperparameters into 0-d float64 tensors (graph inputs) before every call, so schedulers
-take effect with no recompile. What decides the graph's structure (momentum on or off,
+hyperparameters into one float64 vector per group (a graph input) before every call, so
+schedulers take effect with no recompile. (A vector, indexed inside the graph, rather
+than 0-d inputs: dynamo treats a 0-d float64 CPU tensor input as a Python float, makes it
+a symbol, and Inductor then restarts the whole trace to specialise it.) What decides the graph's structure (momentum on or off,
 nesterov, maximize, the number of groups) is fixed per capture; a change is detected.
 """
 
@@ -94,9 +96,8 @@ class GroupPlan:
     overload: object
     flags: dict[str, bool]
     params: list[Tensor]
-    hyperparameters: dict[str, Tensor]
-    hyperparameter_list: list[Tensor]
-    values: dict[str, float] = field(default_factory=dict)
+    hyperparameters: Tensor
+    values: list[float] = field(default_factory=list)
     structure: tuple = ()
 
 
@@ -132,15 +133,13 @@ class OptimizerAdapter:
         for group in self.optimizer.param_groups:
             op, flags = self._op_for(group)
             device = group["params"][0].device if group["params"] else torch.device("cpu")
-            values = {key: _READERS[key](group) for key in op.hyperparameters}
-            tensors = {key: torch.tensor(v, dtype=torch.float64, device=device) for key, v in values.items()}
+            values = [_READERS[key](group) for key in op.hyperparameters]
             plan = GroupPlan(
                 op=op,
                 overload=op.overload,
                 flags=flags,
                 params=list(group["params"]),
-                hyperparameters=tensors,
-                hyperparameter_list=[tensors[k] for k in op.hyperparameters],
+                hyperparameters=torch.tensor(values, dtype=torch.float64, device=device),
                 values=values,
                 structure=_structure(self.optimizer, group),
             )
@@ -180,11 +179,10 @@ class OptimizerAdapter:
         for plan, group in zip(self.groups, groups):
             if _structure(self.optimizer, group) != plan.structure:
                 return False
-            for key, tensor in plan.hyperparameters.items():
-                value = _READERS[key](group)
-                if value != plan.values[key]:
-                    tensor.fill_(value)
-                    plan.values[key] = value
+            values = [_READERS[key](group) for key in plan.op.hyperparameters]
+            if values != plan.values:
+                plan.hyperparameters.copy_(torch.tensor(values, dtype=torch.float64))
+                plan.values = values
         # The LR scheduler warns unless it sees the optimizer was stepped.
         self.optimizer._opt_called = True  # type: ignore[attr-defined]
         return True
@@ -213,12 +211,13 @@ class OptimizerAdapter:
     def traced_step(self) -> None:
         with torch.no_grad():
             for plan in self.groups:
+                scalars = [plan.hyperparameters[i] for i in range(len(plan.values))]
                 for p in plan.params:
                     grad = p.grad
                     if grad is None:
                         continue
                     state = self.state_tensors(p, plan.op)
-                    outputs = plan.overload(p, grad, *state, *plan.hyperparameter_list, **plan.flags)
+                    outputs = plan.overload(p, grad, *state, *scalars, **plan.flags)
                     if not state:
                         outputs = (outputs,)
                     p.copy_(outputs[0])

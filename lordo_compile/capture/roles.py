@@ -42,7 +42,7 @@ class InputCatalog:
     arg_names: list[str]
     params: dict[int, nn.Parameter | torch.Tensor] = field(default_factory=dict)
     state: dict[int, tuple[torch.Tensor, str]] = field(default_factory=dict)
-    hyperparameters: dict[int, str] = field(default_factory=dict)
+    hyperparameters: dict[int, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, names: Names, arg_names: list[str], adapters: list[OptimizerAdapter]) -> "InputCatalog":
@@ -50,8 +50,7 @@ class InputCatalog:
         for a, adapter in enumerate(adapters):
             prefix = f"opt{a}_" if len(adapters) > 1 else ""
             for g, plan in enumerate(adapter.groups):
-                for key, tensor in plan.hyperparameters.items():
-                    catalog.hyperparameters[id(tensor)] = f"{prefix}group{g}_{key}"
+                catalog.hyperparameters[id(plan.hyperparameters)] = (f"{prefix}group{g}", plan.op.hyperparameters)
                 for p in plan.params:
                     catalog.params[id(p)] = p
                     for key, tensor in zip(plan.op.state, adapter.state_tensors(p, plan.op)):
@@ -138,8 +137,13 @@ def build_train_graph(
             node.meta.update({ROLE: Role.OPTIMIZER_STATE, PARAM: pname, STATE: state_key})
             names[node] = identifier(f"{state_key}_{pname}")
         elif key in catalog.hyperparameters:
+            group, keys = catalog.hyperparameters[key]
             node.meta[ROLE] = Role.HYPERPARAMETER
-            names[node] = catalog.hyperparameters[key]
+            names[node] = f"{group}_hyperparameters"
+            for user in node.users:
+                if user.target is operator.getitem and isinstance(user.args[1], int):
+                    user.meta[ROLE] = Role.HYPERPARAMETER
+                    names[user] = f"{group}_{keys[user.args[1]]}"
         elif key in catalog.names.buffers:
             node.meta[ROLE] = Role.BUFFER
             names[node] = identifier(catalog.names.buffers[key])
@@ -149,6 +153,7 @@ def build_train_graph(
             match = re.fullmatch(r"args\[(\d+)\]", source)
             if match and int(match.group(1)) < len(catalog.arg_names):
                 source = catalog.arg_names[int(match.group(1))]
+            source = re.sub(r"^kwargs\['([^']+)'\]", r"\1", source)
             names[node] = identifier(source)
 
     backward = [n for n in graph.nodes if _is_grad_call(n)]
