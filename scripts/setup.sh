@@ -2,11 +2,17 @@
 # Create .venv and install lordo-compile with its test dependencies (idempotent, quick when done).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv 2>/dev/null || true
+[ -x .venv/bin/python ] || python3 -m venv .venv
 stamp=.venv/.lordo-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[dev]'
+  echo "setting up .venv (torch==2.13.0 CPU build and the package; about a minute)"
+  log=.venv/install.log
+  if ! { .venv/bin/python -m pip install --quiet --upgrade pip &&
+         .venv/bin/python -m pip install --quiet -e '.[dev]'; } >"$log" 2>&1; then
+    cat "$log"
+    echo "setup failed; the log above is in $log" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
