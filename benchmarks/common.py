@@ -12,6 +12,7 @@ import torch
 import lordo_compile as lc
 from lordo_compile.data import ByteBatches
 from lordo_compile.models import GPTConfig, TinyGPT
+from lordo_compile.testing import training_step
 
 
 def gpt_step(cfg: GPTConfig = GPTConfig(), seed: int = 0):
@@ -20,12 +21,7 @@ def gpt_step(cfg: GPTConfig = GPTConfig(), seed: int = 0):
     model = TinyGPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
 
-    def train_step(x, y):
-        loss = model.loss(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+    train_step = training_step(model.loss, opt)
 
     return model, opt, train_step
 

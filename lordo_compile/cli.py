@@ -18,6 +18,7 @@ from . import api
 from .data import ByteBatches
 from .models import MLP, GPTConfig, TinyGPT
 from .policy import Policy
+from .testing import training_step
 
 POLICIES = {"identity": Policy}
 
@@ -48,12 +49,7 @@ def train(args: argparse.Namespace) -> dict:
     val_batches = data.val_batches(args.batch_size, args.val_batches)
     generator = torch.Generator().manual_seed(args.seed)
 
-    def train_step(x, y):
-        loss = model.loss(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+    train_step = training_step(model.loss, opt)
 
     step = api.compile(train_step, _policy(args.policy), compiler=args.compiler)
     print(f"tiny GPT: {sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -104,12 +100,7 @@ def _example_step(name: str, compiler: str) -> api.CompiledStep:
         loss_fn = model.loss
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
-    def train_step(x, y):
-        loss = loss_fn(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+    train_step = training_step(loss_fn, opt)
 
     step = api.compile(train_step, Policy(), optimizers=[opt], compiler=compiler)
     step(x, y)

@@ -35,3 +35,16 @@ def stage_text(step: CompiledStep, stage: str = "captured", phase: str = "step")
 
 def stage_diff(step: CompiledStep, before: str, after: str, phase: str = "step") -> str:
     return step.graphs[phase].diff(before, after)
+
+
+def training_step(loss_fn: Callable, optimizer: torch.optim.Optimizer) -> Callable:
+    """The ordinary step users write: loss, backward, step, zero_grad, return the loss."""
+
+    def train_step(x, y):
+        loss = loss_fn(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    return train_step

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import lordo_compile as lc
 from lordo_compile.models import MLP, GPTConfig, TinyGPT
+from lordo_compile.testing import training_step
 
 SMALL_GPT = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32)
 
@@ -55,12 +56,7 @@ def train(
     opt = make_optimizer(model)
     scheduler = make_scheduler(opt) if make_scheduler else None
 
-    def train_step(x, y):
-        loss = loss_fn(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+    train_step = training_step(loss_fn, opt)
 
     step = train_step if compiler is None else lc.compile(train_step, policy or lc.Policy(), compiler=compiler)
     losses = []

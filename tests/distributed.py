@@ -43,7 +43,9 @@ def _worker_main(
     threads: int,
 ) -> None:
     out = Path(workdir)
+    phase = out / f"phase_{rank}.txt"
     try:
+        phase.write_text("starting")
         os.environ.update(env)
         if sys.platform.startswith("linux"):
             # Keep gloo on loopback even where the hostname resolves to no usable interface.
@@ -60,12 +62,15 @@ def _worker_main(
             # traceback naming it) before the parent has to kill the process.
             timeout=datetime.timedelta(seconds=max(1.0, 0.8 * timeout)),
         )
+        phase.write_text("running the worker function")
         try:
             result = fn(rank, world_size, *args)
         finally:
+            phase.write_text("destroying the process group")
             dist.destroy_process_group()
         torch.save(result, out / f"result_{rank}.pt.tmp")
         os.replace(out / f"result_{rank}.pt.tmp", out / f"result_{rank}.pt")
+        phase.write_text("result saved, exiting")
     except BaseException:
         (out / f"error_{rank}.txt").write_text(traceback.format_exc())
         raise SystemExit(1)
@@ -148,6 +153,10 @@ def _errors(out: Path, world_size: int) -> str:
 
 
 def _describe_failure(fn: Callable, procs, out: Path, failed: list[int]) -> str:
-    codes = ", ".join(f"rank {r}: exit code {procs[r].exitcode}" for r in failed)
+    def last_phase(rank: int) -> str:
+        path = out / f"phase_{rank}.txt"
+        return path.read_text() if path.exists() else "not started"
+
+    codes = ", ".join(f"rank {r}: exit code {procs[r].exitcode} while {last_phase(r)}" for r in failed)
     errors = _errors(out, len(procs))
     return f"{_fn_name(fn)} failed ({codes}).\n" + (errors or "(no traceback: the process died)")

@@ -10,6 +10,7 @@ import lordo_compile as lc
 from common import max_rel_diff, mlp_problem, train
 from lordo_compile.graph import PARAM, ROLE, STATE, Role
 from lordo_compile.models import MLP
+from lordo_compile.testing import training_step
 
 
 def _captured(step):
@@ -49,12 +50,7 @@ def test_update_nodes_have_explicit_inputs_and_outputs():
     model = MLP((8, 16, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
-    def train_step(x, y):
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+    train_step = training_step(lambda x, y: F.mse_loss(model(x), y), opt)
 
     step = lc.compile(train_step, lc.Policy(), compiler="eager")
     step(torch.randn(4, 8), torch.randn(4, 2))
@@ -80,12 +76,7 @@ def test_sgd_without_momentum_has_a_single_output():
     model = MLP((8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
-    def train_step(x, y):
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+    train_step = training_step(lambda x, y: F.mse_loss(model(x), y), opt)
 
     step = lc.compile(train_step, lc.Policy(), compiler="eager")
     step(torch.randn(4, 8), torch.randn(4, 2))

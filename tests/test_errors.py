@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import lordo_compile as lc
 from lordo_compile.models import MLP
+from lordo_compile.testing import training_step
 
 
 def _problem(make_optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3)):
@@ -143,12 +144,7 @@ def test_bad_arguments():
 def test_unknown_extra_pass_is_named():
     model, opt, x, y = _problem()
 
-    def train_step(x, y):
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+    train_step = training_step(lambda x, y: F.mse_loss(model(x), y), opt)
 
     step = lc.compile(train_step, lc.Policy(extra_passes=("no_such_pass",)), compiler="aot_eager")
     with pytest.raises(ValueError, match="'no_such_pass', which is not registered"):

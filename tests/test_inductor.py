@@ -10,6 +10,7 @@ from torch._inductor.utils import run_and_get_code
 import lordo_compile as lc
 from common import gpt_problem, max_rel_diff, mlp_problem, train
 from lordo_compile.models import MLP
+from lordo_compile.testing import training_step
 
 pytestmark = pytest.mark.inductor
 
@@ -19,12 +20,7 @@ def test_generated_code_has_no_python_callbacks():
     model = MLP((16, 32, 32, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
 
-    def train_step(x, y):
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+    train_step = training_step(lambda x, y: F.mse_loss(model(x), y), opt)
 
     step = lc.compile(train_step, lc.Policy())
     _, sources = run_and_get_code(step, torch.randn(8, 16), torch.randn(8, 4))

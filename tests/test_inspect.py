@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import lordo_compile as lc
 from lordo_compile.graph import Role
 from lordo_compile.models import MLP
+from lordo_compile.testing import training_step
 
 
 @pytest.fixture
@@ -19,12 +20,7 @@ def step():
         [{"params": [model.net[0].weight], "lr": 1e-3}, {"params": [model.net[0].bias, *model.net[2].parameters()]}]
     )
 
-    def train_step(x, y):
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+    train_step = training_step(lambda x, y: F.mse_loss(model(x), y), opt)
 
     compiled = lc.compile(train_step, lc.Policy(), compiler="aot_eager")
     compiled(torch.randn(4, 8), torch.randn(4, 2))

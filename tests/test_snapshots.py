@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from lordo_compile.models import MLP
 from lordo_compile.testing import capture, stage_diff, stage_text
+from lordo_compile.testing import training_step
 
 
 def _mlp_step(make_optimizer):
@@ -13,12 +14,7 @@ def _mlp_step(make_optimizer):
     model = MLP((8, 16, 2))
     opt = make_optimizer(model)
 
-    def train_step(x, y):
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+    train_step = training_step(lambda x, y: F.mse_loss(model(x), y), opt)
 
     return capture(train_step, torch.randn(4, 8), torch.randn(4, 2))
 
