@@ -75,9 +75,9 @@ def _worker_main(
         (out / f"error_{rank}.txt").write_text(traceback.format_exc())
         raise SystemExit(1)
     # Seen once in four fresh CI runs: a worker aborted ("terminate called without an active
-    # exception", SIGABRT) after its last collective, in interpreter teardown, where a native
-    # background thread is destroyed while still joinable. The result is saved by then, so
-    # leave without running teardown.
+    # exception", SIGABRT) after its last collective (its peer had finished training), most
+    # likely in interpreter teardown destroying a still-joinable native thread. The result is
+    # saved by then, so leave without running teardown.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
