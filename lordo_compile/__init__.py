@@ -9,6 +9,7 @@ from .api import CompiledStep, LordoBackend, backend, compile
 from .capture.optim import prepare
 from .errors import CaptureError, PassError
 from .graph import Role, StateSpec, TrainGraph
+from .passes.low_rank import LowRank
 from .policy import Policy
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "CaptureError",
     "CompiledStep",
     "LordoBackend",
+    "LowRank",
     "PassError",
     "Policy",
     "Role",

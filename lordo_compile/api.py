@@ -24,12 +24,13 @@ from .capture.discover import Names, find_optimizers, optimizers_in_frame
 from .capture.optim import SUPPORTED_OPTIMIZERS, OptimizerAdapter, prepare, prepared_adapters, supported_names
 from .capture.roles import InputCatalog, build_train_graph
 from .errors import CaptureError
-from .graph import ROLE, Role, TrainGraph
+from .graph import ROLE, ParamInfo, Role
 from .inspect import GraphView, PhaseGraphs, describe_stage_change, role_counts, update_counts
 from .lowering import COMPILERS, compile_phase, lower
-from .passes import Program, Stage, run_passes
+from .passes import Program, Stage, released_state, run_passes
 from .policy import Policy
 from .runtime.executor import CompiledPhase, OptimizerChanged, StepExecutor
+from .runtime.memory import MemoryReport, memory_report
 from .runtime.state import RuntimeState
 
 
@@ -68,6 +69,7 @@ class LordoBackend:
         self.stages: list[Stage] = []
         self.captures = 0
         self.timings: dict[str, float] = {}
+        self.param_names: dict[int, str] = {}
 
     def adapters_for(self, example_inputs: Sequence) -> list[OptimizerAdapter]:
         ids = {id(t) for t in example_inputs}
@@ -90,6 +92,7 @@ class LordoBackend:
             if node.meta.get(ROLE) == Role.PARAMETER
         }
         self.runtime.allocate(final.state(), params)
+        self.param_names = {id(tensor): name for name, tensor in params.items()}
         self.timings["capture_and_passes_s"] = time.perf_counter() - started
         self.graphs = {}
         compiled = {}
@@ -103,7 +106,7 @@ class LordoBackend:
             lowered = lower(graph)
             views.add(GraphView(phase, "lowered", lowered))
             state_names = list(graph.state)
-            inputs = list(example_inputs) + self.runtime.inputs(state_names)
+            inputs = list(example_inputs) + _static(self.runtime.inputs(state_names))
             fn = compile_phase(
                 lowered, inputs, self.compiler, lambda aten, v=views, p=phase: v.add(GraphView(p, "aten", aten))
             )
@@ -111,7 +114,7 @@ class LordoBackend:
             self.graphs[phase] = views
         self.timings["codegen_s"] = time.perf_counter() - started
         self.captures += 1
-        return StepExecutor(compiled, final.schedule, self.runtime, adapters)
+        return StepExecutor(compiled, final.schedule, self.runtime, adapters, final.watches)
 
     def explain(self) -> str:
         """Per phase: what was captured, what each pass changed, what state it added."""
@@ -137,16 +140,26 @@ class LordoBackend:
                 if phase not in stage.program.phases:
                     continue
                 change = describe_stage_change(previous.program.phases.get(phase), stage.program.phases[phase])
-                lines.append(f"  {stage.name}: " + "; ".join(change))
-                for note in stage.summary:
-                    if note not in change:
-                        lines.append(f"    {note}")
+                lines.append(f"  {stage.name}: {change[0]}")
+                lines += [f"    {line}" for line in change[1:]]
             lowered = sum(1 for _ in graph.updates())
             lines.append(f"  lowered: {lowered} canonical updates replaced by their aten math")
+        for stage in self.stages[1:]:
+            lines.append(f"pass {stage.name}:")
+            lines += [f"  {note}" for note in stage.summary]
         specs = final.state()
         total = sum(spec.nbytes for spec in specs.values())
-        lines.append(f"state added by passes: {len(specs)} tensors, {total} bytes")
+        lines.append(f"state added by passes: {len(specs)} tensors, {total:,} bytes")
+        report = self.memory_report()
+        lines.append(
+            f"memory: weights {report.weight_bytes:,} B, gradients {report.gradient_bytes:,} B, optimizer state "
+            f"{report.state_bytes_before:,} B before the policy, {report.state_bytes_after:,} B after"
+        )
         return "\n".join(lines)
+
+    def memory_report(self) -> MemoryReport:
+        """Bytes of weights, gradients and optimizer state per parameter, before and after the policy."""
+        return memory_report(self._adapters or [], self.runtime, self.param_names)
 
     def state_dict(self) -> dict:
         return {"runtime": self.runtime.state_dict(), "optimizers": [a.state_dict() for a in self._adapters or []]}
@@ -155,6 +168,18 @@ class LordoBackend:
         self.runtime.load_state_dict(state["runtime"])
         for adapter, adapter_state in zip(self._adapters or [], state["optimizers"]):
             adapter.load_state_dict(adapter_state)
+
+
+def _static(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Runtime state as fake tensors of fixed shape, for AOTAutograd to trace with.
+
+    Handed real, AOTAutograd would give them symbolic sizes in dynamo's shape environment
+    without a source, and dynamo then fails building guards on them.
+    """
+    context = torch._guards.TracingContext.try_get()
+    if context is None or context.fake_mode is None:
+        return tensors
+    return [context.fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
 
 
 def _detach(out):
@@ -200,6 +225,8 @@ class CompiledStep:
             )
         self.step = step
         self.adapters = prepare(*found)
+        names = Names.of_step(step)
+        release_state(policy, self.adapters, names)
         try:
             arg_names = [
                 p.name for p in inspect.signature(step).parameters.values()
@@ -208,7 +235,7 @@ class CompiledStep:
         except (TypeError, ValueError):
             arg_names = []
         self.backend = LordoBackend(
-            policy, compiler=compiler, names=Names.of_step(step), arg_names=arg_names, adapters=self.adapters
+            policy, compiler=compiler, names=names, arg_names=arg_names, adapters=self.adapters
         )
         self._compiled = torch.compile(_entry_for(step), backend=self.backend, fullgraph=True)
 
@@ -226,6 +253,9 @@ class CompiledStep:
 
     def explain(self) -> str:
         return self.backend.explain()
+
+    def memory_report(self) -> MemoryReport:
+        return self.backend.memory_report()
 
     def state_dict(self) -> dict:
         return self.backend.state_dict()
@@ -310,9 +340,27 @@ def backend(
     backward consumed (`lordo_compile.compile` handles that for you).
     """
     _enable_capture_config()
+    caller = sys._getframe(1)
     if optimizers is None:
-        optimizers = optimizers_in_frame(sys._getframe(1))
-    return LordoBackend(policy if policy is not None else Policy(), compiler=compiler, adapters=prepare(*optimizers))
+        optimizers = optimizers_in_frame(caller)
+    policy = policy if policy is not None else Policy()
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy must be a lordo_compile.Policy, got {type(policy).__name__}")
+    adapters = prepare(*optimizers)
+    names = Names.of_frame(caller)
+    release_state(policy, adapters, names)
+    return LordoBackend(policy, compiler=compiler, names=names, adapters=adapters)
+
+
+def release_state(policy: Policy, adapters: Sequence[OptimizerAdapter], names: Names) -> None:
+    """Before capture, free the optimizer state the policy's passes will hold themselves."""
+    for adapter in adapters:
+        for g, plan in enumerate(adapter.groups):
+            for i, p in enumerate(plan.params):
+                name = names.params.get(id(p)) or f"{type(adapter.optimizer).__name__}.param_groups[{g}][{i}]"
+                info = ParamInfo(name, tuple(p.shape), p.dtype, names.module_types.get(id(p)))
+                for key, owner in released_state(policy, info, plan.op.name).items():
+                    adapter.release(p, key, owner)
 
 
 def dynamo_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None) -> Callable:

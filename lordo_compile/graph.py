@@ -65,8 +65,9 @@ class ParamInfo:
 class StateSpec:
     """State a pass needs; the runtime allocates it, the pass never touches a tensor.
 
-    `init` is "zeros", "ones" or "copy:<parameter name>" (a copy of the parameter's
-    value when the runtime first allocates it).
+    `init` is "zeros", "ones", "eye" (the first columns of an identity: an orthonormal
+    starting basis), "randn:<seed>" (standard normal from a generator seeded with
+    <seed>), or "copy:<parameter name>" (the parameter's value when first allocated).
     """
 
     name: str
@@ -93,13 +94,7 @@ class UpdateSite:
     param: str
 
     def input(self, key: str) -> fx.Node:
-        if key == "param":
-            return self.node.args[0]  # type: ignore[return-value]
-        if key == "grad":
-            return self.node.args[1]  # type: ignore[return-value]
-        if key in self.op.state:
-            return self.node.args[self.op.state_input_index(key)]  # type: ignore[return-value]
-        return self.node.args[self.op.hyperparameter_index(key)]  # type: ignore[return-value]
+        return self.node.args[self.op.input_index(key)]  # type: ignore[return-value]
 
     def outputs(self) -> dict[str, fx.Node]:
         """The nodes holding each output ("param", then state keys) that the graph uses."""

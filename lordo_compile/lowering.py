@@ -11,22 +11,21 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import torch
 import torch.fx as fx
 
 from .graph import TrainGraph
-from .ops import canonical_op
+from .ops import math_for
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 
 
 def lower(train_graph: TrainGraph) -> fx.GraphModule:
-    """A copy of the graph with every canonical op replaced by its math."""
+    """A copy of the graph with every lordo op replaced by its math."""
     module = train_graph.copy().module
     for node in module.graph.nodes:
-        op = canonical_op(node.target) if node.op == "call_function" else None
-        if op is not None:
-            node.target = op.math
+        math = math_for(node.target) if node.op == "call_function" else None
+        if math is not None:
+            node.target = math
     module.recompile()
     return module
 

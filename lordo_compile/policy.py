@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .passes.low_rank import LowRank
+
 
 @dataclass(frozen=True, kw_only=True)
 class Policy:
@@ -16,9 +18,12 @@ class Policy:
       ValueError: if `extra_passes` is not a tuple of registered pass names.
     """
 
+    low_rank: LowRank | None = None
     extra_passes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.low_rank is not None and not isinstance(self.low_rank, LowRank):
+            raise ValueError(f"Policy.low_rank must be a lordo_compile.LowRank, got {self.low_rank!r}")
         if isinstance(self.extra_passes, str) or not all(isinstance(n, str) for n in self.extra_passes):
             raise ValueError(
                 f"Policy.extra_passes must be a tuple of registered pass names, got {self.extra_passes!r}"
@@ -28,6 +33,11 @@ class Policy:
     @classmethod
     def identity(cls) -> "Policy":
         return cls()
+
+    @classmethod
+    def galore(cls, rank: int, update_proj_gap: int = 200, scale: float = 0.25, **options) -> "Policy":
+        """Low-rank optimizer state (GaLore); `options` are the other `LowRank` fields."""
+        return cls(low_rank=LowRank(rank=rank, update_proj_gap=update_proj_gap, scale=scale, **options))
 
     def describe(self) -> str:
         fields = {k: v for k, v in self.__dict__.items() if v not in (None, ())}

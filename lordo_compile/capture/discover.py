@@ -83,8 +83,16 @@ class Names:
 
     @classmethod
     def of_step(cls, fn: Callable) -> "Names":
+        return cls.of_namespace(_namespace(fn))
+
+    @classmethod
+    def of_frame(cls, frame) -> "Names":
+        return cls.of_namespace([*frame.f_locals.items(), *frame.f_globals.items()])
+
+    @classmethod
+    def of_namespace(cls, items: list[tuple[str, Any]]) -> "Names":
         found: dict[int, tuple[str, nn.Module]] = {}
-        for var, value in _flatten(_namespace(fn)):
+        for var, value in _flatten(items):
             if isinstance(value, nn.Module):
                 found.setdefault(id(value), (var, value))
         inner = {id(sub) for _, m in found.values() for sub in m.modules() if sub is not m}

@@ -94,7 +94,7 @@ class GroupPlan:
 
     op: CanonicalOp
     overload: object
-    flags: dict[str, bool]
+    attributes: dict[str, bool]
     params: list[Tensor]
     hyperparameters: Tensor
     values: list[float] = field(default_factory=list)
@@ -108,6 +108,8 @@ class OptimizerAdapter:
         _check_supported(optimizer)
         self.optimizer = optimizer
         self.extra_state: dict[Tensor, dict[str, Tensor]] = {}
+        # State a pass took over: param -> key -> (pass name, bytes the optimizer held).
+        self.released: dict[Tensor, dict[str, tuple[str, int]]] = {}
         self.version = 0
         self.groups: list[GroupPlan] = []
         self._plan()
@@ -137,7 +139,7 @@ class OptimizerAdapter:
             plan = GroupPlan(
                 op=op,
                 overload=op.overload,
-                flags=flags,
+                attributes=flags,
                 params=list(group["params"]),
                 hyperparameters=torch.tensor(values, dtype=torch.float64, device=device),
                 values=values,
@@ -164,6 +166,21 @@ class OptimizerAdapter:
                     state["step"] = state["step"].to(p.device)
             elif state.get(key) is None:
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def release(self, p: Tensor, key: str, owner: str) -> None:
+        """Free `opt.state[p][key]`: pass `owner` keeps that state itself.
+
+        The entry stays as an empty tensor, so `opt.state_dict()` and checkpoints keep
+        working and the captured graph keeps one input per state key.
+        """
+        held = self.released.setdefault(p, {})
+        if key in held:
+            if held[key][0] != owner:
+                raise ValueError(f"optimizer state {key!r} is already taken over by pass {held[key][0]!r}")
+            return
+        tensor = self.optimizer.state[p][key]
+        held[key] = (owner, tensor.numel() * tensor.element_size())
+        self.optimizer.state[p][key] = tensor.new_empty(0)
 
     # -- per call -------------------------------------------------------------------------
 
@@ -217,7 +234,7 @@ class OptimizerAdapter:
                     if grad is None:
                         continue
                     state = self.state_tensors(p, plan.op)
-                    outputs = plan.overload(p, grad, *state, *scalars, **plan.flags)
+                    outputs = plan.overload(p, grad, *state, *scalars, **plan.attributes)
                     if not state:
                         outputs = (outputs,)
                     p.copy_(outputs[0])
@@ -246,6 +263,13 @@ class OptimizerAdapter:
                         "optimizer.step(closure) cannot be captured; compute the loss in the step instead"
                     )
                 return adapter.traced_step()
+            if adapter.released:
+                owners = sorted({owner for keys in adapter.released.values() for owner, _ in keys.values()})
+                raise RuntimeError(
+                    f"this {type(self_optimizer).__name__}'s state for some parameters is held by the "
+                    f"compiled step (pass {', '.join(owners)}); step it through the compiled step, "
+                    "not with optimizer.step()"
+                )
             return eager_step() if closure is None else eager_step(closure)
 
         def zero_grad(self_optimizer, set_to_none: bool = True):

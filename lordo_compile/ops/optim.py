@@ -19,7 +19,7 @@ from .registry import define_op
     "sgd",
     state=(),
     hyperparameters=("lr", "weight_decay"),
-    flags=("maximize",),
+    attributes={"maximize": "bool"},
     doc="SGD without momentum: p <- p - lr * (g + wd * p)",
 )
 def sgd(param: Tensor, grad: Tensor, lr: Tensor, weight_decay: Tensor, *, maximize: bool):
@@ -36,7 +36,7 @@ def _momentum_direction(grad, buf, momentum, nesterov):
     "sgd_momentum",
     state=("momentum_buffer",),
     hyperparameters=("lr", "momentum", "dampening", "weight_decay"),
-    flags=("nesterov", "maximize"),
+    attributes={"nesterov": "bool", "maximize": "bool"},
     doc="SGD with a momentum buffer (heavy ball or Nesterov)",
 )
 def sgd_momentum(
@@ -52,7 +52,7 @@ def sgd_momentum(
     "sgd_momentum_dampened",
     state=("momentum_buffer", "buffer_fresh"),
     hyperparameters=("lr", "momentum", "dampening", "weight_decay"),
-    flags=("nesterov", "maximize"),
+    attributes={"nesterov": "bool", "maximize": "bool"},
     doc="SGD with momentum and dampening, whose first step copies the gradient into the buffer",
 )
 def sgd_momentum_dampened(
@@ -105,7 +105,7 @@ _ADAM_HYPERPARAMETERS = ("lr", "beta1", "beta2", "eps", "weight_decay")
     "adam",
     state=_ADAM_STATE,
     hyperparameters=_ADAM_HYPERPARAMETERS,
-    flags=("maximize",),
+    attributes={"maximize": "bool"},
     doc="Adam with L2 weight decay added to the gradient",
 )
 def adam(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, *, maximize):
@@ -119,7 +119,7 @@ def adam(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_d
     "adamw",
     state=_ADAM_STATE,
     hyperparameters=_ADAM_HYPERPARAMETERS,
-    flags=("maximize",),
+    attributes={"maximize": "bool"},
     doc="Adam with decoupled weight decay (AdamW)",
 )
 def adamw(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, *, maximize):

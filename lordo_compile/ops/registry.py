@@ -3,21 +3,21 @@
 A canonical op is what a pass rewrites. It is opaque to dynamo and AOTAutograd (a
 `torch.library` op with a fake kernel), so a captured graph shows one node per parameter
 update with its state as explicit inputs and outputs. Lowering swaps the node's target
-for `CanonicalOp.math`, a plain function of torch ops that Inductor fuses.
+for the op's math, a plain function of torch ops that Inductor fuses.
 
-Every op has the signature
+Every update op has the signature
 
-    (param, grad, *state, *hyperparameters, *, **flags) -> (param, *state)
+    (param, grad, *state, *buffers, *hyperparameters, *, **attributes) -> (param, *state)
 
-and an op without state returns the new parameter alone (a Tensor, not a 1-tuple).
-
-so generic code (roles, passes, the runtime) can read which input is which from the table.
+(`state` is read and written, `buffers` only read, e.g. a projection); an op without
+state returns the new parameter alone (a Tensor, not a 1-tuple). Other lordo ops
+(projections, quantizers) register with `define_aux_op`: any schema, same lowering.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch.library import Library
@@ -28,12 +28,13 @@ _library = Library(NAMESPACE, "DEF")
 
 @dataclass(frozen=True)
 class CanonicalOp:
-    """One registered op: its name, what its inputs are, and its math."""
+    """One registered update op: its name, what its inputs are, and its math."""
 
     name: str
     state: tuple[str, ...]
+    buffers: tuple[str, ...]
     hyperparameters: tuple[str, ...]
-    flags: tuple[str, ...]
+    attributes: tuple[str, ...]
     math: Callable[..., tuple[torch.Tensor, ...]]
     doc: str
 
@@ -45,11 +46,13 @@ class CanonicalOp:
     def qualified_name(self) -> str:
         return f"{NAMESPACE}.{self.name}"
 
-    def state_input_index(self, key: str) -> int:
-        return 2 + self.state.index(key)
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Every tensor input by name, in order."""
+        return ("param", "grad") + self.state + self.buffers + self.hyperparameters
 
-    def hyperparameter_index(self, key: str) -> int:
-        return 2 + len(self.state) + self.hyperparameters.index(key)
+    def input_index(self, key: str) -> int:
+        return self.inputs.index(key)
 
     @property
     def output_keys(self) -> tuple[str, ...]:
@@ -59,6 +62,15 @@ class CanonicalOp:
 
 _OPS: dict[str, CanonicalOp] = {}
 _BY_OVERLOAD: dict[torch._ops.OpOverload, CanonicalOp] = {}
+_MATH: dict[torch._ops.OpOverload, Callable] = {}
+
+
+def _fresh(outputs, args):
+    """Outputs that alias an input are cloned: a custom op must not return its inputs."""
+    inputs = {id(a) for a in args if isinstance(a, torch.Tensor)}
+    if isinstance(outputs, torch.Tensor):
+        return outputs.clone() if id(outputs) in inputs else outputs
+    return tuple(o.clone() if id(o) in inputs else o for o in outputs)
 
 
 def define_op(
@@ -66,41 +78,34 @@ def define_op(
     *,
     state: tuple[str, ...],
     hyperparameters: tuple[str, ...],
-    flags: tuple[str, ...] = (),
+    buffers: tuple[str, ...] = (),
+    attributes: Mapping[str, str] | None = None,
     doc: str,
 ) -> Callable[[Callable], Callable]:
-    """Register `math` as the canonical op `lordo.<name>`.
+    """Register `math` as the canonical update op `lordo.<name>`.
 
-    Used as a decorator on the math function. The op's kernel runs the math (so a graph
-    that still holds canonical nodes runs as is); its fake kernel gives outputs shaped like
-    the parameter and the state.
+    Used as a decorator on the math function. `attributes` maps keyword-only non-tensor
+    arguments to their schema type ("bool", "float", "int", "str"). The op's kernel runs
+    the math (so a graph that still holds canonical nodes runs as is); its fake kernel
+    gives outputs shaped like the parameter and the state.
     """
+    attributes = dict(attributes or {})
 
     def register(math: Callable) -> Callable:
         if name in _OPS:
             raise ValueError(f"canonical op lordo.{name} is already defined")
-        tensors = ["Tensor param", "Tensor grad"]
-        tensors += [f"Tensor {key}" for key in state + hyperparameters]
-        flag_args = [f"bool {flag}" for flag in flags]
-        args = ", ".join(tensors + (["*"] + flag_args if flag_args else []))
+        tensors = [f"Tensor {key}" for key in ("param", "grad") + state + buffers + hyperparameters]
+        extra = [f"{kind} {key}" for key, kind in attributes.items()]
+        args = ", ".join(tensors + (["*"] + extra if extra else []))
         returns = "(" + ", ".join(["Tensor"] * (1 + len(state))) + ")" if state else "Tensor"
-        _library.define(f"{name}({args}) -> {returns}")
-
-        def kernel(*args, **kwargs):
-            outputs = math(*args, **kwargs)
-            inputs = {id(a) for a in args if isinstance(a, torch.Tensor)}
-            if not state:
-                return outputs.clone() if id(outputs) in inputs else outputs
-            return tuple(o.clone() if id(o) in inputs else o for o in outputs)
 
         def fake(param, grad, *rest, **kwargs):
             if not state:
                 return torch.empty_like(param)
             return (torch.empty_like(param),) + tuple(torch.empty_like(t) for t in rest[: len(state)])
 
-        _library.impl(name, kernel, "CompositeExplicitAutograd")
-        torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_library)
-        op = CanonicalOp(name, state, hyperparameters, flags, math, doc)
+        define_aux_op(name, f"({args}) -> {returns}", math, fake)
+        op = CanonicalOp(name, state, buffers, hyperparameters, tuple(attributes), math, doc)
         _OPS[name] = op
         _BY_OVERLOAD[op.overload] = op
         return math
@@ -108,9 +113,24 @@ def define_op(
     return register
 
 
+def define_aux_op(name: str, schema: str, math: Callable, fake: Callable) -> torch._ops.OpOverload:
+    """Register any other lordo op (`schema` without the name): kernel = math, lowered to math."""
+    _library.define(f"{name}{schema}")
+    _library.impl(name, lambda *args, **kwargs: _fresh(math(*args, **kwargs), args), "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_library)
+    overload = getattr(getattr(torch.ops, NAMESPACE), name).default
+    _MATH[overload] = math
+    return overload
+
+
 def canonical_op(target: object) -> CanonicalOp | None:
-    """The canonical op an FX node target stands for, or None."""
+    """The canonical update op an FX node target stands for, or None."""
     return _BY_OVERLOAD.get(target)  # type: ignore[arg-type]
+
+
+def math_for(target: object) -> Callable | None:
+    """The function a lordo op lowers to, or None for anything else."""
+    return _MATH.get(target)  # type: ignore[arg-type]
 
 
 def op_named(name: str) -> CanonicalOp:

@@ -1,26 +1,32 @@
 """Graph rewrites, one module each, registered with the manager where they are defined."""
 
-from . import identity  # noqa: F401  (registers the pass)
+from . import identity, low_rank  # noqa: F401  (registers the passes)
 from .manager import (
     PassResult,
     Program,
     RegisteredPass,
+    Rule,
     Schedule,
     Stage,
     plan_passes,
     register_pass,
     registered_passes,
+    released_state,
     run_passes,
+    Watch,
 )
 
 __all__ = [
     "PassResult",
     "Program",
     "RegisteredPass",
+    "Rule",
     "Schedule",
     "Stage",
     "plan_passes",
     "register_pass",
     "registered_passes",
+    "released_state",
     "run_passes",
+    "Watch",
 ]

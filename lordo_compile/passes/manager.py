@@ -15,24 +15,47 @@ from typing import Any, Callable
 import networkx as nx
 
 from ..errors import PassError
-from ..graph import PROVENANCE, StateSpec, TrainGraph
+from ..graph import PROVENANCE, ParamInfo, StateSpec, TrainGraph
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Run `phase` at step `first` (0-based) and then every `every` steps (0: only once)."""
+
+    phase: str
+    every: int
+    first: int = 0
+
+    def matches(self, step: int) -> bool:
+        if step == self.first:
+            return True
+        return self.every > 0 and step > self.first and (step - self.first) % self.every == 0
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Which phase runs at step k (0-based): the first rule whose period divides k+1-offset.
-
-    `rules` are `(phase, every, offset)`; with no rule matching, `default` runs.
-    """
+    """Which phase runs at step k (0-based): the first matching rule, else `default`."""
 
     default: str = "step"
-    rules: tuple[tuple[str, int, int], ...] = ()
+    rules: tuple[Rule, ...] = ()
 
     def phase_at(self, step: int) -> str:
-        for phase, every, offset in self.rules:
-            if step + 1 - offset > 0 and (step + 1 - offset) % every == 0:
-                return phase
+        for rule in self.rules:
+            if rule.matches(step):
+                return rule.phase
         return self.default
+
+
+@dataclass(frozen=True)
+class Watch:
+    """A runtime counter (a state tensor) read after `phases` run; a rise warns, once.
+
+    Reading it costs a host sync, so watches belong on rare phases (refresh, sync).
+    """
+
+    state: str
+    phases: tuple[str, ...]
+    message: str
 
 
 @dataclass
@@ -41,9 +64,10 @@ class Program:
 
     phases: dict[str, TrainGraph]
     schedule: Schedule = field(default_factory=Schedule)
+    watches: tuple[Watch, ...] = ()
 
     def copy(self) -> "Program":
-        return Program({name: graph.copy() for name, graph in self.phases.items()}, self.schedule)
+        return Program({name: graph.copy() for name, graph in self.phases.items()}, self.schedule, self.watches)
 
     def state(self) -> dict[str, StateSpec]:
         specs: dict[str, StateSpec] = {}
@@ -59,6 +83,9 @@ class PassResult:
 
 
 PassFn = Callable[[Program, Any], PassResult]
+# (option, parameter, name of the canonical op updating it) -> optimizer state keys the pass
+# replaces for that parameter; asked before capture so the optimizer never holds them.
+ReleaseFn = Callable[[Any, ParamInfo, str], tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -68,6 +95,7 @@ class RegisteredPass:
     option: str | None
     after: tuple[str, ...]
     conflicts: tuple[str, ...]
+    releases: ReleaseFn | None = None
 
 
 _REGISTRY: dict[str, RegisteredPass] = {}
@@ -79,13 +107,18 @@ def register_pass(
     option: str | None,
     after: tuple[str, ...] = (),
     conflicts: tuple[str, ...] = (),
+    releases: ReleaseFn | None = None,
 ) -> Callable[[PassFn], PassFn]:
-    """Register a pass; `option` is the `Policy` field that enables it (None: never implied)."""
+    """Register a pass; `option` is the `Policy` field that enables it (None: never implied).
+
+    `releases` names the optimizer state the pass takes over, per parameter, so that it
+    is freed before capture instead of lingering next to the pass's own state.
+    """
 
     def decorate(fn: PassFn) -> PassFn:
         if name in _REGISTRY:
             raise ValueError(f"a pass named {name!r} is already registered")
-        _REGISTRY[name] = RegisteredPass(name, fn, option, tuple(after), tuple(conflicts))
+        _REGISTRY[name] = RegisteredPass(name, fn, option, tuple(after), tuple(conflicts), releases)
         return fn
 
     return decorate
@@ -139,6 +172,22 @@ def plan_passes(policy: Any) -> list[tuple[RegisteredPass, Any]]:
         cycle = nx.find_cycle(order)
         raise ValueError(f"pass ordering constraints form a cycle: {cycle}") from None
     return [enabled[name] for name in names]
+
+
+def released_state(policy: Any, param: ParamInfo, op_name: str) -> dict[str, str]:
+    """Optimizer state keys the policy's passes take over for `param`: key -> pass name."""
+    released: dict[str, str] = {}
+    for registered, option in plan_passes(policy):
+        if registered.releases is None:
+            continue
+        for key in registered.releases(option, param, op_name):
+            if key in released:
+                raise ValueError(
+                    f"passes {released[key]!r} and {registered.name!r} both take over "
+                    f"{key!r} of {param.name}; remove one of them from the Policy"
+                )
+            released[key] = registered.name
+    return released
 
 
 def run_passes(program: Program, policy: Any) -> list[Stage]:

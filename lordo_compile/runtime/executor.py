@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 from ..capture.optim import OptimizerAdapter
-from ..passes import Schedule
+from ..passes import Schedule, Watch
 from .state import RuntimeState
 
 
@@ -29,12 +30,14 @@ class StepExecutor:
         schedule: Schedule,
         runtime: RuntimeState,
         adapters: list[OptimizerAdapter],
+        watches: tuple[Watch, ...] = (),
     ) -> None:
         self.phases = phases
         self.schedule = schedule
         self.runtime = runtime
         self.adapters = adapters
         self.state_inputs = {name: runtime.inputs(p.state_names) for name, p in phases.items()}
+        self.watches = {phase: [w for w in watches if phase in w.phases] for phase in phases}
 
     def __call__(self, *args):
         for adapter in self.adapters:
@@ -47,4 +50,14 @@ class StepExecutor:
         phase = self.schedule.phase_at(self.runtime.step)
         out = self.phases[phase].fn(*args, *self.state_inputs[phase])
         self.runtime.step += 1
+        for watch in self.watches[phase]:
+            self._check(watch)
         return out
+
+    def _check(self, watch: Watch) -> None:
+        count = int(self.runtime.tensors[watch.state].sum())
+        seen = self.runtime.counters.get(watch.state, 0)
+        self.runtime.counters[watch.state] = count
+        if count > seen and not self.runtime.warned.get(watch.state):
+            self.runtime.warned[watch.state] = True
+            warnings.warn(f"{watch.message} (step {self.runtime.step}, {count} so far; warned once)", RuntimeWarning, stacklevel=3)

@@ -17,6 +17,9 @@ class RuntimeState:
         self.specs: dict[str, StateSpec] = {}
         self.tensors: dict[str, torch.Tensor] = {}
         self._pending: Mapping | None = None
+        # Last value read of each watched counter, and whether it has warned.
+        self.counters: dict[str, int] = {}
+        self.warned: dict[str, bool] = {}
 
     def allocate(self, specs: Mapping[str, StateSpec], params: Mapping[str, torch.Tensor]) -> None:
         """Create the tensors of specs not yet held; a spec seen again must not change."""
@@ -30,6 +33,11 @@ class RuntimeState:
                 tensor = torch.zeros(spec.shape, dtype=spec.dtype, device=device)
             elif spec.init == "ones":
                 tensor = torch.ones(spec.shape, dtype=spec.dtype, device=device)
+            elif spec.init == "eye":
+                tensor = torch.eye(*spec.shape, dtype=spec.dtype, device=device)
+            elif spec.init.startswith("randn:"):
+                generator = torch.Generator().manual_seed(int(spec.init.removeprefix("randn:")))
+                tensor = torch.randn(spec.shape, generator=generator, dtype=spec.dtype).to(device)
             elif spec.init.startswith("copy:"):
                 source = params[spec.init.removeprefix("copy:")]
                 tensor = source.detach().to(spec.dtype).clone().reshape(spec.shape)
