@@ -175,3 +175,45 @@ class TrainGraph:
     def recompile(self) -> None:
         self.graph.lint()
         self.module.recompile()
+
+
+def _as_meta(value):
+    if isinstance(value, torch.Tensor):
+        if any(not isinstance(s, int) for s in value.shape):
+            raise TypeError("symbolic shape")
+        return torch.empty_strided(tuple(value.shape), tuple(value.stride()), dtype=value.dtype, device="meta")
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_meta(v) for v in value)
+    return value
+
+
+def propagate_meta(graph: fx.Graph) -> None:
+    """Recompute `meta["val"]` (shape and dtype) of every node a pass may have changed.
+
+    Each node is run on meta tensors; nodes that cannot run that way (autograd calls,
+    grad-mode switches, symbolic shapes) keep what capture recorded.
+    """
+    # no_grad restores grad mode on exit, whatever a `_set_grad_enabled` node does to it.
+    with torch.no_grad():
+        for node in graph.nodes:
+            if node.op in ("call_function", "call_method") and node.target is not torch.autograd.grad:
+                _propagate(node)
+
+
+def _propagate(node: fx.Node) -> None:
+    try:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: _as_meta(_value(n)))
+        if node.op == "call_method":
+            value = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            value = node.target(*args, **kwargs)
+    except Exception:
+        return
+    node.meta["val"] = value
+
+
+def _value(node: fx.Node):
+    value = node.meta.get("val", node.meta.get("example_value"))
+    if value is None:
+        raise TypeError(f"{node.name} has no recorded value")
+    return value

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..graph import PARAM, ROLE, STATE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite
+from ..graph import PARAM, ROLE, STATE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, identifier
 from ..ops import op_named
 from ..ops.low_rank import METHODS, ON_REFRESH, low_rank_carry, low_rank_projection
 from .manager import PassResult, Program, Rule, Schedule, Watch, register_pass
@@ -183,10 +183,12 @@ def _plan(option: LowRank, graph: TrainGraph) -> tuple[list[_Plan], list[str]]:
 _FAILURES = StateSpec(name="low_rank.projection_failures", shape=(), dtype=torch.int64, owner="low_rank")
 
 
-def _meta(node: fx.Node, role: Role, param: str, state: str | None = None) -> fx.Node:
+def _meta(node: fx.Node, role: Role, param: str, state: str | None = None, name: str | None = None) -> fx.Node:
     node.meta.update({ROLE: role, PARAM: param})
     if state is not None:
         node.meta[STATE] = state
+    if name is not None:
+        node._rename(identifier(f"{name}_{param}"))
     return node
 
 
@@ -206,24 +208,25 @@ def _rewrite(graph: TrainGraph, site: UpdateSite, plan: _Plan, option: LowRank, 
                 {"rank": option.rank, "tall": plan.tall, "method": method,
                  "power_iterations": option.power_iterations},
             )
+            _meta(computed, Role.OPTIMIZER_UPDATE, plan.site_param, name="refresh")
             new_projection = _meta(g.call_function(operator.getitem, (computed, 0)), Role.OPTIMIZER_UPDATE,
-                                   plan.site_param, "projection")
-            finite = g.call_function(operator.getitem, (computed, 1))
-            _meta(computed, Role.OPTIMIZER_UPDATE, plan.site_param)
-            _meta(finite, Role.OPTIMIZER_UPDATE, plan.site_param)
+                                   plan.site_param, "projection", name="new_projection")
+            finite = _meta(g.call_function(operator.getitem, (computed, 1)), Role.OPTIMIZER_UPDATE,
+                           plan.site_param, name="projection_finite")
             if option.on_refresh != "keep" and refresh != "first":
                 for key, moment in list(moments.items()):
                     carried = g.call_function(
                         low_rank_carry, (moment, projection, new_projection),
                         {"tall": plan.tall, "squared": key in _SQUARED, "mode": option.on_refresh},
                     )
-                    moments[key] = _meta(carried, Role.OPTIMIZER_UPDATE, plan.site_param, key)
+                    moments[key] = _meta(carried, Role.OPTIMIZER_UPDATE, plan.site_param, key, name=f"carried_{key}")
             use_projection = new_projection
         else:
             use_projection = projection
         step = site.input("step") if "step" in site.op.state else None
         if step is not None and option.on_refresh == "reset" and refresh == "later":
-            step = _meta(g.call_function(torch.zeros_like, (step,)), Role.OPTIMIZER_UPDATE, plan.site_param, "step")
+            step = _meta(g.call_function(torch.ops.aten.zeros_like.default, (step,)), Role.OPTIMIZER_UPDATE,
+                         plan.site_param, "step", name="reset_step")
         replacement = op_named(plan.replacement)
         args = []
         for key in replacement.inputs:
@@ -236,7 +239,8 @@ def _rewrite(graph: TrainGraph, site: UpdateSite, plan: _Plan, option: LowRank, 
             else:
                 args.append(site.input(key))
         kwargs = {"scale": float(option.scale), "tall": plan.tall, **site.node.kwargs}
-        new = _meta(g.call_function(replacement.overload, tuple(args), kwargs), Role.OPTIMIZER_UPDATE, plan.site_param)
+        new = _meta(g.call_function(replacement.overload, tuple(args), kwargs), Role.OPTIMIZER_UPDATE,
+                    plan.site_param, name=replacement.name)
     site.node.replace_all_uses_with(new)
     g.erase_node(site.node)
     for key, output in UpdateSite(new, replacement, plan.site_param).outputs().items():
@@ -246,12 +250,14 @@ def _rewrite(graph: TrainGraph, site: UpdateSite, plan: _Plan, option: LowRank, 
     if refresh is not None:
         # After the update: every read of the old projection (carries, the update) precedes it.
         with g.inserting_after(new):
-            not_finite = _meta(g.call_function(torch.logical_not, (finite,)), Role.OPTIMIZER_UPDATE, plan.site_param)
+            not_finite = _meta(g.call_function(torch.ops.aten.logical_not.default, (finite,)), Role.OPTIMIZER_UPDATE,
+                               plan.site_param, name="projection_failed")
         with g.inserting_after(not_finite):
             count = _meta(g.call_method("add_", (failures, not_finite)), Role.WRITEBACK, plan.site_param,
-                          _FAILURES.name)
+                          _FAILURES.name, name="count_failures")
         with g.inserting_after(count):
-            _meta(g.call_method("copy_", (projection, new_projection)), Role.WRITEBACK, plan.site_param, "projection")
+            _meta(g.call_method("copy_", (projection, new_projection)), Role.WRITEBACK, plan.site_param, "projection",
+                  name="write_projection")
 
 
 def _phase(step: TrainGraph, name: str, plans: list[_Plan], option: LowRank, refresh: str | None) -> TrainGraph:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import networkx as nx
 
 from ..errors import PassError
-from ..graph import PROVENANCE, ParamInfo, StateSpec, TrainGraph
+from ..graph import PROVENANCE, ParamInfo, StateSpec, TrainGraph, propagate_meta
 
 
 @dataclass(frozen=True)
@@ -201,6 +201,7 @@ def run_passes(program: Program, policy: Any) -> list[Stage]:
             for graph in result.program.phases.values():
                 for node in graph.nodes():
                     node.meta.setdefault(PROVENANCE, registered.name)
+                propagate_meta(graph.graph)
                 graph.recompile()
         except (ValueError, NotImplementedError):
             raise
