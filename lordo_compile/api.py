@@ -27,7 +27,7 @@ from .errors import CaptureError
 from .graph import ROLE, ParamInfo, Role
 from .inspect import GraphView, PhaseGraphs, describe_stage_change, role_counts, update_counts
 from .lowering import COMPILERS, compile_phase, lower
-from .passes import Program, Stage, released_state, run_passes
+from .passes import Program, Schedule, Stage, released_state, run_passes
 from .policy import Policy
 from .runtime.executor import CompiledPhase, OptimizerChanged, StepExecutor
 from .runtime.memory import MemoryReport, memory_report
@@ -70,6 +70,13 @@ class LordoBackend:
         self.captures = 0
         self.timings: dict[str, float] = {}
         self.param_names: dict[int, str] = {}
+
+    @property
+    def schedule(self) -> Schedule:
+        """Which phase runs at which step (known once the step has been captured)."""
+        if not self.stages:
+            raise RuntimeError("nothing captured yet; call the step once")
+        return self.stages[-1].program.schedule
 
     def adapters_for(self, example_inputs: Sequence) -> list[OptimizerAdapter]:
         ids = {id(t) for t in example_inputs}

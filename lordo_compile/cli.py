@@ -15,73 +15,35 @@ import torch
 import torch.nn.functional as F
 
 from . import api
-from .data import ByteBatches
+from .experiment import RunConfig, RunResult, train_tiny_gpt
 from .models import MLP, GPTConfig, TinyGPT
 from .policy import Policy
 from .testing import training_step
 
-POLICIES = {"identity": Policy}
+def make_policy(args: argparse.Namespace) -> Policy:
+    if args.policy == "identity":
+        return Policy()
+    return Policy.galore(rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale,
+                         method=args.method, on_refresh=args.on_refresh)
 
 
-def _policy(name: str) -> Policy:
-    if name not in POLICIES:
-        raise SystemExit(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
-    return POLICIES[name]()
+POLICIES = ("identity", "galore")
 
 
-@torch.no_grad()
-def evaluate(model: TinyGPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    model.eval()
-    losses = [float(model.loss(x, y)) for x, y in batches]
-    model.train()
-    return sum(losses) / len(losses)
-
-
-def train(args: argparse.Namespace) -> dict:
-    torch.manual_seed(args.seed)
-    cfg = GPTConfig(block_size=args.seq_len, n_layer=args.layers, d_model=args.width, n_head=args.heads)
-    model = TinyGPT(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
-    )
-    data = ByteBatches(block_size=args.seq_len)
-    val_batches = data.val_batches(args.batch_size, args.val_batches)
-    generator = torch.Generator().manual_seed(args.seed)
-
-    train_step = training_step(model.loss, opt)
-
-    step = api.compile(train_step, _policy(args.policy), compiler=args.compiler)
-    print(f"tiny GPT: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{len(data.train):,} training bytes from pydoc_data.topics, policy {args.policy}, compiler {args.compiler}")
+def train(args: argparse.Namespace) -> RunResult:
+    config = RunConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, layers=args.layers,
+                       width=args.width, heads=args.heads, lr=args.lr, warmup=args.warmup,
+                       val_batches=args.val_batches, seed=args.seed, compiler=args.compiler)
+    policy = make_policy(args)
+    print(f"tiny GPT ({args.layers} layers, width {args.width}) on CPython's pydoc_data.topics, policy "
+          f"{args.policy}, compiler {args.compiler}")
     started = time.perf_counter()
-    step_times = []
-    loss = float("nan")
-    for i in range(args.steps):
-        x, y = data.batch(args.batch_size, generator)
-        t0 = time.perf_counter()
-        loss = float(step(x, y))
-        step_times.append(time.perf_counter() - t0)
-        schedule.step()
-        if i == 0:
-            print(f"step    1  loss {loss:.3f}  (capture + compile {step_times[0]:.1f} s)")
-        elif (i + 1) % args.log_every == 0 or i + 1 == args.steps:
-            print(f"step {i + 1:4d}  loss {loss:.3f}  lr {schedule.get_last_lr()[0]:.2e}")
-    val_loss = evaluate(model, val_batches)
-    steady = sorted(step_times[1:])[len(step_times[1:]) // 2] if len(step_times) > 1 else float("nan")
-    result = {
-        "policy": args.policy,
-        "train_loss": loss,
-        "val_loss": val_loss,
-        "val_bits_per_byte": val_loss / math.log(2),
-        "step_ms": steady * 1e3,
-        "compile_s": step_times[0],
-        "total_s": time.perf_counter() - started,
-    }
+    result = train_tiny_gpt(policy, config, log=print)
+    memory = result.step.memory_report()
     print()
-    print(f"{'policy':<10} {'val loss':>9} {'bits/byte':>10} {'step ms':>8} {'compile s':>10} {'total s':>8}")
-    print(f"{result['policy']:<10} {val_loss:9.3f} {result['val_bits_per_byte']:10.3f} "
-          f"{result['step_ms']:8.1f} {result['compile_s']:10.1f} {result['total_s']:8.1f}")
+    print(f"{'policy':<10} {'val loss':>9} {'bits/byte':>10} {'step ms':>8} {'opt state B':>12} {'compile s':>10} {'total s':>8}")
+    print(f"{args.policy:<10} {result.val_loss:9.3f} {result.val_loss / math.log(2):10.3f} {result.median_ms():8.1f} "
+          f"{memory.state_bytes_after:>12,} {result.compile_seconds:10.1f} {time.perf_counter() - started:8.1f}")
     return result
 
 
@@ -136,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
 
     t = commands.add_parser("train", help="train the tiny GPT on CPython's pydoc_data.topics text")
-    t.add_argument("--policy", default="identity", choices=sorted(POLICIES))
+    t.add_argument("--policy", default="identity", choices=POLICIES)
     t.add_argument("--steps", type=int, default=400)
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--seq-len", type=int, default=128)
@@ -146,7 +108,11 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--warmup", type=int, default=30)
     t.add_argument("--val-batches", type=int, default=8)
-    t.add_argument("--log-every", type=int, default=25)
+    t.add_argument("--rank", type=int, default=32, help="galore: rank of the projected moments")
+    t.add_argument("--update-proj-gap", type=int, default=100, help="galore: steps between projection refreshes")
+    t.add_argument("--scale", type=float, default=0.25, help="galore: scale of the projected update")
+    t.add_argument("--method", default="svd", choices=["svd", "randomized", "subspace"])
+    t.add_argument("--on-refresh", default="keep", choices=["keep", "reproject", "reset"])
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager", "eager"])
 

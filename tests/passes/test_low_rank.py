@@ -330,3 +330,15 @@ def test_rank_larger_than_every_matrix_is_refused():
     with pytest.raises(ValueError, match=r"rank=48 is >= the smaller side of every matrix \(largest: 32\)"):
         step(*_batches()[0])
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+@pytest.mark.inductor
+def test_inductor_matches_eager_galore():
+    model, _, step = _compiled_run("randomized", "reproject", compiler="inductor")
+    state = step.state_dict()["runtime"]["tensors"]
+    sketches = [state[f"low_rank.sketch.{name}"] for name in ("0.weight", "2.weight")]
+    reference, _ = _eager_run("randomized", "reproject", sketches)
+    assert max_rel_diff(list(reference.parameters()), list(model.parameters())) <= 1e-5
+    assert set(step.graphs) == {"step", "refresh"} and step.captures == 1
+    for phase in step.graphs.values():
+        assert "lordo" not in phase["aten"].text

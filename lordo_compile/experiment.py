@@ -1,0 +1,102 @@
+"""The tiny-GPT training run the CLI and the benchmarks share.
+
+One function, `train_tiny_gpt`: a seeded model, AdamW with warmup and cosine decay,
+batches of CPython's bundled help text, a compiled step under a policy, and a fixed
+validation set. It returns what a comparison needs: losses, per-step times with the
+phase each step ran, and the compiled step itself (for its memory and graphs).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .api import CompiledStep, compile
+from .data import ByteBatches
+from .models import GPTConfig, TinyGPT
+from .policy import Policy
+from .testing import training_step
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    steps: int = 400
+    batch_size: int = 16
+    seq_len: int = 128
+    layers: int = 4
+    width: int = 128
+    heads: int = 4
+    lr: float = 3e-3
+    warmup: int = 30
+    val_batches: int = 8
+    seed: int = 0
+    compiler: str = "inductor"
+
+
+@dataclass
+class RunResult:
+    step: CompiledStep
+    model: TinyGPT
+    train_loss: float
+    val_loss: float
+    step_seconds: list[float] = field(default_factory=list)
+    phases: list[str] = field(default_factory=list)
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.step_seconds[0]
+
+    def median_ms(self, phase: str = "step") -> float:
+        """Median time of the steps (after the first) that ran `phase`."""
+        times = sorted(t for t, p in zip(self.step_seconds[1:], self.phases[1:]) if p == phase)
+        return times[len(times) // 2] * 1e3 if times else float("nan")
+
+
+@torch.no_grad()
+def evaluate(model: TinyGPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    model.eval()
+    losses = [float(model.loss(x, y)) for x, y in batches]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train_tiny_gpt(policy: Policy, config: RunConfig = RunConfig(), log: Callable[[str], None] | None = None) -> RunResult:
+    torch.manual_seed(config.seed)
+    cfg = GPTConfig(block_size=config.seq_len, n_layer=config.layers, d_model=config.width, n_head=config.heads)
+    model = TinyGPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.1, betas=(0.9, 0.95))
+
+    def lr_factor(s: int) -> float:
+        warm = min(1.0, (s + 1) / config.warmup)
+        return warm * 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    data = ByteBatches(block_size=config.seq_len)
+    val_batches = data.val_batches(config.batch_size, config.val_batches)
+    generator = torch.Generator().manual_seed(config.seed)
+    step = compile(training_step(model.loss, opt), policy, compiler=config.compiler)
+    result = RunResult(step, model, float("nan"), float("nan"))
+    for i in range(config.steps):
+        x, y = data.batch(config.batch_size, generator)
+        index = step.backend.runtime.step
+        t0 = time.perf_counter()
+        loss = float(step(x, y))
+        result.step_seconds.append(time.perf_counter() - t0)
+        result.phases.append(step.backend.schedule.phase_at(index))
+        result.train_loss = loss
+        schedule.step()
+        if log is not None:
+            log_step(log, i, loss, result.step_seconds[-1], schedule.get_last_lr()[0], config)
+    result.val_loss = evaluate(model, val_batches)
+    return result
+
+
+def log_step(log: Callable[[str], None], i: int, loss: float, seconds: float, lr: float, config: RunConfig) -> None:
+    if i == 0:
+        log(f"step    1  loss {loss:.3f}  (capture + compile {seconds:.1f} s)")
+    elif (i + 1) % max(1, config.steps // 16) == 0 or i + 1 == config.steps:
+        log(f"step {i + 1:4d}  loss {loss:.3f}  lr {lr:.2e}")
