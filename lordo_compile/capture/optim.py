@@ -18,6 +18,7 @@ nesterov, maximize, the number of groups) is fixed per capture; a change is dete
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable
@@ -179,7 +180,16 @@ class OptimizerAdapter:
                 raise ValueError(f"optimizer state {key!r} is already taken over by pass {held[key][0]!r}")
             return
         tensor = self.optimizer.state[p][key]
-        held[key] = (owner, tensor.numel() * tensor.element_size())
+        if tensor.numel() and bool(tensor.ne(0).any()):
+            warnings.warn(
+                f"the optimizer's {key!r} for a {list(p.shape)} parameter holds values (a loaded "
+                f"checkpoint?); pass {owner!r} keeps its own state and starts it from zero, so those "
+                "values are dropped",
+                UserWarning,
+                stacklevel=4,
+            )
+        # The size torch.optim gives this state: the parameter's shape.
+        held[key] = (owner, p.numel() * tensor.element_size())
         self.optimizer.state[p][key] = tensor.new_empty(0)
 
     # -- per call -------------------------------------------------------------------------

@@ -342,3 +342,12 @@ def test_inductor_matches_eager_galore():
     assert set(step.graphs) == {"step", "refresh"} and step.captures == 1
     for phase in step.graphs.values():
         assert "lordo" not in phase["aten"].text
+
+
+def test_releasing_moments_that_hold_values_warns():
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    F.mse_loss(model(torch.randn(2, 64)), torch.randn(2, 4)).backward()
+    opt.step()
+    with pytest.warns(UserWarning, match="'exp_avg' for a \\[32, 64\\] parameter holds values"):
+        lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), lc.Policy.galore(rank=RANK))
