@@ -125,3 +125,39 @@ def test_batch_inputs_are_named_after_the_step_arguments(loss_arg):
     step(x, y) if loss_arg == "positional" else step(x, targets=y)
     names = {n.name for n in _captured(step).nodes(Role.BATCH_INPUT)}
     assert names == {"inputs", "targets"}
+
+
+def test_in_place_gradient_work_is_captured_as_data_flow():
+    """Clipping (foreach, in place) then scaling: the update must read the final values."""
+
+    def make(model):
+        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def run(compiled):
+        model, loss_fn, batches = mlp_problem()
+        opt = make(model)
+
+        def train_step(x, y):
+            loss = loss_fn(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            for p in model.parameters():
+                p.grad *= 0.5
+            opt.step()
+            opt.zero_grad()
+            return loss
+
+        step = lc.compile(train_step, lc.Policy(), compiler="aot_eager") if compiled else train_step
+        for x, y in batches:
+            step(x, y)
+        return [p.detach().clone() for p in model.parameters()], step
+
+    reference, _ = run(False)
+    params, step = run(True)
+    assert max_rel_diff(reference, params) <= 1e-5
+    graph = _captured(step)
+    for site in graph.updates():
+        grad = site.input("grad")
+        assert grad.meta[ROLE] == Role.GRADIENT and grad.name != f"grad_{site.param.replace('.', '_')}"
+    assert not [n for n in graph.nodes() if n.op == "call_method" and str(n.target).endswith("_")
+                and n.meta[ROLE] == Role.GRADIENT]

@@ -26,9 +26,10 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import CaptureError, user_line
-from ..graph import INPUT, PARAM, PROVENANCE, ROLE, STATE, ParamInfo, Role, TrainGraph, UpdateSite, identifier
+from ..graph import INPUT, PARAM, PROVENANCE, ROLE, STATE, ParamInfo, Role, TrainGraph, UpdateSite, identifier, propagate_meta
 from ..ops import canonical_op
 from .discover import Names
+from .functionalize import functionalize_gradients
 from .optim import OptimizerAdapter
 
 _HOST_SYNCS = {"item", "tolist", "__bool__", "__int__", "__float__"}
@@ -177,6 +178,7 @@ def build_train_graph(
                 names[user] = identifier(f"grad_{pname}")
                 grads.add(user)
     _fold_grad_staging(graph, grads)
+    functionalize_gradients(graph, grads)
 
     updates = []
     for node in graph.nodes:
@@ -209,6 +211,7 @@ def build_train_graph(
         node.meta[PROVENANCE] = "capture"
     for node, name in names.items():
         node._rename(name)
+    propagate_meta(graph)
     gm.recompile()
     return TrainGraph(gm, phase, params, num_dynamo_inputs=len(placeholders))
 
@@ -232,23 +235,9 @@ def _assign_remaining_roles(graph: fx.Graph, backward, grads, updates) -> None:
             node.meta[ROLE] = Role.COLLECTIVE
         elif node in forward:
             node.meta[ROLE] = Role.FORWARD
-        elif node in after_grads and (node in before_updates or _writes_into(node, grads, dag)):
+        elif node in after_grads and (node in before_updates or output in node.users):
             node.meta[ROLE] = Role.GRADIENT
         elif list(node.users) == [output]:
             node.meta[ROLE] = Role.OUTPUT
         else:
             node.meta[ROLE] = Role.OTHER
-
-
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
-
-
-def _writes_into(node: fx.Node, grads, dag) -> bool:
-    """An in-place op on a gradient (`g.copy_(reduced)`, `g /= world`) is gradient work."""
-    inplace = (node.op == "call_method" and str(node.target).endswith("_")) or (
-        node.op == "call_function" and node.target in _INPLACE_OPERATORS
-    )
-    target = node.args[0] if node.args else None
-    return inplace and isinstance(target, fx.Node) and (
-        target in grads or target.meta.get(ROLE) == Role.GRADIENT
-    )
