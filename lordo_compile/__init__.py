@@ -8,21 +8,27 @@
 from .api import CompiledStep, LordoBackend, backend, compile
 from .capture.optim import prepare
 from .errors import CaptureError, PassError
+from .runtime.executor import CollectiveError
 from .graph import Role, StateSpec, TrainGraph
+from .passes.data_parallel import DataParallel
 from .passes.low_rank import LowRank
+from .passes.sync import Sync
 from .policy import Policy
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CaptureError",
+    "CollectiveError",
     "CompiledStep",
+    "DataParallel",
     "LordoBackend",
     "LowRank",
     "PassError",
     "Policy",
     "Role",
     "StateSpec",
+    "Sync",
     "TrainGraph",
     "backend",
     "compile",

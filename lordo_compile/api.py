@@ -30,6 +30,7 @@ from .lowering import COMPILERS, compile_phase, lower
 from .passes import Program, Schedule, Stage, released_state, run_passes
 from .policy import Policy
 from .runtime.executor import CompiledPhase, OptimizerChanged, StepExecutor
+from .runtime.comm import CommReport, collectives_in
 from .runtime.memory import MemoryReport, memory_report
 from .runtime.state import RuntimeState
 
@@ -108,6 +109,9 @@ class LordoBackend:
             views = PhaseGraphs(phase)
             for stage in self.stages:
                 source = stage.program.phases.get(phase)
+                if source is None and stage is self.stages[0]:
+                    # Every phase derives from the one captured step: show that as its start.
+                    source = stage.program.phases["step"]
                 if source is not None:
                     views.add(GraphView(phase, stage.name, source.module, source))
             lowered = lower(graph)
@@ -117,7 +121,7 @@ class LordoBackend:
             fn = compile_phase(
                 lowered, inputs, self.compiler, lambda aten, v=views, p=phase: v.add(GraphView(p, "aten", aten))
             )
-            compiled[phase] = CompiledPhase(fn, state_names)
+            compiled[phase] = CompiledPhase(fn, state_names, len(collectives_in(graph)))
             self.graphs[phase] = views
         self.timings["codegen_s"] = time.perf_counter() - started
         self.captures += 1
@@ -163,6 +167,12 @@ class LordoBackend:
             f"{report.state_bytes_before:,} B before the policy, {report.state_bytes_after:,} B after"
         )
         return "\n".join(lines)
+
+    def comm_report(self) -> CommReport:
+        """Collectives issued so far: count and bytes sent per worker, per phase and per step."""
+        phases = self.stages[-1].program.phases if self.stages else {}
+        return CommReport({name: collectives_in(graph) for name, graph in phases.items()},
+                          dict(self.runtime.phase_calls), self.runtime.step)
 
     def memory_report(self) -> MemoryReport:
         """Bytes of weights, gradients and optimizer state per parameter, before and after the policy."""
@@ -263,6 +273,9 @@ class CompiledStep:
 
     def memory_report(self) -> MemoryReport:
         return self.backend.memory_report()
+
+    def comm_report(self) -> CommReport:
+        return self.backend.comm_report()
 
     def state_dict(self) -> dict:
         return self.backend.state_dict()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .passes.data_parallel import DataParallel
 from .passes.low_rank import LowRank
+from .passes.sync import Sync
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,11 +21,15 @@ class Policy:
     """
 
     low_rank: LowRank | None = None
+    data_parallel: DataParallel | None = None
+    sync: Sync | None = None
     extra_passes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.low_rank is not None and not isinstance(self.low_rank, LowRank):
-            raise ValueError(f"Policy.low_rank must be a lordo_compile.LowRank, got {self.low_rank!r}")
+        for name, kind in (("low_rank", LowRank), ("data_parallel", DataParallel), ("sync", Sync)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise ValueError(f"Policy.{name} must be a lordo_compile.{kind.__name__}, got {value!r}")
         if isinstance(self.extra_passes, str) or not all(isinstance(n, str) for n in self.extra_passes):
             raise ValueError(
                 f"Policy.extra_passes must be a tuple of registered pass names, got {self.extra_passes!r}"
@@ -33,6 +39,23 @@ class Policy:
     @classmethod
     def identity(cls) -> "Policy":
         return cls()
+
+    @classmethod
+    def ddp(cls, group=None) -> "Policy":
+        """Average every gradient over workers every step."""
+        return cls(data_parallel=DataParallel(group=group))
+
+    @classmethod
+    def local_sgd(cls, sync_every: int, group=None) -> "Policy":
+        """`sync_every` local steps, then average the models (periodic model averaging)."""
+        return cls(sync=Sync(every=sync_every, group=group))
+
+    @classmethod
+    def diloco(cls, sync_every: int, outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
+               group=None) -> "Policy":
+        """DiLoCo: local steps, then Nesterov SGD on the averaged pseudo-gradient."""
+        return cls(sync=Sync(every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum,
+                             nesterov=nesterov, group=group))
 
     @classmethod
     def galore(cls, rank: int, update_proj_gap: int = 200, scale: float = 0.25, **options) -> "Policy":

@@ -41,6 +41,7 @@ def _worker_main(
     env: dict[str, str],
     timeout: float,
     threads: int,
+    pg_timeout: datetime.timedelta | None,
 ) -> None:
     out = Path(workdir)
     phase = out / f"phase_{rank}.txt"
@@ -60,7 +61,7 @@ def _worker_main(
             world_size=world_size,
             # Shorter than the parent's deadline, so a hung collective raises here (with a
             # traceback naming it) before the parent has to kill the process.
-            timeout=datetime.timedelta(seconds=max(1.0, 0.8 * timeout)),
+            timeout=pg_timeout or datetime.timedelta(seconds=max(1.0, 0.8 * timeout)),
         )
         phase.write_text("running the worker function")
         try:
@@ -90,11 +91,13 @@ def run_workers(
     *,
     args: Sequence[Any] = (),
     threads: int = 1,
+    pg_timeout: datetime.timedelta | None = None,
 ) -> list[Any]:
     """`[fn(rank, world_size, *args) for rank in range(world_size)]`, each in its own process.
 
     `threads` sets `torch.set_num_threads` in each worker (1 by default, so that N
-    workers do not oversubscribe a small machine). Raises `WorkerError` with the
+    workers do not oversubscribe a small machine). `pg_timeout` is the process group's
+    collective timeout (default: 0.8 x `timeout`). Raises `WorkerError` with the
     worker's traceback if one raises or dies, and after killing every worker if they
     are not all done within `timeout` seconds.
     """
@@ -109,7 +112,7 @@ def run_workers(
         procs = [
             ctx.Process(
                 target=_worker_main,
-                args=(rank, world_size, fn, tuple(args), workdir, env, timeout, threads),
+                args=(rank, world_size, fn, tuple(args), workdir, env, timeout, threads, pg_timeout),
                 name=f"{getattr(fn, '__name__', 'worker')}-rank{rank}",
                 daemon=True,
             )

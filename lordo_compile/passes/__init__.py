@@ -1,6 +1,6 @@
 """Graph rewrites, one module each, registered with the manager where they are defined."""
 
-from . import identity, low_rank  # noqa: F401  (registers the passes)
+from . import data_parallel, identity, low_rank, sync  # noqa: F401  (registers the passes)
 from .manager import (
     PassResult,
     Program,

@@ -270,7 +270,7 @@ def _phase(step: TrainGraph, name: str, plans: list[_Plan], option: LowRank, ref
     return graph
 
 
-@register_pass("low_rank", option="low_rank", releases=_releases)
+@register_pass("low_rank", option="low_rank", releases=_releases, conflicts=("sync",))
 def low_rank(program: Program, option: LowRank) -> PassResult:
     if set(program.phases) != {"step"}:
         raise NotImplementedError(

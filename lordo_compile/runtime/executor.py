@@ -11,6 +11,10 @@ from ..passes import Schedule, Watch
 from .state import RuntimeState
 
 
+class CollectiveError(RuntimeError):
+    """A collective inside the compiled step failed: a peer died, hung, or disconnected."""
+
+
 class OptimizerChanged(RuntimeError):
     """An optimizer's structure changed since capture; the step must be captured again."""
 
@@ -19,6 +23,7 @@ class OptimizerChanged(RuntimeError):
 class CompiledPhase:
     fn: Callable
     state_names: list[str]
+    collectives: int = 0
 
 
 class StepExecutor:
@@ -48,8 +53,21 @@ class StepExecutor:
                     "torch.compile(backend=...), call torch._dynamo.reset() and compile again."
                 )
         phase = self.schedule.phase_at(self.runtime.step)
-        out = self.phases[phase].fn(*args, *self.state_inputs[phase])
+        compiled = self.phases[phase]
+        try:
+            out = compiled.fn(*args, *self.state_inputs[phase])
+        except Exception as error:
+            if not compiled.collectives:
+                raise
+            raise CollectiveError(
+                f"phase {phase!r} at step {self.runtime.step} failed in one of its {compiled.collectives} "
+                f"collective(s): {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. "
+                "A worker has probably died, hung past the process group's timeout, or lost its connection; "
+                "this worker's state may be partly updated. Restart every worker from the last checkpoint "
+                "(model, optimizer and step.state_dict())."
+            ) from error
         self.runtime.step += 1
+        self.runtime.phase_calls[phase] = self.runtime.phase_calls.get(phase, 0) + 1
         for watch in self.watches[phase]:
             self._check(watch)
         return out

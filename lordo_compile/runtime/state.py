@@ -20,6 +20,8 @@ class RuntimeState:
         # Last value read of each watched counter, and whether it has warned.
         self.counters: dict[str, int] = {}
         self.warned: dict[str, bool] = {}
+        # How many times each phase ran (byte accounting multiplies by it).
+        self.phase_calls: dict[str, int] = {}
 
     def allocate(self, specs: Mapping[str, StateSpec], params: Mapping[str, torch.Tensor]) -> None:
         """Create the tensors of specs not yet held; a spec seen again must not change."""
@@ -56,13 +58,18 @@ class RuntimeState:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tensors": {k: v.detach().clone() for k, v in self.tensors.items()}}
+        return {
+            "step": self.step,
+            "phase_calls": dict(self.phase_calls),
+            "tensors": {k: v.detach().clone() for k, v in self.tensors.items()},
+        }
 
     def load_state_dict(self, state: Mapping) -> None:
         """Load a checkpoint; before the first call, it is applied once state is allocated."""
+        self.step = int(state["step"])
+        self.phase_calls = {k: int(v) for k, v in state.get("phase_calls", {}).items()}
         if not self.specs and state["tensors"]:
             self._pending = state
-            self.step = int(state["step"])
             return
         missing = set(self.tensors) - set(state["tensors"])
         unexpected = set(state["tensors"]) - set(self.tensors)
@@ -73,4 +80,3 @@ class RuntimeState:
             )
         for name, tensor in state["tensors"].items():
             self.tensors[name].copy_(tensor)
-        self.step = int(state["step"])

@@ -1,0 +1,130 @@
+"""Collective nodes in a TrainGraph: find the step's own mean all-reduces, insert new ones.
+
+Helpers for the passes that decide what crosses the network (`data_parallel`, `sync`);
+not a pass itself. Collectives are torch's functional collectives
+(`_c10d_functional.all_reduce` + `wait_tensor`), which dynamo records for
+`torch.distributed.all_reduce` as well, and which Inductor lowers on gloo and NCCL alike.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from ..errors import user_line
+from ..graph import PARAM, ROLE, Role
+
+ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+WAIT = torch.ops._c10d_functional.wait_tensor.default
+
+
+def group_name(group) -> str | None:
+    """The functional-collective name of `group` (None: WORLD), or None with one worker."""
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    group = group if group is not None else dist.group.WORLD
+    if dist.get_world_size(group) == 1:
+        return None
+    return group.group_name
+
+
+def _packet(target) -> object:
+    return getattr(target, "_overloadpacket", target)
+
+
+def is_all_reduce(node: fx.Node) -> bool:
+    return node.op == "call_function" and _packet(node.target) is torch.ops._c10d_functional.all_reduce
+
+
+def _is_wait(node: fx.Node) -> bool:
+    return node.op == "call_function" and _packet(node.target) is torch.ops._c10d_functional.wait_tensor
+
+
+def _is_division(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in (operator.truediv, torch.div, torch.true_divide)) or (
+        node.op == "call_method" and node.target in ("div", "true_divide")
+    )
+
+
+def mean_all_reduce(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """If `node` is the result of averaging a tensor over workers, (that tensor, node).
+
+    Recognised: `wait(all_reduce(x, "avg"))` and `wait(all_reduce(x, "sum")) / k`.
+    """
+    if _is_division(node) and isinstance(node.args[0], fx.Node) and _is_wait(node.args[0]):
+        reduced = node.args[0].args[0]
+        if is_all_reduce(reduced) and reduced.args[1] == "sum":
+            return reduced.args[0], node
+    if _is_wait(node) and is_all_reduce(node.args[0]) and node.args[0].args[1] == "avg":
+        return node.args[0].args[0], node
+    return None
+
+
+def remove_gradient_all_reduces(graph: fx.Graph, why: str) -> int:
+    """Replace every mean all-reduce in the graph by the local tensor; returns how many.
+
+    An all-reduce that is not a mean (a sum used as is, a max) has no local equivalent
+    this can substitute, and is refused naming its line.
+    """
+    removed = 0
+    for node in list(graph.nodes):
+        found = mean_all_reduce(node)
+        if found is not None:
+            local, result = found
+            result.replace_all_uses_with(local)
+            _erase_chain(graph, result)
+            removed += 1
+    for node in graph.nodes:
+        if is_all_reduce(node):
+            raise NotImplementedError(
+                f"{why} replaces the step's gradient averaging, but the all-reduce at "
+                f"{user_line(node.meta.get('stack_trace'))} is not a mean (reduce op "
+                f"{node.args[1]!r} without a division by the world size). Average the gradient "
+                "(all_reduce then divide by the world size, or op 'avg'), or remove the all-reduce."
+            )
+    return removed
+
+
+def _erase_chain(graph: fx.Graph, node: fx.Node) -> None:
+    while node is not None and not node.users:
+        inputs = [a for a in node.all_input_nodes if _is_wait(a) or is_all_reduce(a)]
+        graph.erase_node(node)
+        node = inputs[0] if inputs else None
+
+
+def insert_mean_all_reduce(
+    graph: fx.Graph, values: list[fx.Node], group: str, role: Role, params: list[str]
+) -> list[fx.Node]:
+    """Average `values` over workers with one all-reduce per dtype, inserted after the last.
+
+    Tensors are flattened into one buffer (a bucket) so the step issues one collective,
+    not one per parameter. Returns the averaged tensors, shaped as the inputs.
+    """
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, value in enumerate(values):
+        by_dtype.setdefault(value.meta["val"].dtype, []).append(i)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    point = max(values, key=order.__getitem__).next
+    results: list[fx.Node | None] = [None] * len(values)
+    # inserting_before a fixed node keeps creation order, so each node follows its inputs.
+    with graph.inserting_before(point):
+        for indices in by_dtype.values():
+            flat = [graph.call_method("reshape", (values[i], -1)) for i in indices]
+            bucket = graph.call_function(torch.cat, (flat,))
+            reduced = graph.call_function(ALL_REDUCE, (bucket, "avg", group))
+            waited = graph.call_function(WAIT, (reduced,))
+            pieces = graph.call_function(torch.split, (waited, [values[i].meta["val"].numel() for i in indices]))
+            for n in (*flat, bucket, pieces):
+                n.meta[ROLE] = role
+            for n in (reduced, waited):
+                n.meta[ROLE] = Role.COLLECTIVE
+            for k, i in enumerate(indices):
+                piece = graph.call_function(operator.getitem, (pieces, k))
+                shaped = graph.call_method("view", (piece, tuple(values[i].meta["val"].shape)))
+                for n in (piece, shaped):
+                    n.meta.update({ROLE: role, PARAM: params[i]})
+                results[i] = shaped
+    return results  # type: ignore[return-value]

@@ -1,0 +1,62 @@
+"""Data parallelism: average every gradient over workers, every step (DDP's semantics).
+
+    before:  grad_W = grad[0]; ...; lordo.adamw(W, grad_W, ...)
+    after:   grad_W = grad[0]; ...
+             bucket = cat([grad_W.reshape(-1), ...]); avg = wait(all_reduce(bucket, "avg"))
+             grad_W' = split(avg)[0].view(W.shape); ...; lordo.adamw(W, grad_W', ...)
+
+Gradients are averaged where backward produced them, before any clipping or scaling the
+step does, as torch's DistributedDataParallel does during backward. A step that already
+averages its gradients keeps its own collectives. One worker: nothing is inserted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from ..graph import PARAM, ROLE, Role
+from .collectives import group_name, insert_mean_all_reduce, is_all_reduce
+from .manager import PassResult, Program, register_pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataParallel:
+    """All-reduce (mean) every gradient every step.
+
+    Args:
+      group: the process group (None: the default group). Its timeout bounds how long a
+        worker waits for a dead or stuck peer.
+    """
+
+    group: object = None
+
+
+@register_pass("data_parallel", option="data_parallel", conflicts=("sync",))
+def data_parallel(program: Program, option: DataParallel) -> PassResult:
+    group = group_name(option.group)
+    if group is None:
+        return PassResult(program, ("one worker (torch.distributed not initialised or world size 1): no collective",))
+    phases = {}
+    notes = []
+    for name, graph in program.phases.items():
+        g = graph.graph
+        if any(is_all_reduce(n) for n in g.nodes):
+            notes.append(f"phase {name}: the step averages its own gradients; kept as written")
+            phases[name] = graph
+            continue
+        grads = [n for n in g.nodes if n.meta.get(ROLE) == Role.GRADIENT and _is_backward_output(n)]
+        averaged = insert_mean_all_reduce(g, grads, group, Role.GRADIENT, [n.meta[PARAM] for n in grads])
+        for raw, mean in zip(grads, averaged):
+            bucket_input = next(u for u in raw.users if u.op == "call_method" and u.target == "reshape")
+            raw.replace_all_uses_with(mean, delete_user_cb=lambda user, keep=bucket_input: user is not keep)
+        size = sum(n.meta["val"].numel() * n.meta["val"].element_size() for n in grads)
+        notes.append(f"phase {name}: one all-reduce (mean) of {len(grads)} gradients, {size:,} bytes per step")
+        phases[name] = graph
+    return PassResult(Program(phases, program.schedule, program.watches), tuple(notes))
+
+
+def _is_backward_output(node: fx.Node) -> bool:
+    source = node.args[0] if node.args else None
+    return isinstance(source, fx.Node) and source.meta.get(ROLE) == Role.BACKWARD

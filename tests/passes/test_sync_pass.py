@@ -1,0 +1,148 @@
+"""The sync and data-parallel passes in one process: sign, schedule, options, refusals."""
+
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import lordo_compile as lc
+from lordo_compile.models import MLP
+from lordo_compile.testing import capture, stage_diff, training_step
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return MLP((8, 16, 2))
+
+
+def _batches(n):
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 8, generator=generator), torch.randn(4, 2, generator=generator)) for _ in range(n)]
+
+
+def test_pseudo_gradient_points_along_descent():
+    """One worker, outer lr 2: the sync step moves the anchor twice as far as the local step did.
+
+    With delta = anchor - local and anchor <- anchor - 2 delta, the result is
+    anchor + 2 (local - anchor); the opposite sign would land at anchor - 2 (local - anchor).
+    """
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt),
+                      lc.Policy(sync=lc.Sync(every=1, outer_lr=2.0)), compiler="eager")
+    anchor = [p.detach().clone() for p in model.parameters()]
+    x, y = _batches(1)[0]
+    reference = _mlp()
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    F.mse_loss(reference(x), y).backward()
+    ref_opt.step()
+    local = [p.detach().clone() for p in reference.parameters()]
+    step(x, y)
+    for a, l, p in zip(anchor, local, model.parameters()):
+        torch.testing.assert_close(p, a + 2 * (l - a), rtol=1e-6, atol=1e-7)
+    assert step.backend.schedule.phase_at(0) == "sync"
+
+
+def test_schedule_syncs_after_every_h_steps():
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), lc.Policy.local_sgd(sync_every=3),
+                      compiler="eager")
+    for x, y in _batches(7):
+        step(x, y)
+    assert [step.backend.schedule.phase_at(k) for k in range(7)] == ["local", "local", "sync"] * 2 + ["local"]
+    assert step.comm_report().calls == {"local": 5, "sync": 2}
+    assert step.comm_report().bytes_sent == 0  # one worker: no collective
+    assert "one worker: no all-reduce" in step.explain()
+
+
+def test_local_sgd_with_outer_lr_one_and_one_worker_is_the_inner_optimizer():
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), lc.Policy.local_sgd(sync_every=2),
+                      compiler="aot_eager")
+    reference = _mlp()
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    for x, y in _batches(6):
+        step(x, y)
+        F.mse_loss(reference(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    for a, b in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(every=0), r"Sync.every \(sync_every\) must be an int >= 1, got 0"),
+        (dict(every=2.0), r"must be an int >= 1, got 2.0"),
+        (dict(every=2, outer_lr=0), r"Sync.outer_lr must be > 0"),
+        (dict(every=2, outer_momentum=1.0), r"outer_momentum must be in \[0, 1\)"),
+        (dict(every=2, nesterov=True), r"nesterov=True needs outer_momentum > 0"),
+    ],
+)
+def test_bad_sync_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        lc.Sync(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "policy, pair",
+    [
+        (lc.Policy(sync=lc.Sync(every=2), data_parallel=lc.DataParallel()), "'data_parallel' and 'sync'|'sync' and 'data_parallel'"),
+        (lc.Policy(sync=lc.Sync(every=2), low_rank=lc.LowRank(rank=2)), "'low_rank' and 'sync'|'sync' and 'low_rank'"),
+    ],
+)
+def test_passes_that_cannot_compose_are_named(policy, pair):
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match=rf"({pair}), which cannot be combined"):
+        lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy)
+
+
+@pytest.fixture
+def one_worker_group():
+    dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_sum_all_reduce_cannot_be_replaced(one_worker_group):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train_step(x, y):
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    step = lc.compile(train_step, lc.Policy.local_sgd(sync_every=2), compiler="eager")
+    with pytest.raises(NotImplementedError, match=r"test_sync_pass.py:\d+.*is not a mean \(reduce op 'sum'"):
+        step(*_batches(1)[0])
+
+
+def test_the_steps_own_mean_all_reduce_is_removed_from_local_steps(one_worker_group):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train_step(x, y):
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    step = capture(train_step, *_batches(1)[0], policy=lc.Policy.local_sgd(sync_every=2))
+    diff = stage_diff(step, "captured", "sync", phase="local")
+    assert diff.count("-tensor") + diff.count("-wait_tensor") >= 4 and "_c10d_functional.all_reduce" in diff
+    assert "all_reduce" not in step.graphs["local"]["sync"].text

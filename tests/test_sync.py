@@ -1,0 +1,208 @@
+"""Infrequent synchronization and data parallelism in 2 gloo processes, against eager references.
+
+- local_sgd(H) against torch's PeriodicModelAverager(period=H, warmup_steps=H-1);
+- diloco(H) against DiLoCo written out below with torch.optim.SGD as the outer optimizer;
+- ddp() on a step with no collective against eager training with an explicit all-reduce;
+plus byte accounting, resuming between syncs, and a worker that leaves during a sync.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+
+import lordo_compile as lc
+from common import max_rel_diff
+from distributed import run_workers
+from lordo_compile.models import MLP
+from lordo_compile.testing import training_step
+
+pytestmark = pytest.mark.distributed
+
+H, STEPS = 4, 12  # three syncs, the last on the last step
+INNER = dict(lr=1e-2, weight_decay=0.1)
+
+
+def _problem(rank):
+    torch.manual_seed(0)
+    model = MLP((16, 32, 32, 4))
+    generator = torch.Generator().manual_seed(100 + rank)
+    batches = [(torch.randn(8, 16, generator=generator), torch.randn(8, 4, generator=generator))
+               for _ in range(STEPS)]
+    return model, torch.optim.AdamW(model.parameters(), **INNER), batches
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _eager_local_sgd(rank):
+    model, opt, batches = _problem(rank)
+    averager = PeriodicModelAverager(period=H, warmup_steps=H - 1)
+    for x, y in batches:
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        averager.average_parameters(model.parameters())
+        opt.zero_grad()
+    return _params(model)
+
+
+def _eager_diloco(rank, world):
+    model, opt, batches = _problem(rank)
+    anchor = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    outer = torch.optim.SGD(anchor, lr=0.7, momentum=0.9, nesterov=True)
+    for k, (x, y) in enumerate(batches):
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if (k + 1) % H == 0:
+            with torch.no_grad():
+                for a, p in zip(anchor, model.parameters()):
+                    delta = a - p  # positive along descent
+                    dist.all_reduce(delta)
+                    a.grad = delta / world
+                outer.step()
+                outer.zero_grad()
+                for a, p in zip(anchor, model.parameters()):
+                    p.copy_(a)
+    return _params(model)
+
+
+def _eager_ddp(rank, world):
+    model, opt, batches = _problem(rank)
+    for x, y in batches:
+        F.mse_loss(model(x), y).backward()
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        opt.step()
+        opt.zero_grad()
+    return _params(model)
+
+
+def _compiled(rank, policy, explicit_all_reduce=False):
+    model, opt, batches = _problem(rank)
+    world = dist.get_world_size()
+
+    def averaged_step(x, y):
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    train_step = averaged_step if explicit_all_reduce else training_step(lambda x, y: F.mse_loss(model(x), y), opt)
+    step = lc.compile(train_step, policy, compiler="aot_eager")
+    for x, y in batches:
+        step(x, y)
+    report = step.comm_report()
+    return _params(model), {"bytes": report.bytes_sent, "collectives": report.collectives,
+                            "calls": dict(report.calls), "phases": sorted(step.graphs)}
+
+
+def parity_worker(rank, world, case):
+    if case == "local_sgd":
+        return _eager_local_sgd(rank), _compiled(rank, lc.Policy.local_sgd(sync_every=H))
+    if case == "local_sgd_explicit":
+        return _eager_local_sgd(rank), _compiled(rank, lc.Policy.local_sgd(sync_every=H), explicit_all_reduce=True)
+    if case == "diloco":
+        return _eager_diloco(rank, world), _compiled(rank, lc.Policy.diloco(sync_every=H))
+    return _eager_ddp(rank, world), _compiled(rank, lc.Policy.ddp())
+
+
+@pytest.fixture(scope="module", params=["local_sgd", "local_sgd_explicit", "diloco", "ddp"])
+def parity(request):
+    return request.param, run_workers(parity_worker, 2, args=(request.param,))
+
+
+def test_compiled_matches_the_eager_reference(parity):
+    _, results = parity
+    for reference, (params, _) in results:
+        assert max_rel_diff(reference, params) <= 1e-5
+
+
+def test_ranks_are_bit_identical_after_the_last_sync(parity):
+    _, results = parity
+    (first, _), (second, _) = results[0][1], results[1][1]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_bytes_sent_match_the_analytic_count(parity):
+    case, results = parity
+    numel = sum(p.numel() for p in MLP((16, 32, 32, 4)).parameters())
+    _, report = results[0][1]
+    if case == "ddp":
+        assert report["calls"] == {"step": STEPS}
+        assert (report["collectives"], report["bytes"]) == (STEPS, STEPS * numel * 4)
+    else:
+        assert report["phases"] == ["local", "sync"]
+        assert report["calls"] == {"local": STEPS - STEPS // H, "sync": STEPS // H}
+        assert (report["collectives"], report["bytes"]) == (STEPS // H, STEPS // H * numel * 4)
+
+
+def resume_worker(rank, world):
+    """Stop between syncs (after step 6 of 12), save, rebuild everything, load, finish."""
+    policy = lc.Policy.diloco(sync_every=H)
+    model, opt, batches = _problem(rank)
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="aot_eager")
+    saved = None
+    for k, (x, y) in enumerate(batches):
+        step(x, y)
+        if k == 5:
+            buffer = io.BytesIO()
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step.state_dict()}, buffer)
+            saved = buffer.getvalue()
+    uninterrupted = _params(model)
+
+    torch._dynamo.reset()
+    model, opt, batches = _problem(rank)
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="aot_eager")
+    checkpoint = torch.load(io.BytesIO(saved), weights_only=True)
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    step.load_state_dict(checkpoint["step"])
+    for x, y in batches[6:]:
+        step(x, y)
+    return uninterrupted, _params(model), step.comm_report().calls
+
+
+def test_resuming_between_syncs_reproduces_the_run_bit_for_bit():
+    for uninterrupted, resumed, calls in run_workers(resume_worker, 2):
+        assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed))
+        assert calls == {"local": STEPS - STEPS // H, "sync": STEPS // H}
+
+
+def leaving_worker(rank, world):
+    """Rank 1 leaves before the first sync; rank 0 must fail there, not wait forever."""
+    model, opt, batches = _problem(rank)
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), lc.Policy.local_sgd(sync_every=H),
+                      compiler="aot_eager")
+    for k, (x, y) in enumerate(batches[: H - 1]):
+        step(x, y)
+    if rank == 1:
+        return "left"
+    started = time.monotonic()
+    try:
+        step(*batches[H - 1])
+    except lc.CollectiveError as error:
+        return str(error), time.monotonic() - started
+    return "no error", time.monotonic() - started
+
+
+def test_a_worker_leaving_during_a_sync_fails_the_others_within_the_timeout():
+    timeout = 10.0
+    results = run_workers(leaving_worker, 2, timeout=60, pg_timeout=datetime.timedelta(seconds=timeout))
+    message, elapsed = results[0]
+    assert "phase 'sync' at step 3 failed in one of its 1 collective(s)" in message
+    assert "Restart every worker from the last checkpoint" in message
+    assert elapsed < timeout + 10
