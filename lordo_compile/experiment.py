@@ -1,8 +1,8 @@
 """The tiny-GPT training run the CLI and the benchmarks share.
 
 One function, `train_tiny_gpt`: a seeded model, AdamW with warmup and cosine decay,
-batches of CPython's bundled help text, a compiled step under a policy, and a fixed
-validation set. It returns what a comparison needs: losses, per-step times with the
+batches of CPython's bundled help text (each worker its own, when torch.distributed is
+initialised), a compiled step under a policy, and a fixed validation set. It returns what a comparison needs: losses, per-step times with the
 phase each step ran, and the compiled step itself (for its memory and graphs).
 """
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from .api import CompiledStep, compile
 from .data import ByteBatches
@@ -77,7 +78,9 @@ def train_tiny_gpt(policy: Policy, config: RunConfig = RunConfig(), log: Callabl
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     data = ByteBatches(block_size=config.seq_len)
     val_batches = data.val_batches(config.batch_size, config.val_batches)
-    generator = torch.Generator().manual_seed(config.seed)
+    # Same model on every worker (same seed), different data on each (seed + rank).
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    generator = torch.Generator().manual_seed(config.seed + rank)
     step = compile(training_step(model.loss, opt), policy, compiler=config.compiler)
     result = RunResult(step, model, float("nan"), float("nan"))
     for i in range(config.steps):

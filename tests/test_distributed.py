@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import lordo_compile as lc
 from common import SMALL_GPT, max_rel_diff
-from distributed import run_workers
+from lordo_compile.launch import run_workers
 from lordo_compile.graph import ROLE, Role
 from lordo_compile.models import MLP, TinyGPT
 

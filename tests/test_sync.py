@@ -20,7 +20,7 @@ from torch.distributed.algorithms.model_averaging.averagers import PeriodicModel
 
 import lordo_compile as lc
 from common import max_rel_diff
-from distributed import run_workers
+from lordo_compile.launch import run_workers
 from lordo_compile.models import MLP
 from lordo_compile.testing import training_step
 

@@ -1,4 +1,7 @@
-"""Run a function in N fresh gloo processes and hand their results back to the test.
+"""Run a function in N fresh gloo processes on this machine and collect their results.
+
+Used by the tests and benchmarks that need several workers; scripts run by users start
+their workers with `torchrun` instead.
 
     results = run_workers(worker, 2, args=(...,))   # [rank0_result, rank1_result]
 
@@ -8,7 +11,7 @@ Each process starts with `torch.distributed` initialised (gloo, a FileStore in a
 temporary directory, loopback only) and destroys the process group when `worker`
 returns. A worker that raises fails the caller with the worker's traceback; workers
 that are still running at `timeout` are killed and fail the caller, so a hung
-collective never hangs pytest.
+collective never hangs the caller.
 """
 
 from __future__ import annotations
