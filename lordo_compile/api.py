@@ -71,6 +71,7 @@ class LordoBackend:
         self.captures = 0
         self.timings: dict[str, float] = {}
         self.param_names: dict[int, str] = {}
+        self.adapters: list[OptimizerAdapter] = []
 
     @property
     def schedule(self) -> Schedule:
@@ -87,7 +88,7 @@ class LordoBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
         started = time.perf_counter()
         self.timings["backend_entered"] = started
-        adapters = self.adapters_for(example_inputs)
+        adapters = self.adapters = self.adapters_for(example_inputs)
         catalog = InputCatalog.build(self.names, self.arg_names, adapters)
         captured = build_train_graph(gm, list(example_inputs), catalog)
         captured.recompile()
@@ -106,14 +107,7 @@ class LordoBackend:
         compiled = {}
         started = time.perf_counter()
         for phase, graph in final.phases.items():
-            views = PhaseGraphs(phase)
-            for stage in self.stages:
-                source = stage.program.phases.get(phase)
-                if source is None and stage is self.stages[0]:
-                    # Every phase derives from the one captured step: show that as its start.
-                    source = stage.program.phases["step"]
-                if source is not None:
-                    views.add(GraphView(phase, stage.name, source.module, source))
+            views = self._stage_views(phase)
             lowered = lower(graph)
             views.add(GraphView(phase, "lowered", lowered))
             state_names = list(graph.state)
@@ -126,6 +120,22 @@ class LordoBackend:
         self.timings["codegen_s"] = time.perf_counter() - started
         self.captures += 1
         return StepExecutor(compiled, final.schedule, self.runtime, adapters, final.watches)
+
+    @property
+    def _known_adapters(self) -> list[OptimizerAdapter]:
+        """The optimizers given or found up front, else those the last capture used."""
+        return self._adapters if self._adapters is not None else self.adapters
+
+    def _stage_views(self, phase: str) -> PhaseGraphs:
+        views = PhaseGraphs(phase)
+        for stage in self.stages:
+            source = stage.program.phases.get(phase)
+            if source is None and stage is self.stages[0]:
+                # Every phase derives from the one captured step: show that as its start.
+                source = stage.program.phases["step"]
+            if source is not None:
+                views.add(GraphView(phase, stage.name, source.module, source))
+        return views
 
     def explain(self) -> str:
         """Per phase: what was captured, what each pass changed, what state it added."""
@@ -176,14 +186,15 @@ class LordoBackend:
 
     def memory_report(self) -> MemoryReport:
         """Bytes of weights, gradients and optimizer state per parameter, before and after the policy."""
-        return memory_report(self._adapters or [], self.runtime, self.param_names)
+        return memory_report(self._known_adapters, self.runtime, self.param_names)
 
     def state_dict(self) -> dict:
-        return {"runtime": self.runtime.state_dict(), "optimizers": [a.state_dict() for a in self._adapters or []]}
+        """What the compiled step adds to the model's and optimizers' own state dicts."""
+        return {"runtime": self.runtime.state_dict(), "optimizers": [a.state_dict() for a in self._known_adapters]}
 
     def load_state_dict(self, state: dict) -> None:
         self.runtime.load_state_dict(state["runtime"])
-        for adapter, adapter_state in zip(self._adapters or [], state["optimizers"]):
+        for adapter, adapter_state in zip(self._known_adapters, state["optimizers"]):
             adapter.load_state_dict(adapter_state)
 
 
