@@ -11,6 +11,7 @@ from .errors import CaptureError, PassError
 from .runtime.executor import CollectiveError
 from .graph import Role, StateSpec, TrainGraph
 from .passes.data_parallel import DataParallel
+from .passes.lordo import LoRDO
 from .passes.low_rank import LowRank
 from .passes.sync import Sync
 from .policy import Policy
@@ -22,6 +23,7 @@ __all__ = [
     "CollectiveError",
     "CompiledStep",
     "DataParallel",
+    "LoRDO",
     "LordoBackend",
     "LowRank",
     "PassError",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .passes.data_parallel import DataParallel
+from .passes.lordo import LoRDO
 from .passes.low_rank import LowRank
 from .passes.sync import Sync
 
@@ -23,10 +24,11 @@ class Policy:
     low_rank: LowRank | None = None
     data_parallel: DataParallel | None = None
     sync: Sync | None = None
+    low_rank_sync: LoRDO | None = None
     extra_passes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name, kind in (("low_rank", LowRank), ("data_parallel", DataParallel), ("sync", Sync)):
+        for name, kind in (("low_rank", LowRank), ("data_parallel", DataParallel), ("sync", Sync), ("low_rank_sync", LoRDO)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
                 raise ValueError(f"Policy.{name} must be a lordo_compile.{kind.__name__}, got {value!r}")
@@ -56,6 +58,11 @@ class Policy:
         """DiLoCo: local steps, then Nesterov SGD on the averaged pseudo-gradient."""
         return cls(sync=Sync(every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum,
                              nesterov=nesterov, group=group))
+
+    @classmethod
+    def lordo(cls, rank: int, sync_every: int = 16, **options) -> "Policy":
+        """LoRDO; `options` are the other `LoRDO` fields (omega, payload, ...)."""
+        return cls(low_rank_sync=LoRDO(rank=rank, sync_every=sync_every, **options))
 
     @classmethod
     def galore(cls, rank: int, update_proj_gap: int = 200, scale: float = 0.25, **options) -> "Policy":

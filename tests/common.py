@@ -67,3 +67,30 @@ def train(
             scheduler.step()
     params = [p.detach().clone() for p in model.parameters()]
     return params, opt, step, losses
+
+
+def _orthonormal(y):
+    return torch.linalg.qr(y).Q
+
+
+def _leading(a, basis, rank):
+    u, _, _ = torch.linalg.svd(basis.T @ a, full_matrices=False)
+    return (basis @ u)[:, :rank]
+
+
+def new_projection(grad, previous, sketch, method, rank, power_iterations=1):
+    """ALGORITHMS.md section 1's projections, written out: r leading singular vectors of the
+    smaller side of `grad` by exact SVD, a sketched range finder, or subspace iteration."""
+    tall = grad.shape[0] >= grad.shape[1]
+    a = grad.T if tall else grad
+    if method == "svd":
+        return torch.linalg.svd(a, full_matrices=False)[0][:, :rank]
+    if method == "randomized":
+        q = _orthonormal(a @ sketch)
+        for _ in range(power_iterations):
+            q = _orthonormal(a @ _orthonormal(a.T @ q))
+        return _leading(a, q, rank)
+    basis = previous
+    for _ in range(max(1, power_iterations)):
+        basis = _orthonormal(a @ (a.T @ basis))
+    return _leading(a, basis, rank)

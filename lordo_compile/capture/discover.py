@@ -16,7 +16,7 @@ from torch import nn
 
 
 def _namespace(fn: Callable, depth: int = 3) -> list[tuple[str, Any]]:
-    """Names a function can reach: closure, referenced globals, `self`; and, up to
+    """Names a function can reach: closure, referenced globals, defaults, `self`; and, up to
     `depth` calls deep, the same for functions among those (a step calling `loss_fn`)."""
     items = _direct_namespace(fn)
     if depth > 0:
@@ -34,6 +34,11 @@ def _direct_namespace(fn: Callable) -> list[tuple[str, Any]]:
     if inspect.isfunction(func):
         found = inspect.getclosurevars(func)
         items += list(found.nonlocals.items()) + list(found.globals.items())
+        # `lambda x, m=model: ...` binds through a default, not a closure.
+        names = func.__code__.co_varnames[: func.__code__.co_argcount]
+        defaults = func.__defaults__ or ()
+        items += list(zip(names[len(names) - len(defaults):], defaults))
+        items += list((func.__kwdefaults__ or {}).items())
     elif callable(fn) and not inspect.isfunction(fn):
         owner = owner or fn
     if owner is not None:

@@ -128,3 +128,47 @@ def insert_mean_all_reduce(
                     n.meta.update({ROLE: role, PARAM: params[i]})
                 results[i] = shaped
     return results  # type: ignore[return-value]
+
+
+ALL_GATHER = torch.ops._c10d_functional.all_gather_into_tensor.default
+
+
+def world_size(group) -> int:
+    if not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group if group is not None else dist.group.WORLD)
+
+
+def insert_all_gather(graph: fx.Graph, values: list[fx.Node], group: str, world: int, role: Role,
+                      params: list[str]) -> list[fx.Node]:
+    """Gather `values` from every worker (one collective per dtype), inserted after the last.
+
+    Returns, for each value, a tensor of shape (world, *value.shape): one row per worker,
+    in rank order, identical on every worker.
+    """
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, value in enumerate(values):
+        by_dtype.setdefault(value.meta["val"].dtype, []).append(i)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    point = max(values, key=order.__getitem__).next
+    results: list[fx.Node | None] = [None] * len(values)
+    with graph.inserting_before(point):
+        for indices in by_dtype.values():
+            flat = [graph.call_method("reshape", (values[i], -1)) for i in indices]
+            bucket = graph.call_function(torch.cat, (flat,))
+            gathered = graph.call_function(ALL_GATHER, (bucket, world, group))
+            waited = graph.call_function(WAIT, (gathered,))
+            rows = graph.call_method("reshape", (waited, world, -1))
+            sizes = [values[i].meta["val"].numel() for i in indices]
+            pieces = graph.call_function(torch.split, (rows, sizes), {"dim": 1})
+            for n in (*flat, bucket, rows, pieces):
+                n.meta[ROLE] = role
+            for n in (gathered, waited):
+                n.meta[ROLE] = Role.COLLECTIVE
+            for k, i in enumerate(indices):
+                piece = graph.call_function(operator.getitem, (pieces, k))
+                shaped = graph.call_method("reshape", (piece, (world, *values[i].meta["val"].shape)))
+                for n in (piece, shaped):
+                    n.meta.update({ROLE: role, PARAM: params[i]})
+                results[i] = shaped
+    return results  # type: ignore[return-value]

@@ -89,50 +89,61 @@ class LowRank:
             raise ValueError(f"LowRank.method must be one of {METHODS}, got {self.method!r}")
         if self.on_refresh not in ON_REFRESH:
             raise ValueError(f"LowRank.on_refresh must be one of {ON_REFRESH}, got {self.on_refresh!r}")
-        selector = self.params
-        ok = (
-            selector is None
-            or isinstance(selector, str)
-            or (isinstance(selector, type) and issubclass(selector, nn.Module))
-            or (isinstance(selector, tuple) and all(isinstance(t, type) and issubclass(t, nn.Module) for t in selector))
-            or callable(selector)
-        )
-        if not ok:
-            raise ValueError(
-                "LowRank.params must be None, a regex on parameter names, nn.Module type(s), or "
-                f"a callable (name, ParamInfo) -> bool; got {selector!r}"
-            )
-        if isinstance(selector, str):
-            try:
-                re.compile(selector)
-            except re.error as error:
-                raise ValueError(f"LowRank.params is not a valid regex ({error}): {selector!r}") from None
+        validate_selector("LowRank", self.params)
 
     def choose(self, info: ParamInfo) -> str | None:
         """None when the parameter gets the low-rank update, else why it stays dense."""
-        if len(info.shape) != 2:
-            return "not a matrix"
-        selector = self.params
-        if selector is None:
-            if info.module_type is None:
-                return "its module is unknown (select it with LowRank.params=...)"
-            if issubclass(info.module_type, nn.Embedding):
-                return "embedding"
-            if not issubclass(info.module_type, nn.Linear):
-                return f"not an nn.Linear weight ({info.module_type.__name__})"
-            if _HEAD.search(info.name):
-                return "output head"
-        elif isinstance(selector, str):
-            if not re.search(selector, info.name):
-                return f"name does not match {selector!r}"
-        elif isinstance(selector, (type, tuple)):
-            if info.module_type is None or not issubclass(info.module_type, selector):
-                return "module type not selected"
-        elif not selector(info.name, info):
-            return "not selected"
-        if min(info.shape) <= self.rank:
-            return f"smaller side {min(info.shape)} <= rank {self.rank}"
-        return None
+        return choose_matrix(self.params, self.rank, info)
+
+
+def validate_selector(owner: str, selector: object) -> None:
+    """Check a `params=` selector: None, a regex, nn.Module type(s), or a callable."""
+    ok = (
+        selector is None
+        or isinstance(selector, str)
+        or (isinstance(selector, type) and issubclass(selector, nn.Module))
+        or (isinstance(selector, tuple) and all(isinstance(t, type) and issubclass(t, nn.Module) for t in selector))
+        or callable(selector)
+    )
+    if not ok:
+        raise ValueError(
+            f"{owner}.params must be None, a regex on parameter names, nn.Module type(s), or "
+            f"a callable (name, ParamInfo) -> bool; got {selector!r}"
+        )
+    if isinstance(selector, str):
+        try:
+            re.compile(selector)
+        except re.error as error:
+            raise ValueError(f"{owner}.params is not a valid regex ({error}): {selector!r}") from None
+
+
+def choose_matrix(selector: object, rank: int, info: ParamInfo) -> str | None:
+    """None when a low-rank method takes this parameter, else why it stays dense.
+
+    Default: 2-D weights of nn.Linear, not embeddings, not the output head.
+    """
+    if len(info.shape) != 2:
+        return "not a matrix"
+    if selector is None:
+        if info.module_type is None:
+            return "its module is unknown (select it with params=...)"
+        if issubclass(info.module_type, nn.Embedding):
+            return "embedding"
+        if not issubclass(info.module_type, nn.Linear):
+            return f"not an nn.Linear weight ({info.module_type.__name__})"
+        if _HEAD.search(info.name):
+            return "output head"
+    elif isinstance(selector, str):
+        if not re.search(selector, info.name):
+            return f"name does not match {selector!r}"
+    elif isinstance(selector, (type, tuple)):
+        if info.module_type is None or not issubclass(info.module_type, selector):
+            return "module type not selected"
+    elif not selector(info.name, info):
+        return "not selected"
+    if min(info.shape) <= rank:
+        return f"smaller side {min(info.shape)} <= rank {rank}"
+    return None
 
 
 def _releases(option: LowRank, info: ParamInfo, op_name: str) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lordo_compile as lc
-from common import max_rel_diff
+from common import max_rel_diff, new_projection
 from lordo_compile.testing import training_step
 
 RANK, GAP, STEPS = 8, 12, 30
@@ -28,25 +28,8 @@ def _batches():
     return [(torch.randn(16, 64, generator=generator), torch.randn(16, 4, generator=generator)) for _ in range(STEPS)]
 
 
-def _orthonormal(y):
-    return torch.linalg.qr(y).Q
-
-
-def _leading(a, basis, rank):
-    u, _, _ = torch.linalg.svd(basis.T @ a, full_matrices=False)
-    return (basis @ u)[:, :rank]
-
-
 def _new_projection(grad, previous, sketch, method, first):
-    tall = grad.shape[0] >= grad.shape[1]
-    a = grad.T if tall else grad
-    if method == "svd" or (method == "subspace" and first):
-        return torch.linalg.svd(a, full_matrices=False)[0][:, :RANK]
-    if method == "randomized":
-        q = _orthonormal(a @ sketch)
-        q = _orthonormal(a @ _orthonormal(a.T @ q))
-        return _leading(a, q, RANK)
-    return _leading(a, _orthonormal(a @ (a.T @ previous)), RANK)
+    return new_projection(grad, previous, sketch, "svd" if method == "subspace" and first else method, RANK)
 
 
 class EagerGaLore:
