@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from .passes.data_parallel import DataParallel
 from .passes.lordo import LoRDO
 from .passes.low_rank import LowRank
+from .passes.low_rank_ddp import LowRankDDP
 from .passes.sync import Sync
 
 
@@ -25,10 +26,12 @@ class Policy:
     data_parallel: DataParallel | None = None
     sync: Sync | None = None
     low_rank_sync: LoRDO | None = None
+    low_rank_data_parallel: LowRankDDP | None = None
     extra_passes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name, kind in (("low_rank", LowRank), ("data_parallel", DataParallel), ("sync", Sync), ("low_rank_sync", LoRDO)):
+        for name, kind in (("low_rank", LowRank), ("data_parallel", DataParallel), ("sync", Sync), ("low_rank_sync", LoRDO),
+                           ("low_rank_data_parallel", LowRankDDP)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
                 raise ValueError(f"Policy.{name} must be a lordo_compile.{kind.__name__}, got {value!r}")
@@ -63,6 +66,13 @@ class Policy:
     def lordo(cls, rank: int, sync_every: int = 16, **options) -> "Policy":
         """LoRDO; `options` are the other `LoRDO` fields (omega, payload, ...)."""
         return cls(low_rank_sync=LoRDO(rank=rank, sync_every=sync_every, **options))
+
+    @classmethod
+    def low_rank_ddp(cls, rank: int, update_proj_gap: int = 200, scale: float = 0.25, group=None,
+                     **options) -> "Policy":
+        """GaLore with the projected gradient averaged every step (LoRDO's baseline)."""
+        low_rank = LowRank(rank=rank, update_proj_gap=update_proj_gap, scale=scale, **options)
+        return cls(low_rank_data_parallel=LowRankDDP(low_rank=low_rank, group=group))
 
     @classmethod
     def galore(cls, rank: int, update_proj_gap: int = 200, scale: float = 0.25, **options) -> "Policy":

@@ -240,3 +240,60 @@ def test_payload_bytes(runs):
     assert result["payload=low_rank"]["bytes"] == syncs * low_rank + init
     assert result["payload=int8"]["bytes"] == syncs * int8 + init
     assert result["projection=local"]["bytes"] == syncs * full
+
+
+GAP, SCALE = 5, 0.25
+
+
+def low_rank_ddp_worker(rank, world):
+    """Low-rank DDP compiled, and written out: P from the averaged gradient every GAP steps,
+    the projected gradient averaged every step, Adam on it, decoupled decay after."""
+    model, batches = _problem(rank)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
+    step = lc.compile(training_step(lambda x, y, m=model: F.mse_loss(m(x), y), opt),
+                      lc.Policy.low_rank_ddp(rank=RANK, update_proj_gap=GAP, scale=SCALE), compiler="aot_eager")
+    for x, y in batches:
+        step(x, y)
+    compiled = [p.detach().clone() for p in model.parameters()]
+    bytes_sent = step.comm_report().bytes_sent
+
+    model, batches = _problem(rank)
+    low = [model[0].weight, model[2].weight]
+    dense = torch.optim.AdamW([p for p in model.parameters() if all(p is not w for w in low)], lr=LR,
+                              weight_decay=WD, betas=BETAS, eps=EPS)
+    state = {w: dict(t=0) for w in low}
+    for k, (x, y) in enumerate(batches):
+        F.mse_loss(model(x), y).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if all(p is not w for w in low):
+                    p.grad = _mean(p.grad, world)
+            dense.step()
+            for w in low:
+                s, tall = state[w], w.shape[0] >= w.shape[1]
+                if k % GAP == 0:
+                    g = _mean(w.grad, world)
+                    s["P"] = new_projection(g, None, None, "svd", RANK)
+                    r = g @ s["P"] if tall else s["P"].T @ g
+                else:
+                    r = _mean(w.grad @ s["P"] if tall else s["P"].T @ w.grad, world)
+                s["t"] += 1
+                s["m"] = BETAS[0] * s.get("m", torch.zeros_like(r)) + (1 - BETAS[0]) * r
+                s["v"] = BETAS[1] * s.get("v", torch.zeros_like(r)) + (1 - BETAS[1]) * r * r
+                n = (s["m"] / (1 - BETAS[0] ** s["t"])) / ((s["v"] / (1 - BETAS[1] ** s["t"])).sqrt() + EPS)
+                w -= LR * SCALE * (n @ s["P"].T if tall else s["P"] @ n)
+                w *= 1 - LR * WD
+        model.zero_grad()
+    return compiled, [p.detach().clone() for p in model.parameters()], bytes_sent
+
+
+def test_low_rank_ddp_matches_its_definition():
+    results = run_workers(low_rank_ddp_worker, 2, timeout=600)
+    for compiled, reference, _ in results:
+        assert max_rel_diff(reference, compiled) <= 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
+    dense = (32 + 48 + 4 * 48 + 4) * 4
+    projected = (RANK * 64 + 48 * RANK) * 4 + dense
+    full = (32 * 64 + 48 * 32) * 4 + dense
+    refreshes = len(range(0, STEPS, GAP))
+    assert results[0][2] == refreshes * full + (STEPS - refreshes) * projected

@@ -38,11 +38,14 @@ def _adam_direction(r, exp_avg, exp_avg_sq, step, beta1, beta2, eps):
 
 
 def _galore_adam(param, grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps, weight_decay,
-                 *, scale, tall, maximize, decoupled):
+                 *, scale, tall, maximize, decoupled, projected=False):
     grad = -grad if maximize else grad
-    if not decoupled:
-        grad = grad + weight_decay * param
-    r = project(grad, projection, tall).to(exp_avg.dtype)
+    if projected:
+        r = grad.to(exp_avg.dtype)
+    else:
+        if not decoupled:
+            grad = grad + weight_decay * param
+        r = project(grad, projection, tall).to(exp_avg.dtype)
     direction, exp_avg, exp_avg_sq, step = _adam_direction(r, exp_avg, exp_avg_sq, step, beta1, beta2, eps)
     update = project_back(direction.to(projection.dtype), projection, tall).to(param.dtype)
     param = param + (-lr * scale) * update
@@ -72,6 +75,14 @@ def galore_adam(param, grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, b
                 *, scale, tall, maximize):
     return _galore_adam(param, grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps,
                         weight_decay, scale=scale, tall=tall, maximize=maximize, decoupled=False)
+
+
+@define_op("galore_adamw_projected", **_ADAM,
+           doc="AdamW on a gradient already projected (and averaged): low-rank DDP's update")
+def galore_adamw_projected(param, projected_grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps,
+                           weight_decay, *, scale, tall, maximize):
+    return _galore_adam(param, projected_grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps,
+                        weight_decay, scale=scale, tall=tall, maximize=maximize, decoupled=True, projected=True)
 
 
 @define_op(

@@ -153,7 +153,7 @@ def _releases(option: LowRank, info: ParamInfo, op_name: str) -> tuple[str, ...]
 
 
 @dataclass
-class _Plan:
+class MatrixPlan:
     site_param: str
     info: ParamInfo
     replacement: str
@@ -161,7 +161,7 @@ class _Plan:
     specs: dict[str, StateSpec]
 
 
-def _plan(option: LowRank, graph: TrainGraph) -> tuple[list[_Plan], list[str]]:
+def plan_matrices(option: LowRank, graph: TrainGraph) -> tuple[list[MatrixPlan], list[str]]:
     plans, dense = [], []
     for index, site in enumerate(graph.updates()):
         info = graph.params[site.param]
@@ -187,7 +187,7 @@ def _plan(option: LowRank, graph: TrainGraph) -> tuple[list[_Plan], list[str]]:
             specs["sketch"] = StateSpec(name=f"low_rank.sketch.{site.param}",
                                         shape=(other, option.rank + option.oversampling), dtype=torch.float32,
                                         owner="low_rank", param=site.param, init=f"randn:{option.seed + index}")
-        plans.append(_Plan(site.param, info, replacement, tall, specs))
+        plans.append(MatrixPlan(site.param, info, replacement, tall, specs))
     return plans, dense
 
 
@@ -203,7 +203,7 @@ def _meta(node: fx.Node, role: Role, param: str, state: str | None = None, name:
     return node
 
 
-def _rewrite(graph: TrainGraph, site: UpdateSite, plan: _Plan, option: LowRank, refresh: str | None,
+def _rewrite(graph: TrainGraph, site: UpdateSite, plan: MatrixPlan, option: LowRank, refresh: str | None,
              failures: fx.Node | None) -> None:
     """Replace one update by its low-rank form; with `refresh`, compute a new projection first."""
     g = graph.graph
@@ -271,7 +271,7 @@ def _rewrite(graph: TrainGraph, site: UpdateSite, plan: _Plan, option: LowRank, 
                   name="write_projection")
 
 
-def _phase(step: TrainGraph, name: str, plans: list[_Plan], option: LowRank, refresh: str | None) -> TrainGraph:
+def _phase(step: TrainGraph, name: str, plans: list[MatrixPlan], option: LowRank, refresh: str | None) -> TrainGraph:
     graph = step.copy(phase=name)
     failures = graph.add_state(_FAILURES) if refresh is not None else None
     by_param = {plan.site_param: plan for plan in plans}
@@ -288,7 +288,7 @@ def low_rank(program: Program, option: LowRank) -> PassResult:
             f"low_rank runs on a single-phase step; this program already has phases {sorted(program.phases)}"
         )
     step = program.phases["step"]
-    plans, dense = _plan(option, step)
+    plans, dense = plan_matrices(option, step)
     if not plans:
         matrices = [min(i.shape) for i in step.params.values() if len(i.shape) == 2]
         hint = (
