@@ -36,6 +36,7 @@ class RunConfig:
     val_batches: int = 8
     seed: int = 0
     compiler: str = "inductor"
+    eval_every: int = 0
 
 
 @dataclass
@@ -46,6 +47,8 @@ class RunResult:
     val_loss: float
     step_seconds: list[float] = field(default_factory=list)
     phases: list[str] = field(default_factory=list)
+    # (step, bytes sent per worker so far, validation loss) every `eval_every` steps.
+    curve: list[tuple[int, int, float]] = field(default_factory=list)
 
     @property
     def compile_seconds(self) -> float:
@@ -92,9 +95,12 @@ def train_tiny_gpt(policy: Policy, config: RunConfig = RunConfig(), log: Callabl
         result.phases.append(step.backend.schedule.phase_at(index))
         result.train_loss = loss
         schedule.step()
+        if config.eval_every and ((i + 1) % config.eval_every == 0 or i == 0):
+            result.curve.append((i + 1, step.comm_report().bytes_sent, evaluate(model, val_batches)))
         if log is not None:
             log_step(log, i, loss, result.step_seconds[-1], schedule.get_last_lr()[0], config)
-    result.val_loss = evaluate(model, val_batches)
+    result.val_loss = result.curve[-1][2] if result.curve and result.curve[-1][0] == config.steps else \
+        evaluate(model, val_batches)
     return result
 
 

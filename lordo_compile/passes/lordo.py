@@ -186,7 +186,7 @@ def _plan(option: LoRDO, graph: TrainGraph) -> tuple[list[_Matrix], list[str]]:
         if option.method == "randomized":
             spec("sketch", (matrix.other, option.rank + option.oversampling), torch.float32,
                  f"randn:{option.seed + index}")
-        if option.payload == "low_rank":
+        if option.payload != "full":
             # Seeded alike on every worker: the averaged sketch is a sketch of the average.
             spec("payload_sketch", (matrix.other, option.rank + option.sketch_size), torch.float32,
                  f"randn:{option.seed + 1000 + index}")
@@ -250,21 +250,37 @@ def _projection(g: fx.Graph, option: LoRDO, matrix: _Matrix, nodes: dict[str, fx
 
 
 def _first_projection(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix], group: str | None) -> None:
-    """Phase "init": Q from the (averaged) first gradient, before any update uses it."""
+    """Phase "init": Q from the first gradient averaged over workers (or the worker's own, for
+    `projection="local"`), before any update uses it. With a compressed payload only a sketch
+    of each gradient is averaged, as at every sync."""
     g = graph.graph
     sites = {m.param: _site(graph, m.param) for m in matrices}
-    grads = [sites[m.param].input("grad") for m in matrices]
-    if option.projection == "global" and group is not None:
-        grads = insert_mean_all_reduce(g, grads, group, Role.GRADIENT, [m.param for m in matrices])
+    nodes = {m.param: _state_nodes(graph, m) for m in matrices}
     order = {n: i for i, n in enumerate(g.nodes)}
     point = min((sites[m.param].node for m in matrices), key=order.__getitem__)
+    sketched = option.payload != "full" and option.projection == "global"
+    sources = []
     with g.inserting_before(point):
-        for matrix, grad in zip(matrices, grads):
-            nodes = {k: n for k, n in _state_nodes(graph, matrix).items()}
-            new = _projection(g, option, matrix, nodes, grad, "svd")
-            sites[matrix.param].node.replace_input_with(nodes["projection"], new)
-            _tag(g.call_method("copy_", (nodes["projection"], new)), Role.WRITEBACK, matrix.param, "projection",
-                 name=f"write_projection_{matrix.param}")
+        for m in matrices:
+            grad = sites[m.param].input("grad")
+            if sketched:
+                a = g.call_method("t", (grad,)) if m.tall else grad
+                sketch = _tag(g.call_function(torch.matmul, (a, nodes[m.param]["payload_sketch"])), Role.GRADIENT,
+                              m.param, name=f"gradient_sketch_{m.param}")
+                sketch.meta["val"] = torch.empty((m.side, option.rank + option.sketch_size), device="meta")
+                sources.append(sketch)
+            else:
+                sources.append(grad)
+    if option.projection == "global" and group is not None:
+        sources = insert_mean_all_reduce(g, sources, group, Role.GRADIENT, [m.param for m in matrices])
+    with g.inserting_before(point):
+        for m, source in zip(matrices, sources):
+            if sketched and m.tall:
+                source = g.call_method("t", (source,))
+            new = _projection(g, option, m, nodes[m.param], source, "svd")
+            sites[m.param].node.replace_input_with(nodes[m.param]["projection"], new)
+            _tag(g.call_method("copy_", (nodes[m.param]["projection"], new)), Role.WRITEBACK, m.param, "projection",
+                 name=f"write_projection_{m.param}")
 
 
 def _state_nodes(graph: TrainGraph, matrix: _Matrix) -> dict[str, fx.Node]:

@@ -1,0 +1,182 @@
+"""LoRDO against its baselines: bytes sent vs validation loss, 4 gloo workers, tiny GPT.
+
+    python -m benchmarks.lordo --json benchmarks/results/lordo.json \\
+        --plot benchmarks/results/lordo.png --markdown benchmarks/RESULTS.md [--quick]
+
+Every row trains the same tiny GPT (same seed) for the same steps on the same number of
+tokens, each worker on its own batches of CPython's bundled help text: DDP AdamW,
+low-rank DDP, DiLoCo, and LoRDO (local projection, global with omega = 1, the default
+omega < 1, and each compressed payload) at two ranks, plus a small-batch pair. Bytes are
+counted by each compiled step (`step.comm_report()`); optimizer-state bytes by
+`step.memory_report()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+
+import lordo_compile as lc
+from lordo_compile.experiment import RunConfig, train_tiny_gpt
+from lordo_compile.launch import run_workers
+from lordo_compile.models import TinyGPT
+
+from .common import print_table, write_json
+
+SYNC_EVERY = 32
+
+
+def _rows(ranks: list[int], small_batch: int) -> list[dict]:
+    rows = [dict(policy="ddp", rank=None, make="ddp"), dict(policy="diloco", rank=None, make="diloco")]
+    for rank in ranks:
+        rows += [
+            dict(policy="low_rank_ddp", rank=rank, make="low_rank_ddp"),
+            dict(policy="lordo local projection", rank=rank, make="lordo", options=dict(projection="local")),
+            dict(policy="lordo omega=1", rank=rank, make="lordo", options=dict(omega=1.0)),
+            dict(policy="lordo", rank=rank, make="lordo", options={}),
+            dict(policy="lordo payload=low_rank", rank=rank, make="lordo", options=dict(payload="low_rank")),
+            dict(policy="lordo payload=int8", rank=rank, make="lordo", options=dict(payload="int8")),
+        ]
+    rows += [dict(policy="low_rank_ddp", rank=ranks[0], make="low_rank_ddp", batch=small_batch),
+             dict(policy="lordo", rank=ranks[0], make="lordo", options={}, batch=small_batch)]
+    return rows
+
+
+def _policy(row: dict) -> lc.Policy:
+    if row["make"] == "ddp":
+        return lc.Policy.ddp()
+    if row["make"] == "diloco":
+        return lc.Policy.diloco(sync_every=SYNC_EVERY)
+    if row["make"] == "low_rank_ddp":
+        return lc.Policy.low_rank_ddp(rank=row["rank"], update_proj_gap=SYNC_EVERY)
+    return lc.Policy.lordo(rank=row["rank"], sync_every=SYNC_EVERY, **row["options"])
+
+
+def worker(rank: int, world: int, row: dict, steps: int, batch: int, compiler: str) -> dict:
+    config = RunConfig(steps=steps, batch_size=row.get("batch", batch), compiler=compiler,
+                       eval_every=max(1, steps // 8))
+    started = time.perf_counter()
+    run = train_tiny_gpt(_policy(row), config)
+    return {"val_loss": run.val_loss, "bytes_per_worker": run.step.comm_report().bytes_sent,
+            "state_bytes": run.step.memory_report().state_bytes_after, "curve": run.curve,
+            "wall_s": time.perf_counter() - started}
+
+
+def _label(row: dict) -> str:
+    label = row["policy"] + (f" r={row['rank']}" if row["rank"] else "")
+    return label + (f" batch={row['batch']}" if "batch" in row else "")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8, help="sequences of 128 bytes per worker per step")
+    parser.add_argument("--small-batch", type=int, default=2)
+    parser.add_argument("--ranks", type=int, nargs=2, default=[8, 32])
+    parser.add_argument("--compiler", default="aot_eager", choices=["aot_eager", "inductor"])
+    parser.add_argument("--quick", action="store_true", help="32 steps, rank 8 only: a smoke run")
+    parser.add_argument("--json")
+    parser.add_argument("--plot", help="PNG of validation loss against bytes sent (needs matplotlib)")
+    parser.add_argument("--markdown", help="write a results page (table, plot, command) here")
+    args = parser.parse_args(argv)
+    steps = 32 if args.quick else args.steps
+    ranks = [args.ranks[0], args.ranks[0]] if args.quick else args.ranks
+    rows = _rows(sorted(set(ranks)) if args.quick else ranks, args.small_batch)
+    for row in rows:
+        result = run_workers(worker, args.workers, timeout=3600, args=(row, steps, args.batch, args.compiler))[0]
+        row.update(result)
+        row["label"] = _label(row)
+        print(f"  {row['label']}: val loss {row['val_loss']:.3f}, {row['bytes_per_worker']:,} bytes", flush=True)
+    ddp = rows[0]
+    for row in rows:
+        base = next(r for r in rows if r["policy"] == "low_rank_ddp" and r["rank"] == (row["rank"] or ranks[0])
+                    and r.get("batch") == row.get("batch"))
+        row["ratio_vs_ddp"] = ddp["bytes_per_worker"] / row["bytes_per_worker"] if row["bytes_per_worker"] else float("inf")
+        row["ratio_vs_low_rank_ddp"] = base["bytes_per_worker"] / row["bytes_per_worker"] if row["bytes_per_worker"] else float("inf")
+        row["gap_vs_low_rank_ddp"] = row["val_loss"] - base["val_loss"]
+        row["relative_gap"] = row["gap_vs_low_rank_ddp"] / base["val_loss"]
+    columns = [("label", "policy", "<36"), ("bytes_per_worker", "bytes/worker", ","),
+               ("ratio_vs_ddp", "x fewer vs ddp", ".1f"), ("ratio_vs_low_rank_ddp", "x fewer vs lr-ddp", ".1f"),
+               ("val_loss", "val loss", ".3f"), ("relative_gap", "gap vs lr-ddp", "+.2%"),
+               ("state_bytes", "opt state B", ",")]
+    header = (f"tiny GPT ({sum(p.numel() for p in TinyGPT().parameters()):,} parameters), {args.workers} gloo workers x {args.batch} sequences of 128 bytes, {steps} steps, "
+              f"sync every {SYNC_EVERY}, compiler {args.compiler}")
+    print(header)
+    print_table(rows, columns)
+    targets = _targets(rows, ranks)
+    for line in targets:
+        print(line)
+    keep = ("policy", "rank", "label", "bytes_per_worker", "ratio_vs_ddp", "ratio_vs_low_rank_ddp", "val_loss",
+            "gap_vs_low_rank_ddp", "relative_gap", "state_bytes", "curve", "wall_s", "batch")
+    result = {"header": header, "steps": steps, "workers": args.workers, "sync_every": SYNC_EVERY,
+              "rows": [{k: row[k] for k in keep if k in row} for row in rows], "targets": targets}
+    write_json(args.json, result)
+    if args.plot:
+        _plot(rows, args.plot, header)
+    if args.markdown:
+        _markdown(args, rows, columns, header, targets)
+    return result
+
+
+def _targets(rows: list[dict], ranks: list[int]) -> list[str]:
+    lines = []
+    for rank in sorted(set(ranks)):
+        default = next(r for r in rows if r["policy"] == "lordo" and r["rank"] == rank and "batch" not in r)
+        best = max((r for r in rows if r["policy"].startswith("lordo payload") and r["rank"] == rank),
+                   key=lambda r: r["ratio_vs_ddp"])
+        lines.append(
+            f"r={rank}: default LoRDO sends {default['ratio_vs_low_rank_ddp']:.1f}x fewer bytes than low-rank DDP "
+            f"(target >= 10x: {'met' if default['ratio_vs_low_rank_ddp'] >= 10 else 'NOT met'}) at "
+            f"{default['relative_gap']:+.2%} validation loss (target within 1%: "
+            f"{'met' if abs(default['relative_gap']) <= 0.01 or default['relative_gap'] < 0 else 'NOT met'}); "
+            f"{best['label']} sends {best['ratio_vs_ddp']:.0f}x fewer than DDP (target >= 100x: "
+            f"{'met' if best['ratio_vs_ddp'] >= 100 else 'NOT met'})")
+    return lines
+
+
+def _plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for row in rows:
+        curve = [(max(b, 1), loss) for _, b, loss in row["curve"]]
+        style = "--" if row.get("rank") and row["rank"] != rows[2]["rank"] else "-"
+        ax.plot(*zip(*curve), style, marker="o", markersize=3, label=row["label"])
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes sent per worker (cumulative)")
+    ax.set_ylabel("validation loss (nats per byte)")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _markdown(args, rows, columns, header, targets) -> None:
+    flags = {"--workers": args.workers, "--steps": args.steps, "--batch": args.batch, "--compiler": args.compiler,
+             "--json": args.json, "--plot": args.plot, "--markdown": args.markdown}
+    command = "python -m benchmarks.lordo" + "".join(f" {k} {v}" for k, v in flags.items() if v is not None)
+    command += " --quick" if args.quick else ""
+    lines = ["# LoRDO results", "", "Regenerate this page, its plot and its JSON with:", "", "```bash", command,
+             "```", "", header + f"; {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}.",
+             "", "| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [format(row[k], spec) if isinstance(row[k], (int, float)) else str(row[k]) for k, _, spec in columns]
+        lines.append("| " + " | ".join(c.strip() for c in cells) + " |")
+    lines += ["", "Targets (the paper's headline at this scale):", ""] + [f"- {t}" for t in targets]
+    if args.plot:
+        relative = os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.markdown)))
+        lines += ["", f"![validation loss against bytes sent]({relative})"]
+    with open(args.markdown, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
