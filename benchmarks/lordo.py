@@ -31,6 +31,7 @@ SYNC_EVERY = 32
 
 
 def _rows(ranks: list[int], small_batch: int) -> list[dict]:
+    """Each LoRDO row changes one knob from the defaults (`lc.LoRDO`), the "lordo" row has none."""
     rows = [dict(policy="ddp", rank=None, make="ddp"), dict(policy="diloco", rank=None, make="diloco")]
     for rank in ranks:
         rows += [
@@ -38,11 +39,32 @@ def _rows(ranks: list[int], small_batch: int) -> list[dict]:
             dict(policy="lordo local projection", rank=rank, make="lordo", options=dict(projection="local")),
             dict(policy="lordo omega=1", rank=rank, make="lordo", options=dict(omega=1.0)),
             dict(policy="lordo", rank=rank, make="lordo", options={}),
+            dict(policy="lordo payload=full", rank=rank, make="lordo", options=dict(payload="full")),
             dict(policy="lordo payload=low_rank", rank=rank, make="lordo", options=dict(payload="low_rank")),
-            dict(policy="lordo payload=int8", rank=rank, make="lordo", options=dict(payload="int8")),
         ]
     rows += [dict(policy="low_rank_ddp", rank=ranks[0], make="low_rank_ddp", batch=small_batch),
              dict(policy="lordo", rank=ranks[0], make="lordo", options={}, batch=small_batch)]
+    return rows
+
+
+def run_rows(rows: list[dict], workers: int, steps: int, batch: int, compiler: str) -> list[dict]:
+    """Train every row with `workers` gloo workers; ratios and gaps are against the rows
+    named "ddp" and "low_rank_ddp" (same rank and batch), where present."""
+    for row in rows:
+        result = run_workers(worker, workers, timeout=3600, args=(row, steps, batch, compiler))[0]
+        row.update(result)
+        row["label"] = _label(row)
+        print(f"  {row['label']}: val loss {row['val_loss']:.3f}, {row['bytes_per_worker']:,} bytes", flush=True)
+    ddp = next((r for r in rows if r["policy"] == "ddp"), None)
+    for row in rows:
+        candidates = [r for r in rows if r["policy"] == "low_rank_ddp" and r.get("batch") == row.get("batch")]
+        base = ([r for r in candidates if r["rank"] == row["rank"]] or candidates)[0]
+        sent = row["bytes_per_worker"] or 1
+        if ddp is not None:
+            row["ratio_vs_ddp"] = ddp["bytes_per_worker"] / sent
+        row["ratio_vs_low_rank_ddp"] = base["bytes_per_worker"] / sent
+        row["gap_vs_low_rank_ddp"] = row["val_loss"] - base["val_loss"]
+        row["relative_gap"] = row["gap_vs_low_rank_ddp"] / base["val_loss"]
     return rows
 
 
@@ -86,20 +108,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     steps = 32 if args.quick else args.steps
     ranks = [args.ranks[0], args.ranks[0]] if args.quick else args.ranks
-    rows = _rows(sorted(set(ranks)) if args.quick else ranks, args.small_batch)
-    for row in rows:
-        result = run_workers(worker, args.workers, timeout=3600, args=(row, steps, args.batch, args.compiler))[0]
-        row.update(result)
-        row["label"] = _label(row)
-        print(f"  {row['label']}: val loss {row['val_loss']:.3f}, {row['bytes_per_worker']:,} bytes", flush=True)
-    ddp = rows[0]
-    for row in rows:
-        base = next(r for r in rows if r["policy"] == "low_rank_ddp" and r["rank"] == (row["rank"] or ranks[0])
-                    and r.get("batch") == row.get("batch"))
-        row["ratio_vs_ddp"] = ddp["bytes_per_worker"] / row["bytes_per_worker"] if row["bytes_per_worker"] else float("inf")
-        row["ratio_vs_low_rank_ddp"] = base["bytes_per_worker"] / row["bytes_per_worker"] if row["bytes_per_worker"] else float("inf")
-        row["gap_vs_low_rank_ddp"] = row["val_loss"] - base["val_loss"]
-        row["relative_gap"] = row["gap_vs_low_rank_ddp"] / base["val_loss"]
+    rows = run_rows(_rows(sorted(set(ranks)) if args.quick else ranks, args.small_batch), args.workers, steps,
+                    args.batch, args.compiler)
     columns = [("label", "policy", "<36"), ("bytes_per_worker", "bytes/worker", ","),
                ("ratio_vs_ddp", "x fewer vs ddp", ".1f"), ("ratio_vs_low_rank_ddp", "x fewer vs lr-ddp", ".1f"),
                ("val_loss", "val loss", ".3f"), ("relative_gap", "gap vs lr-ddp", "+.2%"),
@@ -124,18 +134,19 @@ def main(argv=None) -> dict:
 
 
 def _targets(rows: list[dict], ranks: list[int]) -> list[str]:
+    """The issue's targets, checked on the default LoRDO row at each rank."""
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
     lines = []
     for rank in sorted(set(ranks)):
         default = next(r for r in rows if r["policy"] == "lordo" and r["rank"] == rank and "batch" not in r)
-        best = max((r for r in rows if r["policy"].startswith("lordo payload") and r["rank"] == rank),
-                   key=lambda r: r["ratio_vs_ddp"])
+        fewer, gap = default["ratio_vs_low_rank_ddp"], default["relative_gap"]
         lines.append(
-            f"r={rank}: default LoRDO sends {default['ratio_vs_low_rank_ddp']:.1f}x fewer bytes than low-rank DDP "
-            f"(target >= 10x: {'met' if default['ratio_vs_low_rank_ddp'] >= 10 else 'NOT met'}) at "
-            f"{default['relative_gap']:+.2%} validation loss (target within 1%: "
-            f"{'met' if abs(default['relative_gap']) <= 0.01 or default['relative_gap'] < 0 else 'NOT met'}); "
-            f"{best['label']} sends {best['ratio_vs_ddp']:.0f}x fewer than DDP (target >= 100x: "
-            f"{'met' if best['ratio_vs_ddp'] >= 100 else 'NOT met'})")
+            f"r={rank}: default LoRDO sends {fewer:.1f}x fewer bytes than low-rank DDP (target >= 10x: "
+            f"{verdict(fewer >= 10)}) at {gap:+.2%} validation loss (target within 1%: {verdict(gap <= 0.01)}); "
+            f"{default.get('ratio_vs_ddp', float('nan')):.0f}x fewer than DDP (target >= 100x with a compressed "
+            f"payload: {verdict(default.get('ratio_vs_ddp', 0) >= 100)})")
     return lines
 
 

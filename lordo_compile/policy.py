@@ -63,7 +63,7 @@ class Policy:
                              nesterov=nesterov, group=group))
 
     @classmethod
-    def lordo(cls, rank: int, sync_every: int = 16, **options) -> "Policy":
+    def lordo(cls, rank: int, sync_every: int = 32, **options) -> "Policy":
         """LoRDO; `options` are the other `LoRDO` fields (omega, payload, ...)."""
         return cls(low_rank_sync=LoRDO(rank=rank, sync_every=sync_every, **options))
 
