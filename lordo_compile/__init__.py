@@ -11,6 +11,7 @@ from .errors import CaptureError, PassError
 from .runtime.executor import CollectiveError
 from .graph import Role, StateSpec, TrainGraph
 from .passes.data_parallel import DataParallel
+from .passes.fake_quant import CAGE, FakeQuant
 from .passes.lordo import LoRDO
 from .passes.low_rank import LowRank
 from .passes.sync import Sync
@@ -19,10 +20,12 @@ from .policy import Policy
 __version__ = "0.1.0"
 
 __all__ = [
+    "CAGE",
     "CaptureError",
     "CollectiveError",
     "CompiledStep",
     "DataParallel",
+    "FakeQuant",
     "LoRDO",
     "LordoBackend",
     "LowRank",

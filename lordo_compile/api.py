@@ -27,6 +27,8 @@ from .errors import CaptureError
 from .graph import ROLE, ParamInfo, Role
 from .inspect import GraphView, PhaseGraphs, describe_stage_change, role_counts, update_counts
 from .lowering import COMPILERS, compile_phase, lower
+from .ops.quant import QuantizedModel
+from .ops.quant import export as quantize_for_export
 from .passes import Program, Schedule, Stage, released_state, run_passes
 from .policy import Policy
 from .runtime.executor import CompiledPhase, OptimizerChanged, StepExecutor
@@ -188,6 +190,26 @@ class LordoBackend:
         """Bytes of weights, gradients and optimizer state per parameter, before and after the policy."""
         return memory_report(self._known_adapters, self.runtime, self.param_names)
 
+    def export_quantized(self) -> QuantizedModel:
+        """The weights the policy's `fake_quant` quantizes, as integer codes and scales.
+
+        They are the current weights, quantized as the compiled forward quantizes them, so
+        `dequantize()` gives exactly the weights the next forward multiplies by.
+        """
+        option = self.policy.fake_quant
+        if option is None:
+            raise ValueError("export_quantized() needs a policy with fake_quant (Policy.cage or Policy(fake_quant=...))")
+        if not self.stages:
+            raise RuntimeError("nothing captured yet; call the step once")
+        infos = self.stages[0].program.phases["step"].params
+        tensors = {name: p for adapter in self._known_adapters for p in adapter.parameters()
+                   if (name := self.param_names.get(id(p))) is not None}
+        return QuantizedModel({
+            name: quantize_for_export(tensors[name].detach(), bits=option.bits, quantizer=option.quantizer,
+                                      group_size=option.group_size, hadamard=option.hadamard)
+            for name, info in infos.items() if name in tensors and option.choose(info) is None
+        })
+
     def state_dict(self) -> dict:
         """What the compiled step adds to the model's and optimizers' own state dicts."""
         return {"runtime": self.runtime.state_dict(), "optimizers": [a.state_dict() for a in self._known_adapters]}
@@ -287,6 +309,9 @@ class CompiledStep:
 
     def comm_report(self) -> CommReport:
         return self.backend.comm_report()
+
+    def export_quantized(self) -> QuantizedModel:
+        return self.backend.export_quantized()
 
     def state_dict(self) -> dict:
         return self.backend.state_dict()

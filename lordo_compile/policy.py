@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .passes.data_parallel import DataParallel
+from .passes.fake_quant import CAGE, FakeQuant
 from .passes.lordo import LoRDO
 from .passes.low_rank import LowRank
 from .passes.low_rank_ddp import LowRankDDP
@@ -27,11 +28,12 @@ class Policy:
     sync: Sync | None = None
     low_rank_sync: LoRDO | None = None
     low_rank_data_parallel: LowRankDDP | None = None
+    fake_quant: FakeQuant | None = None
     extra_passes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, kind in (("low_rank", LowRank), ("data_parallel", DataParallel), ("sync", Sync), ("low_rank_sync", LoRDO),
-                           ("low_rank_data_parallel", LowRankDDP)):
+                           ("low_rank_data_parallel", LowRankDDP), ("fake_quant", FakeQuant)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
                 raise ValueError(f"Policy.{name} must be a lordo_compile.{kind.__name__}, got {value!r}")
@@ -78,6 +80,20 @@ class Policy:
     def galore(cls, rank: int, update_proj_gap: int = 200, scale: float = 0.25, **options) -> "Policy":
         """Low-rank optimizer state (GaLore); `options` are the other `LowRank` fields."""
         return cls(low_rank=LowRank(rank=rank, update_proj_gap=update_proj_gap, scale=scale, **options))
+
+    @classmethod
+    def cage(cls, bits: int = 4, total_steps: int | None = None, *, quantizer: str = "rms_gaussian",
+             hadamard: bool = False, lam: float = 10.0, silence_ratio: float = 0.8, ramp: str = "linear",
+             form: str = "decoupled", **options) -> "Policy":
+        """CAGE: fake-quantized weights (STE) plus the correction lambda_t (W - Q(W));
+        `total_steps` is the run's length, which the schedule spans. `options` are the
+        other `FakeQuant` fields (group_size, ste, activation_bits, params)."""
+        if total_steps is None:
+            raise ValueError("Policy.cage needs total_steps=T, the run's length: the correction is silent for "
+                             "the first silence_ratio * T steps")
+        correction = CAGE(lam=lam, total_steps=total_steps, silence_ratio=silence_ratio, ramp=ramp, form=form)
+        return cls(fake_quant=FakeQuant(bits=bits, quantizer=quantizer, hadamard=hadamard, correction=correction,
+                                        **options))
 
     def describe(self) -> str:
         fields = {k: v for k, v in self.__dict__.items() if v not in (None, ())}

@@ -145,6 +145,26 @@ class QuantizedTensor:
         return rotate(y, hadamard_block(y.shape[-1])) if self.hadamard else y
 
 
+@dataclass(frozen=True)
+class QuantizedModel:
+    """What `CompiledStep.export_quantized()` returns: a `QuantizedTensor` per weight name."""
+
+    tensors: dict[str, QuantizedTensor]
+
+    def __getitem__(self, name: str) -> QuantizedTensor:
+        return self.tensors[name]
+
+    def dequantize(self) -> dict[str, Tensor]:
+        """Each weight's effective value; `model.load_state_dict(..., strict=False)` takes it."""
+        return {name: q.dequantize() for name, q in self.tensors.items()}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of codes (one byte per code, unpacked) and scales."""
+        return sum(q.codes.numel() * q.codes.element_size() + q.scales.numel() * q.scales.element_size()
+                   for q in self.tensors.values())
+
+
 def export(x: Tensor, *, bits: int, quantizer: str, group_size: int | None, hadamard: bool) -> QuantizedTensor:
     """`x` quantized as the fake-quant node in the forward quantizes it."""
     with torch.no_grad():
@@ -155,3 +175,46 @@ def export(x: Tensor, *, bits: int, quantizer: str, group_size: int | None, hada
         else:
             codes = levels.to(torch.int8)
     return QuantizedTensor(codes.reshape(x.shape), scale, bits, quantizer, group_size, hadamard)
+
+
+def cage_lambda_math(step: Tensor, *, lam: float, silence_steps: int, ramp_steps: int, constant: bool) -> Tensor:
+    """lambda_t at 0-based step t: 0 before `silence_steps`, then `lam`, or a linear ramp
+    reaching it after `ramp_steps` steps (float64, 0-d)."""
+    t = step.to(torch.float64)
+    if constant:
+        return torch.where(t >= silence_steps, lam, 0.0).to(torch.float64)
+    return lam * torch.clamp((t - silence_steps + 1) / ramp_steps, 0.0, 1.0)
+
+
+cage_lambda = define_aux_op(
+    "cage_lambda",
+    "(Tensor step, *, float lam, int silence_steps, int ramp_steps, bool constant) -> Tensor",
+    cage_lambda_math,
+    lambda step, **kwargs: torch.empty((), dtype=torch.float64, device=step.device),
+)
+
+
+def cage_coupled_math(grad: Tensor, weight: Tensor, quantized: Tensor, lam: Tensor) -> Tensor:
+    """The gradient the base optimizer sees: g + lambda_t (W - Q(W))."""
+    return grad + (lam * (weight - quantized)).to(grad.dtype)
+
+
+cage_coupled = define_aux_op(
+    "cage_coupled",
+    "(Tensor grad, Tensor weight, Tensor quantized, Tensor lam) -> Tensor",
+    cage_coupled_math,
+    lambda grad, *args: torch.empty_like(grad),
+)
+
+
+def cage_decoupled_math(param: Tensor, weight: Tensor, quantized: Tensor, lam: Tensor, lr: Tensor) -> Tensor:
+    """The base optimizer's new weight, minus lr lambda_t (W - Q(W)) of the weight before it."""
+    return param - (lr * lam * (weight - quantized)).to(param.dtype)
+
+
+cage_decoupled = define_aux_op(
+    "cage_decoupled",
+    "(Tensor param, Tensor weight, Tensor quantized, Tensor lam, Tensor lr) -> Tensor",
+    cage_decoupled_math,
+    lambda param, *args: torch.empty_like(param),
+)

@@ -1,0 +1,252 @@
+"""Fake quantization with a straight-through gradient, and CAGE's correction (ALGORITHMS.md 4).
+
+    before (every phase):
+        linear = torch._C._nn.linear(x, W, b)                              # forward
+        adamw = lordo.adamw(W, grad_W, ..., lr, ...)                       # optimizer
+    after:
+        fake_quantize_W = lordo.fake_quantize(W, bits=4, quantizer=..., ...)   # forward reads Q(W)
+        [fake_quantize_input = lordo.fake_quantize(x, ...)]                    # activations, per token
+        linear = torch._C._nn.linear(fake_quantize_input, fake_quantize_W, b)
+        cage_lambda = lordo.cage_lambda(fake_quant_step, lam=..., silence_steps=..., ramp_steps=...)
+        coupled:    adamw = lordo.adamw(W, lordo.cage_coupled(grad_W, W, fake_quantize_W, cage_lambda), ...)
+        decoupled:  new_W = lordo.cage_decoupled(adamw[0], W, fake_quantize_W, cage_lambda, lr)
+
+The gradient reaches W through the straight-through estimator, so the step's own
+`backward()` is untouched. The correction pulls W toward Q(W) along e = W - Q(W):
+coupled adds lambda_t e to the gradient before the base update; decoupled subtracts
+lr lambda_t e next to it, as AdamW decays. lambda_t is 0 for the first `silence_ratio *
+total_steps` steps, then ramps linearly to `lam` at `total_steps` (or jumps to it,
+`ramp="constant"`); the runtime counts steps in `fake_quant.step`.
+
+With a low-rank update (GaLore, LoRDO) the coupled correction enters the gradient before
+projection, so only its part inside the subspace moves W (and, under LoRDO, the rest
+goes to the error-feedback buffer); the decoupled correction is added full rank after the
+projected update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..graph import PARAM, ROLE, STATE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, identifier
+from ..ops.quant import BITS, QUANTIZERS, STE, cage_coupled, cage_decoupled, cage_lambda, fake_quantize
+from .low_rank import choose_matrix, validate_selector
+from .manager import PassResult, Program, register_pass
+
+FORMS = ("coupled", "decoupled")
+RAMPS = ("linear", "constant")
+_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CAGE:
+    """CAGE's curvature-aware correction lambda_t (W - Q(W)) (ALGORITHMS.md section 4).
+
+    Args:
+      lam: lambda, the correction's strength after the ramp.
+      total_steps: T, the length of the run the schedule spans.
+      silence_ratio: s, lambda_t = 0 for the first s*T steps.
+      ramp: "linear" (from 0 at s*T to `lam` at T) or "constant" (`lam` from s*T on).
+      form: "decoupled" (next to the base update, scaled by lr) or "coupled" (into the gradient).
+    """
+
+    lam: float = 10.0
+    total_steps: int
+    silence_ratio: float = 0.8
+    ramp: str = "linear"
+    form: str = "decoupled"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not self.lam >= 0:
+            raise ValueError(f"CAGE.lam must be a number >= 0, got {self.lam!r}")
+        if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
+            raise ValueError(f"CAGE.total_steps must be an int >= 1 (the run's length), got {self.total_steps!r}")
+        ratio = self.silence_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise ValueError(f"CAGE.silence_ratio must be in [0, 1), got {ratio!r}")
+        if self.ramp not in RAMPS:
+            raise ValueError(f"CAGE.ramp must be one of {RAMPS}, got {self.ramp!r}")
+        if self.form not in FORMS:
+            raise ValueError(f"CAGE.form must be one of {FORMS}, got {self.form!r}")
+
+    @property
+    def silence_steps(self) -> int:
+        return int(self.silence_ratio * self.total_steps)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FakeQuant:
+    """Quantization-aware training: the forward reads Q(W) for every selected weight.
+
+    Args:
+      bits: 2, 3, 4 or 8.
+      quantizer: "rms_gaussian" (per row, c_b RMS scale, no zero level) or "absmax" (per
+        group of `group_size`, torchao's symmetric int-b convention).
+      group_size: absmax group along the input dimension (None: the whole row).
+      hadamard: rotate rows in blocks of 128 before quantizing (QuEST).
+      ste: "identity" or "masked" (no gradient where W lies outside the clipping range).
+      activation_bits: also fake-quantize the inputs of the selected nn.Linear layers per
+        token with this many bits (None: weights only), same quantizer and rotation.
+      correction: a `CAGE` correction, or None for plain STE QAT.
+      params: which weights, as LowRank.params (default: nn.Linear weights but the head).
+
+    Raises:
+      ValueError: for a value out of range or an unknown choice, naming the field.
+    """
+
+    bits: int = 4
+    quantizer: str = "rms_gaussian"
+    group_size: int | None = None
+    hadamard: bool = False
+    ste: str = "identity"
+    activation_bits: int | None = None
+    correction: CAGE | None = None
+    params: object = None
+
+    def __post_init__(self) -> None:
+        for name in ("bits", "activation_bits"):
+            value = getattr(self, name)
+            if value is None and name == "activation_bits":
+                continue
+            if isinstance(value, bool) or value not in BITS:
+                raise ValueError(f"FakeQuant.{name} must be one of {BITS}, got {value!r}")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"FakeQuant.quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.group_size is not None:
+            if self.quantizer != "absmax":
+                raise ValueError("FakeQuant.group_size applies to quantizer='absmax'; rms_gaussian scales per row")
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
+                raise ValueError(f"FakeQuant.group_size must be an int >= 2 or None, got {self.group_size!r}")
+        if self.ste not in STE:
+            raise ValueError(f"FakeQuant.ste must be one of {STE}, got {self.ste!r}")
+        if self.correction is not None and not isinstance(self.correction, CAGE):
+            raise ValueError(f"FakeQuant.correction must be a lordo_compile.CAGE or None, got {self.correction!r}")
+        validate_selector("FakeQuant", self.params)
+
+    def choose(self, info: ParamInfo) -> str | None:
+        """None when the forward reads this weight quantized, else why it stays full precision."""
+        reason = choose_matrix(self.params, 0, info)
+        if reason is None and self.group_size is not None and info.shape[-1] % self.group_size:
+            reason = f"input size {info.shape[-1]} is not a multiple of group_size {self.group_size}"
+        return reason
+
+    def quantizer_kwargs(self, bits: int | None = None) -> dict:
+        return {"bits": bits or self.bits, "quantizer": self.quantizer, "group_size": self.group_size or 0,
+                "hadamard": self.hadamard}
+
+
+_STEP = StateSpec(name="fake_quant.step", shape=(), dtype=torch.int64, owner="fake_quant")
+
+
+def _meta(node: fx.Node, role: Role, param: str | None, name: str) -> fx.Node:
+    node.meta[ROLE] = role
+    if param is not None:
+        node.meta[PARAM] = param
+    node._rename(identifier(name))
+    return node
+
+
+def _quantize_weights(graph: TrainGraph, option: FakeQuant, selected: dict[str, fx.Node]) -> dict[str, fx.Node]:
+    """Forward reads of each selected weight go through a fake-quant node; returns those nodes."""
+    g = graph.graph
+    forward = (Role.FORWARD, Role.LOSS)
+    quantized = {}
+    for name, weight in selected.items():
+        readers = [u for u in weight.users if u.meta.get(ROLE) in forward]
+        if not readers:
+            continue
+        with g.inserting_before(readers[0]):
+            node = g.call_function(fake_quantize, (weight,), {**option.quantizer_kwargs(), "ste": option.ste})
+        _meta(node, Role.FORWARD, name, f"fake_quantize_{name}")
+        for reader in readers:
+            reader.replace_input_with(weight, node)
+        quantized[name] = node
+        if option.activation_bits is not None:
+            for reader in readers:
+                if reader.target in _LINEAR and reader.args[1] is node:
+                    with g.inserting_before(reader):
+                        act = g.call_function(fake_quantize, (reader.args[0],),
+                                              {**option.quantizer_kwargs(option.activation_bits),
+                                               "group_size": 0, "ste": "identity"})
+                    _meta(act, Role.FORWARD, None, f"fake_quantize_input_{name}")
+                    reader.replace_input_with(reader.args[0], act)
+    return quantized
+
+
+def _correct(graph: TrainGraph, correction: CAGE, sites: list[UpdateSite], quantized: dict[str, fx.Node]) -> None:
+    g = graph.graph
+    step = graph.add_state(_STEP)
+    with g.inserting_after(step):
+        lam = g.call_function(cage_lambda, (step,), {"lam": float(correction.lam),
+                                                     "silence_steps": correction.silence_steps,
+                                                     "ramp_steps": correction.total_steps - correction.silence_steps,
+                                                     "constant": correction.ramp == "constant"})
+    _meta(lam, Role.OPTIMIZER_UPDATE, None, "cage_lambda")
+    with g.inserting_after(lam):
+        next_step = _meta(g.call_function(torch.ops.aten.add.Scalar, (step, 1)), Role.OPTIMIZER_UPDATE, None,
+                          "next_fake_quant_step")
+    last = list(g.nodes)[-1]
+    with g.inserting_before(last):
+        write = _meta(g.call_method("copy_", (step, next_step)), Role.WRITEBACK, None, "write_fake_quant_step")
+    write.meta[STATE] = _STEP.name
+    for site in sites:
+        weight, fake = site.input("param"), quantized[site.param]
+        if correction.form == "coupled":
+            # Everything the base update reads the gradient for (a projection refresh too) sees g + lambda_t e.
+            raw = site.input("grad")
+            with g.inserting_after(raw):
+                grad = g.call_function(cage_coupled, (raw, weight, fake, lam))
+            _meta(grad, Role.OPTIMIZER_UPDATE, site.param, f"cage_grad_{site.param}")
+            for user in list(raw.users):
+                if user is not grad and user.meta.get(ROLE) == Role.OPTIMIZER_UPDATE:
+                    user.replace_input_with(raw, grad)
+            continue
+        new_param = site.outputs()["param"]
+        with g.inserting_after(new_param):
+            corrected = g.call_function(cage_decoupled, (new_param, weight, fake, lam, site.input("lr")))
+        _meta(corrected, Role.OPTIMIZER_UPDATE, site.param, f"cage_param_{site.param}")
+        new_param.replace_all_uses_with(corrected, delete_user_cb=lambda user: user is not corrected)
+
+
+def _rewrite(graph: TrainGraph, option: FakeQuant) -> list[str]:
+    selected, kept = {}, []
+    for node in graph.placeholders():
+        if node.meta.get(ROLE) != Role.PARAMETER:
+            continue
+        name = node.meta[PARAM]
+        reason = option.choose(graph.params[name])
+        if reason is None:
+            selected[name] = node
+        else:
+            kept.append(f"{name} {list(graph.params[name].shape)}: {reason}")
+    if not selected:
+        raise ValueError("FakeQuant selected no weight to quantize. Kept in full precision: " + "; ".join(kept))
+    quantized = _quantize_weights(graph, option, selected)
+    if option.correction is not None:
+        sites = [s for s in graph.updates() if s.param in quantized and "lr" in s.op.hyperparameters]
+        if sites:
+            _correct(graph, option.correction, sites, quantized)
+    graph.recompile()
+    return kept
+
+
+@register_pass("fake_quant", option="fake_quant",
+               after=("data_parallel", "sync", "low_rank", "lordo", "low_rank_ddp"))
+def fake_quant(program: Program, option: FakeQuant) -> PassResult:
+    kept: list[str] = []
+    for graph in program.phases.values():
+        kept = _rewrite(graph, option)
+    step = program.phases[next(iter(program.phases))]
+    quantized = sorted(n.meta[PARAM] for n in step.nodes(Role.FORWARD) if n.target is fake_quantize and PARAM in n.meta)
+    correction = option.correction
+    summary = (
+        f"fake-quant: {option.bits}-bit {option.quantizer}{' + hadamard' if option.hadamard else ''}"
+        f"{f', activations {option.activation_bits}-bit' if option.activation_bits else ''}: {', '.join(quantized)}",
+    )
+    if correction is not None:
+        summary += (f"cage: {correction.form} correction, lambda {correction.lam} after step "
+                    f"{correction.silence_steps} ({correction.ramp} to step {correction.total_steps})",)
+    return PassResult(program, summary + tuple(f"full precision: {line}" for line in kept))
