@@ -14,6 +14,7 @@ counted by each compiled step (`step.comm_report()`); optimizer-state bytes by
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -28,6 +29,9 @@ from lordo_compile.models import TinyGPT
 from .common import print_table, write_json
 
 SYNC_EVERY = 32
+COLUMNS = [("label", "policy", "<36"), ("bytes_per_worker", "bytes/worker", ","),
+           ("ratio_vs_ddp", "x fewer vs ddp", ".1f"), ("ratio_vs_low_rank_ddp", "x fewer vs lr-ddp", ".1f"),
+           ("val_loss", "val loss", ".3f"), ("relative_gap", "gap vs lr-ddp", "+.2%"), ("state_bytes", "opt state B", ",")]
 
 
 def _rows(ranks: list[int], small_batch: int) -> list[dict]:
@@ -105,15 +109,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--json")
     parser.add_argument("--plot", help="PNG of validation loss against bytes sent (needs matplotlib)")
     parser.add_argument("--markdown", help="write a results page (table, plot, command) here")
+    parser.add_argument("--redraw", metavar="JSON", help="no training: redraw --plot/--markdown from a saved --json")
     args = parser.parse_args(argv)
+    if args.redraw:
+        return _redraw(args)
     steps = 32 if args.quick else args.steps
     ranks = [args.ranks[0], args.ranks[0]] if args.quick else args.ranks
     rows = run_rows(_rows(sorted(set(ranks)) if args.quick else ranks, args.small_batch), args.workers, steps,
                     args.batch, args.compiler)
-    columns = [("label", "policy", "<36"), ("bytes_per_worker", "bytes/worker", ","),
-               ("ratio_vs_ddp", "x fewer vs ddp", ".1f"), ("ratio_vs_low_rank_ddp", "x fewer vs lr-ddp", ".1f"),
-               ("val_loss", "val loss", ".3f"), ("relative_gap", "gap vs lr-ddp", "+.2%"),
-               ("state_bytes", "opt state B", ",")]
+    columns = COLUMNS
     header = (f"tiny GPT ({sum(p.numel() for p in TinyGPT().parameters()):,} parameters), {args.workers} gloo workers x {args.batch} sequences of 128 bytes, {steps} steps, "
               f"sync every {SYNC_EVERY}, compiler {args.compiler}")
     print(header)
@@ -130,6 +134,17 @@ def main(argv=None) -> dict:
         _plot(rows, args.plot, header)
     if args.markdown:
         _markdown(args, rows, columns, header, targets)
+    return result
+
+
+def _redraw(args) -> dict:
+    with open(args.redraw) as f:
+        result = json.load(f)
+    args.workers, args.steps, args.json = result["workers"], result["steps"], args.redraw
+    if args.plot:
+        _plot(result["rows"], args.plot, result["header"])
+    if args.markdown:
+        _markdown(args, result["rows"], COLUMNS, result["header"], result["targets"])
     return result
 
 
@@ -151,21 +166,25 @@ def _targets(rows: list[dict], ranks: list[int]) -> list[str]:
 
 
 def _plot(rows: list[dict], path: str, title: str) -> None:
+    """Validation loss against cumulative bytes, one line per row (points before the first
+    byte is sent sit off a log axis and are left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for row in rows:
-        curve = [(max(b, 1), loss) for _, b, loss in row["curve"]]
-        style = "--" if row.get("rank") and row["rank"] != rows[2]["rank"] else "-"
-        ax.plot(*zip(*curve), style, marker="o", markersize=3, label=row["label"])
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    colors = plt.get_cmap("tab20").colors
+    ranks = sorted({r["rank"] for r in rows if r.get("rank")})
+    for i, row in enumerate(rows):
+        curve = [(b, loss) for _, b, loss in row["curve"] if b > 0]
+        style = ":" if "batch" in row else "--" if row.get("rank") and row["rank"] != ranks[0] else "-"
+        ax.plot(*zip(*curve), style, color=colors[i % len(colors)], marker="o", markersize=3, label=row["label"])
     ax.set_xscale("log")
     ax.set_xlabel("bytes sent per worker (cumulative)")
     ax.set_ylabel("validation loss (nats per byte)")
     ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -11,6 +11,7 @@ from .errors import CaptureError, PassError
 from .runtime.executor import CollectiveError
 from .graph import Role, StateSpec, TrainGraph
 from .passes.data_parallel import DataParallel
+from .passes.eco import ECO
 from .passes.fake_quant import CAGE, FakeQuant
 from .passes.lordo import LoRDO
 from .passes.low_rank import LowRank
@@ -25,6 +26,7 @@ __all__ = [
     "CollectiveError",
     "CompiledStep",
     "DataParallel",
+    "ECO",
     "FakeQuant",
     "LoRDO",
     "LordoBackend",

@@ -8,6 +8,7 @@ phase each step ran, and the compiled step itself (for its memory and graphs).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,10 +16,13 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .api import CompiledStep, compile
 from .data import ByteBatches
 from .models import GPTConfig, TinyGPT
+from .ops.eco import quantize as eco_quantize
+from .ops.quant import fake_quantize_math
 from .policy import Policy
 from .testing import training_step
 
@@ -61,11 +65,58 @@ class RunResult:
 
 
 @torch.no_grad()
-def evaluate(model: TinyGPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def evaluate(model: TinyGPT, batches: list[tuple[torch.Tensor, torch.Tensor]], step: CompiledStep | None = None
+             ) -> float:
+    """Mean validation loss of the model as the compiled step's forward computes it."""
     model.eval()
-    losses = [float(model.loss(x, y)) for x, y in batches]
+    with as_trained(model, step):
+        losses = [float(model.loss(x, y)) for x, y in batches]
     model.train()
     return sum(losses) / len(losses)
+
+
+@contextlib.contextmanager
+def as_trained(model: nn.Module, step: CompiledStep | None):
+    """Inside, an eager forward of `model` reads what the compiled step's forward reads:
+    quantized weights (and inputs, with activation quantization) under `fake_quant`, the
+    quantized copy under ECO's master mode. Outside, nothing has changed."""
+    policy = step.policy if step is not None else None
+    fake_quant = policy.fake_quant if policy is not None else None
+    master = policy.quantized_weights if policy is not None and policy.quantized_weights is not None \
+        and policy.quantized_weights.mode == "master" else None
+    if fake_quant is None and master is None:
+        yield
+        return
+    names = step.backend.param_names
+    if fake_quant is not None:
+        swapped = step.export_quantized().dequantize()
+    else:
+        swapped = {names[id(p)]: eco_quantize(p.detach(), **master.quantizer(), rounding="nearest")
+                   for p in model.parameters() if id(p) in names and master.choose(_info(step, names[id(p)])) is None}
+    saved, hooks = {}, []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        name = names.get(id(weight)) if isinstance(weight, torch.Tensor) else None
+        if name not in swapped:
+            continue
+        if name not in saved:  # a tied weight is swapped once
+            saved[name] = (weight, weight.detach().clone())
+            weight.data.copy_(swapped[name])
+        if fake_quant is not None and fake_quant.activation_bits is not None and isinstance(module, nn.Linear):
+            kwargs = {**fake_quant.quantizer_kwargs(fake_quant.activation_bits), "group_size": 0, "ste": "identity"}
+            hooks.append(module.register_forward_pre_hook(
+                lambda _, args, kwargs=kwargs: (fake_quantize_math(args[0], **kwargs),) + args[1:]))
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for weight, value in saved.values():
+            weight.data.copy_(value)
+
+
+def _info(step: CompiledStep, name: str):
+    return step.backend.stages[0].program.phases["step"].params[name]
 
 
 def train_tiny_gpt(policy: Policy, config: RunConfig = RunConfig(), log: Callable[[str], None] | None = None) -> RunResult:
@@ -96,11 +147,11 @@ def train_tiny_gpt(policy: Policy, config: RunConfig = RunConfig(), log: Callabl
         result.train_loss = loss
         schedule.step()
         if config.eval_every and ((i + 1) % config.eval_every == 0 or i == 0):
-            result.curve.append((i + 1, step.comm_report().bytes_sent, evaluate(model, val_batches)))
+            result.curve.append((i + 1, step.comm_report().bytes_sent, evaluate(model, val_batches, step)))
         if log is not None:
             log_step(log, i, loss, result.step_seconds[-1], schedule.get_last_lr()[0], config)
     result.val_loss = result.curve[-1][2] if result.curve and result.curve[-1][0] == config.steps else \
-        evaluate(model, val_batches)
+        evaluate(model, val_batches, step)
     return result
 
 

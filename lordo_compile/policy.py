@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .passes.data_parallel import DataParallel
+from .passes.eco import ECO
 from .passes.fake_quant import CAGE, FakeQuant
 from .passes.lordo import LoRDO
 from .passes.low_rank import LowRank
@@ -29,11 +30,12 @@ class Policy:
     low_rank_sync: LoRDO | None = None
     low_rank_data_parallel: LowRankDDP | None = None
     fake_quant: FakeQuant | None = None
+    quantized_weights: ECO | None = None
     extra_passes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, kind in (("low_rank", LowRank), ("data_parallel", DataParallel), ("sync", Sync), ("low_rank_sync", LoRDO),
-                           ("low_rank_data_parallel", LowRankDDP), ("fake_quant", FakeQuant)):
+                           ("low_rank_data_parallel", LowRankDDP), ("fake_quant", FakeQuant), ("quantized_weights", ECO)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
                 raise ValueError(f"Policy.{name} must be a lordo_compile.{kind.__name__}, got {value!r}")
@@ -94,6 +96,12 @@ class Policy:
         correction = CAGE(lam=lam, total_steps=total_steps, silence_ratio=silence_ratio, ramp=ramp, form=form)
         return cls(fake_quant=FakeQuant(bits=bits, quantizer=quantizer, hadamard=hadamard, correction=correction,
                                         **options))
+
+    @classmethod
+    def eco(cls, format: str = "fp8_e4m3", scale: str = "per_row", rounding: str = "nearest", **options) -> "Policy":
+        """ECO: weights kept quantized, the rounding error fed into the momentum; `options`
+        are the other `ECO` fields (group_size, mode, seed, params)."""
+        return cls(quantized_weights=ECO(format=format, scale=scale, rounding=rounding, **options))
 
     def describe(self) -> str:
         fields = {k: v for k, v in self.__dict__.items() if v not in (None, ())}

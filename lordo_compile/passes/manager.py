@@ -94,7 +94,7 @@ class RegisteredPass:
     run: PassFn
     option: str | None
     after: tuple[str, ...]
-    conflicts: tuple[str, ...]
+    conflicts: dict[str, str]
     releases: ReleaseFn | None = None
 
 
@@ -106,10 +106,13 @@ def register_pass(
     *,
     option: str | None,
     after: tuple[str, ...] = (),
-    conflicts: tuple[str, ...] = (),
+    conflicts: tuple[str, ...] | dict[str, str] = (),
     releases: ReleaseFn | None = None,
 ) -> Callable[[PassFn], PassFn]:
     """Register a pass; `option` is the `Policy` field that enables it (None: never implied).
+
+    `conflicts` names the passes it cannot run with, or maps each to the reason (shown to
+    the user who enables both).
 
     `releases` names the optimizer state the pass takes over, per parameter, so that it
     is freed before capture instead of lingering next to the pass's own state.
@@ -118,7 +121,8 @@ def register_pass(
     def decorate(fn: PassFn) -> PassFn:
         if name in _REGISTRY:
             raise ValueError(f"a pass named {name!r} is already registered")
-        _REGISTRY[name] = RegisteredPass(name, fn, option, tuple(after), tuple(conflicts), releases)
+        reasons = dict(conflicts) if isinstance(conflicts, dict) else dict.fromkeys(conflicts, "")
+        _REGISTRY[name] = RegisteredPass(name, fn, option, tuple(after), reasons, releases)
         return fn
 
     return decorate
@@ -154,11 +158,11 @@ def plan_passes(policy: Any) -> list[tuple[RegisteredPass, Any]]:
     if not enabled:
         enabled["identity"] = (_REGISTRY["identity"], None)
     for name, (registered, _) in enabled.items():
-        for other in registered.conflicts:
+        for other, reason in registered.conflicts.items():
             if other in enabled:
                 raise ValueError(
                     f"the policy enables passes {name!r} and {other!r}, which cannot be "
-                    f"combined; remove one of them from the Policy"
+                    f"combined{f' ({reason})' if reason else ''}; remove one of them from the Policy"
                 )
     order = nx.DiGraph()
     order.add_nodes_from(enabled)

@@ -1,0 +1,251 @@
+"""ECO against an eager implementation of ALGORITHMS.md section 5 written here."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lordo_compile as lc
+from common import max_rel_diff
+from lordo_compile.ops.eco import quantize, uniform_noise
+from lordo_compile.testing import training_step
+
+STEPS, LR, WD, BETAS, EPS, MOMENTUM = 20, 1e-2, 0.1, (0.9, 0.999), 1e-8, 0.9
+# Every finite float8_e4m3fn value, ascending: the grid stochastic rounding chooses on.
+E4M3 = torch.unique(torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float())
+E4M3 = E4M3[torch.isfinite(E4M3)]
+
+
+def reference_quantize(x, fmt, scale="per_row", rounding="nearest", noise=None, group=32):
+    """Grid values of x: scale from max|x|, then the nearest grid point, or the one above
+    (toward +inf) when noise < the distance from the one below, in grid spacings."""
+    shape = x.shape
+    if fmt == "int4":
+        x = x.reshape(shape[0], -1, group)
+        noise = None if noise is None else noise.reshape(x.shape)
+    amax = x.abs().amax() if scale == "per_tensor" and fmt != "int4" else x.abs().amax(-1, keepdim=True)
+    top = {"fp8_e4m3": 448.0, "int8": 127.0, "int4": 7.0}[fmt]
+    step = (amax / top).clamp_min(torch.finfo(torch.float32).smallest_normal)
+    y = x / step
+    if fmt == "fp8_e4m3":
+        grid = E4M3
+    else:
+        grid = torch.arange(-top, top + 1)
+    index = torch.searchsorted(grid, y.clamp(-top, top).contiguous()).clamp(1, len(grid) - 1)
+    lower, upper = grid[index - 1], grid[index]
+    exact = grid[index.clamp(max=len(grid) - 1)] == y
+    if rounding == "nearest":
+        if fmt == "fp8_e4m3":
+            chosen = y.clamp(-top, top).to(torch.float8_e4m3fn).float()
+        else:
+            chosen = torch.from_numpy(np.rint(y.numpy()))
+    else:
+        fraction = (y - lower) / (upper - lower)
+        chosen = torch.where(exact, y, torch.where(noise < fraction, upper, lower))
+    return (chosen * step).reshape(shape)
+
+
+@pytest.mark.parametrize("fmt, scale", [("fp8_e4m3", "per_row"), ("fp8_e4m3", "per_tensor"), ("int8", "per_row"),
+                                        ("int8", "per_tensor"), ("int4", "per_row")])
+def test_nearest_quantizers(fmt, scale):
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 1, 16)[:, None]
+    got = quantize(x, format=fmt, scale=scale, group_size=32, rounding="nearest")
+    torch.testing.assert_close(got, reference_quantize(x, fmt, scale), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8", "int4"])
+def test_stochastic_rounding_is_on_the_grid_and_unbiased(fmt):
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    draws = []
+    for step in range(400):
+        noise = uniform_noise(x, torch.tensor(step), seed=3)
+        got = quantize(x, format=fmt, scale="per_row", group_size=32, rounding="stochastic", noise=noise)
+        torch.testing.assert_close(got, reference_quantize(x, fmt, rounding="stochastic", noise=noise),
+                                   rtol=0, atol=0)
+        draws.append(got)
+    nearest = quantize(x, format=fmt, scale="per_row", group_size=32, rounding="nearest")
+    mean = torch.stack(draws).mean(0)
+    assert (mean - x).abs().mean() < 0.2 * (nearest - x).abs().mean()
+
+
+def test_noise_is_uniform_reproducible_and_fresh_each_step():
+    like = torch.empty(256, 256)
+    a, b = uniform_noise(like, torch.tensor(5), seed=0), uniform_noise(like, torch.tensor(5), seed=0)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, uniform_noise(like, torch.tensor(6), seed=0))
+    assert not torch.equal(a, uniform_noise(like, torch.tensor(5), seed=1))
+    assert 0 <= float(a.min()) and float(a.max()) < 1
+    counts = torch.histc(a, bins=10, min=0, max=1)
+    assert float((counts / a.numel() - 0.1).abs().max()) < 0.005
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def _batches():
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 32, generator=generator), torch.randn(16, 4, generator=generator)) for _ in range(STEPS)]
+
+
+def _optimizer(kind, params):
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
+    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WD)
+
+
+class EagerECO:
+    """Section 5 for the linear weights; biases through torch.optim as usual."""
+
+    def __init__(self, model, kind, fmt, scale, rounding, mode, seed=0):
+        self.model, self.kind, self.mode = model, kind, mode
+        self.q = dict(fmt=fmt, scale=scale, rounding=rounding)
+        self.seed = seed
+        params = list(model.parameters())
+        self.salt = {p: i for i, p in enumerate(params)}
+        self.weights = [m.weight for m in model if isinstance(m, nn.Linear)]
+        self.dense = _optimizer(kind, [p for p in params if all(p is not w for w in self.weights)])
+        self.state = {w: dict(m=torch.zeros_like(w), v=torch.zeros_like(w), t=0) for w in self.weights}
+
+    def quantize(self, w, step, rounding=None, param=None):
+        """Q(w); stochastic noise is drawn for `param` (default: w itself) at `step`."""
+        rounding = rounding or self.q["rounding"]
+        salt = self.salt[param if param is not None else w]
+        noise = uniform_noise(w, torch.tensor(step), self.seed * 1_000_003 + salt) if rounding == "stochastic" else None
+        return reference_quantize(w.detach(), self.q["fmt"], self.q["scale"], rounding, noise)
+
+    def forward(self, x, k):
+        for layer in self.model:
+            if isinstance(layer, nn.Linear) and self.mode == "master":
+                w = layer.weight
+                x = F.linear(x, self.quantize(w, k, "nearest") + (w - w.detach()), layer.bias)
+            else:
+                x = layer(x)
+        return x
+
+    @torch.no_grad()
+    def step(self, k, x, y):
+        if k == 0 and self.mode != "master":
+            for w in self.weights:
+                w.copy_(self.quantize(w, k, "nearest"))
+        with torch.enable_grad():
+            loss = F.mse_loss(self.forward(x, k), y)
+            loss.backward()
+        self.dense.step()
+        self.dense.zero_grad()
+        for w in self.weights:
+            s, g = self.state[w], w.grad
+            if self.kind == "sgd":
+                s["m"] = MOMENTUM * s["m"] + (g + WD * w)
+                tentative = w - LR * s["m"]
+                scale_error = (1 - 1 / MOMENTUM) / LR
+            else:
+                s["t"] += 1
+                decayed = w * (1 - LR * WD)
+                s["m"] = s["m"] + (1 - BETAS[0]) * (g - s["m"])
+                s["v"] = BETAS[1] * s["v"] + (1 - BETAS[1]) * g * g
+                bc1, bc2 = 1 - BETAS[0] ** s["t"], 1 - BETAS[1] ** s["t"]
+                denom = s["v"].sqrt() / bc2**0.5 + EPS
+                tentative = decayed - (LR / bc1) * s["m"] / denom
+                scale_error = bc1 / LR * (1 - 1 / BETAS[0]) * denom
+            if self.mode == "master":
+                w.copy_(tentative)
+            else:
+                quantized = self.quantize(tentative, k, param=w)
+                if self.mode == "eco":
+                    s["m"] = s["m"] + scale_error * (tentative - quantized)
+                w.copy_(quantized)
+            w.grad = None
+        return loss.detach()
+
+
+def _compiled(kind, policy, compiler="aot_eager"):
+    model = _model()
+    opt = _optimizer(kind, model.parameters())
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler=compiler)
+    losses = [float(step(x, y)) for x, y in _batches()]
+    return model, step, losses
+
+
+CASES = [(kind, fmt, rounding) for kind in ("sgd", "adamw") for fmt in ("fp8_e4m3", "int8", "int4")
+         for rounding in ("nearest", "stochastic")]
+
+
+@pytest.mark.parametrize("kind, fmt, rounding", CASES)
+def test_matches_eager_eco(kind, fmt, rounding):
+    model, step, losses = _compiled(kind, lc.Policy.eco(format=fmt, rounding=rounding, seed=7))
+    reference = _model()
+    eager = EagerECO(reference, kind, fmt, "per_row", rounding, "eco", seed=7)
+    expected = [float(eager.step(k, x, y)) for k, (x, y) in enumerate(_batches())]
+    assert max_rel_diff(list(reference.parameters()), list(model.parameters())) <= 1e-5
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+    for w in (model[0].weight, model[2].weight):
+        torch.testing.assert_close(w, reference_quantize(w.detach(), fmt), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["naive", "master"])
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_baselines_match_eager(kind, mode):
+    model, step, losses = _compiled(kind, lc.Policy.eco(format="int8", mode=mode))
+    reference = _model()
+    eager = EagerECO(reference, kind, "int8", "per_row", "nearest", mode)
+    expected = [float(eager.step(k, x, y)) for k, (x, y) in enumerate(_batches())]
+    assert max_rel_diff(list(reference.parameters()), list(model.parameters())) <= 1e-5
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+
+
+def test_injected_error_is_applied_later():
+    """Summing the geometric series: after a quantized step, the momentum's injected term
+    moves W by +e over the following steps (SGD, zero gradient from then on)."""
+    beta, lr = MOMENTUM, LR
+    m = torch.zeros(())
+    e = torch.tensor(0.37)
+    m = m + (1 / lr) * (1 - 1 / beta) * e
+    moved = torch.zeros(())
+    for _ in range(2000):
+        m = beta * m
+        moved = moved - lr * m
+    torch.testing.assert_close(moved, e)
+
+
+@pytest.mark.parametrize(
+    "policy, message",
+    [
+        (lambda: lc.Policy(quantized_weights=lc.ECO(), fake_quant=lc.FakeQuant()),
+         r"'eco' and 'fake_quant', which cannot be combined \(ECO stores each weight on a quantization grid.*"
+         r"mode='master'"),
+        (lambda: lc.Policy(quantized_weights=lc.ECO(), low_rank_sync=lc.LoRDO(rank=4)),
+         r"'eco' and 'lordo', which cannot be combined \(.*projected momentum"),
+    ],
+)
+def test_compositions_it_refuses_say_why(policy, message):
+    model = _model()
+    opt = _optimizer("adamw", model.parameters())
+    with pytest.raises(ValueError, match=message):
+        lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy(), compiler="aot_eager")(
+            *_batches()[0])
+
+
+def test_sgd_without_momentum_is_refused():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), lc.Policy.eco(), compiler="aot_eager")
+    with pytest.raises(NotImplementedError, match=r"ECO has an update for SGD with momentum and for AdamW; 0.weight"):
+        step(*_batches()[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(format="fp4"), r"ECO.format must be one of"),
+        (dict(rounding="up"), r"ECO.rounding must be one of"),
+        (dict(mode="lossless"), r"ECO.mode must be one of"),
+        (dict(scale="per_block"), r"ECO.scale must be one of"),
+        (dict(group_size=1), r"ECO.group_size must be an int >= 2"),
+    ],
+)
+def test_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        lc.ECO(**kwargs)
