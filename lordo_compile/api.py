@@ -8,6 +8,7 @@ captures; `CompiledStep` wraps a user's step with it, captured as one graph.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import sys
@@ -27,6 +28,7 @@ from .errors import CaptureError
 from .graph import ROLE, ParamInfo, Role
 from .inspect import GraphView, PhaseGraphs, describe_stage_change, role_counts, update_counts
 from .lowering import COMPILERS, compile_phase, lower
+from .ops.eco import decode_math
 from .ops.quant import QuantizedModel
 from .ops.quant import export as quantize_for_export
 from .passes import Program, Schedule, Stage, released_state, run_passes
@@ -74,6 +76,7 @@ class LordoBackend:
         self.timings: dict[str, float] = {}
         self.param_names: dict[int, str] = {}
         self.adapters: list[OptimizerAdapter] = []
+        self.executor: StepExecutor | None = None
 
     @property
     def schedule(self) -> Schedule:
@@ -121,7 +124,9 @@ class LordoBackend:
             self.graphs[phase] = views
         self.timings["codegen_s"] = time.perf_counter() - started
         self.captures += 1
-        return StepExecutor(compiled, final.schedule, self.runtime, adapters, final.watches)
+        self.executor = StepExecutor(compiled, final.schedule, self.runtime, adapters, final.watches,
+                                     tuple(params[name] for name in final.stored))
+        return self.executor
 
     @property
     def _known_adapters(self) -> list[OptimizerAdapter]:
@@ -189,6 +194,22 @@ class LordoBackend:
     def memory_report(self) -> MemoryReport:
         """Bytes of weights, gradients and optimizer state per parameter, before and after the policy."""
         return memory_report(self._known_adapters, self.runtime, self.param_names)
+
+    @contextlib.contextmanager
+    def materialized(self):
+        """Inside, every parameter a pass stores in another form (ECO's codes) holds its value
+        in full precision, for an eager forward or `model.state_dict()`; outside, it is freed again."""
+        stored = self.executor.stored if self.executor is not None else None
+        if stored is None or not stored.tensors:
+            yield
+            return
+        option = self.policy.quantized_weights
+        with stored.allocated(), torch.no_grad():
+            for tensor in stored.tensors:
+                name = self.param_names[id(tensor)]
+                codes, scales = self.runtime.tensors[f"eco.codes.{name}"], self.runtime.tensors[f"eco.scales.{name}"]
+                tensor.copy_(decode_math(codes, scales, format=option.format, group_size=option.group_size))
+            yield
 
     def export_quantized(self) -> QuantizedModel:
         """The weights the policy's `fake_quant` quantizes, as integer codes and scales.
@@ -312,6 +333,10 @@ class CompiledStep:
 
     def export_quantized(self) -> QuantizedModel:
         return self.backend.export_quantized()
+
+    def materialized(self):
+        """A context in which weights held in another form (ECO) are readable: see LordoBackend."""
+        return self.backend.materialized()
 
     def state_dict(self) -> dict:
         return self.backend.state_dict()

@@ -68,6 +68,8 @@ class StateSpec:
     `init` is "zeros", "ones", "eye" (the first columns of an identity: an orthonormal
     starting basis), "randn:<seed>" (standard normal from a generator seeded with
     <seed>), or "copy:<parameter name>" (the parameter's value when first allocated).
+    `holds` says what it is: "state" (optimizer or pass state) or "weight" (the stored form
+    of a parameter, e.g. ECO's codes and scales), which the memory report counts as weights.
     """
 
     name: str
@@ -76,6 +78,7 @@ class StateSpec:
     owner: str
     param: str | None = None
     init: str = "zeros"
+    holds: str = "state"
 
     @property
     def nbytes(self) -> int:

@@ -16,6 +16,7 @@ gradient): the two baselines of the paper.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,9 @@ import torch.fx as fx
 
 from ..graph import PARAM, ROLE, STATE, ParamInfo, Role, StateSpec, TrainGraph, identifier
 from ..ops import op_named
-from ..ops.eco import FORMATS, MODES, ROUNDINGS, SCALES, forward_quantize
+from ..ops.eco import (
+    FORMATS, MODES, ROUNDINGS, SCALES, code_dtype, code_shape, eco_decode, forward_quantize, scale_shape,
+)
 from .low_rank import choose_matrix, validate_selector
 from .manager import PassResult, Program, Rule, Schedule, register_pass
 
@@ -67,6 +70,8 @@ class ECO:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"ECO.{name} must be an int >= {low}, got {value!r}")
+        if self.format == "int4" and self.group_size % 2:
+            raise ValueError(f"ECO.group_size must be even for int4 (two codes per byte), got {self.group_size}")
         validate_selector("ECO", self.params)
 
     def choose(self, info: ParamInfo) -> str | None:
@@ -87,6 +92,33 @@ def _meta(node: fx.Node, role: Role, param: str | None, name: str) -> fx.Node:
     return node
 
 
+def _storage(option: ECO, info: ParamInfo) -> dict[str, StateSpec]:
+    shape = tuple(info.shape)
+    return {
+        "codes": StateSpec(name=f"eco.codes.{info.name}", shape=code_shape(shape, option.format),
+                           dtype=code_dtype(option.format), owner="eco", param=info.name, holds="weight"),
+        "scales": StateSpec(name=f"eco.scales.{info.name}", shape=scale_shape(shape, option.format, option.scale,
+                                                                             option.group_size),
+                            dtype=torch.float32, owner="eco", param=info.name, holds="weight"),
+    }
+
+
+def _rebuild_weights(graph: TrainGraph, option: ECO, stored: dict[str, dict[str, fx.Node]],
+                     weights: dict[str, fx.Node]) -> None:
+    """At the graph's start, write each stored weight back from its codes (the runtime gave
+    it empty storage of the right size); grad mode is off around the writes, as in an update."""
+    g = graph.graph
+    first = next(n for n in g.nodes if n.meta.get(ROLE) in (Role.FORWARD, Role.LOSS))
+    with g.inserting_before(first):
+        _meta(g.call_function(torch._C._set_grad_enabled, (False,)), Role.OTHER, None, "weights_from_codes")
+        for name, state in stored.items():
+            decoded = g.call_function(eco_decode, (state["codes"], state["scales"]),
+                                      {"format": option.format, "group_size": option.group_size})
+            _meta(decoded, Role.FORWARD, name, f"decoded_{name}")
+            _meta(g.call_method("copy_", (weights[name], decoded)), Role.FORWARD, name, f"rebuild_{name}")
+        _meta(g.call_function(torch._C._set_grad_enabled, (True,)), Role.OTHER, None, "forward_with_grad")
+
+
 def _rewrite(graph: TrainGraph, option: ECO, chosen: dict[str, str], initial: bool) -> None:
     g = graph.graph
     counter = graph.add_state(_COUNTER)
@@ -96,11 +128,15 @@ def _rewrite(graph: TrainGraph, option: ECO, chosen: dict[str, str], initial: bo
     with g.inserting_before(list(g.nodes)[-1]):
         write = _meta(g.call_method("copy_", (counter, next_counter)), Role.WRITEBACK, None, "write_eco_step")
     write.meta[STATE] = _COUNTER.name
-    placeholders = {n.meta[PARAM]: n for n in graph.placeholders() if n.meta.get(ROLE) == Role.PARAMETER}
+    weights = {n.meta[PARAM]: n for n in graph.placeholders() if n.meta.get(ROLE) == Role.PARAMETER}
+    stored = {name: {key: graph.add_state(spec) for key, spec in _storage(option, graph.params[name]).items()}
+              for name in chosen}
+    if not initial:
+        _rebuild_weights(graph, option, stored, weights)
     for salt, site in enumerate(graph.updates()):
         if site.param not in chosen:
             continue
-        weight = placeholders[site.param]
+        weight = weights[site.param]
         if initial:
             # The weight starts on the grid: forward and update read Q(W0) (the gradient still
             # reaches W0, straight through).
@@ -111,14 +147,26 @@ def _rewrite(graph: TrainGraph, option: ECO, chosen: dict[str, str], initial: bo
             for reader in readers:
                 reader.replace_input_with(weight, start)
         replacement = op_named(chosen[site.param])
-        args = [counter if key == "counter" else site.input(key) for key in replacement.inputs]
-        kwargs = {**{k: v for k, v in site.node.kwargs.items() if k != "nesterov"}, **option.quantizer(), "rounding": option.rounding, "mode": option.mode,
-                  "seed": option.seed, "salt": salt}
+        state = stored[site.param]
+        args = [counter if key == "counter" else state[key] if key in state else site.input(key)
+                for key in replacement.inputs]
+        kwargs = {**{k: v for k, v in site.node.kwargs.items() if k != "nesterov"}, **option.quantizer(),
+                  "rounding": option.rounding, "mode": option.mode, "seed": option.seed, "salt": salt}
         with g.inserting_before(site.node):
             new = _meta(g.call_function(replacement.overload, tuple(args), kwargs), Role.OPTIMIZER_UPDATE,
                         site.param, f"{replacement.name}_{site.param}")
         site.node.replace_all_uses_with(new)
         g.erase_node(site.node)
+        last = new
+        for key in ("codes", "scales"):
+            index = replacement.output_keys.index(key)
+            with g.inserting_after(last):
+                output = _meta(g.call_function(operator.getitem, (new, index)), Role.OPTIMIZER_UPDATE, site.param,
+                               f"new_{key}_{site.param}")
+            with g.inserting_after(output):
+                last = _meta(g.call_method("copy_", (state[key], output)), Role.WRITEBACK, site.param,
+                             f"write_{key}_{site.param}")
+            last.meta[STATE] = key
 
 
 def _master_forward(graph: TrainGraph, option: ECO, chosen: dict[str, str]) -> None:
@@ -189,6 +237,8 @@ def eco(program: Program, option: ECO) -> PassResult:
             graph.recompile()
             phases[name] = graph
         schedule = Schedule("step", (Rule("init", 0, 0),))
+    stored = () if option.mode == "master" else tuple(sorted(chosen))
     summary = (f"eco ({option.mode}): {option.format} {option.scale if option.format != 'int4' else 'per group'}, "
                f"{option.rounding} rounding: {', '.join(sorted(chosen))}",)
-    return PassResult(Program(phases, schedule, program.watches), summary + tuple(f"full precision: {k}" for k in kept))
+    return PassResult(Program(phases, schedule, program.watches, stored),
+                      summary + tuple(f"full precision: {k}" for k in kept))

@@ -65,9 +65,13 @@ class Program:
     phases: dict[str, TrainGraph]
     schedule: Schedule = field(default_factory=Schedule)
     watches: tuple[Watch, ...] = ()
+    # Parameters whose full-precision storage the runtime frees between steps: the graph
+    # rebuilds them from state at its start (ECO).
+    stored: tuple[str, ...] = ()
 
     def copy(self) -> "Program":
-        return Program({name: graph.copy() for name, graph in self.phases.items()}, self.schedule, self.watches)
+        return Program({name: graph.copy() for name, graph in self.phases.items()}, self.schedule, self.watches,
+                       self.stored)
 
     def state(self) -> dict[str, StateSpec]:
         specs: dict[str, StateSpec] = {}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Callable
+
+import torch
 
 from ..capture.optim import OptimizerAdapter
 from ..passes import Schedule, Watch
@@ -26,6 +29,26 @@ class CompiledPhase:
     collectives: int = 0
 
 
+class StoredWeights:
+    """Parameters whose full-precision storage is freed between steps (the graph rebuilds
+    them from codes at its start); `allocated()` gives them storage for the duration."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        self.tensors = tensors
+        self.nbytes = [t.untyped_storage().nbytes() for t in tensors]
+
+    @contextlib.contextmanager
+    def allocated(self):
+        for tensor, nbytes in zip(self.tensors, self.nbytes):
+            if tensor.untyped_storage().nbytes() == 0:
+                tensor.untyped_storage().resize_(nbytes)
+        try:
+            yield
+        finally:
+            for tensor in self.tensors:
+                tensor.untyped_storage().resize_(0)
+
+
 class StepExecutor:
     """Runs one captured step. Per call: O(param groups) Python, then one compiled graph."""
 
@@ -36,8 +59,11 @@ class StepExecutor:
         runtime: RuntimeState,
         adapters: list[OptimizerAdapter],
         watches: tuple[Watch, ...] = (),
+        stored: tuple[torch.Tensor, ...] = (),
     ) -> None:
         self.phases = phases
+        # Parameters a pass keeps in another form: their storage exists only during a call.
+        self.stored = StoredWeights(stored)
         self.schedule = schedule
         self.runtime = runtime
         self.adapters = adapters
@@ -55,7 +81,8 @@ class StepExecutor:
         phase = self.schedule.phase_at(self.runtime.step)
         compiled = self.phases[phase]
         try:
-            out = compiled.fn(*args, *self.state_inputs[phase])
+            with self.stored.allocated():
+                out = compiled.fn(*args, *self.state_inputs[phase])
         except Exception as error:
             if not compiled.collectives:
                 raise

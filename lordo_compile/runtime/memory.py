@@ -1,6 +1,7 @@
 """What a compiled step holds, in bytes, counted from the tensors themselves.
 
-"Before" is what the user's optimizer held for a parameter when it was prepared (state a
+Weight bytes are what holds each weight between steps: its own storage, or the codes and
+scales a pass keeps instead (ECO). "Before" is what the user's optimizer held for a parameter when it was prepared (state a
 pass took over counted at the size it had then); "after" is what is held now: the
 optimizer's state plus the state passes declared for that parameter.
 """
@@ -77,13 +78,16 @@ def memory_report(
 ) -> MemoryReport:
     """`names` maps `id(parameter)` to its name in the graphs."""
     owned: dict[str, int] = {}
+    stored: dict[str, int] = {}
     unassigned = 0
     for name, tensor in runtime.tensors.items():
-        param = runtime.specs[name].param
-        if param is None:
+        spec = runtime.specs[name]
+        if spec.param is None:
             unassigned += nbytes(tensor)
+        elif spec.holds == "weight":
+            stored[spec.param] = stored.get(spec.param, 0) + nbytes(tensor)
         else:
-            owned[param] = owned.get(param, 0) + nbytes(tensor)
+            owned[spec.param] = owned.get(spec.param, 0) + nbytes(tensor)
     rows = []
     for adapter in adapters:
         for i, p in enumerate(adapter.parameters()):
@@ -93,5 +97,7 @@ def memory_report(
             released = {k: size for k, (_, size) in adapter.released.get(p, {}).items()}
             before = sum({**held, **released}.values()) + extra
             after = sum(held.values()) + extra + owned.get(name, 0)
-            rows.append(ParamMemory(name, tuple(p.shape), nbytes(p), nbytes(p), before, after))
+            # A weight held in another form (ECO's codes) has no storage of its own between steps.
+            weight = p.untyped_storage().nbytes() + stored.get(name, 0)
+            rows.append(ParamMemory(name, tuple(p.shape), weight, nbytes(p), before, after))
     return MemoryReport(tuple(rows), unassigned)
