@@ -79,8 +79,18 @@ def evaluate(model: TinyGPT, batches: list[tuple[torch.Tensor, torch.Tensor]], s
 def as_trained(model: nn.Module, step: CompiledStep | None):
     """Inside, an eager forward of `model` reads what the compiled step's forward reads:
     quantized weights (and inputs, with activation quantization) under `fake_quant`, the
-    quantized copy under ECO's master mode. Outside, nothing has changed."""
-    policy = step.policy if step is not None else None
+    quantized copy under ECO's master mode, the stored weights under ECO. Outside, nothing
+    has changed."""
+    if step is None:
+        yield
+        return
+    with step.materialized(), _quantized_forward(model, step):
+        yield
+
+
+@contextlib.contextmanager
+def _quantized_forward(model: nn.Module, step: CompiledStep):
+    policy = step.policy
     fake_quant = policy.fake_quant if policy is not None else None
     master = policy.quantized_weights if policy is not None and policy.quantized_weights is not None \
         and policy.quantized_weights.mode == "master" else None

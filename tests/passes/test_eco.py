@@ -252,3 +252,60 @@ def test_sgd_without_momentum_is_refused():
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         lc.ECO(**kwargs)
+
+
+def test_no_full_precision_copy_persists_between_steps():
+    model = _model()
+    opt = _optimizer("adamw", model.parameters())
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), lc.Policy.eco(format="int4"),
+                      compiler="aot_eager")
+    for x, y in _batches()[:3]:
+        step(x, y)
+    report = step.memory_report()
+    runtime = step.backend.runtime
+    for layer, name in ((model[0], "0.weight"), (model[2], "2.weight"), (model[4], "4.weight")):
+        w = layer.weight
+        assert w.untyped_storage().nbytes() == 0, name
+        held = {k: t for k, t in runtime.tensors.items() if runtime.specs[k].param == name}
+        assert sorted(held) == [f"eco.codes.{name}", f"eco.scales.{name}"]
+        codes, scales = held[f"eco.codes.{name}"], held[f"eco.scales.{name}"]
+        assert codes.dtype == torch.uint8 and codes.numel() == w.numel() // 2
+        assert scales.numel() == w.numel() // 32
+        assert sorted(opt.state[w]) == ["exp_avg", "exp_avg_sq", "step"]  # Adam's moments, no master weight
+        assert report.row(name).weight_bytes == codes.numel() + 4 * scales.numel()
+    with step.materialized():
+        torch.testing.assert_close(model[0].weight, reference_quantize(model[0].weight.detach(), "int4"),
+                                   rtol=0, atol=0)
+    assert model[0].weight.untyped_storage().nbytes() == 0
+
+
+def test_checkpoint_round_trip_continues_exactly():
+    def fresh():
+        model = _model()
+        opt = _optimizer("adamw", model.parameters())
+        step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt),
+                          lc.Policy.eco(format="fp8_e4m3", rounding="stochastic", seed=3), compiler="aot_eager")
+        return model, opt, step
+
+    batches = _batches()
+    model, opt, step = fresh()
+    for x, y in batches:
+        step(x, y)
+    with step.materialized():
+        expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, opt, step = fresh()
+    for x, y in batches[:7]:
+        step(x, y)
+    with step.materialized():
+        saved = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "opt": opt.state_dict(),
+                 "step": step.state_dict()}
+    resumed_model, resumed_opt, resumed = fresh()
+    resumed_model.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["opt"])
+    resumed.load_state_dict(saved["step"])
+    for x, y in batches[7:]:
+        resumed(x, y)
+    with resumed.materialized():
+        for key, value in resumed_model.state_dict().items():
+            assert torch.equal(value, expected[key]), key
