@@ -4,8 +4,12 @@ ALGORITHMS.md section 5. `quantize` maps a tensor to its grid values (a float te
 every element is `code * scale`), along the last dimension:
 
     fp8_e4m3  scale = max|x| / 448 per row or per tensor; codes are float8_e4m3fn values
-    int8      scale = max|x| / 127 per row; codes in [-127, 127]
-    int4      scale = max|x| / 7 per group of `group_size`; codes in [-7, 7]
+    int8      scale = max|x| / 127 per row or per tensor; codes in [-127, 127] (int8)
+    int4      scale = max|x| / 7 per group of `group_size`; codes in [-7, 7], stored + 8 as
+              nibbles, two per uint8 along the last dimension
+
+The update ops return the new weight's codes and scales (what the runtime keeps between
+steps) next to its values; `eco_decode` turns codes back into the float weight exactly.
 
 `rounding="nearest"` rounds half to even; "stochastic" takes the grid point above (toward
 +inf) when u < (y - below) / spacing, for u uniform in [0, 1) from a counter hash of (seed,
