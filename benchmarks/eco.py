@@ -27,9 +27,11 @@ FORMATS = ("fp8_e4m3", "int8", "int4")
 MODES = ("master", "eco", "naive")
 
 
-def _run(fmt: str, mode: str, lr: float, steps: int, batch: int, compiler: str) -> dict:
+def _run(fmt: str, mode: str, lr: float, args) -> dict:
     policy = lc.Policy.eco(format=fmt, mode=mode) if fmt != "fp32" else lc.Policy()
-    run = train_tiny_gpt(policy, RunConfig(steps=steps, batch_size=batch, compiler=compiler, lr=lr))
+    config = RunConfig(steps=args.steps, batch_size=args.batch, compiler=args.compiler, lr=lr, seed=args.seed,
+                       warmup=args.warmup)
+    run = train_tiny_gpt(policy, config)
     memory = run.step.memory_report()
     params = sum(p.numel() for p in run.model.parameters())
     row = dict(config=f"{fmt} {mode}" if fmt != "fp32" else "fp32", format=fmt, mode=mode, lr=lr,
@@ -44,22 +46,27 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--sweep", type=float, nargs="+", default=[1e-3, 3e-4], help="extra peak lrs for int8")
+    parser.add_argument("--sweep", type=float, nargs="*", default=[1e-3, 3e-4], help="extra peak lrs for int8")
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--seed", type=int, default=0, help="model init and batches")
+    parser.add_argument("--warmup", type=int, default=30, help="warm-up steps of the lr schedule")
     parser.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager"])
     parser.add_argument("--quick", action="store_true", help="30 steps, aot_eager, int8 only: a smoke run")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    steps, compiler = (30, "aot_eager") if args.quick else (args.steps, args.compiler)
-    formats = ("int8",) if args.quick else FORMATS
-    rows = [_run("fp32", "none", args.lr, steps, args.batch, compiler)]
-    rows += [_run(fmt, mode, args.lr, steps, args.batch, compiler) for fmt in formats for mode in MODES]
-    sweep = [] if args.quick else [_run("int8", mode, lr, steps, args.batch, compiler)
-                                   for lr in args.sweep for mode in MODES]
+    if args.quick:
+        args.steps, args.compiler, args.formats, args.sweep = 30, "aot_eager", ["int8"], []
+    steps = args.steps
+    rows = [_run("fp32", "none", args.lr, args)]
+    rows += [_run(fmt, mode, args.lr, args) for fmt in args.formats for mode in args.modes]
+    sweep = [_run("int8", mode, lr, args) for lr in args.sweep for mode in args.modes]
     for row in rows + sweep:
         master = next((r for r in rows + sweep if r["format"] == row["format"] and r["mode"] == "master"
                        and r["lr"] == row["lr"]), None)
         row["gap_vs_master"] = row["val_loss"] - master["val_loss"] if master else float("nan")
-    header = f"tiny GPT, {steps} steps x {args.batch} sequences of 128 bytes, AdamW peak lr {args.lr:g}, {compiler}"
+    header = (f"tiny GPT, {steps} steps x {args.batch} sequences of 128 bytes, AdamW peak lr {args.lr:g} after "
+              f"{args.warmup} warm-up steps, seed {args.seed}, {args.compiler}")
     columns = [("config", "config", "<16"), ("val_loss", "val loss", ".4f"), ("gap_vs_master", "gap vs master", "+.4f"),
                ("state_bytes_per_param", "bytes/param", ".2f")]
     print(header)
