@@ -1,6 +1,7 @@
 """`lordo-compile`: train the tiny GPT on CPython's bundled text, or print a step's graphs.
 
-    lordo-compile train [--policy identity] [--steps 300]
+    lordo-compile train [--policy identity|ddp|galore|local_sgd|diloco|lordo|cage|eco] [--workers N]
+                        [--steps 400] [--compare A,B,... --plot compare.png]
     lordo-compile inspect --example mlp [--stage captured] [--format text|dot|svg] [--diff A,B]
 """
 
@@ -8,43 +9,144 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import subprocess
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from . import api
-from .experiment import RunConfig, RunResult, train_tiny_gpt
+from .experiment import RunConfig, train_tiny_gpt
 from .models import MLP, GPTConfig, TinyGPT
 from .policy import Policy
 from .testing import training_step
 
-def make_policy(args: argparse.Namespace) -> Policy:
-    if args.policy == "identity":
+POLICIES = ("identity", "ddp", "galore", "local_sgd", "diloco", "lordo", "cage", "eco")
+
+
+def make_policy(name: str, args: argparse.Namespace) -> Policy:
+    if name == "identity":
         return Policy()
-    return Policy.galore(rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale,
-                         method=args.method, on_refresh=args.on_refresh)
+    if name == "ddp":
+        return Policy.ddp()
+    if name == "galore":
+        return Policy.galore(rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale,
+                             method=args.method, on_refresh=args.on_refresh)
+    if name == "local_sgd":
+        return Policy.local_sgd(sync_every=args.sync_every)
+    if name == "diloco":
+        return Policy.diloco(sync_every=args.sync_every)
+    if name == "lordo":
+        return Policy.lordo(rank=args.rank, sync_every=args.sync_every)
+    if name == "cage":
+        return Policy.cage(bits=args.bits, total_steps=args.steps, hadamard=True)
+    return Policy.eco(format=args.format)
 
 
-POLICIES = ("identity", "galore")
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def train(args: argparse.Namespace) -> RunResult:
+def _train_one(name: str, args: argparse.Namespace, config: RunConfig) -> dict:
+    policy = make_policy(name, args)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if _is_main():
+        print(f"{name}: tiny GPT ({args.layers} layers, width {args.width}) on CPython's pydoc_data.topics, "
+              f"{world} worker(s), compiler {args.compiler}", flush=True)
+    started = time.perf_counter()
+    bar = tqdm(total=args.steps, desc=name, disable=not _is_main() or args.no_progress, leave=False)
+
+    def on_step(i: int, loss: float, step: api.CompiledStep) -> None:
+        bar.update(1)
+        if i % 10 == 0 or i + 1 == args.steps:
+            bar.set_postfix(loss=f"{loss:.3f}", sent=_bytes(step.comm_report().bytes_sent))
+
+    result = train_tiny_gpt(policy, config, on_step=on_step)
+    bar.close()
+    memory = result.step.memory_report()
+    return {"policy": name, "val_loss": result.val_loss, "bytes_sent": result.step.comm_report().bytes_sent,
+            "state_bytes": memory.weight_bytes + memory.state_bytes_after, "step_ms": result.median_ms(
+                max(set(result.phases), key=result.phases.count)), "compile_s": result.compile_seconds, "total_s": time.perf_counter() - started,
+            "curve": result.curve}
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def train(args: argparse.Namespace) -> list[dict]:
+    """Train each policy of --policy / --compare in turn; print the table, write the plot."""
+    if args.workers > 1 and "LOCAL_RANK" not in os.environ:
+        return _relaunch(args)
+    if "LOCAL_RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    names = args.compare.split(",") if args.compare else [args.policy]
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown:
+        raise SystemExit(f"unknown policy {unknown[0]!r} in --compare; choose from {', '.join(POLICIES)}")
     config = RunConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, layers=args.layers,
                        width=args.width, heads=args.heads, lr=args.lr, warmup=args.warmup,
-                       val_batches=args.val_batches, seed=args.seed, compiler=args.compiler)
-    policy = make_policy(args)
-    print(f"tiny GPT ({args.layers} layers, width {args.width}) on CPython's pydoc_data.topics, policy "
-          f"{args.policy}, compiler {args.compiler}")
-    started = time.perf_counter()
-    result = train_tiny_gpt(policy, config, log=print)
-    memory = result.step.memory_report()
-    print()
-    print(f"{'policy':<10} {'val loss':>9} {'bits/byte':>10} {'step ms':>8} {'opt state B':>12} {'compile s':>10} {'total s':>8}")
-    print(f"{args.policy:<10} {result.val_loss:9.3f} {result.val_loss / math.log(2):10.3f} {result.median_ms():8.1f} "
-          f"{memory.state_bytes_after:>12,} {result.compile_seconds:10.1f} {time.perf_counter() - started:8.1f}")
-    return result
+                       val_batches=args.val_batches, seed=args.seed, compiler=args.compiler,
+                       eval_every=max(1, args.steps // 8) if args.compare else 0)
+    rows = [_train_one(name, args, config) for name in names]
+    if _is_main():
+        print()
+        print(f"{'policy':<10} {'val loss':>9} {'bits/byte':>10} {'sent/worker':>12} {'state B':>12} "
+              f"{'step ms':>8} {'compile s':>10} {'total s':>8}")
+        for r in rows:
+            print(f"{r['policy']:<10} {r['val_loss']:9.3f} {r['val_loss'] / math.log(2):10.3f} "
+                  f"{_bytes(r['bytes_sent']):>12} {r['state_bytes']:>12,} {r['step_ms']:8.1f} "
+                  f"{r['compile_s']:10.1f} {r['total_s']:8.1f}")
+        if args.compare:
+            plot_compare(rows, args.plot)
+            print(f"plot: {args.plot}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return rows
+
+
+def _relaunch(args: argparse.Namespace) -> list[dict]:
+    """Start `args.workers` processes of this same command through torchrun (gloo on this host)."""
+    forwarded = args.argv if args.argv is not None else sys.argv[1:]
+    code = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc-per-node={args.workers}", "-m", "lordo_compile.cli", *forwarded])
+    if code:
+        raise SystemExit(code)
+    return []
+
+
+def plot_compare(rows: list[dict], path: str) -> None:
+    """Validation loss against steps and against bytes sent per worker, one line per policy."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--compare draws its plot with matplotlib: pip install 'lordo-compile[dev]' or matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_step, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for row in rows:
+        steps, sent, loss = zip(*row["curve"])
+        by_step.plot(steps, loss, marker="o", markersize=3, label=row["policy"])
+        by_bytes.plot([max(b, 1) for b in sent], loss, marker="o", markersize=3, label=row["policy"])
+    by_step.set_xlabel("step")
+    by_bytes.set_xlabel("bytes sent per worker (cumulative; 1 = none)")
+    by_bytes.set_xscale("log")
+    for ax in (by_step, by_bytes):
+        ax.set_ylabel("validation loss (nats per byte)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _example_step(name: str, compiler: str) -> api.CompiledStep:
@@ -99,6 +201,13 @@ def main(argv: list[str] | None = None) -> None:
 
     t = commands.add_parser("train", help="train the tiny GPT on CPython's pydoc_data.topics text")
     t.add_argument("--policy", default="identity", choices=POLICIES)
+    t.add_argument("--compare", metavar="A,B,...", help="train several policies and plot them (--plot)")
+    t.add_argument("--plot", default="compare.png", help="with --compare: the PNG to write")
+    t.add_argument("--workers", type=int, default=1, help="processes (gloo on this host, through torchrun)")
+    t.add_argument("--sync-every", type=int, default=32, help="local_sgd, diloco, lordo: steps between syncs")
+    t.add_argument("--bits", type=int, default=4, help="cage: weight bits")
+    t.add_argument("--format", default="fp8_e4m3", choices=["fp8_e4m3", "int8", "int4"], help="eco: weight format")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--steps", type=int, default=400)
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--seq-len", type=int, default=128)
@@ -108,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--warmup", type=int, default=30)
     t.add_argument("--val-batches", type=int, default=8)
-    t.add_argument("--rank", type=int, default=32, help="galore: rank of the projected moments")
+    t.add_argument("--rank", type=int, default=32, help="galore, lordo: rank of the projected moments")
     t.add_argument("--update-proj-gap", type=int, default=100, help="galore: steps between projection refreshes")
     t.add_argument("--scale", type=float, default=0.25, help="galore: scale of the projected update")
     t.add_argument("--method", default="svd", choices=["svd", "randomized", "subspace"])
@@ -124,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--diff", metavar="BEFORE,AFTER", help="print a unified diff between two stages")
 
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command == "train":
         train(args)
     else:

@@ -129,7 +129,10 @@ def _info(step: CompiledStep, name: str):
     return step.backend.stages[0].program.phases["step"].params[name]
 
 
-def train_tiny_gpt(policy: Policy, config: RunConfig = RunConfig(), log: Callable[[str], None] | None = None) -> RunResult:
+def train_tiny_gpt(policy: Policy, config: RunConfig = RunConfig(), log: Callable[[str], None] | None = None,
+                   on_step: Callable[[int, float, CompiledStep], None] | None = None) -> RunResult:
+    """Train and evaluate; `log` gets a line every 1/16 of the run, `on_step(i, loss, step)`
+    is called after every step (a progress bar)."""
     torch.manual_seed(config.seed)
     cfg = GPTConfig(block_size=config.seq_len, n_layer=config.layers, d_model=config.width, n_head=config.heads)
     model = TinyGPT(cfg)
@@ -160,6 +163,8 @@ def train_tiny_gpt(policy: Policy, config: RunConfig = RunConfig(), log: Callabl
             result.curve.append((i + 1, step.comm_report().bytes_sent, evaluate(model, val_batches, step)))
         if log is not None:
             log_step(log, i, loss, result.step_seconds[-1], schedule.get_last_lr()[0], config)
+        if on_step is not None:
+            on_step(i, loss, step)
     result.val_loss = result.curve[-1][2] if result.curve and result.curve[-1][0] == config.steps else \
         evaluate(model, val_batches, step)
     return result
