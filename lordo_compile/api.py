@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map_only
 
+from . import logs
 from . import passes as _passes  # noqa: F401  (registers every pass)
 from .capture.discover import Names, find_optimizers, optimizers_in_frame
 from .capture.optim import SUPPORTED_OPTIMIZERS, OptimizerAdapter, prepare, prepared_adapters, supported_names
@@ -124,9 +125,23 @@ class LordoBackend:
             self.graphs[phase] = views
         self.timings["codegen_s"] = time.perf_counter() - started
         self.captures += 1
+        self._log_capture()
         self.executor = StepExecutor(compiled, final.schedule, self.runtime, adapters, final.watches,
                                      tuple(params[name] for name in final.stored))
         return self.executor
+
+    def _log_capture(self) -> None:
+        channels = logs.enabled()
+        if "passes" in channels:
+            logs.emit("passes", self.explain())
+        if "graphs" in channels:
+            for views in self.graphs.values():
+                final = [view for name, view in views.items() if name not in ("lowered", "aten")][-1]
+                logs.emit("graphs", final.text)
+        if "comm" in channels:
+            logs.emit("comm", str(self.comm_report()))
+        if self.executor is not None:
+            self.executor.log_comm = "comm" in channels
 
     @property
     def _known_adapters(self) -> list[OptimizerAdapter]:

@@ -2,7 +2,8 @@
 
     lordo-compile train [--policy identity|ddp|galore|local_sgd|diloco|lordo|cage|eco] [--workers N]
                         [--steps 400] [--compare A,B,... --plot compare.png]
-    lordo-compile inspect --example mlp [--stage captured] [--format text|dot|svg] [--diff A,B]
+    lordo-compile inspect --example mlp|gpt [--policy P] [--phase local] [--stage captured]
+                          [--format text|dot|svg] [--diff [A,B]]
 """
 
 from __future__ import annotations
@@ -149,7 +150,14 @@ def plot_compare(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def _example_step(name: str, compiler: str) -> api.CompiledStep:
+def _example_policy(name: str) -> Policy:
+    """`name` sized for the inspect examples (the MLP's smallest matrix side is 2)."""
+    return make_policy(name, argparse.Namespace(rank=1, update_proj_gap=4, scale=0.25, method="svd",
+                                                on_refresh="keep", sync_every=4, bits=4, steps=100,
+                                                format="int8"))
+
+
+def _example_step(name: str, compiler: str, policy: Policy) -> api.CompiledStep:
     torch.manual_seed(0)
     if name == "mlp":
         model = MLP((8, 16, 2))
@@ -166,23 +174,26 @@ def _example_step(name: str, compiler: str) -> api.CompiledStep:
 
     train_step = training_step(loss_fn, opt)
 
-    step = api.compile(train_step, Policy(), optimizers=[opt], compiler=compiler)
+    step = api.compile(train_step, policy, optimizers=[opt], compiler=compiler)
     step(x, y)
     return step
 
 
 def inspect_command(args: argparse.Namespace) -> None:
-    step = _example_step(args.example, "aot_eager" if args.stage == "aten" else "eager")
+    policy = _example_policy(args.policy)
+    step = _example_step(args.example, "aot_eager" if args.stage == "aten" else "eager", policy)
     phases = step.graphs
-    if args.phase not in phases:
-        raise SystemExit(f"no phase {args.phase!r}; this policy has {', '.join(phases)}")
-    stages = phases[args.phase]
-    if args.diff:
-        before, _, after = args.diff.partition(",")
+    phase = args.phase or ("step" if "step" in phases else next(iter(phases)))
+    if phase not in phases:
+        raise SystemExit(f"no phase {phase!r}; this policy has {', '.join(phases)}")
+    stages = phases[phase]
+    if args.diff is not None:
+        names = [stage for stage in stages if stage not in ("lowered", "aten")]
+        before, _, after = (args.diff or f"captured,{names[-1]}").partition(",")
         print(stages.diff(before, after) or f"{before} -> {after}: no change")
         return
     if args.stage not in stages:
-        raise SystemExit(f"no stage {args.stage!r}; phase {args.phase!r} has {', '.join(stages)}")
+        raise SystemExit(f"no stage {args.stage!r}; phase {phase!r} has {', '.join(stages)}")
     view = stages[args.stage]
     if args.format == "text":
         print(view.text, end="")
@@ -227,10 +238,12 @@ def main(argv: list[str] | None = None) -> None:
 
     i = commands.add_parser("inspect", help="print a compiled example step's graphs")
     i.add_argument("--example", default="mlp", choices=["mlp", "gpt"])
-    i.add_argument("--phase", default="step")
+    i.add_argument("--policy", default="identity", choices=POLICIES)
+    i.add_argument("--phase", help="default: step, or the policy's first phase")
     i.add_argument("--stage", default="captured")
     i.add_argument("--format", default="text", choices=["text", "dot", "svg"])
-    i.add_argument("--diff", metavar="BEFORE,AFTER", help="print a unified diff between two stages")
+    i.add_argument("--diff", nargs="?", const="", metavar="BEFORE,AFTER",
+                   help="print a unified diff between two stages (alone: captured against the policy's last pass)")
 
     args = parser.parse_args(argv)
     args.argv = argv

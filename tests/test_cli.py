@@ -45,3 +45,10 @@ def test_unknown_policy_in_compare_is_refused(tmp_path):
 def test_workers_launch_through_torchrun_and_sync(tmp_path):
     table = _table(_train("--policy", "diloco", "--workers", "2", "--sync-every", "3", tmp_path=tmp_path))
     assert table["diloco"][3] != "0"  # bytes sent per worker
+
+
+def test_inspect_diff_of_a_policy(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "lordo_compile.cli", "inspect", "--example", "mlp", "--policy",
+                           "eco", "--diff"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("--- captured\n+++ eco\n") and "lordo.eco_adamw" in done.stdout

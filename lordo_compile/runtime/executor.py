@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from ..capture.optim import OptimizerAdapter
+from ..logs import emit
 from ..passes import Schedule, Watch
 from .state import RuntimeState
 
@@ -64,6 +65,7 @@ class StepExecutor:
         self.phases = phases
         # Parameters a pass keeps in another form: their storage exists only during a call.
         self.stored = StoredWeights(stored)
+        self.log_comm = False
         self.schedule = schedule
         self.runtime = runtime
         self.adapters = adapters
@@ -95,6 +97,9 @@ class StepExecutor:
             ) from error
         self.runtime.step += 1
         self.runtime.phase_calls[phase] = self.runtime.phase_calls.get(phase, 0) + 1
+        if self.log_comm and compiled.collectives:
+            emit("comm", f"step {self.runtime.step}: phase {phase!r} ran {compiled.collectives} collective(s), "
+                         f"{self.runtime.phase_calls[phase]} run(s) so far")
         for watch in self.watches[phase]:
             self._check(watch)
         return out
