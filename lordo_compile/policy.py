@@ -21,7 +21,7 @@ class Policy:
     field off, the step is compiled unchanged through the identity pass.
 
     Raises:
-      ValueError: if `extra_passes` is not a tuple of registered pass names.
+      ValueError: if `extra_passes` is not a sequence of registered pass names or pass options.
     """
 
     low_rank: LowRank | None = None
@@ -31,7 +31,7 @@ class Policy:
     low_rank_data_parallel: LowRankDDP | None = None
     fake_quant: FakeQuant | None = None
     quantized_weights: ECO | None = None
-    extra_passes: tuple[str, ...] = ()
+    extra_passes: tuple[object, ...] = ()
 
     def __post_init__(self) -> None:
         for name, kind in (("low_rank", LowRank), ("data_parallel", DataParallel), ("sync", Sync), ("low_rank_sync", LoRDO),
@@ -39,9 +39,10 @@ class Policy:
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
                 raise ValueError(f"Policy.{name} must be a lordo_compile.{kind.__name__}, got {value!r}")
-        if isinstance(self.extra_passes, str) or not all(isinstance(n, str) for n in self.extra_passes):
+        if isinstance(self.extra_passes, str) or not isinstance(self.extra_passes, (tuple, list)):
             raise ValueError(
-                f"Policy.extra_passes must be a tuple of registered pass names, got {self.extra_passes!r}"
+                f"Policy.extra_passes must be a sequence of registered pass names or pass options, got "
+                f"{self.extra_passes!r}"
             )
         object.__setattr__(self, "extra_passes", tuple(self.extra_passes))
 

@@ -100,6 +100,7 @@ class RegisteredPass:
     after: tuple[str, ...]
     conflicts: dict[str, str]
     releases: ReleaseFn | None = None
+    option_type: type | None = None
 
 
 _REGISTRY: dict[str, RegisteredPass] = {}
@@ -112,8 +113,13 @@ def register_pass(
     after: tuple[str, ...] = (),
     conflicts: tuple[str, ...] | dict[str, str] = (),
     releases: ReleaseFn | None = None,
+    option_type: type | None = None,
 ) -> Callable[[PassFn], PassFn]:
     """Register a pass; `option` is the `Policy` field that enables it (None: never implied).
+
+    A pass of your own has `option=None` and usually an `option_type`, the class of its
+    options: `Policy(extra_passes=[MyOptions(...)])` then runs it with that object (a
+    bare name in `extra_passes` runs it with None).
 
     `conflicts` names the passes it cannot run with, or maps each to the reason (shown to
     the user who enables both).
@@ -126,7 +132,9 @@ def register_pass(
         if name in _REGISTRY:
             raise ValueError(f"a pass named {name!r} is already registered")
         reasons = dict(conflicts) if isinstance(conflicts, dict) else dict.fromkeys(conflicts, "")
-        _REGISTRY[name] = RegisteredPass(name, fn, option, tuple(after), reasons, releases)
+        if option_type is not None and any(r.option_type is option_type for r in _REGISTRY.values()):
+            raise ValueError(f"option type {option_type.__name__} already belongs to another registered pass")
+        _REGISTRY[name] = RegisteredPass(name, fn, option, tuple(after), reasons, releases, option_type)
         return fn
 
     return decorate
@@ -152,13 +160,9 @@ def plan_passes(policy: Any) -> list[tuple[RegisteredPass, Any]]:
         option = getattr(policy, registered.option, None) if registered.option else None
         if option is not None:
             enabled[registered.name] = (registered, option)
-    for name in getattr(policy, "extra_passes", ()):
-        if name not in _REGISTRY:
-            raise ValueError(
-                f"Policy.extra_passes names {name!r}, which is not registered; registered "
-                f"passes: {sorted(_REGISTRY)}. Register it with lordo_compile.passes.register_pass."
-            )
-        enabled[name] = (_REGISTRY[name], None)
+    for extra in getattr(policy, "extra_passes", ()):
+        registered, option = _extra_pass(extra)
+        enabled[registered.name] = (registered, option)
     if not enabled:
         enabled["identity"] = (_REGISTRY["identity"], None)
     for name, (registered, _) in enabled.items():
@@ -180,6 +184,24 @@ def plan_passes(policy: Any) -> list[tuple[RegisteredPass, Any]]:
         cycle = nx.find_cycle(order)
         raise ValueError(f"pass ordering constraints form a cycle: {cycle}") from None
     return [enabled[name] for name in names]
+
+
+def _extra_pass(extra: Any) -> tuple[RegisteredPass, Any]:
+    """A `Policy.extra_passes` item: a registered name, or an options object of a registered `option_type`."""
+    if isinstance(extra, str):
+        if extra not in _REGISTRY:
+            raise ValueError(
+                f"Policy.extra_passes names {extra!r}, which is not registered; registered "
+                f"passes: {sorted(_REGISTRY)}. Register it with lordo_compile.passes.register_pass."
+            )
+        return _REGISTRY[extra], None
+    for registered in _REGISTRY.values():
+        if registered.option_type is not None and isinstance(extra, registered.option_type):
+            return registered, extra
+    raise ValueError(
+        f"Policy.extra_passes holds {extra!r}, whose type no registered pass takes; register the pass with "
+        f"register_pass(..., option_type={type(extra).__name__})"
+    )
 
 
 def released_state(policy: Any, param: ParamInfo, op_name: str) -> dict[str, str]:
