@@ -4,10 +4,12 @@
     self.assertExpectedInline(stage_text(step, "my_pass"), '''...''')
 
 `EXPECTTEST_ACCEPT=1 pytest ...` writes the current text into the test for review.
+Compile with Inductor inside `fresh_inductor_cache()` when a test inspects generated code.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -26,6 +28,16 @@ def capture(
     compiled = compile(step, policy or Policy(), optimizers=optimizers, compiler="eager")
     compiled(*example_args)
     return compiled
+
+
+@contextlib.contextmanager
+def fresh_inductor_cache():
+    """Inductor compiles from scratch inside (its caches in a new temporary directory):
+    a cache hit would skip code generation, and with it every custom pass a test inspects."""
+    from torch._inductor.utils import fresh_cache
+
+    with fresh_cache():
+        yield
 
 
 def stage_text(step: CompiledStep, stage: str = "captured", phase: str = "step") -> str:

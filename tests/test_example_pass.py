@@ -5,13 +5,14 @@ import pathlib
 import sys
 
 import expecttest
+import pytest
 import torch
 import torch.nn.functional as F
 
 import lordo_compile as lc
 from common import max_rel_diff, mlp_problem
 from lordo_compile.models import MLP
-from lordo_compile.testing import capture, stage_diff, training_step
+from lordo_compile.testing import capture, fresh_inductor_cache, stage_diff, training_step
 
 _PATH = pathlib.Path(__file__).parents[1] / "examples" / "clip_grad_norm_pass.py"
 _spec = importlib.util.spec_from_file_location("clip_grad_norm_pass", _PATH)
@@ -68,3 +69,15 @@ class TestClipGradNormGraph(expecttest.TestCase):
 +sgd_net_2_bias = lordo.sgd(net_2_bias, clipped_grad_net_2_bias, group0_lr, group0_weight_decay, maximize=False)  # f32[2]  optimizer_update
  write_param_net_2_bias = net_2_bias.copy_(sgd_net_2_bias)  # f32[2]  writeback  [param]
 """)
+
+
+@pytest.mark.inductor
+def test_inductor_runs_the_pass_in_a_fresh_cache():
+    model, loss_fn, batches = mlp_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    policy = lc.Policy(extra_passes=[example.ClipGradNorm(max_norm=0.1)])
+    with fresh_inductor_cache():
+        step = lc.compile(training_step(loss_fn, opt), policy, compiler="inductor")
+        step(*batches[0])
+    assert "clip_grad_norm" in step.graphs["step"]
+    assert any("global_grad_norm" in line for line in step.graphs["step"]["clip_grad_norm"].text.splitlines())
