@@ -8,7 +8,7 @@
 from .api import CompiledStep, LordoBackend, backend, compile
 from .capture.optim import prepare
 from .errors import CaptureError, PassError
-from .runtime.executor import CollectiveError
+from .runtime.executor import CollectiveError, NonFiniteError
 from .graph import Role, StateSpec, TrainGraph
 from .passes.data_parallel import DataParallel
 from .passes.eco import ECO
@@ -31,6 +31,7 @@ __all__ = [
     "LoRDO",
     "LordoBackend",
     "LowRank",
+    "NonFiniteError",
     "PassError",
     "Policy",
     "Role",

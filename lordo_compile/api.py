@@ -127,7 +127,7 @@ class LordoBackend:
         self.captures += 1
         self._log_capture()
         self.executor = StepExecutor(compiled, final.schedule, self.runtime, adapters, final.watches,
-                                     tuple(params[name] for name in final.stored))
+                                     tuple(params[name] for name in final.stored), final.guards)
         return self.executor
 
     def _log_capture(self) -> None:

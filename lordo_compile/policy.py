@@ -31,6 +31,8 @@ class Policy:
     low_rank_data_parallel: LowRankDDP | None = None
     fake_quant: FakeQuant | None = None
     quantized_weights: ECO | None = None
+    # "raise" or "skip" a step whose loss or gradients are not finite; None: not checked.
+    on_nonfinite: str | None = None
     extra_passes: tuple[object, ...] = ()
 
     def __post_init__(self) -> None:
@@ -39,6 +41,8 @@ class Policy:
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
                 raise ValueError(f"Policy.{name} must be a lordo_compile.{kind.__name__}, got {value!r}")
+        if self.on_nonfinite not in (None, "raise", "skip"):
+            raise ValueError(f"Policy.on_nonfinite must be 'raise', 'skip' or None, got {self.on_nonfinite!r}")
         if isinstance(self.extra_passes, str) or not isinstance(self.extra_passes, (tuple, list)):
             raise ValueError(
                 f"Policy.extra_passes must be a sequence of registered pass names or pass options, got "

@@ -1,7 +1,8 @@
 """Graph rewrites, one module each, registered with the manager where they are defined."""
 
-from . import data_parallel, eco, fake_quant, identity, lordo, low_rank, low_rank_ddp, sync  # noqa: F401  (registers the passes)
+from . import data_parallel, eco, fake_quant, identity, lordo, low_rank, low_rank_ddp, nonfinite, sync  # noqa: F401  (registers the passes)
 from .manager import (
+    Guard,
     PassResult,
     Program,
     RegisteredPass,
@@ -17,6 +18,7 @@ from .manager import (
 )
 
 __all__ = [
+    "Guard",
     "PassResult",
     "Program",
     "RegisteredPass",

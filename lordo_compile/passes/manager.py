@@ -58,6 +58,19 @@ class Watch:
     message: str
 
 
+@dataclass(frozen=True)
+class Guard:
+    """A boolean state tensor read after every call of `phases` (one small host read). A
+    False entry means the graph did not apply the step: it raises `NonFiniteError` naming
+    the step and `labels[phase][i]` of the first False entry, or, with `skip`, leaves the
+    step counter where it was and warns once."""
+
+    state: str
+    phases: tuple[str, ...]
+    labels: dict[str, tuple[str, ...]]
+    skip: bool = False
+
+
 @dataclass
 class Program:
     """Everything a pass sees: one TrainGraph per phase and the schedule between them."""
@@ -68,10 +81,11 @@ class Program:
     # Parameters whose full-precision storage the runtime frees between steps: the graph
     # rebuilds them from state at its start (ECO).
     stored: tuple[str, ...] = ()
+    guards: tuple[Guard, ...] = ()
 
     def copy(self) -> "Program":
         return Program({name: graph.copy() for name, graph in self.phases.items()}, self.schedule, self.watches,
-                       self.stored)
+                       self.stored, self.guards)
 
     def state(self) -> dict[str, StateSpec]:
         specs: dict[str, StateSpec] = {}

@@ -11,12 +11,16 @@ import torch
 
 from ..capture.optim import OptimizerAdapter
 from ..logs import emit
-from ..passes import Schedule, Watch
+from ..passes import Guard, Schedule, Watch
 from .state import RuntimeState
 
 
 class CollectiveError(RuntimeError):
     """A collective inside the compiled step failed: a peer died, hung, or disconnected."""
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient was NaN or infinite; the step was not applied."""
 
 
 class OptimizerChanged(RuntimeError):
@@ -61,6 +65,7 @@ class StepExecutor:
         adapters: list[OptimizerAdapter],
         watches: tuple[Watch, ...] = (),
         stored: tuple[torch.Tensor, ...] = (),
+        guards: tuple[Guard, ...] = (),
     ) -> None:
         self.phases = phases
         # Parameters a pass keeps in another form: their storage exists only during a call.
@@ -71,6 +76,7 @@ class StepExecutor:
         self.adapters = adapters
         self.state_inputs = {name: runtime.inputs(p.state_names) for name, p in phases.items()}
         self.watches = {phase: [w for w in watches if phase in w.phases] for phase in phases}
+        self.guards = {phase: [g for g in guards if phase in g.phases] for phase in phases}
 
     def __call__(self, *args):
         for adapter in self.adapters:
@@ -95,8 +101,24 @@ class StepExecutor:
                 "this worker's state may be partly updated. Restart every worker from the last checkpoint "
                 "(model, optimizer and step.state_dict())."
             ) from error
-        self.runtime.step += 1
         self.runtime.phase_calls[phase] = self.runtime.phase_calls.get(phase, 0) + 1
+        for guard in self.guards[phase]:
+            flags = self.runtime.tensors[guard.state]
+            if bool(flags.all()):
+                continue
+            first = guard.labels[phase][int((~flags).nonzero()[0])]
+            if guard.skip:
+                if not self.runtime.warned.get(guard.state):
+                    self.runtime.warned[guard.state] = True
+                    warnings.warn(f"step {self.runtime.step}: the {first} is not finite; the step was skipped "
+                                  "(counted in nonfinite.skipped; warned once)", RuntimeWarning, stacklevel=2)
+                return out
+            raise NonFiniteError(
+                f"step {self.runtime.step} (phase {phase!r}): the {first} is not finite (NaN or inf); the step "
+                "was not applied, so parameters and optimizer state are as before it. Lower the learning rate, "
+                "check the batch, or use Policy(on_nonfinite='skip') to skip such steps and count them."
+            )
+        self.runtime.step += 1
         if self.log_comm and compiled.collectives:
             emit("comm", f"step {self.runtime.step}: phase {phase!r} ran {compiled.collectives} collective(s), "
                          f"{self.runtime.phase_calls[phase]} run(s) so far")

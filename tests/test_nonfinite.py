@@ -1,0 +1,99 @@
+"""A NaN or inf loss or gradient: raised or skipped inside the compiled step, state untouched."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lordo_compile as lc
+from lordo_compile.testing import training_step
+
+POLICIES = {
+    "identity": lambda: lc.Policy(),
+    "galore": lambda: lc.Policy.galore(rank=4, update_proj_gap=2),
+    "ddp": lambda: lc.Policy.ddp(),
+    "local_sgd": lambda: lc.Policy.local_sgd(sync_every=2),
+    "diloco": lambda: lc.Policy.diloco(sync_every=2),
+    "low_rank_ddp": lambda: lc.Policy.low_rank_ddp(rank=4, update_proj_gap=2),
+    "lordo": lambda: lc.Policy.lordo(rank=4, sync_every=2),
+    "cage": lambda: lc.Policy.cage(bits=4, total_steps=4, silence_ratio=0.0),
+    "eco": lambda: lc.Policy.eco(format="int8"),
+}
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def _batches():
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 16, generator=generator), torch.randn(8, 4, generator=generator)) for _ in range(4)]
+
+
+def _compile(name, mode):
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    policy = dataclasses.replace(POLICIES[name](), on_nonfinite=mode)
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="aot_eager")
+    return model, opt, step
+
+
+def _snapshot(model, step):
+    with step.materialized():
+        return [p.detach().clone() for p in model.parameters()], step.state_dict()
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_raise_names_the_step_and_leaves_state_as_it_was(name):
+    model, opt, step = _compile(name, "raise")
+    batches = _batches()
+    for x, y in batches[:3]:
+        step(x, y)
+    before, state = _snapshot(model, step)
+    x, y = batches[3]
+    with pytest.raises(lc.NonFiniteError, match=r"step 3 \(phase '\w+'\): the loss is not finite"):
+        step(x, y.clone().fill_(float("nan")))
+    after, state_after = _snapshot(model, step)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    for key, tensor in state["runtime"]["tensors"].items():
+        if not key.startswith("nonfinite."):
+            assert torch.equal(tensor, state_after["runtime"]["tensors"][key]), key
+    assert state_after["runtime"]["step"] == 3
+
+
+def test_raise_names_the_first_bad_gradient():
+    model, opt, step = _compile("identity", "raise")
+    x, y = _batches()[0]
+    step(x, y)
+    x = x.clone()
+    x[0, 0] = float("inf")  # the loss stays finite only if ReLU hides it: check whatever comes first
+    with pytest.raises(lc.NonFiniteError, match=r"the (loss|gradient of 0\.weight) is not finite"):
+        step(x, y)
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_skip_counts_and_matches_a_run_without_that_batch(name):
+    batches = _batches()
+    model, opt, step = _compile(name, "skip")
+    with pytest.warns(RuntimeWarning, match=r"the loss is not finite; the step was skipped"):
+        for i, (x, y) in enumerate(batches):
+            step(x, y)
+            if i == 1:
+                step(x, y.clone().fill_(float("nan")))
+    skipped, _ = _snapshot(model, step)
+    assert int(step.state_dict()["runtime"]["tensors"]["nonfinite.skipped"]) == 1
+
+    reference, _, clean = _compile(name, None)
+    for x, y in batches:
+        clean(x, y)
+    expected, _ = _snapshot(reference, clean)
+    for a, b in zip(skipped, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_mode_is_refused():
+    with pytest.raises(ValueError, match="Policy.on_nonfinite must be 'raise', 'skip' or None"):
+        lc.Policy(on_nonfinite="ignore")
