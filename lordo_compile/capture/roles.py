@@ -228,6 +228,13 @@ def _assign_remaining_roles(graph: fx.Graph, backward, grads, updates) -> None:
     before_updates = set().union(*(nx.ancestors(dag, u) for u in updates))
     output = next(n for n in graph.nodes if n.op == "output")
     output.meta[ROLE] = Role.OUTPUT
+    returned = [n for n in output.all_input_nodes if n in losses or any(loss in nx.ancestors(dag, n) for loss in losses)]
+    if losses and not returned:
+        raise ValueError(
+            "the training step returns no loss; return it (`return loss`: lc.compile detaches it, or "
+            "`return loss.detach()` under torch.compile). The loss is what a step reports and what "
+            "Policy(on_nonfinite=...) checks."
+        )
     for node in graph.nodes:
         if ROLE in node.meta:
             continue
