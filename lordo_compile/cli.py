@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import subprocess
@@ -53,7 +54,7 @@ def _is_main() -> bool:
 
 
 def _train_one(name: str, args: argparse.Namespace, config: RunConfig) -> dict:
-    policy = make_policy(name, args)
+    policy = dataclasses.replace(make_policy(name, args), on_nonfinite=args.on_nonfinite)
     world = dist.get_world_size() if dist.is_initialized() else 1
     if _is_main():
         print(f"{name}: tiny GPT ({args.layers} layers, width {args.width}) on CPython's pydoc_data.topics, "
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--bits", type=int, default=4, help="cage: weight bits")
     t.add_argument("--format", default="fp8_e4m3", choices=["fp8_e4m3", "int8", "int4"], help="eco: weight format")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--on-nonfinite", choices=["raise", "skip"], help="check loss and gradients in the step")
     t.add_argument("--steps", type=int, default=400)
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--seq-len", type=int, default=128)

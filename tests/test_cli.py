@@ -52,3 +52,8 @@ def test_inspect_diff_of_a_policy(tmp_path):
                            "eco", "--diff"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("--- captured\n+++ eco\n") and "lordo.eco_adamw" in done.stdout
+
+
+def test_train_with_the_nonfinite_check(tmp_path):
+    table = _table(_train("--policy", "galore", "--rank", "4", "--on-nonfinite", "raise", tmp_path=tmp_path))
+    assert "galore" in table
