@@ -107,6 +107,20 @@ class UpdateSite:
         return {keys[u.args[1]]: u for u in self.node.users if u.target is operator.getitem}
 
 
+def tag(node: fx.Node, role: Role, param: str | None = None, state: str | None = None,
+        name: str | None = None) -> fx.Node:
+    """Stamp a node a pass created: its role, the parameter and state key it belongs to,
+    and a readable name (made an identifier)."""
+    node.meta[ROLE] = role
+    if param is not None:
+        node.meta[PARAM] = param
+    if state is not None:
+        node.meta[STATE] = state
+    if name is not None:
+        node._rename(identifier(name))
+    return node
+
+
 def identifier(name: str) -> str:
     """A Python identifier for a dotted name: `layers.0.attn.weight` -> `layers_0_attn_weight`."""
     text = re.sub(r"\W+", "_", name).strip("_") or "t"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..graph import PARAM, ROLE, STATE, ParamInfo, Role, StateSpec, TrainGraph, identifier
+from ..graph import PARAM, ROLE, ParamInfo, Role, StateSpec, TrainGraph, tag
 from ..ops import op_named
 from ..ops.eco import (
     FORMATS, MODES, ROUNDINGS, SCALES, code_dtype, code_shape, eco_decode, forward_quantize, scale_shape,
@@ -84,14 +84,6 @@ class ECO:
         return {"format": self.format, "scale": self.scale, "group_size": self.group_size}
 
 
-def _meta(node: fx.Node, role: Role, param: str | None, name: str) -> fx.Node:
-    node.meta[ROLE] = role
-    if param is not None:
-        node.meta[PARAM] = param
-    node._rename(identifier(name))
-    return node
-
-
 def _storage(option: ECO, info: ParamInfo) -> dict[str, StateSpec]:
     shape = tuple(info.shape)
     return {
@@ -110,24 +102,23 @@ def _rebuild_weights(graph: TrainGraph, option: ECO, stored: dict[str, dict[str,
     g = graph.graph
     first = next(n for n in g.nodes if n.meta.get(ROLE) in (Role.FORWARD, Role.LOSS))
     with g.inserting_before(first):
-        _meta(g.call_function(torch._C._set_grad_enabled, (False,)), Role.OTHER, None, "weights_from_codes")
+        tag(g.call_function(torch._C._set_grad_enabled, (False,)), Role.OTHER, None, name="weights_from_codes")
         for name, state in stored.items():
             decoded = g.call_function(eco_decode, (state["codes"], state["scales"]),
                                       {"format": option.format, "group_size": option.group_size})
-            _meta(decoded, Role.FORWARD, name, f"decoded_{name}")
-            _meta(g.call_method("copy_", (weights[name], decoded)), Role.FORWARD, name, f"rebuild_{name}")
-        _meta(g.call_function(torch._C._set_grad_enabled, (True,)), Role.OTHER, None, "forward_with_grad")
+            tag(decoded, Role.FORWARD, name, name=f"decoded_{name}")
+            tag(g.call_method("copy_", (weights[name], decoded)), Role.FORWARD, name, name=f"rebuild_{name}")
+        tag(g.call_function(torch._C._set_grad_enabled, (True,)), Role.OTHER, None, name="forward_with_grad")
 
 
 def _rewrite(graph: TrainGraph, option: ECO, chosen: dict[str, str], initial: bool) -> None:
     g = graph.graph
     counter = graph.add_state(_COUNTER)
     with g.inserting_after(counter):
-        next_counter = _meta(g.call_function(torch.ops.aten.add.Scalar, (counter, 1)), Role.OPTIMIZER_UPDATE,
-                             None, "next_eco_step")
+        next_counter = tag(g.call_function(torch.ops.aten.add.Scalar, (counter, 1)), Role.OPTIMIZER_UPDATE,
+                             None, name="next_eco_step")
     with g.inserting_before(list(g.nodes)[-1]):
-        write = _meta(g.call_method("copy_", (counter, next_counter)), Role.WRITEBACK, None, "write_eco_step")
-    write.meta[STATE] = _COUNTER.name
+        tag(g.call_method("copy_", (counter, next_counter)), Role.WRITEBACK, state=_COUNTER.name, name="write_eco_step")
     weights = {n.meta[PARAM]: n for n in graph.placeholders() if n.meta.get(ROLE) == Role.PARAMETER}
     stored = {name: {key: graph.add_state(spec) for key, spec in _storage(option, graph.params[name]).items()}
               for name in chosen}
@@ -143,7 +134,7 @@ def _rewrite(graph: TrainGraph, option: ECO, chosen: dict[str, str], initial: bo
             readers = [u for u in weight.users if u.meta.get(ROLE) in (Role.FORWARD, Role.LOSS)] + [site.node]
             with g.inserting_before(readers[0]):
                 start = g.call_function(forward_quantize, (weight,), option.quantizer())
-            _meta(start, Role.FORWARD, site.param, f"quantized_{site.param}")
+            tag(start, Role.FORWARD, site.param, name=f"quantized_{site.param}")
             for reader in readers:
                 reader.replace_input_with(weight, start)
         replacement = op_named(chosen[site.param])
@@ -153,20 +144,19 @@ def _rewrite(graph: TrainGraph, option: ECO, chosen: dict[str, str], initial: bo
         kwargs = {**{k: v for k, v in site.node.kwargs.items() if k != "nesterov"}, **option.quantizer(),
                   "rounding": option.rounding, "mode": option.mode, "seed": option.seed, "salt": salt}
         with g.inserting_before(site.node):
-            new = _meta(g.call_function(replacement.overload, tuple(args), kwargs), Role.OPTIMIZER_UPDATE,
-                        site.param, f"{replacement.name}_{site.param}")
+            new = tag(g.call_function(replacement.overload, tuple(args), kwargs), Role.OPTIMIZER_UPDATE,
+                        site.param, name=f"{replacement.name}_{site.param}")
         site.node.replace_all_uses_with(new)
         g.erase_node(site.node)
         last = new
         for key in ("codes", "scales"):
             index = replacement.output_keys.index(key)
             with g.inserting_after(last):
-                output = _meta(g.call_function(operator.getitem, (new, index)), Role.OPTIMIZER_UPDATE, site.param,
-                               f"new_{key}_{site.param}")
+                output = tag(g.call_function(operator.getitem, (new, index)), Role.OPTIMIZER_UPDATE, site.param,
+                             name=f"new_{key}_{site.param}")
             with g.inserting_after(output):
-                last = _meta(g.call_method("copy_", (state[key], output)), Role.WRITEBACK, site.param,
-                             f"write_{key}_{site.param}")
-            last.meta[STATE] = key
+                last = tag(g.call_method("copy_", (state[key], output)), Role.WRITEBACK, site.param, state=key,
+                           name=f"write_{key}_{site.param}")
 
 
 def _master_forward(graph: TrainGraph, option: ECO, chosen: dict[str, str]) -> None:
@@ -179,7 +169,7 @@ def _master_forward(graph: TrainGraph, option: ECO, chosen: dict[str, str]) -> N
             continue
         with g.inserting_before(readers[0]):
             copy = g.call_function(forward_quantize, (node,), option.quantizer())
-        _meta(copy, Role.FORWARD, node.meta[PARAM], f"quantized_copy_{node.meta[PARAM]}")
+        tag(copy, Role.FORWARD, node.meta[PARAM], name=f"quantized_copy_{node.meta[PARAM]}")
         for reader in readers:
             reader.replace_input_with(node, copy)
 

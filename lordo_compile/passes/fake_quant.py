@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..graph import PARAM, ROLE, STATE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, identifier
+from ..graph import PARAM, ROLE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, tag
 from ..ops.quant import BITS, QUANTIZERS, STE, cage_coupled, cage_decoupled, cage_lambda, fake_quantize
 from .low_rank import choose_matrix, validate_selector
 from .manager import PassResult, Program, register_pass
@@ -141,14 +141,6 @@ class FakeQuant:
 _STEP = StateSpec(name="fake_quant.step", shape=(), dtype=torch.int64, owner="fake_quant")
 
 
-def _meta(node: fx.Node, role: Role, param: str | None, name: str) -> fx.Node:
-    node.meta[ROLE] = role
-    if param is not None:
-        node.meta[PARAM] = param
-    node._rename(identifier(name))
-    return node
-
-
 def _quantize_weights(graph: TrainGraph, option: FakeQuant, selected: dict[str, fx.Node]) -> dict[str, fx.Node]:
     """Forward reads of each selected weight go through a fake-quant node; returns those nodes."""
     g = graph.graph
@@ -160,7 +152,7 @@ def _quantize_weights(graph: TrainGraph, option: FakeQuant, selected: dict[str, 
             continue
         with g.inserting_before(readers[0]):
             node = g.call_function(fake_quantize, (weight,), {**option.quantizer_kwargs(), "ste": option.ste})
-        _meta(node, Role.FORWARD, name, f"fake_quantize_{name}")
+        tag(node, Role.FORWARD, name, name=f"fake_quantize_{name}")
         for reader in readers:
             reader.replace_input_with(weight, node)
         quantized[name] = node
@@ -171,7 +163,7 @@ def _quantize_weights(graph: TrainGraph, option: FakeQuant, selected: dict[str, 
                         act = g.call_function(fake_quantize, (reader.args[0],),
                                               {**option.quantizer_kwargs(option.activation_bits),
                                                "group_size": 0, "ste": "identity"})
-                    _meta(act, Role.FORWARD, None, f"fake_quantize_input_{name}")
+                    tag(act, Role.FORWARD, None, name=f"fake_quantize_input_{name}")
                     reader.replace_input_with(reader.args[0], act)
     return quantized
 
@@ -184,14 +176,13 @@ def _correct(graph: TrainGraph, correction: CAGE, sites: list[UpdateSite], quant
                                                      "silence_steps": correction.silence_steps,
                                                      "ramp_steps": correction.total_steps - correction.silence_steps,
                                                      "constant": correction.ramp == "constant"})
-    _meta(lam, Role.OPTIMIZER_UPDATE, None, "cage_lambda")
+    tag(lam, Role.OPTIMIZER_UPDATE, None, name="cage_lambda")
     with g.inserting_after(lam):
-        next_step = _meta(g.call_function(torch.ops.aten.add.Scalar, (step, 1)), Role.OPTIMIZER_UPDATE, None,
-                          "next_fake_quant_step")
+        next_step = tag(g.call_function(torch.ops.aten.add.Scalar, (step, 1)), Role.OPTIMIZER_UPDATE, None,
+                          name="next_fake_quant_step")
     last = list(g.nodes)[-1]
     with g.inserting_before(last):
-        write = _meta(g.call_method("copy_", (step, next_step)), Role.WRITEBACK, None, "write_fake_quant_step")
-    write.meta[STATE] = _STEP.name
+        tag(g.call_method("copy_", (step, next_step)), Role.WRITEBACK, state=_STEP.name, name="write_fake_quant_step")
     for site in sites:
         weight, fake = site.input("param"), quantized[site.param]
         if correction.form == "coupled":
@@ -199,7 +190,7 @@ def _correct(graph: TrainGraph, correction: CAGE, sites: list[UpdateSite], quant
             raw = site.input("grad")
             with g.inserting_after(raw):
                 grad = g.call_function(cage_coupled, (raw, weight, fake, lam))
-            _meta(grad, Role.OPTIMIZER_UPDATE, site.param, f"cage_grad_{site.param}")
+            tag(grad, Role.OPTIMIZER_UPDATE, site.param, name=f"cage_grad_{site.param}")
             for user in list(raw.users):
                 if user is not grad and user.meta.get(ROLE) == Role.OPTIMIZER_UPDATE:
                     user.replace_input_with(raw, grad)
@@ -207,7 +198,7 @@ def _correct(graph: TrainGraph, correction: CAGE, sites: list[UpdateSite], quant
         new_param = site.outputs()["param"]
         with g.inserting_after(new_param):
             corrected = g.call_function(cage_decoupled, (new_param, weight, fake, lam, site.input("lr")))
-        _meta(corrected, Role.OPTIMIZER_UPDATE, site.param, f"cage_param_{site.param}")
+        tag(corrected, Role.OPTIMIZER_UPDATE, site.param, name=f"cage_param_{site.param}")
         new_param.replace_all_uses_with(corrected, delete_user_cb=lambda user: user is not corrected)
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..graph import PARAM, ROLE, STATE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, identifier
+from ..graph import ROLE, STATE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, tag
 from ..ops import op_named
 from ..ops.lordo import NORMALIZERS, int8_rows
 from ..ops.low_rank import METHODS, ON_REFRESH, low_rank_carry, low_rank_projection
@@ -135,17 +135,6 @@ def _releases(option: LoRDO, info: ParamInfo, op_name: str) -> tuple[str, ...]:
     return ("exp_avg", "exp_avg_sq") if option.choose(info, op_name) is None else ()
 
 
-def _tag(node: fx.Node, role: Role, param: str | None = None, state: str | None = None,
-         name: str | None = None) -> fx.Node:
-    node.meta[ROLE] = role
-    if param is not None:
-        node.meta[PARAM] = param
-    if state is not None:
-        node.meta[STATE] = state
-    if name is not None:
-        node._rename(identifier(name))
-    return node
-
 
 @dataclass
 class _Matrix:
@@ -216,13 +205,13 @@ def _inner(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix]) -> dict[st
         kwargs = {"omega": float(option.omega), "mu": float(option.mu), "normalizer": option.full_rank_normalizer,
                   "clip": float(option.clip or 0.0), "tall": matrix.tall, "maximize": site.node.kwargs["maximize"]}
         with g.inserting_before(site.node):
-            new = _tag(g.call_function(op.overload, tuple(args), kwargs), Role.OPTIMIZER_UPDATE, matrix.param,
+            new = tag(g.call_function(op.overload, tuple(args), kwargs), Role.OPTIMIZER_UPDATE, matrix.param,
                        name=f"{op.name}_{matrix.param}")
         old_outputs = site.outputs()
         new_outputs = {}
         with g.inserting_after(new):
             for i, key in enumerate(op.output_keys):
-                new_outputs[key] = _tag(g.call_function(operator.getitem, (new, i)), Role.OPTIMIZER_UPDATE,
+                new_outputs[key] = tag(g.call_function(operator.getitem, (new, i)), Role.OPTIMIZER_UPDATE,
                                         matrix.param, key, name=f"new_{key}_{matrix.param}")
         for key in ("param", "step"):
             old_outputs[key].replace_all_uses_with(new_outputs[key])
@@ -236,7 +225,7 @@ def _inner(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix]) -> dict[st
         with g.inserting_after(point):
             for key in op.state:
                 if key != "step":
-                    _tag(g.call_method("copy_", (nodes[key], new_outputs[key])), Role.WRITEBACK, matrix.param, key,
+                    tag(g.call_method("copy_", (nodes[key], new_outputs[key])), Role.WRITEBACK, matrix.param, key,
                          name=f"write_{key}_{matrix.param}")
         nodes.update({f"new_{k}": v for k, v in new_outputs.items()})
     return state
@@ -244,11 +233,11 @@ def _inner(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix]) -> dict[st
 
 def _projection(g: fx.Graph, option: LoRDO, matrix: _Matrix, nodes: dict[str, fx.Node], source: fx.Node,
                 method: str) -> fx.Node:
-    computed = _tag(g.call_function(
+    computed = tag(g.call_function(
         low_rank_projection, (source, nodes["projection"], nodes.get("sketch", nodes["projection"])),
         {"rank": option.rank, "tall": matrix.tall, "method": method, "power_iterations": option.power_iterations}),
         Role.OPTIMIZER_UPDATE, matrix.param, name=f"refresh_{matrix.param}")
-    return _tag(g.call_function(operator.getitem, (computed, 0)), Role.OPTIMIZER_UPDATE, matrix.param,
+    return tag(g.call_function(operator.getitem, (computed, 0)), Role.OPTIMIZER_UPDATE, matrix.param,
                 "projection", name=f"new_projection_{matrix.param}")
 
 
@@ -268,7 +257,7 @@ def _first_projection(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix],
             grad = sites[m.param].input("grad")
             if sketched:
                 a = g.call_method("t", (grad,)) if m.tall else grad
-                sketch = _tag(g.call_function(torch.matmul, (a, nodes[m.param]["payload_sketch"])), Role.GRADIENT,
+                sketch = tag(g.call_function(torch.matmul, (a, nodes[m.param]["payload_sketch"])), Role.GRADIENT,
                               m.param, name=f"gradient_sketch_{m.param}")
                 sketch.meta["val"] = torch.empty((m.side, option.rank + option.sketch_size), device="meta")
                 sources.append(sketch)
@@ -282,7 +271,7 @@ def _first_projection(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix],
                 source = g.call_method("t", (source,))
             new = _projection(g, option, m, nodes[m.param], source, "svd")
             sites[m.param].node.replace_input_with(nodes[m.param]["projection"], new)
-            _tag(g.call_method("copy_", (nodes[m.param]["projection"], new)), Role.WRITEBACK, m.param, "projection",
+            tag(g.call_method("copy_", (nodes[m.param]["projection"], new)), Role.WRITEBACK, m.param, "projection",
                  name=f"write_projection_{m.param}")
 
 
@@ -320,7 +309,7 @@ def _sync(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix], group: str 
         for p in names:
             delta = g.call_function(torch.ops.aten.sub.Tensor, (anchors[p], new_params[p]))
             delta.meta["val"] = anchors[p].meta["val"]
-            deltas[p] = _tag(delta, Role.GRADIENT, p, name=f"pseudo_gradient_{p}")
+            deltas[p] = tag(delta, Role.GRADIENT, p, name=f"pseudo_gradient_{p}")
         sends, send_params, gathers, gather_params = [], [], [], []
         payload = {}
         for p in names:
@@ -329,37 +318,37 @@ def _sync(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix], group: str 
                 send_params.append(p)
                 continue
             m, nodes = selected[p], state[p]
-            y = _tag(g.call_function(torch.ops.aten.add.Tensor, (deltas[p], nodes["sync_error"])), Role.GRADIENT, p,
+            y = tag(g.call_function(torch.ops.aten.add.Tensor, (deltas[p], nodes["sync_error"])), Role.GRADIENT, p,
                      name=f"sync_input_{p}")
-            a = _tag(g.call_method("t", (y,)), Role.GRADIENT, p) if m.tall else y
+            a = tag(g.call_method("t", (y,)), Role.GRADIENT, p) if m.tall else y
             if option.payload == "low_rank":
                 q = nodes["projection"]
-                coords = _tag(g.call_function(torch.matmul, (g.call_method("t", (q,)), a)), Role.GRADIENT, p,
+                coords = tag(g.call_function(torch.matmul, (g.call_method("t", (q,)), a)), Role.GRADIENT, p,
                               name=f"payload_coordinates_{p}")
-                sketch = _tag(g.call_function(torch.matmul, (a, nodes["payload_sketch"])), Role.GRADIENT, p,
+                sketch = tag(g.call_function(torch.matmul, (a, nodes["payload_sketch"])), Role.GRADIENT, p,
                               name=f"payload_sketch_{p}")
                 for node, shape in ((coords, (option.rank, m.other)), (sketch, (m.side, option.rank + option.sketch_size))):
                     node.meta["val"] = torch.empty(shape, device="meta")
                 kept = g.call_function(torch.matmul, (q, coords))
                 residual = g.call_function(torch.ops.aten.sub.Tensor, (a, kept))
                 residual = g.call_method("t", (residual,)) if m.tall else residual
-                _tag(g.call_method("copy_", (nodes["sync_error"], residual)), Role.WRITEBACK, p, "sync_error",
+                tag(g.call_method("copy_", (nodes["sync_error"], residual)), Role.WRITEBACK, p, "sync_error",
                      name=f"write_sync_error_{p}")
                 payload[p] = (coords, sketch)
                 sends += [coords, sketch]
                 send_params += [p, p]
             else:
                 codes_scales = g.call_function(int8_rows, (a,))
-                codes = _tag(g.call_function(operator.getitem, (codes_scales, 0)), Role.GRADIENT, p,
+                codes = tag(g.call_function(operator.getitem, (codes_scales, 0)), Role.GRADIENT, p,
                              name=f"int8_codes_{p}")
-                scales = _tag(g.call_function(operator.getitem, (codes_scales, 1)), Role.GRADIENT, p,
+                scales = tag(g.call_function(operator.getitem, (codes_scales, 1)), Role.GRADIENT, p,
                               name=f"int8_scales_{p}")
                 codes.meta["val"] = torch.empty((m.side, m.other), dtype=torch.int8, device="meta")
                 scales.meta["val"] = torch.empty((m.side, 1), dtype=torch.float32, device="meta")
                 dequantized = g.call_function(torch.mul, (g.call_method("float", (codes,)), scales))
                 residual = g.call_function(torch.ops.aten.sub.Tensor, (a, dequantized))
                 residual = g.call_method("t", (residual,)) if m.tall else residual
-                _tag(g.call_method("copy_", (nodes["sync_error"], residual)), Role.WRITEBACK, p, "sync_error",
+                tag(g.call_method("copy_", (nodes["sync_error"], residual)), Role.WRITEBACK, p, "sync_error",
                      name=f"write_sync_error_{p}")
                 payload[p] = (codes, scales, dequantized)
                 gathers += [codes, scales]
@@ -415,16 +404,16 @@ def _outer_updates(g, graph, option, names, averaged, anchors, buffers, sites) -
         kwargs.update(momentum=float(option.outer_momentum), nesterov=bool(option.nesterov))
     for p in names:
         args = (anchors[p], averaged[p]) + ((buffers[p],) if option.outer_momentum else ())
-        outer = _tag(g.call_function(op.overload, args, kwargs), Role.OPTIMIZER_UPDATE, p, name=f"{op.name}_{p}")
+        outer = tag(g.call_function(op.overload, args, kwargs), Role.OPTIMIZER_UPDATE, p, name=f"{op.name}_{p}")
         anchor = outer
         if option.outer_momentum:
-            anchor = _tag(g.call_function(operator.getitem, (outer, 0)), Role.OPTIMIZER_UPDATE, p, "param")
-            buf = _tag(g.call_function(operator.getitem, (outer, 1)), Role.OPTIMIZER_UPDATE, p, "momentum_buffer")
-            _tag(g.call_method("copy_", (buffers[p], buf)), Role.WRITEBACK, p, "outer_momentum",
+            anchor = tag(g.call_function(operator.getitem, (outer, 0)), Role.OPTIMIZER_UPDATE, p, "param")
+            buf = tag(g.call_function(operator.getitem, (outer, 1)), Role.OPTIMIZER_UPDATE, p, "momentum_buffer")
+            tag(g.call_method("copy_", (buffers[p], buf)), Role.WRITEBACK, p, "outer_momentum",
                  name=f"write_outer_momentum_{p}")
-        _tag(g.call_method("copy_", (anchors[p], anchor)), Role.WRITEBACK, p, "anchor", name=f"write_anchor_{p}")
+        tag(g.call_method("copy_", (anchors[p], anchor)), Role.WRITEBACK, p, "anchor", name=f"write_anchor_{p}")
         placeholder = next(s.input("param") for s in sites if s.param == p)
-        _tag(g.call_method("copy_", (placeholder, anchor)), Role.WRITEBACK, p, "param", name=f"reset_to_anchor_{p}")
+        tag(g.call_method("copy_", (placeholder, anchor)), Role.WRITEBACK, p, "param", name=f"reset_to_anchor_{p}")
 
 
 def _carry(g: fx.Graph, option: LoRDO, matrix: _Matrix, nodes: dict[str, fx.Node], new_q: fx.Node,
@@ -433,15 +422,15 @@ def _carry(g: fx.Graph, option: LoRDO, matrix: _Matrix, nodes: dict[str, fx.Node
     outputs = site.outputs()
     if option.on_refresh == "reproject":
         for key in ("u", "v"):
-            carried = _tag(g.call_function(low_rank_carry, (outputs[key], nodes["projection"], new_q),
+            carried = tag(g.call_function(low_rank_carry, (outputs[key], nodes["projection"], new_q),
                                            {"tall": matrix.tall, "squared": key == "v", "mode": "reproject"}),
                            Role.OPTIMIZER_UPDATE, p, key, name=f"carried_{key}_{p}")
-            _tag(g.call_method("copy_", (nodes[key], carried)), Role.WRITEBACK, p, key, name=f"write_carried_{key}_{p}")
+            tag(g.call_method("copy_", (nodes[key], carried)), Role.WRITEBACK, p, key, name=f"write_carried_{key}_{p}")
     elif option.on_refresh == "reset":
         for key in ("u", "v", "error"):
-            _tag(g.call_method("zero_", (nodes[key],)), Role.WRITEBACK, p, key, name=f"reset_{key}_{p}")
-        _tag(g.call_method("zero_", (site.input("step"),)), Role.WRITEBACK, p, "step", name=f"reset_step_{p}")
-    _tag(g.call_method("copy_", (nodes["projection"], new_q)), Role.WRITEBACK, p, "projection",
+            tag(g.call_method("zero_", (nodes[key],)), Role.WRITEBACK, p, key, name=f"reset_{key}_{p}")
+        tag(g.call_method("zero_", (site.input("step"),)), Role.WRITEBACK, p, "step", name=f"reset_step_{p}")
+    tag(g.call_method("copy_", (nodes["projection"], new_q)), Role.WRITEBACK, p, "projection",
          name=f"write_projection_{p}")
 
 

@@ -17,9 +17,8 @@ once, and training goes on.
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 
-from ..graph import PARAM, ROLE, STATE, Role, StateSpec, TrainGraph, identifier
+from ..graph import PARAM, ROLE, Role, StateSpec, TrainGraph, tag
 from ..ops.registry import define_aux_op
 from .manager import Guard, PassResult, Program, register_pass
 
@@ -36,12 +35,6 @@ finite_flags = define_aux_op(
 )
 
 
-def _meta(node: fx.Node, role: Role, name: str) -> fx.Node:
-    node.meta[ROLE] = role
-    node._rename(identifier(name))
-    return node
-
-
 def _guard(graph: TrainGraph) -> tuple[str, ...]:
     g = graph.graph
     output = next(n for n in reversed(g.nodes) if n.op == "output")
@@ -55,10 +48,10 @@ def _guard(graph: TrainGraph) -> tuple[str, ...]:
     writebacks = [n for n in g.nodes if n.meta.get(ROLE) == Role.WRITEBACK and n.target == "copy_"]
     anchor = max([loss] + [s.input("grad") for s in sites], key=lambda n: list(g.nodes).index(n))
     with g.inserting_after(anchor):
-        flags = _meta(g.call_function(finite_flags, ([loss] + [s.input("grad") for s in sites],)),
-                      Role.OPTIMIZER_UPDATE, "finite_flags")
+        flags = tag(g.call_function(finite_flags, ([loss] + [s.input("grad") for s in sites],)),
+                      Role.OPTIMIZER_UPDATE, name="finite_flags")
     with g.inserting_after(flags):
-        ok = _meta(g.call_method("all", (flags,)), Role.OPTIMIZER_UPDATE, "step_is_finite")
+        ok = tag(g.call_method("all", (flags,)), Role.OPTIMIZER_UPDATE, name="step_is_finite")
     order = {n: i for i, n in enumerate(g.nodes)}
     for write in writebacks:
         target, new = write.args
@@ -79,12 +72,11 @@ def _guard(graph: TrainGraph) -> tuple[str, ...]:
             kept.meta[PARAM] = write.meta[PARAM]
         write.args = (target, kept)
     with g.inserting_before(output):
-        _meta(g.call_method("copy_", (flags_state, flags)), Role.WRITEBACK, "write_finite_flags").meta[STATE] = \
-            "nonfinite.flags"
+        tag(g.call_method("copy_", (flags_state, flags)), Role.WRITEBACK, state="nonfinite.flags",
+            name="write_finite_flags")
         bad = g.call_function(torch.ops.aten.logical_not.default, (ok,))
         count = g.call_function(torch.ops.aten.add.Tensor, (skipped, bad))
-        _meta(g.call_method("copy_", (skipped, count)), Role.WRITEBACK, "count_skipped").meta[STATE] = \
-            "nonfinite.skipped"
+        tag(g.call_method("copy_", (skipped, count)), Role.WRITEBACK, state="nonfinite.skipped", name="count_skipped")
     graph.recompile()
     return labels
 

@@ -22,9 +22,8 @@ import operator
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
 
-from ..graph import PARAM, ROLE, STATE, Role, StateSpec, TrainGraph, UpdateSite, identifier
+from ..graph import Role, StateSpec, TrainGraph, UpdateSite, tag
 from ..ops import op_named
 from .collectives import group_name, insert_mean_all_reduce, remove_gradient_all_reduces
 from .manager import PassResult, Program, Rule, Schedule, register_pass
@@ -60,16 +59,6 @@ class Sync:
             raise ValueError("Sync.nesterov=True needs outer_momentum > 0")
 
 
-def _tag(node: fx.Node, role: Role, param: str | None = None, state: str | None = None, name: str | None = None):
-    node.meta[ROLE] = role
-    if param is not None:
-        node.meta[PARAM] = param
-    if state is not None:
-        node.meta[STATE] = state
-    if name is not None:
-        node._rename(identifier(name))
-    return node
-
 
 def _outer_step(graph: TrainGraph, option: Sync, group: str | None) -> list[str]:
     """Append the pseudo-gradient, its average and the outer update to a copy of the local step."""
@@ -94,7 +83,7 @@ def _outer_step(graph: TrainGraph, option: Sync, group: str | None) -> list[str]
         for param, new in zip(names, new_params):
             delta = g.call_function(torch.ops.aten.sub.Tensor, (anchors[param], new))
             delta.meta["val"] = anchors[param].meta["val"]
-            deltas.append(_tag(delta, Role.GRADIENT, param, name=f"pseudo_gradient_{param}"))
+            deltas.append(tag(delta, Role.GRADIENT, param, name=f"pseudo_gradient_{param}"))
     averaged = insert_mean_all_reduce(g, deltas, group, Role.GRADIENT, names) if group else deltas
     order = {n: i for i, n in enumerate(g.nodes)}
     point = max(averaged, key=order.__getitem__).next
@@ -105,20 +94,20 @@ def _outer_step(graph: TrainGraph, option: Sync, group: str | None) -> list[str]
     with g.inserting_before(point):
         for param, delta in zip(names, averaged):
             args = (anchors[param], delta) + ((buffers[param],) if option.outer_momentum else ())
-            outer = _tag(g.call_function(op.overload, args, kwargs), Role.OPTIMIZER_UPDATE, param,
+            outer = tag(g.call_function(op.overload, args, kwargs), Role.OPTIMIZER_UPDATE, param,
                          name=f"{op.name}_{param}")
             outputs = UpdateSite(outer, op, param).outputs()
             if option.outer_momentum:
                 for key, index in (("param", 0), ("momentum_buffer", 1)):
-                    outputs[key] = _tag(g.call_function(operator.getitem, (outer, index)),
+                    outputs[key] = tag(g.call_function(operator.getitem, (outer, index)),
                                         Role.OPTIMIZER_UPDATE, param, key, name=f"new_outer_{key}_{param}")
-                _tag(g.call_method("copy_", (buffers[param], outputs["momentum_buffer"])), Role.WRITEBACK, param,
+                tag(g.call_method("copy_", (buffers[param], outputs["momentum_buffer"])), Role.WRITEBACK, param,
                      "outer_momentum", name=f"write_outer_momentum_{param}")
             anchor = outputs["param"]
-            _tag(g.call_method("copy_", (anchors[param], anchor)), Role.WRITEBACK, param, "anchor",
+            tag(g.call_method("copy_", (anchors[param], anchor)), Role.WRITEBACK, param, "anchor",
                  name=f"write_anchor_{param}")
             placeholder = next(s.input("param") for s in sites if s.param == param)
-            _tag(g.call_method("copy_", (placeholder, anchor)), Role.WRITEBACK, param, "param",
+            tag(g.call_method("copy_", (placeholder, anchor)), Role.WRITEBACK, param, "param",
                  name=f"reset_to_anchor_{param}")
     return names
 

@@ -199,19 +199,6 @@ def test_baselines_match_eager(kind, mode):
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
 
 
-def test_injected_error_is_applied_later():
-    """Summing the geometric series: after a quantized step, the momentum's injected term
-    moves W by +e over the following steps (SGD, zero gradient from then on)."""
-    beta, lr = MOMENTUM, LR
-    m = torch.zeros(())
-    e = torch.tensor(0.37)
-    m = m + (1 / lr) * (1 - 1 / beta) * e
-    moved = torch.zeros(())
-    for _ in range(2000):
-        m = beta * m
-        moved = moved - lr * m
-    torch.testing.assert_close(moved, e)
-
 
 @pytest.mark.parametrize(
     "policy, message",
