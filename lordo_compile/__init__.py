@@ -8,11 +8,15 @@
 from .api import CompiledStep, LordoBackend, backend, compile
 from .capture.optim import prepare
 from .errors import CaptureError, PassError
+from .runtime.checkpoint import load_checkpoint, save_checkpoint
 from .runtime.executor import CollectiveError, NonFiniteError
 from .graph import Role, StateSpec, TrainGraph
+from .passes.adaptive_rotation import AdaptiveRotation
 from .passes.data_parallel import DataParallel
 from .passes.eco import ECO
+from .passes.ema_nesterov import EMANesterov
 from .passes.fake_quant import CAGE, FakeQuant
+from .passes.gossip import Gossip
 from .passes.lordo import LoRDO
 from .passes.low_rank import LowRank
 from .passes.sync import Sync
@@ -21,13 +25,16 @@ from .policy import Policy
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveRotation",
     "CAGE",
     "CaptureError",
     "CollectiveError",
     "CompiledStep",
     "DataParallel",
     "ECO",
+    "EMANesterov",
     "FakeQuant",
+    "Gossip",
     "LoRDO",
     "LordoBackend",
     "LowRank",
@@ -40,5 +47,7 @@ __all__ = [
     "TrainGraph",
     "backend",
     "compile",
+    "load_checkpoint",
     "prepare",
+    "save_checkpoint",
 ]

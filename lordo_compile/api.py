@@ -60,6 +60,7 @@ class LordoBackend:
         names: Names | None = None,
         arg_names: Sequence[str] = (),
         adapters: Sequence[OptimizerAdapter] | None = None,
+        deterministic: bool = True,
     ) -> None:
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be a lordo_compile.Policy, got {type(policy).__name__}")
@@ -67,6 +68,7 @@ class LordoBackend:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
         self.policy = policy
         self.compiler = compiler
+        self.deterministic = _checked_deterministic(deterministic)
         self.names = names or Names()
         self.arg_names = list(arg_names)
         self._adapters = list(adapters) if adapters is not None else None
@@ -106,6 +108,8 @@ class LordoBackend:
             for node in graph.placeholders()
             if node.meta.get(ROLE) == Role.PARAMETER
         }
+        communicates = any(collectives_in(graph) for graph in final.phases.values())
+        self.runtime.world_size = _world_size() if communicates else None
         self.runtime.allocate(final.state(), params)
         self.param_names = {id(tensor): name for name, tensor in params.items()}
         self.timings["capture_and_passes_s"] = time.perf_counter() - started
@@ -119,7 +123,8 @@ class LordoBackend:
             state_names = list(graph.state)
             inputs = list(example_inputs) + _static(self.runtime.inputs(state_names))
             fn = compile_phase(
-                lowered, inputs, self.compiler, lambda aten, v=views, p=phase: v.add(GraphView(p, "aten", aten))
+                lowered, inputs, self.compiler, lambda aten, v=views, p=phase: v.add(GraphView(p, "aten", aten)),
+                deterministic=self.deterministic,
             )
             compiled[phase] = CompiledPhase(fn, state_names, len(collectives_in(graph)))
             self.graphs[phase] = views
@@ -127,7 +132,8 @@ class LordoBackend:
         self.captures += 1
         self._log_capture()
         self.executor = StepExecutor(compiled, final.schedule, self.runtime, adapters, final.watches,
-                                     tuple(params[name] for name in final.stored), final.guards)
+                                     tuple(params[name] for name in final.stored), final.guards,
+                                     deterministic=self.deterministic)
         return self.executor
 
     def _log_capture(self) -> None:
@@ -229,8 +235,9 @@ class LordoBackend:
     def export_quantized(self) -> QuantizedModel:
         """The weights the policy's `fake_quant` quantizes, as integer codes and scales.
 
-        They are the current weights, quantized as the compiled forward quantizes them, so
-        `dequantize()` gives exactly the weights the next forward multiplies by.
+        They are the current weights, quantized as the compiled forward quantizes them (each
+        in the basis its layer's current rotation choice says), so `dequantize()` gives
+        exactly the weights the next forward multiplies by.
         """
         option = self.policy.fake_quant
         if option is None:
@@ -242,7 +249,8 @@ class LordoBackend:
                    if (name := self.param_names.get(id(p))) is not None}
         return QuantizedModel({
             name: quantize_for_export(tensors[name].detach(), bits=option.bits, quantizer=option.quantizer,
-                                      group_size=option.group_size, hadamard=option.hadamard)
+                                      group_size=option.group_size,
+                                      hadamard=option.rotates(name, self.runtime.tensors))
             for name, info in infos.items() if name in tensors and option.choose(info) is None
         })
 
@@ -300,6 +308,7 @@ class CompiledStep:
         *,
         optimizers: Sequence[torch.optim.Optimizer] | None = None,
         compiler: str = "inductor",
+        deterministic: bool = True,
     ) -> None:
         if not callable(step):
             raise TypeError(f"compile() takes the training step function, got {type(step).__name__}")
@@ -321,7 +330,8 @@ class CompiledStep:
         except (TypeError, ValueError):
             arg_names = []
         self.backend = LordoBackend(
-            policy, compiler=compiler, names=names, arg_names=arg_names, adapters=self.adapters
+            policy, compiler=compiler, names=names, arg_names=arg_names, adapters=self.adapters,
+            deterministic=deterministic,
         )
         self._compiled = torch.compile(_entry_for(step), backend=self.backend, fullgraph=True)
 
@@ -409,6 +419,7 @@ def compile(
     *,
     optimizers: Sequence[torch.optim.Optimizer] | None = None,
     compiler: str = "inductor",
+    deterministic: bool = True,
 ) -> CompiledStep:
     """Capture `step` (forward, backward, optimizer step) as one graph and compile it.
 
@@ -418,8 +429,13 @@ def compile(
       optimizers: the optimizers the step uses; found in its closure/globals when omitted.
       compiler: "inductor" (default), "aot_eager" (no code generation), or "eager" (run
         the rewritten graph directly).
+      deterministic: compile and run with `torch.use_deterministic_algorithms(True)`, so two
+        runs with the same seed, inputs and thread count give bit-identical results. False
+        lets Inductor use atomic scatter-adds (an embedding's backward), which are faster
+        with several threads and round differently from run to run.
     """
-    return CompiledStep(step, policy if policy is not None else Policy(), optimizers=optimizers, compiler=compiler)
+    return CompiledStep(step, policy if policy is not None else Policy(), optimizers=optimizers, compiler=compiler,
+                        deterministic=deterministic)
 
 
 def backend(
@@ -427,6 +443,7 @@ def backend(
     *,
     optimizers: Sequence[torch.optim.Optimizer] | None = None,
     compiler: str = "inductor",
+    deterministic: bool = True,
 ) -> LordoBackend:
     """A backend for `torch.compile(step, backend=..., fullgraph=True)`.
 
@@ -445,7 +462,18 @@ def backend(
     adapters = prepare(*optimizers)
     names = Names.of_frame(caller)
     release_state(policy, adapters, names)
-    return LordoBackend(policy, compiler=compiler, names=names, adapters=adapters)
+    return LordoBackend(policy, compiler=compiler, names=names, adapters=adapters, deterministic=deterministic)
+
+
+def _world_size() -> int:
+    distributed = torch.distributed
+    return distributed.get_world_size() if distributed.is_available() and distributed.is_initialized() else 1
+
+
+def _checked_deterministic(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"deterministic must be True or False, got {value!r}")
+    return value
 
 
 def release_state(policy: Policy, adapters: Sequence[OptimizerAdapter], names: Names) -> None:
@@ -460,13 +488,14 @@ def release_state(policy: Policy, adapters: Sequence[OptimizerAdapter], names: N
 
 
 def dynamo_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None) -> Callable:
-    """The `backend="lordo"` entry point: `options={"policy": ..., "compiler": ...}`.
+    """The `backend="lordo"` entry point: `options={"policy": ..., "compiler": ..., "deterministic": ...}`.
 
     Optimizers must be prepared before the first call (`lordo_compile.prepare(opt)`).
     """
     options = dict(options or {})
     policy = options.pop("policy", None) or Policy()
     compiler = options.pop("compiler", "inductor")
+    deterministic = options.pop("deterministic", True)
     if options:
-        raise ValueError(f"unknown lordo backend options {sorted(options)}; known: policy, compiler")
-    return LordoBackend(policy, compiler=compiler)(gm, example_inputs)
+        raise ValueError(f"unknown lordo backend options {sorted(options)}; known: policy, compiler, deterministic")
+    return LordoBackend(policy, compiler=compiler, deterministic=deterministic)(gm, example_inputs)

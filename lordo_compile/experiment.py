@@ -99,7 +99,8 @@ def _quantized_forward(model: nn.Module, step: CompiledStep):
         return
     names = step.backend.param_names
     if fake_quant is not None:
-        swapped = step.export_quantized().dequantize()
+        exported = step.export_quantized()
+        swapped = exported.dequantize()
     else:
         swapped = {names[id(p)]: eco_quantize(p.detach(), **master.quantizer(), rounding="nearest")
                    for p in model.parameters() if id(p) in names and master.choose(_info(step, names[id(p)])) is None}
@@ -113,7 +114,8 @@ def _quantized_forward(model: nn.Module, step: CompiledStep):
             saved[name] = (weight, weight.detach().clone())
             weight.data.copy_(swapped[name])
         if fake_quant is not None and fake_quant.activation_bits is not None and isinstance(module, nn.Linear):
-            kwargs = {**fake_quant.quantizer_kwargs(fake_quant.activation_bits), "group_size": 0, "ste": "identity"}
+            kwargs = {**fake_quant.quantizer_kwargs(fake_quant.activation_bits), "group_size": 0, "ste": "identity",
+                      "hadamard": exported[name].hadamard}
             hooks.append(module.register_forward_pre_hook(
                 lambda _, args, kwargs=kwargs: (fake_quantize_math(args[0], **kwargs),) + args[1:]))
     try:

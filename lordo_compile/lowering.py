@@ -9,8 +9,10 @@ traces that function into aten ops, so Inductor sees the whole update and fuses 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
+import torch
 import torch.fx as fx
 
 from .graph import TrainGraph
@@ -30,13 +32,43 @@ def lower(train_graph: TrainGraph) -> fx.GraphModule:
     return module
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """`torch.use_deterministic_algorithms(True)` for the duration, when `enabled`.
+
+    Inductor reads the flag when it lowers: with it, a scatter-add (an embedding's backward)
+    becomes a serial kernel; without it, a parallel loop of atomic adds whose order, and so
+    whose rounding, changes from run to run with more than one thread. On a GPU the same
+    flag picks the deterministic eager kernels at run time.
+    """
+    previous = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if not enabled or previous:
+        yield
+        return
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=warn_only)
+
+
 def compile_phase(
     module: fx.GraphModule,
     example_inputs: Sequence,
     compiler: str,
     on_aten_graph: Callable[[fx.GraphModule], None],
+    deterministic: bool = True,
 ) -> Callable:
-    """Compile a lowered phase; `on_aten_graph` receives the graph AOTAutograd produced."""
+    """Compile a lowered phase; `on_aten_graph` receives the graph AOTAutograd produced.
+
+    With `deterministic`, code generation picks kernels whose result does not depend on
+    thread timing (see `deterministic_algorithms`)."""
+    with deterministic_algorithms(deterministic):
+        return _compile_phase(module, example_inputs, compiler, on_aten_graph)
+
+
+def _compile_phase(module, example_inputs, compiler, on_aten_graph) -> Callable:
     if compiler == "eager":
         return module.forward
     if compiler == "aot_eager":

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from .passes.data_parallel import DataParallel
 from .passes.eco import ECO
+from .passes.ema_nesterov import EMANesterov
 from .passes.fake_quant import CAGE, FakeQuant
+from .passes.gossip import Gossip
 from .passes.lordo import LoRDO
 from .passes.low_rank import LowRank
 from .passes.low_rank_ddp import LowRankDDP
@@ -31,13 +33,16 @@ class Policy:
     low_rank_data_parallel: LowRankDDP | None = None
     fake_quant: FakeQuant | None = None
     quantized_weights: ECO | None = None
+    lookahead: EMANesterov | None = None
+    gossip: Gossip | None = None
     # "raise" or "skip" a step whose loss or gradients are not finite; None: not checked.
     on_nonfinite: str | None = None
     extra_passes: tuple[object, ...] = ()
 
     def __post_init__(self) -> None:
         for name, kind in (("low_rank", LowRank), ("data_parallel", DataParallel), ("sync", Sync), ("low_rank_sync", LoRDO),
-                           ("low_rank_data_parallel", LowRankDDP), ("fake_quant", FakeQuant), ("quantized_weights", ECO)):
+                           ("low_rank_data_parallel", LowRankDDP), ("fake_quant", FakeQuant), ("quantized_weights", ECO),
+                           ("lookahead", EMANesterov), ("gossip", Gossip)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
                 raise ValueError(f"Policy.{name} must be a lordo_compile.{kind.__name__}, got {value!r}")
@@ -77,6 +82,12 @@ class Policy:
         return cls(low_rank_sync=LoRDO(rank=rank, sync_every=sync_every, **options))
 
     @classmethod
+    def docom(cls, ratio: float = 0.01, gamma: float = 0.1, beta: float = 0.1, **options) -> "Policy":
+        """DoCoM-SGT: compressed gossip on a ring instead of an all-reduce; `options` are the
+        other `Gossip` fields (topology, compressor, group)."""
+        return cls(gossip=Gossip(ratio=ratio, gamma=gamma, beta=beta, **options))
+
+    @classmethod
     def low_rank_ddp(cls, rank: int, update_proj_gap: int = 200, scale: float = 0.25, group=None,
                      **options) -> "Policy":
         """GaLore with the projected gradient averaged every step (LoRDO's baseline)."""
@@ -94,7 +105,7 @@ class Policy:
              form: str = "decoupled", **options) -> "Policy":
         """CAGE: fake-quantized weights (STE) plus the correction lambda_t (W - Q(W));
         `total_steps` is the run's length, which the schedule spans. `options` are the
-        other `FakeQuant` fields (group_size, ste, activation_bits, params)."""
+        other `FakeQuant` fields (group_size, ste, activation_bits, params, adaptive_rotation)."""
         if total_steps is None:
             raise ValueError("Policy.cage needs total_steps=T, the run's length: the correction is silent for "
                              "the first silence_ratio * T steps")

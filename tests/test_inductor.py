@@ -9,6 +9,7 @@ from torch._inductor.utils import run_and_get_code
 
 import lordo_compile as lc
 from common import gpt_problem, max_rel_diff, mlp_problem, train
+from lordo_compile.launch import run_workers
 from lordo_compile.models import MLP
 from lordo_compile.testing import training_step
 
@@ -49,3 +50,22 @@ def test_inductor_matches_torch_optim(problem, make):
     assert max_rel_diff(reference, params) <= 1e-5
     assert step.captures == 1
     assert "aten" in step.graphs["step"]
+
+
+def same_seed_run(rank, world, policy_name):
+    """The tiny GPT (an embedding: Inductor's scatter-add) for 6 steps with 2 threads."""
+    policy = {"identity": lc.Policy(), "eco": lc.Policy.eco(format="int8", rounding="stochastic", seed=1)}[policy_name]
+    model, loss_fn, batches = gpt_problem()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    step = lc.compile(training_step(loss_fn, opt), policy)
+    for x, y in batches[:6]:
+        step(x, y)
+    with step.materialized():
+        return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("policy_name", ["identity", "eco"])
+def test_two_processes_with_the_same_seed_are_bit_identical_with_two_threads(policy_name):
+    first, second = (run_workers(same_seed_run, 1, threads=2, args=(policy_name,))[0] for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -20,6 +20,7 @@ POLICIES = {
     "lordo": lambda: lc.Policy.lordo(rank=4, sync_every=2),
     "cage": lambda: lc.Policy.cage(bits=4, total_steps=4, silence_ratio=0.0),
     "eco": lambda: lc.Policy.eco(format="int8"),
+    "ema_nesterov": lambda: lc.Policy(lookahead=lc.EMANesterov(beta=0.5, gamma=0.9, warmup_steps=1)),
 }
 
 

@@ -97,14 +97,19 @@ def fake_quantize_math(x: Tensor, *, bits: int, quantizer: str, group_size: int,
     `group_size` 0 means the whole row (schemas have no optional ints).
     """
     block = hadamard_block(x.shape[-1]) if hadamard else 0
-    y = rotate(x, block) if block else x
+    y = straight_through(rotate(x, block) if block else x, bits=bits, quantizer=quantizer, group_size=group_size,
+                         ste=ste)
+    return rotate(y, block) if block else y
+
+
+def straight_through(y: Tensor, *, bits: int, quantizer: str, group_size: int, ste: str) -> Tensor:
+    """Q(y) in the forward; the gradient passes as the identity, or masked to the clipping range."""
     levels, scale, inside = quantize(y.detach(), bits=bits, quantizer=quantizer, group_size=group_size or None)
     values = grid_values(levels, scale, quantizer).reshape(y.shape)
     through = y - y.detach()
     if ste == "masked":
         through = through * inside.reshape(y.shape)
-    y = values + through
-    return rotate(y, block) if block else y
+    return values + through
 
 
 def _fake_quantize_fake(x: Tensor, **kwargs) -> Tensor:

@@ -117,22 +117,24 @@ def define_aux_op(name: str, schema: str, math: Callable, fake: Callable,
                   differentiable: bool = False) -> torch._ops.OpOverload:
     """Register any other lordo op (`schema` without the name): kernel = math, lowered to math.
 
-    A `differentiable` op (one tensor input, one output, used before the step's backward)
-    gets the gradient of its math, so a graph that still holds it can be differentiated.
+    A `differentiable` op (one output, used before the step's backward) gets the gradient
+    of its math with respect to its first input, so a graph that still holds it can be
+    differentiated; further tensor inputs (a rotation flag) get no gradient.
     """
     _library.define(f"{name}{schema}")
     _library.impl(name, lambda *args, **kwargs: _fresh(math(*args, **kwargs), args), "CompositeExplicitAutograd")
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_library)
     if differentiable:
         def setup_context(ctx, inputs, keyword_only_inputs, output):
-            ctx.save_for_backward(inputs[0])
+            ctx.save_for_backward(*inputs)
             ctx.attributes = keyword_only_inputs
 
         def backward(ctx, grad):
-            (x,) = ctx.saved_tensors
+            x, *rest = ctx.saved_tensors
             with torch.enable_grad():
                 x = x.detach().requires_grad_()
-                return torch.autograd.grad(math(x, **ctx.attributes), x, grad)[0]
+                dx = torch.autograd.grad(math(x, *rest, **ctx.attributes), x, grad)[0]
+            return (dx, *[None] * len(rest)) if rest else dx
 
         torch.library.register_autograd(f"{NAMESPACE}::{name}", backward, setup_context=setup_context, lib=_library)
     overload = getattr(getattr(torch.ops, NAMESPACE), name).default

@@ -1,6 +1,6 @@
 """Graph rewrites, one module each, registered with the manager where they are defined."""
 
-from . import data_parallel, eco, fake_quant, identity, lordo, low_rank, low_rank_ddp, nonfinite, sync  # noqa: F401  (registers the passes)
+from . import data_parallel, eco, ema_nesterov, fake_quant, gossip, identity, lordo, low_rank, low_rank_ddp, nonfinite, sync  # noqa: F401  (registers the passes)
 from .manager import (
     Guard,
     PassResult,

@@ -22,6 +22,9 @@ With a low-rank update (GaLore, LoRDO) the coupled correction enters the gradien
 projection, so only its part inside the subspace moves W (and, under LoRDO, the rest
 goes to the error-feedback buffer); the decoupled correction is added full rank after the
 projected update.
+
+With `adaptive_rotation`, each layer chooses at run time whether it quantizes in the
+Hadamard basis (RoSTE; `adaptive_rotation.py`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch.fx as fx
 
 from ..graph import PARAM, ROLE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, tag
 from ..ops.quant import BITS, QUANTIZERS, STE, cage_coupled, cage_decoupled, cage_lambda, fake_quantize
+from .adaptive_rotation import AdaptiveRotation, rotate_adaptively, rotation_state
 from .low_rank import choose_matrix, validate_selector
 from .manager import PassResult, Program, register_pass
 
@@ -86,7 +90,9 @@ class FakeQuant:
       quantizer: "rms_gaussian" (per row, c_b RMS scale, no zero level) or "absmax" (per
         group of `group_size`, torchao's symmetric int-b convention).
       group_size: absmax group along the input dimension (None: the whole row).
-      hadamard: rotate rows in blocks of 128 before quantizing (QuEST).
+      hadamard: rotate rows in blocks of 128 before quantizing (QuEST), every layer, always.
+      adaptive_rotation: an `AdaptiveRotation`: each layer rotates or not, whichever
+        quantizes its weight and input with the smaller error, chosen every K steps (RoSTE).
       ste: "identity" or "masked" (no gradient where W lies outside the clipping range).
       activation_bits: also fake-quantize the inputs of the selected nn.Linear layers per
         token with this many bits (None: weights only), same quantizer and rotation.
@@ -105,6 +111,7 @@ class FakeQuant:
     activation_bits: int | None = None
     correction: CAGE | None = None
     params: object = None
+    adaptive_rotation: AdaptiveRotation | None = None
 
     def __post_init__(self) -> None:
         for name in ("bits", "activation_bits"):
@@ -124,6 +131,13 @@ class FakeQuant:
             raise ValueError(f"FakeQuant.ste must be one of {STE}, got {self.ste!r}")
         if self.correction is not None and not isinstance(self.correction, CAGE):
             raise ValueError(f"FakeQuant.correction must be a lordo_compile.CAGE or None, got {self.correction!r}")
+        if self.adaptive_rotation is not None:
+            if not isinstance(self.adaptive_rotation, AdaptiveRotation):
+                raise ValueError(f"FakeQuant.adaptive_rotation must be a lordo_compile.AdaptiveRotation or None, "
+                                 f"got {self.adaptive_rotation!r}")
+            if self.hadamard:
+                raise ValueError("FakeQuant.adaptive_rotation chooses per layer whether to rotate; it cannot be "
+                                 "combined with hadamard=True (every layer rotated). Set hadamard=False")
         validate_selector("FakeQuant", self.params)
 
     def choose(self, info: ParamInfo) -> str | None:
@@ -132,6 +146,12 @@ class FakeQuant:
         if reason is None and self.group_size is not None and info.shape[-1] % self.group_size:
             reason = f"input size {info.shape[-1]} is not a multiple of group_size {self.group_size}"
         return reason
+
+    def rotates(self, name: str, state: dict[str, torch.Tensor]) -> bool:
+        """Whether the forward quantizes `name` in the Hadamard basis; `state` is the runtime's."""
+        if self.adaptive_rotation is None:
+            return self.hadamard
+        return bool(state[rotation_state(name).name])
 
     def quantizer_kwargs(self, bits: int | None = None) -> dict:
         return {"bits": bits or self.bits, "quantizer": self.quantizer, "group_size": self.group_size or 0,
@@ -240,4 +260,7 @@ def fake_quant(program: Program, option: FakeQuant) -> PassResult:
     if correction is not None:
         summary += (f"cage: {correction.form} correction, lambda {correction.lam} after step "
                     f"{correction.silence_steps} ({correction.ramp} to step {correction.total_steps})",)
+    if option.adaptive_rotation is not None:
+        program, notes = rotate_adaptively(program, option.adaptive_rotation)
+        summary += notes
     return PassResult(program, summary + tuple(f"full precision: {line}" for line in kept))

@@ -82,7 +82,8 @@ def _guard(graph: TrainGraph) -> tuple[str, ...]:
 
 
 @register_pass("nonfinite", option="on_nonfinite",
-               after=("data_parallel", "sync", "low_rank", "lordo", "low_rank_ddp", "fake_quant", "eco"))
+               after=("data_parallel", "sync", "low_rank", "lordo", "low_rank_ddp", "fake_quant", "eco",
+                      "ema_nesterov"))
 def nonfinite(program: Program, mode: str) -> PassResult:
     labels = {phase: _guard(graph) for phase, graph in program.phases.items()}
     guard = Guard("nonfinite.flags", tuple(program.phases), labels, skip=mode == "skip")

@@ -4,7 +4,9 @@ What a phase sends is fixed when it is compiled (the collectives in its graph an
 sizes), so the runtime counts how often each phase ran and multiplies. "Bytes sent per
 worker" is the payload each worker contributes to a collective: for an all-reduce, the
 size of the tensor reduced. (A ring all-reduce moves 2(K-1)/K of that per worker on the
-wire; the ratios between policies are the same either way.)
+wire; the ratios between policies are the same either way.) A point-to-point
+`lordo.neighbour_exchange` (gossip) counts its buffer once per receiving neighbour: what
+it puts on the wire.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from ..graph import TrainGraph
+from ..ops.gossip import NEIGHBOUR_EXCHANGE, exchange_bytes
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,9 @@ class Collective:
 def collectives_in(graph: TrainGraph) -> list[Collective]:
     found = []
     for node in graph.nodes():
+        if node.op == "call_function" and node.target is NEIGHBOUR_EXCHANGE:
+            found.append(Collective("neighbour_exchange", "point-to-point", str(node.args[1]), exchange_bytes(node)))
+            continue
         packet = getattr(node.target, "_overloadpacket", node.target)
         name = getattr(packet, "_qualified_op_name", "")
         if node.op != "call_function" or not name.startswith("_c10d_functional::") or "wait" in name:

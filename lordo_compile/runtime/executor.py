@@ -11,6 +11,7 @@ import torch
 
 from ..capture.optim import OptimizerAdapter
 from ..logs import emit
+from ..lowering import deterministic_algorithms
 from ..passes import Guard, Schedule, Watch
 from .state import RuntimeState
 
@@ -66,8 +67,10 @@ class StepExecutor:
         watches: tuple[Watch, ...] = (),
         stored: tuple[torch.Tensor, ...] = (),
         guards: tuple[Guard, ...] = (),
+        deterministic: bool = True,
     ) -> None:
         self.phases = phases
+        self.deterministic = deterministic
         # Parameters a pass keeps in another form: their storage exists only during a call.
         self.stored = StoredWeights(stored)
         self.log_comm = False
@@ -89,7 +92,7 @@ class StepExecutor:
         phase = self.schedule.phase_at(self.runtime.step)
         compiled = self.phases[phase]
         try:
-            with self.stored.allocated():
+            with self.stored.allocated(), deterministic_algorithms(self.deterministic):
                 out = compiled.fn(*args, *self.state_inputs[phase])
         except Exception as error:
             if not compiled.collectives:

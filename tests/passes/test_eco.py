@@ -90,23 +90,27 @@ def _batches():
     return [(torch.randn(16, 32, generator=generator), torch.randn(16, 4, generator=generator)) for _ in range(STEPS)]
 
 
-def _optimizer(kind, params):
+def _optimizer(kind, params, lr=LR, wd=WD, betas=BETAS, eps=EPS, momentum=MOMENTUM):
     if kind == "adamw":
-        return torch.optim.AdamW(params, lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
-    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WD)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=betas, eps=eps)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd)
 
 
 class EagerECO:
-    """Section 5 for the linear weights; biases through torch.optim as usual."""
+    """Section 5 for the linear weights; biases through torch.optim as usual. The
+    hyperparameters default to this file's; the fuzz test (test_fuzz.py) draws them."""
 
-    def __init__(self, model, kind, fmt, scale, rounding, mode, seed=0):
+    def __init__(self, model, kind, fmt, scale, rounding, mode, seed=0, *, lr=LR, wd=WD, betas=BETAS, eps=EPS,
+                 momentum=MOMENTUM, group=32, weights=None):
         self.model, self.kind, self.mode = model, kind, mode
-        self.q = dict(fmt=fmt, scale=scale, rounding=rounding)
+        self.q = dict(fmt=fmt, scale=scale, rounding=rounding, group=group)
         self.seed = seed
+        self.lr, self.wd, self.betas, self.eps, self.momentum = lr, wd, betas, eps, momentum
         params = list(model.parameters())
         self.salt = {p: i for i, p in enumerate(params)}
-        self.weights = [m.weight for m in model if isinstance(m, nn.Linear)]
-        self.dense = _optimizer(kind, [p for p in params if all(p is not w for w in self.weights)])
+        self.weights = weights if weights is not None else [m.weight for m in model if isinstance(m, nn.Linear)]
+        self.dense = _optimizer(kind, [p for p in params if all(p is not w for w in self.weights)], lr, wd, betas,
+                                eps, momentum)
         self.state = {w: dict(m=torch.zeros_like(w), v=torch.zeros_like(w), t=0) for w in self.weights}
 
     def quantize(self, w, step, rounding=None, param=None):
@@ -114,7 +118,7 @@ class EagerECO:
         rounding = rounding or self.q["rounding"]
         salt = self.salt[param if param is not None else w]
         noise = uniform_noise(w, torch.tensor(step), self.seed * 1_000_003 + salt) if rounding == "stochastic" else None
-        return reference_quantize(w.detach(), self.q["fmt"], self.q["scale"], rounding, noise)
+        return reference_quantize(w.detach(), self.q["fmt"], self.q["scale"], rounding, noise, self.q["group"])
 
     def forward(self, x, k):
         for layer in self.model:
@@ -135,21 +139,22 @@ class EagerECO:
             loss.backward()
         self.dense.step()
         self.dense.zero_grad()
+        lr, wd, (beta1, beta2), eps, momentum = self.lr, self.wd, self.betas, self.eps, self.momentum
         for w in self.weights:
             s, g = self.state[w], w.grad
             if self.kind == "sgd":
-                s["m"] = MOMENTUM * s["m"] + (g + WD * w)
-                tentative = w - LR * s["m"]
-                scale_error = (1 - 1 / MOMENTUM) / LR
+                s["m"] = momentum * s["m"] + (g + wd * w)
+                tentative = w - lr * s["m"]
+                scale_error = (1 - 1 / momentum) / lr
             else:
                 s["t"] += 1
-                decayed = w * (1 - LR * WD)
-                s["m"] = s["m"] + (1 - BETAS[0]) * (g - s["m"])
-                s["v"] = BETAS[1] * s["v"] + (1 - BETAS[1]) * g * g
-                bc1, bc2 = 1 - BETAS[0] ** s["t"], 1 - BETAS[1] ** s["t"]
-                denom = s["v"].sqrt() / bc2**0.5 + EPS
-                tentative = decayed - (LR / bc1) * s["m"] / denom
-                scale_error = bc1 / LR * (1 - 1 / BETAS[0]) * denom
+                decayed = w * (1 - lr * wd)
+                s["m"] = s["m"] + (1 - beta1) * (g - s["m"])
+                s["v"] = beta2 * s["v"] + (1 - beta2) * g * g
+                bc1, bc2 = 1 - beta1 ** s["t"], 1 - beta2 ** s["t"]
+                denom = s["v"].sqrt() / bc2**0.5 + eps
+                tentative = decayed - (lr / bc1) * s["m"] / denom
+                scale_error = bc1 / lr * (1 - 1 / beta1) * denom
             if self.mode == "master":
                 w.copy_(tentative)
             else:

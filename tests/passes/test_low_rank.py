@@ -28,35 +28,46 @@ def _batches():
     return [(torch.randn(16, 64, generator=generator), torch.randn(16, 4, generator=generator)) for _ in range(STEPS)]
 
 
-def _new_projection(grad, previous, sketch, method, first):
-    return new_projection(grad, previous, sketch, "svd" if method == "subspace" and first else method, RANK)
+def _new_projection(grad, previous, sketch, method, first, rank=RANK):
+    return new_projection(grad, previous, sketch, "svd" if method == "subspace" and first else method, rank)
 
 
 class EagerGaLore:
-    """Section 1 written out: projected Adam moments for the two eligible weights."""
+    """Section 1 written out: projected Adam moments for the low-rank weights (by default
+    the two eligible ones of `_model()`; the fuzz test, test_fuzz.py, passes its own and
+    draws the hyperparameters)."""
 
-    def __init__(self, model, method, on_refresh, sketches, coupled=False):
-        self.low_rank = [model[0].weight, model[2].weight]
+    def __init__(self, model, method, on_refresh, sketches, coupled=False, *, low_rank=None, lr=LR, wd=WD,
+                 betas=BETAS, eps=EPS, rank=RANK, gap=GAP, scale=SCALE):
+        self.low_rank = low_rank if low_rank is not None else [model[0].weight, model[2].weight]
         dense = [p for p in model.parameters() if all(p is not w for w in self.low_rank)]
         kind = torch.optim.Adam if coupled else torch.optim.AdamW
-        self.dense = kind(dense, lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
+        self.dense = kind(dense, lr=lr, weight_decay=wd, betas=betas, eps=eps)
         self.coupled = coupled
         self.method, self.on_refresh, self.sketches = method, on_refresh, sketches
+        self.lr, self.wd, self.betas, self.eps, self.rank, self.gap, self.scale = lr, wd, betas, eps, rank, gap, scale
         self.state = {}
+        # At each refresh, min over i <= r of (sigma_i - sigma_i+1) / sigma_1 of the gradient:
+        # where it is ~0, the leading singular vectors are not determined and any rounding
+        # difference picks other ones.
+        self.spectral_gaps = []
         for w in self.low_rank:
             m, n = w.shape
             side = n if m >= n else m
-            shape = (m, RANK) if m >= n else (RANK, n)
-            self.state[w] = dict(P=torch.eye(side, RANK), m=torch.zeros(shape), v=torch.zeros(shape), t=0)
+            shape = (m, rank) if m >= n else (rank, n)
+            self.state[w] = dict(P=torch.eye(side, rank), m=torch.zeros(shape), v=torch.zeros(shape), t=0)
 
     @torch.no_grad()
     def step(self, k):
         self.dense.step()
+        (beta1, beta2), lr, wd, eps = self.betas, self.lr, self.wd, self.eps
         for w, sketch in zip(self.low_rank, self.sketches):
-            s, g = self.state[w], w.grad + WD * w if self.coupled else w.grad
+            s, g = self.state[w], w.grad + wd * w if self.coupled else w.grad
             tall = w.shape[0] >= w.shape[1]
-            if k % GAP == 0:
-                new = _new_projection(w.grad, s["P"], sketch, self.method, first=k == 0)
+            if k % self.gap == 0:
+                sigma = torch.cat([torch.linalg.svdvals(w.grad), torch.zeros(1)])[: self.rank + 1]
+                self.spectral_gaps.append(float((sigma[:-1] - sigma[1:]).min() / sigma[0]))
+                new = _new_projection(w.grad, s["P"], sketch, self.method, first=k == 0, rank=self.rank)
                 change = new.T @ s["P"]
                 if self.on_refresh == "reproject" and k > 0:
                     s["m"] = s["m"] @ change.T if tall else change @ s["m"]
@@ -66,14 +77,14 @@ class EagerGaLore:
                 s["P"] = new
             r = g @ s["P"] if tall else s["P"].T @ g
             s["t"] += 1
-            s["m"] = BETAS[0] * s["m"] + (1 - BETAS[0]) * r
-            s["v"] = BETAS[1] * s["v"] + (1 - BETAS[1]) * r * r
-            m_hat = s["m"] / (1 - BETAS[0] ** s["t"])
-            v_hat = s["v"] / (1 - BETAS[1] ** s["t"])
-            n = m_hat / (v_hat.sqrt() + EPS)
-            w -= LR * SCALE * (n @ s["P"].T if tall else s["P"] @ n)
+            s["m"] = beta1 * s["m"] + (1 - beta1) * r
+            s["v"] = beta2 * s["v"] + (1 - beta2) * r * r
+            m_hat = s["m"] / (1 - beta1 ** s["t"])
+            v_hat = s["v"] / (1 - beta2 ** s["t"])
+            n = m_hat / (v_hat.sqrt() + eps)
+            w -= lr * self.scale * (n @ s["P"].T if tall else s["P"] @ n)
             if not self.coupled:
-                w *= 1 - LR * WD
+                w *= 1 - lr * wd
 
     def zero_grad(self):
         self.dense.zero_grad()
