@@ -24,10 +24,11 @@ from tqdm import tqdm
 from . import api
 from .experiment import RunConfig, train_tiny_gpt
 from .models import MLP, GPTConfig, TinyGPT
+from .passes.ema_nesterov import EMANesterov
 from .policy import Policy
 from .testing import training_step
 
-POLICIES = ("identity", "ddp", "galore", "local_sgd", "diloco", "lordo", "cage", "eco")
+POLICIES = ("identity", "ddp", "galore", "local_sgd", "diloco", "lordo", "docom", "cage", "eco", "ema_nesterov")
 
 
 def make_policy(name: str, args: argparse.Namespace) -> Policy:
@@ -44,8 +45,12 @@ def make_policy(name: str, args: argparse.Namespace) -> Policy:
         return Policy.diloco(sync_every=args.sync_every)
     if name == "lordo":
         return Policy.lordo(rank=args.rank, sync_every=args.sync_every)
+    if name == "docom":
+        return Policy.docom()
     if name == "cage":
         return Policy.cage(bits=args.bits, total_steps=args.steps, hadamard=True)
+    if name == "ema_nesterov":
+        return Policy(lookahead=EMANesterov(warmup_steps=args.steps // 10, decay_start=args.steps * 8 // 10))
     return Policy.eco(format=args.format)
 
 
@@ -54,7 +59,9 @@ def _is_main() -> bool:
 
 
 def _train_one(name: str, args: argparse.Namespace, config: RunConfig) -> dict:
-    policy = dataclasses.replace(make_policy(name, args), on_nonfinite=args.on_nonfinite)
+    policy = make_policy(name, args)
+    if policy.on_nonfinite is not None:
+        policy = dataclasses.replace(policy, on_nonfinite=None if args.on_nonfinite == "off" else args.on_nonfinite)
     world = dist.get_world_size() if dist.is_initialized() else 1
     if _is_main():
         print(f"{name}: tiny GPT ({args.layers} layers, width {args.width}) on CPython's pydoc_data.topics, "
@@ -220,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--bits", type=int, default=4, help="cage: weight bits")
     t.add_argument("--format", default="fp8_e4m3", choices=["fp8_e4m3", "int8", "int4"], help="eco: weight format")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--on-nonfinite", choices=["raise", "skip"], help="check loss and gradients in the step")
+    t.add_argument("--on-nonfinite", choices=["raise", "skip", "off"], default="raise",
+                   help="what a NaN/inf loss or gradient does (checked inside the step; 'off': not checked)")
     t.add_argument("--steps", type=int, default=400)
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--seq-len", type=int, default=128)

@@ -35,8 +35,9 @@ class Policy:
     quantized_weights: ECO | None = None
     lookahead: EMANesterov | None = None
     gossip: Gossip | None = None
-    # "raise" or "skip" a step whose loss or gradients are not finite; None: not checked.
-    on_nonfinite: str | None = None
+    # "raise" (the default) or "skip" a step whose loss or gradients are not finite; None:
+    # not checked (saves one host read of a flag vector per step; see docs/reliability.md).
+    on_nonfinite: str | None = "raise"
     extra_passes: tuple[object, ...] = ()
 
     def __post_init__(self) -> None:
@@ -85,7 +86,9 @@ class Policy:
     def docom(cls, ratio: float = 0.01, gamma: float = 0.1, beta: float = 0.1, **options) -> "Policy":
         """DoCoM-SGT: compressed gossip on a ring instead of an all-reduce; `options` are the
         other `Gossip` fields (topology, compressor, group)."""
-        return cls(gossip=Gossip(ratio=ratio, gamma=gamma, beta=beta, **options))
+        # Unchecked: a worker that skipped or stopped a step alone would leave its neighbours'
+        # copies of its state behind (the gossip pass refuses the check).
+        return cls(gossip=Gossip(ratio=ratio, gamma=gamma, beta=beta, **options), on_nonfinite=None)
 
     @classmethod
     def low_rank_ddp(cls, rank: int, update_proj_gap: int = 200, scale: float = 0.25, group=None,

@@ -1,6 +1,7 @@
 """A NaN or inf loss or gradient: raised or skipped inside the compiled step, state untouched."""
 
 import dataclasses
+import datetime
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lordo_compile as lc
+from lordo_compile.launch import run_workers
 from lordo_compile.testing import training_step
 
 POLICIES = {
@@ -98,3 +100,53 @@ def test_skip_counts_and_matches_a_run_without_that_batch(name):
 def test_bad_mode_is_refused():
     with pytest.raises(ValueError, match="Policy.on_nonfinite must be 'raise', 'skip' or None"):
         lc.Policy(on_nonfinite="ignore")
+
+
+def poisoned_worker(rank, world, name, mode):
+    """Rank 1's second batch holds a NaN; every rank then runs 4 more steps."""
+    model, opt, step = _compile(name, mode)
+    outcomes = []
+    for k, (x, y) in enumerate(_batches() * 2):
+        if rank == 1 and k == 1:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        try:
+            step(x, y)
+            outcomes.append("ok")
+        except lc.NonFiniteError:
+            outcomes.append("raised")
+            break
+        except lc.CollectiveError:
+            outcomes.append("collective error")
+            break
+    return outcomes, step.backend.runtime.step, _snapshot(model, step)[0]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["ddp", "low_rank_ddp"])
+def test_two_workers_skip_a_bad_step_together(name):
+    results = run_workers(poisoned_worker, 2, args=(name, "skip"), timeout=120,
+                          pg_timeout=datetime.timedelta(seconds=20))
+    (outcomes0, steps0, params0), (outcomes1, steps1, params1) = results
+    assert outcomes0 == outcomes1 == ["ok"] * 8
+    assert steps0 == steps1 == 7
+    assert all(torch.equal(a, b) for a, b in zip(params0, params1))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["local_sgd", "lordo"])
+def test_two_workers_with_local_steps_raise_and_skip_is_refused(name):
+    (outcomes0, _, _), (outcomes1, steps1, _) = run_workers(poisoned_worker, 2, args=(name, "raise"), timeout=120,
+                                                             pg_timeout=datetime.timedelta(seconds=20))
+    assert outcomes1 == ["ok", "raised"] and steps1 == 1
+    assert outcomes0[-1] in ("raised", "collective error") and len(outcomes0) <= 1 + 2  # by the next sync
+    for message in run_workers(skip_refused_worker, 2, args=(name,)):
+        assert "on_nonfinite='skip' cannot be used with local steps between syncs" in message
+
+
+def skip_refused_worker(rank, world, name):
+    try:
+        _compile(name, "skip")[2](*_batches()[0])
+    except ValueError as error:
+        return str(error)
+    return "not refused"

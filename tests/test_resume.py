@@ -43,6 +43,8 @@ POLICIES = {
     "lordo": lambda: lc.Policy.lordo(rank=4, sync_every=EVERY),
     "cage": lambda: lc.Policy.cage(bits=4, total_steps=STEPS, silence_ratio=0.3),
     "eco": lambda: lc.Policy.eco(format="int8", rounding="stochastic", seed=3),
+    "ema_nesterov": lambda: lc.Policy(lookahead=lc.EMANesterov(beta=0.5, warmup_steps=3)),
+    "docom": lambda: lc.Policy.docom(ratio=0.1),
 }
 
 

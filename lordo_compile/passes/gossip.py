@@ -310,7 +310,8 @@ def _exchange(g: fx.Graph, option: Gossip, layout: _Layout, variables: list[tupl
     "eco": _UNTESTED,
     "fake_quant": _UNTESTED,
     "ema_nesterov": _UNTESTED,
-    "nonfinite": "a worker that skipped a step would leave its neighbours' copies of its state inconsistent",
+    "nonfinite": "a worker that skipped a step would leave its neighbours' copies of its state inconsistent; "
+                 "set Policy(on_nonfinite=None), as Policy.docom() does",
 })
 def gossip(program: Program, option: Gossip) -> PassResult:
     if set(program.phases) != {"step"}:

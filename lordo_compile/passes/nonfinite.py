@@ -6,8 +6,12 @@
         every writeback  x.copy_(new)  becomes  x.copy_(torch.where(ok, new, x))
         nonfinite_flags.copy_(flags); nonfinite_skipped.copy_(skipped + ~ok)
 
-The gradients checked are those the updates read (after any all-reduce), so every worker
-decides the same way. The runtime reads the flags after each call (one small host read per
+The gradients checked are those the updates read (after any all-reduce), so under data
+parallelism every worker decides the same way. With local steps between syncs (sync, lordo)
+only the worker with the bad gradient sees it: "skip" is refused there, and "raise" stops
+that worker; the others stop at the next sync (`NonFiniteError`, or `CollectiveError` when
+the stopped worker is gone), possibly after averaging in its bad values, so every worker
+must restart from the last checkpoint. The runtime reads the flags after each call (one small host read per
 step). `on_nonfinite="raise"` raises `NonFiniteError` naming the step and the first bad
 tensor; the state is as it was before the step. `"skip"` counts the step in
 `nonfinite.skipped`, leaves the step counter (and so the schedule) where it was, warns
@@ -85,6 +89,18 @@ def _guard(graph: TrainGraph) -> tuple[str, ...]:
                after=("data_parallel", "sync", "low_rank", "lordo", "low_rank_ddp", "fake_quant", "eco",
                       "ema_nesterov"))
 def nonfinite(program: Program, mode: str) -> PassResult:
+    communicates = {phase: any(n.meta.get(ROLE) == Role.COLLECTIVE for n in graph.graph.nodes)
+                    for phase, graph in program.phases.items()}
+    if mode == "skip" and any(communicates.values()) and not all(communicates.values()):
+        # A bad gradient in a local step is seen by one worker only: skipping it there alone
+        # would shift that worker's schedule, and its next sync would meet another step's.
+        raise ValueError(
+            f"on_nonfinite='skip' cannot be used with local steps between syncs (phases "
+            f"{sorted(p for p, c in communicates.items() if not c)} communicate nothing, "
+            f"{sorted(p for p, c in communicates.items() if c)} do): a worker that skipped a step alone would "
+            "fall out of step with the others. Use on_nonfinite='raise' and restart every worker from the last "
+            "checkpoint."
+        )
     labels = {phase: _guard(graph) for phase, graph in program.phases.items()}
     guard = Guard("nonfinite.flags", tuple(program.phases), labels, skip=mode == "skip")
     return PassResult(Program(program.phases, program.schedule, program.watches, program.stored,

@@ -274,8 +274,8 @@ def test_checkpoint_resume_keeps_the_choice():
     [
         (lambda: lc.AdaptiveRotation(every=0), r"AdaptiveRotation.every must be an int >= 1"),
         (lambda: lc.AdaptiveRotation(every=2.5), r"AdaptiveRotation.every must be an int >= 1"),
-        (lambda: lc.FakeQuant(adaptive_rotation=10), r"FakeQuant.adaptive_rotation must be a "
-                                                     r"lordo_compile.AdaptiveRotation"),
+        (lambda: lc.FakeQuant(adaptive_rotation=10),
+         r"FakeQuant.adaptive_rotation must be a lordo_compile.AdaptiveRotation"),
         (lambda: lc.FakeQuant(hadamard=True, adaptive_rotation=lc.AdaptiveRotation()),
          r"FakeQuant.adaptive_rotation .* cannot be combined with hadamard=True"),
     ],

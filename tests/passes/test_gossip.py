@@ -129,7 +129,7 @@ CASES = [("sgd", dict(ratio=0.25, gamma=0.5, beta=0.5)), ("adamw", dict(ratio=0.
 
 @pytest.mark.parametrize("optimizer, options", CASES)
 def test_one_worker_follows_the_recursion(optimizer, options):
-    model, _, step = _compiled(lc.Policy(gossip=lc.Gossip(**options)), OPTIMIZERS[optimizer])
+    model, _, step = _compiled(lc.Policy(gossip=lc.Gossip(**options), on_nonfinite=None), OPTIMIZERS[optimizer])
     for x, y in _batches(0):
         step(x, y)
     reference = docom_reference(1, STEPS, OPTIMIZERS[optimizer], **{k: v for k, v in options.items()
@@ -142,7 +142,7 @@ def test_one_worker_follows_the_recursion(optimizer, options):
 @pytest.mark.inductor
 def test_inductor_lowers_the_recursion():
     options = dict(ratio=0.25, gamma=0.5, beta=0.5)
-    model, _, step = _compiled(lc.Policy(gossip=lc.Gossip(**options)), OPTIMIZERS["sgd"], compiler="inductor")
+    model, _, step = _compiled(lc.Policy(gossip=lc.Gossip(**options), on_nonfinite=None), OPTIMIZERS["sgd"], compiler="inductor")
     for x, y in _batches(0):
         step(x, y)
     reference = docom_reference(1, STEPS, OPTIMIZERS["sgd"], **options)
@@ -164,12 +164,12 @@ def test_one_worker_without_momentum_is_the_plain_optimizer():
 
 def test_state_dict_resumes_the_recursion():
     options = dict(ratio=0.25, gamma=0.5, beta=0.5)
-    model, opt, step = _compiled(lc.Policy(gossip=lc.Gossip(**options)), OPTIMIZERS["sgd"])
+    model, opt, step = _compiled(lc.Policy(gossip=lc.Gossip(**options), on_nonfinite=None), OPTIMIZERS["sgd"])
     batches = _batches(0)
     for x, y in batches[:3]:
         step(x, y)
     saved = (model.state_dict(), opt.state_dict(), step.state_dict())
-    model2, opt2, step2 = _compiled(lc.Policy(gossip=lc.Gossip(**options)), OPTIMIZERS["sgd"])
+    model2, opt2, step2 = _compiled(lc.Policy(gossip=lc.Gossip(**options), on_nonfinite=None), OPTIMIZERS["sgd"])
     model2.load_state_dict(saved[0])
     opt2.load_state_dict(saved[1])
     step2.load_state_dict(saved[2])
@@ -208,7 +208,7 @@ def test_policy_field_takes_only_gossip_options():
 def test_compositions_it_cannot_make_are_refused(other, pair):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    policy = lc.Policy(gossip=lc.Gossip(), **other)
+    policy = lc.Policy(gossip=lc.Gossip(), **{"on_nonfinite": None, **other})
     with pytest.raises(ValueError, match=rf"'({pair}' and 'gossip'|gossip' and '{pair})', which cannot be combined"):
         lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="eager")(
             *_batches(0)[0])
@@ -236,12 +236,12 @@ CONSENSUS_STEPS = 60
 
 
 def gossip_worker(rank, world):
-    model, _, step = _compiled(lc.Policy(gossip=lc.Gossip(**PARITY)), OPTIMIZERS["sgd"])
+    model, _, step = _compiled(lc.Policy(gossip=lc.Gossip(**PARITY), on_nonfinite=None), OPTIMIZERS["sgd"])
     for x, y in _batches(rank):
         step(x, y)
     reference = docom_reference(world, STEPS, OPTIMIZERS["sgd"], **PARITY)
     # Consensus alone: one step on each worker's own gradient, then a learning rate of 0.
-    consensus_model, consensus_opt, consensus_step = _compiled(lc.Policy(gossip=lc.Gossip(**CONSENSUS)),
+    consensus_model, consensus_opt, consensus_step = _compiled(lc.Policy(gossip=lc.Gossip(**CONSENSUS), on_nonfinite=None),
                                                                OPTIMIZERS["sgd"], compiler="eager")
     spread, means = [], []
     for i, (x, y) in enumerate(_batches(rank, CONSENSUS_STEPS)):
