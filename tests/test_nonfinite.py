@@ -23,6 +23,8 @@ POLICIES = {
     "cage": lambda: lc.Policy.cage(bits=4, total_steps=4, silence_ratio=0.0),
     "eco": lambda: lc.Policy.eco(format="int8"),
     "ema_nesterov": lambda: lc.Policy(lookahead=lc.EMANesterov(beta=0.5, gamma=0.9, warmup_steps=1)),
+    "adaptive_rotation": lambda: lc.Policy(fake_quant=lc.FakeQuant(bits=4, activation_bits=4,
+                                                                   adaptive_rotation=lc.AdaptiveRotation(every=2))),
 }
 
 

@@ -45,6 +45,8 @@ POLICIES = {
     "eco": lambda: lc.Policy.eco(format="int8", rounding="stochastic", seed=3),
     "ema_nesterov": lambda: lc.Policy(lookahead=lc.EMANesterov(beta=0.5, warmup_steps=3)),
     "docom": lambda: lc.Policy.docom(ratio=0.1),
+    "adaptive_rotation": lambda: lc.Policy(fake_quant=lc.FakeQuant(bits=4, activation_bits=4,
+                                                                   adaptive_rotation=lc.AdaptiveRotation(every=EVERY))),
 }
 
 

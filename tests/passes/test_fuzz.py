@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, event, given, settings
