@@ -33,6 +33,7 @@ from .ops.eco import decode_math
 from .ops.quant import QuantizedModel
 from .ops.quant import export as quantize_for_export
 from .passes import Program, Schedule, Stage, released_state, run_passes
+from .passes.collectives import world_size
 from .policy import Policy
 from .runtime.executor import CompiledPhase, OptimizerChanged, StepExecutor
 from .runtime.comm import CommReport, collectives_in
@@ -109,7 +110,7 @@ class LordoBackend:
             if node.meta.get(ROLE) == Role.PARAMETER
         }
         communicates = any(collectives_in(graph) for graph in final.phases.values())
-        self.runtime.world_size = _world_size() if communicates else None
+        self.runtime.world_size = world_size(None) if communicates else None
         self.runtime.allocate(final.state(), params)
         self.param_names = {id(tensor): name for name, tensor in params.items()}
         self.timings["capture_and_passes_s"] = time.perf_counter() - started
@@ -463,11 +464,6 @@ def backend(
     names = Names.of_frame(caller)
     release_state(policy, adapters, names)
     return LordoBackend(policy, compiler=compiler, names=names, adapters=adapters, deterministic=deterministic)
-
-
-def _world_size() -> int:
-    distributed = torch.distributed
-    return distributed.get_world_size() if distributed.is_available() and distributed.is_initialized() else 1
 
 
 def _checked_deterministic(value: object) -> bool:

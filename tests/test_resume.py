@@ -93,16 +93,21 @@ def second_run(rank, world, name, directory):
         step(*batch)
     ends = {"again": _end_state(model, opt, step)}
     for k in STOPS:
-        torch._dynamo.reset()
-        model, opt, step = _build(name)
-        saved = torch.load(Path(directory, f"{name}-{world}-{rank}-{k}.pt"), weights_only=True)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        step.load_state_dict(saved["step"])
-        for batch in _batches(rank)[k + 1:]:
-            step(*batch)
-        ends[f"resumed after step {k}"] = _end_state(model, opt, step)
+        ends[f"resumed after step {k}"] = _resume(rank, world, name, directory, k)
     return ends
+
+
+def _resume(rank, world, name, directory, stop):
+    """Rebuild everything, load the checkpoint taken after step `stop`, and finish the run."""
+    torch._dynamo.reset()
+    model, opt, step = _build(name)
+    saved = torch.load(Path(directory, f"{name}-{world}-{rank}-{stop}.pt"), weights_only=True)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    step.load_state_dict(saved["step"])
+    for batch in _batches(rank)[stop + 1:]:
+        step(*batch)
+    return _end_state(model, opt, step)
 
 
 def _differences(expected, actual, path="") -> list[str]:
@@ -170,15 +175,7 @@ def faulty_run(rank, world, name, directory, fault):
 
 
 def resumed_run(rank, world, name, directory):
-    torch._dynamo.reset()
-    model, opt, step = _build(name)
-    saved = torch.load(Path(directory, f"{name}-{world}-{rank}-{STOPS[1]}.pt"), weights_only=True)
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
-    step.load_state_dict(saved["step"])
-    for batch in _batches(rank)[STOPS[1] + 1:]:
-        step(*batch)
-    return _end_state(model, opt, step)
+    return _resume(rank, world, name, directory, STOPS[1])
 
 
 @pytest.mark.parametrize("fault", ["exits", "hangs"])

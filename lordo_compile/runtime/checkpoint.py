@@ -20,11 +20,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from ..passes.collectives import world_size
+
 
 def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    world = world_size(None)
+    return (dist.get_rank() if world > 1 else 0), world
 
 
 def save_checkpoint(checkpoint_id: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step) -> None:

@@ -23,6 +23,7 @@ statistics count the examples compared and refused per family):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -114,7 +115,7 @@ def _policy(case):
         policy = lc.Policy(quantized_weights=lc.ECO(format=case["format"], scale=case["scale"],
                                                     rounding=case["rounding"], seed=case["seed"],
                                                     params=LINEAR_WEIGHTS), **others)
-    return lc.Policy(**{**policy.__dict__, "on_nonfinite": case["on_nonfinite"]})
+    return dataclasses.replace(policy, on_nonfinite=case["on_nonfinite"])
 
 
 def _expected_refusal(case) -> tuple[str, ...] | None:
