@@ -34,7 +34,7 @@ def _rows(gamma: float) -> list[dict]:
 def _policy(row: dict, beta: float, warmup: int, decay_start: int) -> lc.Policy:
     if row["gamma"] is None:
         return lc.Policy()
-    return lc.Policy(lookahead=lc.EMANesterov(beta=beta, gamma=row["gamma"], warmup_steps=warmup,
+    return lc.Policy(ema_nesterov=lc.EMANesterov(beta=beta, gamma=row["gamma"], warmup_steps=warmup,
                                               decay_start=decay_start))
 
 

@@ -10,7 +10,7 @@ from .capture.optim import prepare
 from .errors import CaptureError, PassError
 from .runtime.checkpoint import load_checkpoint, save_checkpoint
 from .runtime.executor import CollectiveError, NonFiniteError
-from .graph import Role, StateSpec, TrainGraph
+from .graph import Role, StateSpec, TrainGraph, WeightStorage
 from .passes.adaptive_rotation import AdaptiveRotation
 from .passes.data_parallel import DataParallel
 from .passes.eco import ECO
@@ -19,6 +19,7 @@ from .passes.fake_quant import CAGE, FakeQuant
 from .passes.gossip import Gossip
 from .passes.lordo import LoRDO
 from .passes.low_rank import LowRank
+from .passes.low_rank_ddp import LowRankDDP
 from .passes.sync import Sync
 from .policy import Policy
 
@@ -38,6 +39,7 @@ __all__ = [
     "LoRDO",
     "LordoBackend",
     "LowRank",
+    "LowRankDDP",
     "NonFiniteError",
     "PassError",
     "Policy",
@@ -45,6 +47,7 @@ __all__ = [
     "StateSpec",
     "Sync",
     "TrainGraph",
+    "WeightStorage",
     "backend",
     "compile",
     "load_checkpoint",

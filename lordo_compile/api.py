@@ -25,18 +25,15 @@ from . import passes as _passes  # noqa: F401  (registers every pass)
 from .capture.discover import Names, find_optimizers, optimizers_in_frame
 from .capture.optim import SUPPORTED_OPTIMIZERS, OptimizerAdapter, prepare, prepared_adapters, supported_names
 from .capture.roles import InputCatalog, build_train_graph
+from .distributed import world_size
 from .errors import CaptureError
-from .graph import ROLE, ParamInfo, Role
-from .inspect import GraphView, PhaseGraphs, describe_stage_change, role_counts, update_counts
+from .graph import ROLE, ParamInfo, Role, TrainGraph
+from .inspect import GraphView, GraphStages, describe_stage_change, role_counts, update_counts
 from .lowering import COMPILERS, compile_phase, lower
-from .ops.eco import decode_math
-from .ops.quant import QuantizedModel
-from .ops.quant import export as quantize_for_export
-from .passes import Program, Schedule, Stage, released_state, run_passes
-from .passes.collectives import world_size
+from .passes import Pipeline, RuntimeContext, Schedule, released_state, run_passes
 from .policy import Policy
-from .runtime.executor import CompiledPhase, OptimizerChanged, StepExecutor
 from .runtime.comm import CommReport, collectives_in
+from .runtime.executor import CompiledGraph, OptimizerChanged, StepExecutor
 from .runtime.memory import MemoryReport, memory_report
 from .runtime.state import RuntimeState
 
@@ -51,6 +48,11 @@ class LordoBackend:
 
     Use through `lordo_compile.backend(policy)` or `lordo_compile.compile(step, policy)`.
     After the first call, `graphs`, `explain()` and `state_dict()` describe the step.
+
+    The step is rewritten, at capture, for every set of events a step can carry (an
+    ordinary step, a projection refresh, a sync, both at once, ...); each such graph is
+    compiled the first time a step carries its events and reused after
+    (`docs/events.md` says why, with measurements).
     """
 
     def __init__(
@@ -74,20 +76,29 @@ class LordoBackend:
         self.arg_names = list(arg_names)
         self._adapters = list(adapters) if adapters is not None else None
         self.runtime = RuntimeState()
-        self.graphs: dict[str, PhaseGraphs] = {}
-        self.stages: list[Stage] = []
+        self.graphs: dict[str, GraphStages] = {}
+        self.pipeline: Pipeline | None = None
+        self.pass_runtimes: list = []
         self.captures = 0
         self.timings: dict[str, float] = {}
         self.param_names: dict[int, str] = {}
         self.adapters: list[OptimizerAdapter] = []
         self.executor: StepExecutor | None = None
+        self._passes_state: dict = {}
 
     @property
     def schedule(self) -> Schedule:
-        """Which phase runs at which step (known once the step has been captured)."""
-        if not self.stages:
+        """Which events fall on which step (known once the step has been captured)."""
+        if self.pipeline is None:
             raise RuntimeError("nothing captured yet; call the step once")
-        return self.stages[-1].program.schedule
+        return self.pipeline.schedule
+
+    @property
+    def captured(self) -> TrainGraph:
+        """The step as captured, before any pass."""
+        if self.pipeline is None:
+            raise RuntimeError("nothing captured yet; call the step once")
+        return next(iter(self.pipeline.graphs.values()))[0].program.graph
 
     def adapters_for(self, example_inputs: Sequence) -> list[OptimizerAdapter]:
         ids = {id(t) for t in example_inputs}
@@ -101,41 +112,58 @@ class LordoBackend:
         catalog = InputCatalog.build(self.names, self.arg_names, adapters)
         captured = build_train_graph(gm, list(example_inputs), catalog)
         captured.recompile()
-        self.stages = run_passes(Program({"step": captured}), self.policy)
-        final = self.stages[-1].program
+        pipeline = self.pipeline = run_passes(captured, self.policy)
+        final = pipeline.final()
         params = {
             node.meta["lordo_param"]: example_inputs[node.meta["lordo_input"][1]]
-            for graph in final.phases.values()
-            for node in graph.placeholders()
+            for node in captured.placeholders()
             if node.meta.get(ROLE) == Role.PARAMETER
         }
-        communicates = any(collectives_in(graph) for graph in final.phases.values())
-        self.runtime.world_size = world_size(None) if communicates else None
-        self.runtime.allocate(final.state(), params)
         self.param_names = {id(tensor): name for name, tensor in params.items()}
+        self.pass_runtimes = [
+            registered.runtime(option, RuntimeContext(self.runtime, params, final, registered.name))
+            for registered, option in pipeline.plan if registered.runtime is not None
+        ]
+        communicates = any(collectives_in(graph, self.pass_runtimes) for graph in final.values())
+        self.runtime.world_size = world_size(None) if communicates else None
+        self.runtime.allocate(pipeline.state(), params,
+                              lambda fresh: [hook.setup(fresh) for hook in self.pass_runtimes])
+        self._load_passes_state()
         self.timings["capture_and_passes_s"] = time.perf_counter() - started
+        self.timings["codegen_s"] = 0.0
         self.graphs = {}
+        symbolic = any(_is_symbolic(value) for value in example_inputs)
         compiled = {}
-        started = time.perf_counter()
-        for phase, graph in final.phases.items():
-            views = self._stage_views(phase)
+        for name, graph in final.items():
+            views = self._stage_views(name)
             lowered = lower(graph)
-            views.add(GraphView(phase, "lowered", lowered))
+            views.add(GraphView(name, "lowered", lowered))
+            self.graphs[name] = views
             state_names = list(graph.state)
-            inputs = list(example_inputs) + _static(self.runtime.inputs(state_names))
-            fn = compile_phase(
-                lowered, inputs, self.compiler, lambda aten, v=views, p=phase: v.add(GraphView(p, "aten", aten)),
-                deterministic=self.deterministic,
-            )
-            compiled[phase] = CompiledPhase(fn, state_names, len(collectives_in(graph)))
-            self.graphs[phase] = views
-        self.timings["codegen_s"] = time.perf_counter() - started
+            entry = CompiledGraph(name, state_names, len(collectives_in(graph, self.pass_runtimes)),
+                                  self._builder(lowered, views, state_names))
+            if symbolic:
+                # Symbolic sizes live in dynamo's shape environment, which exists only now.
+                entry.fn = entry.build(tuple(example_inputs), _static(self.runtime.inputs(state_names)))
+            compiled[graph.events] = entry
         self.captures += 1
         self._log_capture()
-        self.executor = StepExecutor(compiled, final.schedule, self.runtime, adapters, final.watches,
-                                     tuple(params[name] for name in final.stored), final.guards,
+        self.executor = StepExecutor(compiled, pipeline.schedule, self.runtime, adapters, self.pass_runtimes,
                                      deterministic=self.deterministic)
+        self.executor.log_comm = "comm" in logs.enabled()
         return self.executor
+
+    def _builder(self, lowered: fx.GraphModule, views: GraphStages, state_names: list[str]) -> Callable:
+        def build(args: tuple, state: list | None = None) -> Callable:
+            started = time.perf_counter()
+            inputs = list(args) + (state if state is not None else self.runtime.inputs(state_names))
+            fn = compile_phase(lowered, inputs, self.compiler,
+                               lambda aten: views.add(GraphView(views.events, "aten", aten)),
+                               deterministic=self.deterministic)
+            self.timings["codegen_s"] = self.timings.get("codegen_s", 0.0) + time.perf_counter() - started
+            return fn
+
+        return build
 
     def _log_capture(self) -> None:
         channels = logs.enabled()
@@ -147,57 +175,54 @@ class LordoBackend:
                 logs.emit("graphs", final.text)
         if "comm" in channels:
             logs.emit("comm", str(self.comm_report()))
-        if self.executor is not None:
-            self.executor.log_comm = "comm" in channels
 
     @property
     def _known_adapters(self) -> list[OptimizerAdapter]:
         """The optimizers given or found up front, else those the last capture used."""
         return self._adapters if self._adapters is not None else self.adapters
 
-    def _stage_views(self, phase: str) -> PhaseGraphs:
-        views = PhaseGraphs(phase)
-        for stage in self.stages:
-            source = stage.program.phases.get(phase)
-            if source is None and stage is self.stages[0]:
-                # Every phase derives from the one captured step: show that as its start.
-                source = stage.program.phases["step"]
-            if source is not None:
-                views.add(GraphView(phase, stage.name, source.module, source))
+    def _stage_views(self, name: str) -> GraphStages:
+        views = GraphStages(name)
+        for snapshot in self.pipeline.graphs[name]:
+            graph = snapshot.program.graph
+            views.add(GraphView(name, snapshot.name, graph.module, graph))
         return views
 
     def explain(self) -> str:
-        """Per phase: what was captured, what each pass changed, what state it added."""
-        if not self.stages:
+        """Per set of events: what was captured, what each pass changed, what state it added."""
+        if self.pipeline is None:
             return "lordo_compile: nothing captured yet; call the step once."
         lines = [
             f"lordo_compile: {self.policy.describe()}, compiler={self.compiler}",
             f"captures: {self.captures} (recompiles: {self.captures - 1})",
         ]
-        final = self.stages[-1].program
-        for phase, graph in final.phases.items():
-            lines.append(f'phase "{phase}"')
-            captured = self.stages[0].program.phases.get(phase)
-            if captured is not None:
-                roles = role_counts(captured)
-                updates = ", ".join(f"{n}x {k}" for k, n in sorted(update_counts(captured).items()))
-                lines.append(
-                    f"  captured: {len(captured.graph.nodes)} nodes, {roles[str(Role.PARAMETER)]} "
-                    f"parameters, updates: {updates or 'none'}, "
-                    f"{roles[str(Role.COLLECTIVE)]} collective nodes"
-                )
-            for previous, stage in zip(self.stages, self.stages[1:]):
-                if phase not in stage.program.phases:
-                    continue
-                change = describe_stage_change(previous.program.phases.get(phase), stage.program.phases[phase])
-                lines.append(f"  {stage.name}: {change[0]}")
+        if self.pipeline.schedule.events:
+            lines.append("events: " + ", ".join(
+                f"{e.name} (step {e.first}" + (f", then every {e.every})" if e.every else " only)")
+                for e in self.pipeline.schedule.events))
+        captured = self.captured
+        roles = role_counts(captured)
+        updates = ", ".join(f"{n}x {k}" for k, n in sorted(update_counts(captured).items()))
+        lines.append(
+            f"captured: {len(captured.graph.nodes)} nodes, {roles[str(Role.PARAMETER)]} parameters, "
+            f"updates: {updates or 'none'}, {roles[str(Role.COLLECTIVE)]} collective nodes"
+        )
+        for name, snapshots in self.pipeline.graphs.items():
+            lines.append(f'graph "{name}"')
+            for previous, snapshot in zip(snapshots, snapshots[1:]):
+                change = describe_stage_change(previous.program.graph, snapshot.program.graph)
+                lines.append(f"  {snapshot.name}: {change[0]}")
                 lines += [f"    {line}" for line in change[1:]]
-            lowered = sum(1 for _ in graph.updates())
+            lowered = sum(1 for _ in snapshots[-1].program.graph.updates())
             lines.append(f"  lowered: {lowered} canonical updates replaced by their aten math")
-        for stage in self.stages[1:]:
-            lines.append(f"pass {stage.name}:")
-            lines += [f"  {note}" for note in stage.summary]
-        specs = final.state()
+        hooks = {hook.context.owner: hook for hook in self.pass_runtimes}
+        for registered, _ in self.pipeline.plan:
+            stages = ", ".join(stage.name.lower() for stage, _, _ in registered.rewrites())
+            lines.append(f"pass {registered.name}: rewrites {stages}")
+            lines += [f"  {note}" for note in self.pipeline.summaries.get(registered.name, ())]
+            if registered.name in hooks:
+                lines += [f"  {line}" for line in hooks[registered.name].describe()]
+        specs = self.pipeline.state()
         total = sum(spec.nbytes for spec in specs.values())
         lines.append(f"state added by passes: {len(specs)} tensors, {total:,} bytes")
         report = self.memory_report()
@@ -208,10 +233,10 @@ class LordoBackend:
         return "\n".join(lines)
 
     def comm_report(self) -> CommReport:
-        """Collectives issued so far: count and bytes sent per worker, per phase and per step."""
-        phases = self.stages[-1].program.phases if self.stages else {}
-        return CommReport({name: collectives_in(graph) for name, graph in phases.items()},
-                          dict(self.runtime.phase_calls), self.runtime.step)
+        """Collectives issued so far: count and bytes sent per worker, per graph and per step."""
+        graphs = self.pipeline.final() if self.pipeline is not None else {}
+        return CommReport({name: collectives_in(graph, self.pass_runtimes) for name, graph in graphs.items()},
+                          dict(self.runtime.calls), self.runtime.step)
 
     def memory_report(self) -> MemoryReport:
         """Bytes of weights, gradients and optimizer state per parameter, before and after the policy."""
@@ -219,50 +244,56 @@ class LordoBackend:
 
     @contextlib.contextmanager
     def materialized(self):
-        """Inside, every parameter a pass stores in another form (ECO's codes) holds its value
-        in full precision, for an eager forward or `model.state_dict()`; outside, it is freed again."""
-        stored = self.executor.stored if self.executor is not None else None
-        if stored is None or not stored.tensors:
-            yield
-            return
-        option = self.policy.quantized_weights
-        with stored.allocated(), torch.no_grad():
-            for tensor in stored.tensors:
-                name = self.param_names[id(tensor)]
-                codes, scales = self.runtime.tensors[f"eco.codes.{name}"], self.runtime.tensors[f"eco.scales.{name}"]
-                tensor.copy_(decode_math(codes, scales, format=option.format, group_size=option.group_size))
+        """Inside, every parameter a pass holds in another form is readable in full precision
+        (for an eager forward or `model.state_dict()`); outside, it is held as before."""
+        # no_grad outermost: the hooks' own contexts then restore grad mode inside it.
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            for hook in self.pass_runtimes:
+                context = hook.materialized()
+                if context is not None:
+                    stack.enter_context(context)
             yield
 
-    def export_quantized(self) -> QuantizedModel:
-        """The weights the policy's `fake_quant` quantizes, as integer codes and scales.
+    def export_quantized(self) -> Any:
+        """The weights the policy's forward reads quantized, as integer codes and scales (a
+        `QuantizedModel`).
 
-        They are the current weights, quantized as the compiled forward quantizes them (each
-        in the basis its layer's current rotation choice says), so `dequantize()` gives
-        exactly the weights the next forward multiplies by.
+        They are the current weights, quantized as the compiled forward quantizes them, so
+        `dequantize()` gives exactly the weights the next forward multiplies by.
         """
-        option = self.policy.fake_quant
-        if option is None:
-            raise ValueError("export_quantized() needs a policy with fake_quant (Policy.cage or Policy(fake_quant=...))")
-        if not self.stages:
+        if self.pipeline is None:
             raise RuntimeError("nothing captured yet; call the step once")
-        infos = self.stages[0].program.phases["step"].params
-        tensors = {name: p for adapter in self._known_adapters for p in adapter.parameters()
-                   if (name := self.param_names.get(id(p))) is not None}
-        return QuantizedModel({
-            name: quantize_for_export(tensors[name].detach(), bits=option.bits, quantizer=option.quantizer,
-                                      group_size=option.group_size,
-                                      hadamard=option.rotates(name, self.runtime.tensors))
-            for name, info in infos.items() if name in tensors and option.choose(info) is None
-        })
+        for hook in self.pass_runtimes:
+            exported = hook.export_quantized()
+            if exported is not None:
+                return exported
+        raise ValueError("export_quantized() needs a policy whose forward reads quantized weights; none of "
+                         f"the passes of {self.policy.describe()} quantizes the forward")
 
     def state_dict(self) -> dict:
         """What the compiled step adds to the model's and optimizers' own state dicts."""
-        return {"runtime": self.runtime.state_dict(), "optimizers": [a.state_dict() for a in self._known_adapters]}
+        return {"runtime": self.runtime.state_dict(), "optimizers": [a.state_dict() for a in self._known_adapters],
+                "passes": {hook.context.owner: hook.state_dict() for hook in self.pass_runtimes}}
 
     def load_state_dict(self, state: dict) -> None:
         self.runtime.load_state_dict(state["runtime"])
         for adapter, adapter_state in zip(self._known_adapters, state["optimizers"]):
             adapter.load_state_dict(adapter_state)
+        # Before the first call the pass runtimes do not exist yet: they load it when created.
+        self._passes_state = state.get("passes", {})
+        if self.pass_runtimes:
+            self._load_passes_state()
+
+    def _load_passes_state(self) -> None:
+        for hook in self.pass_runtimes:
+            hook.load_state_dict(self._passes_state.get(hook.context.owner, {}))
+        self._passes_state = {}
+
+
+def _is_symbolic(value: Any) -> bool:
+    if isinstance(value, torch.SymInt):
+        return True
+    return isinstance(value, torch.Tensor) and any(not isinstance(size, int) for size in value.shape)
 
 
 def _static(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -341,7 +372,7 @@ class CompiledStep:
         return self.backend.policy
 
     @property
-    def graphs(self) -> dict[str, PhaseGraphs]:
+    def graphs(self) -> dict[str, GraphStages]:
         return self.backend.graphs
 
     @property
@@ -357,11 +388,11 @@ class CompiledStep:
     def comm_report(self) -> CommReport:
         return self.backend.comm_report()
 
-    def export_quantized(self) -> QuantizedModel:
+    def export_quantized(self) -> Any:
         return self.backend.export_quantized()
 
     def materialized(self):
-        """A context in which weights held in another form (ECO) are readable: see LordoBackend."""
+        """A context in which weights held in another form are readable: see LordoBackend."""
         return self.backend.materialized()
 
     def state_dict(self) -> dict:

@@ -2,7 +2,7 @@
 
     lordo-compile train [--policy identity|ddp|galore|local_sgd|diloco|lordo|cage|eco] [--workers N]
                         [--steps 400] [--compare A,B,... --plot compare.png]
-    lordo-compile inspect --example mlp|gpt [--policy P] [--phase local] [--stage captured]
+    lordo-compile inspect --example mlp|gpt [--policy P] [--events sync] [--stage captured]
                           [--format text|dot|svg] [--diff [A,B]]
 """
 
@@ -50,7 +50,7 @@ def make_policy(name: str, args: argparse.Namespace) -> Policy:
     if name == "cage":
         return Policy.cage(bits=args.bits, total_steps=args.steps, hadamard=True)
     if name == "ema_nesterov":
-        return Policy(lookahead=EMANesterov(warmup_steps=args.steps // 10, decay_start=args.steps * 8 // 10))
+        return Policy(ema_nesterov=EMANesterov(warmup_steps=args.steps // 10, decay_start=args.steps * 8 // 10))
     return Policy.eco(format=args.format)
 
 
@@ -79,7 +79,7 @@ def _train_one(name: str, args: argparse.Namespace, config: RunConfig) -> dict:
     memory = result.step.memory_report()
     return {"policy": name, "val_loss": result.val_loss, "bytes_sent": result.step.comm_report().bytes_sent,
             "state_bytes": memory.weight_bytes + memory.state_bytes_after, "step_ms": result.median_ms(
-                max(set(result.phases), key=result.phases.count)), "compile_s": result.compile_seconds, "total_s": time.perf_counter() - started,
+                max(set(result.graphs), key=result.graphs.count)), "compile_s": result.compile_seconds, "total_s": time.perf_counter() - started,
             "curve": result.curve}
 
 
@@ -190,18 +190,18 @@ def _example_step(name: str, compiler: str, policy: Policy) -> api.CompiledStep:
 def inspect_command(args: argparse.Namespace) -> None:
     policy = _example_policy(args.policy)
     step = _example_step(args.example, "aot_eager" if args.stage == "aten" else "eager", policy)
-    phases = step.graphs
-    phase = args.phase or ("step" if "step" in phases else next(iter(phases)))
-    if phase not in phases:
-        raise SystemExit(f"no phase {phase!r}; this policy has {', '.join(phases)}")
-    stages = phases[phase]
+    graphs = step.graphs
+    name = args.events or ("step" if "step" in graphs else next(iter(graphs)))
+    if name not in graphs:
+        raise SystemExit(f"no graph for the events {name!r}; this policy has {', '.join(graphs)}")
+    stages = graphs[name]
     if args.diff is not None:
         names = [stage for stage in stages if stage not in ("lowered", "aten")]
         before, _, after = (args.diff or f"captured,{names[-1]}").partition(",")
         print(stages.diff(before, after) or f"{before} -> {after}: no change")
         return
     if args.stage not in stages:
-        raise SystemExit(f"no stage {args.stage!r}; phase {phase!r} has {', '.join(stages)}")
+        raise SystemExit(f"no stage {args.stage!r}; graph {name!r} has {', '.join(stages)}")
     view = stages[args.stage]
     if args.format == "text":
         print(view.text, end="")
@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     i = commands.add_parser("inspect", help="print a compiled example step's graphs")
     i.add_argument("--example", default="mlp", choices=["mlp", "gpt"])
     i.add_argument("--policy", default="identity", choices=POLICIES)
-    i.add_argument("--phase", help="default: step, or the policy's first phase")
+    i.add_argument("--events", help="which graph: the events its steps carry, joined by '+' (default: step, "
+                                    "the graph of steps with no event)")
     i.add_argument("--stage", default="captured")
     i.add_argument("--format", default="text", choices=["text", "dot", "svg"])
     i.add_argument("--diff", nargs="?", const="", metavar="BEFORE,AFTER",

@@ -3,7 +3,7 @@
 One function, `train_tiny_gpt`: a seeded model, AdamW with warmup and cosine decay,
 batches of CPython's bundled help text (each worker its own, when torch.distributed is
 initialised), a compiled step under a policy, and a fixed validation set. It returns what a comparison needs: losses, per-step times with the
-phase each step ran, and the compiled step itself (for its memory and graphs).
+graph (set of events) each step ran, and the compiled step itself (for its memory and graphs).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class RunResult:
     train_loss: float
     val_loss: float
     step_seconds: list[float] = field(default_factory=list)
-    phases: list[str] = field(default_factory=list)
+    graphs: list[str] = field(default_factory=list)
     # (step, bytes sent per worker so far, validation loss) every `eval_every` steps.
     curve: list[tuple[int, int, float]] = field(default_factory=list)
 
@@ -58,9 +58,9 @@ class RunResult:
     def compile_seconds(self) -> float:
         return self.step_seconds[0]
 
-    def median_ms(self, phase: str = "step") -> float:
-        """Median time of the steps (after the first) that ran `phase`."""
-        times = sorted(t for t, p in zip(self.step_seconds[1:], self.phases[1:]) if p == phase)
+    def median_ms(self, graph: str = "step") -> float:
+        """Median time of the steps (after the first) that ran `graph` ("step": no event)."""
+        times = sorted(t for t, p in zip(self.step_seconds[1:], self.graphs[1:]) if p == graph)
         return times[len(times) // 2] * 1e3 if times else float("nan")
 
 
@@ -92,8 +92,7 @@ def as_trained(model: nn.Module, step: CompiledStep | None):
 def _quantized_forward(model: nn.Module, step: CompiledStep):
     policy = step.policy
     fake_quant = policy.fake_quant if policy is not None else None
-    master = policy.quantized_weights if policy is not None and policy.quantized_weights is not None \
-        and policy.quantized_weights.mode == "master" else None
+    master = policy.eco if policy is not None and policy.eco is not None and policy.eco.mode == "master" else None
     if fake_quant is None and master is None:
         yield
         return
@@ -128,7 +127,7 @@ def _quantized_forward(model: nn.Module, step: CompiledStep):
 
 
 def _info(step: CompiledStep, name: str):
-    return step.backend.stages[0].program.phases["step"].params[name]
+    return step.backend.captured.params[name]
 
 
 def train_tiny_gpt(policy: Policy, config: RunConfig = RunConfig(), log: Callable[[str], None] | None = None,
@@ -158,7 +157,7 @@ def train_tiny_gpt(policy: Policy, config: RunConfig = RunConfig(), log: Callabl
         t0 = time.perf_counter()
         loss = float(step(x, y))
         result.step_seconds.append(time.perf_counter() - t0)
-        result.phases.append(step.backend.schedule.phase_at(index))
+        result.graphs.append(step.backend.schedule.name_at(index))
         result.train_loss = loss
         schedule.step()
         if config.eval_every and ((i + 1) % config.eval_every == 0 or i == 0):

@@ -159,16 +159,16 @@ def to_svg(graph: fx.Graph | fx.GraphModule | TrainGraph, name: str = "step") ->
 
 @dataclass
 class GraphView:
-    """One stage of one phase: the graph, as a module and as stable text."""
+    """One stage of one graph (a set of events): the graph, as a module and as stable text."""
 
-    phase: str
+    events: str
     stage: str
     module: fx.GraphModule
     train_graph: TrainGraph | None = None
 
     @property
     def text(self) -> str:
-        return f'# phase "{self.phase}" after {self.stage}\n' + self.body
+        return f'# graph "{self.events}" after {self.stage}\n' + self.body
 
     @property
     def body(self) -> str:
@@ -179,17 +179,18 @@ class GraphView:
         return self.text
 
     def to_dot(self) -> str:
-        return to_dot(self.train_graph or self.module, f"{self.phase}.{self.stage}")
+        return to_dot(self.train_graph or self.module, f"{self.events}.{self.stage}")
 
     def to_svg(self) -> str:
-        return to_svg(self.train_graph or self.module, f"{self.phase}.{self.stage}")
+        return to_svg(self.train_graph or self.module, f"{self.events}.{self.stage}")
 
 
-class PhaseGraphs(Mapping[str, GraphView]):
-    """The stages of one phase in order: "captured", one per pass, "lowered", "aten"."""
+class GraphStages(Mapping[str, GraphView]):
+    """The stages of one graph in order: "captured", one per rewrite, "lowered", and "aten"
+    once a step has carried its events (it is compiled then)."""
 
-    def __init__(self, phase: str) -> None:
-        self.phase = phase
+    def __init__(self, events: str) -> None:
+        self.events = events
         self._views: dict[str, GraphView] = {}
 
     def add(self, view: GraphView) -> None:
@@ -208,7 +209,7 @@ class PhaseGraphs(Mapping[str, GraphView]):
         return diff_graphs(self[before].body, self[after].body, before, after)
 
     def __repr__(self) -> str:
-        return f"PhaseGraphs({self.phase!r}, stages={list(self._views)})"
+        return f"GraphStages({self.events!r}, stages={list(self._views)})"
 
 
 def _counts(graph: TrainGraph) -> Counter:
@@ -218,9 +219,9 @@ def _counts(graph: TrainGraph) -> Counter:
 
 
 def describe_stage_change(before: TrainGraph | None, after: TrainGraph) -> list[str]:
-    """What a pass changed in one phase: ops added/removed, state added with bytes."""
+    """What a rewrite changed in one graph: ops added/removed, state added with bytes."""
     if before is None:
-        return [f"new phase ({len(after.graph.nodes)} nodes)"]
+        return [f"new graph ({len(after.graph.nodes)} nodes)"]
     lines = []
     old, new = _counts(before), _counts(after)
     added = {k: new[k] - old[k] for k in new if new[k] > old[k]}

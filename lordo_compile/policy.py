@@ -1,7 +1,13 @@
-"""Policy: which rewrites a compiled step gets. `Policy()` is the identity."""
+"""Policy: which rewrites a compiled step gets. `Policy()` is the identity.
+
+Each field is named as its pass and holds that pass's option type (`lordo=LoRDO(...)` runs
+the pass "lordo"); the fields of the previous release (`low_rank_sync`,
+`low_rank_data_parallel`, `quantized_weights`, `lookahead`) are deprecated aliases.
+"""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from .passes.data_parallel import DataParallel
@@ -19,21 +25,24 @@ from .passes.sync import Sync
 class Policy:
     """The rewrites to apply to a captured training step.
 
-    Each field is the option object of one pass (None: that pass is off). With every
-    field off, the step is compiled unchanged through the identity pass.
+    Each field is the option object of the pass of the same name (None: that pass is off).
+    Any combination composes unless its passes conflict mathematically (docs/compositions.md
+    says which, and why). With every field off, the step is compiled unchanged through the
+    identity pass.
 
     Raises:
-      ValueError: if `extra_passes` is not a sequence of registered pass names or pass options.
+      ValueError: if a field holds another option type, or `extra_passes` is not a sequence
+        of registered pass names or pass options.
     """
 
     low_rank: LowRank | None = None
     data_parallel: DataParallel | None = None
     sync: Sync | None = None
-    low_rank_sync: LoRDO | None = None
-    low_rank_data_parallel: LowRankDDP | None = None
+    lordo: LoRDO | None = None
+    low_rank_ddp: LowRankDDP | None = None
     fake_quant: FakeQuant | None = None
-    quantized_weights: ECO | None = None
-    lookahead: EMANesterov | None = None
+    eco: ECO | None = None
+    ema_nesterov: EMANesterov | None = None
     gossip: Gossip | None = None
     # "raise" (the default) or "skip" a step whose loss or gradients are not finite; None:
     # not checked (saves one host read of a flag vector per step; see docs/reliability.md).
@@ -41,12 +50,14 @@ class Policy:
     extra_passes: tuple[object, ...] = ()
 
     def __post_init__(self) -> None:
-        for name, kind in (("low_rank", LowRank), ("data_parallel", DataParallel), ("sync", Sync), ("low_rank_sync", LoRDO),
-                           ("low_rank_data_parallel", LowRankDDP), ("fake_quant", FakeQuant), ("quantized_weights", ECO),
-                           ("lookahead", EMANesterov), ("gossip", Gossip)):
+        written = getattr(self, "_written_as", {})
+        for name, kind in (("low_rank", LowRank), ("data_parallel", DataParallel), ("sync", Sync), ("lordo", LoRDO),
+                           ("low_rank_ddp", LowRankDDP), ("fake_quant", FakeQuant), ("eco", ECO),
+                           ("ema_nesterov", EMANesterov), ("gossip", Gossip)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
-                raise ValueError(f"Policy.{name} must be a lordo_compile.{kind.__name__}, got {value!r}")
+                raise ValueError(f"Policy.{written.get(name, name)} must be a lordo_compile.{kind.__name__}, "
+                                 f"got {value!r}")
         if self.on_nonfinite not in (None, "raise", "skip"):
             raise ValueError(f"Policy.on_nonfinite must be 'raise', 'skip' or None, got {self.on_nonfinite!r}")
         if isinstance(self.extra_passes, str) or not isinstance(self.extra_passes, (tuple, list)):
@@ -78,24 +89,10 @@ class Policy:
                              nesterov=nesterov, group=group))
 
     @classmethod
-    def lordo(cls, rank: int, sync_every: int = 32, **options) -> "Policy":
-        """LoRDO; `options` are the other `LoRDO` fields (omega, payload, ...)."""
-        return cls(low_rank_sync=LoRDO(rank=rank, sync_every=sync_every, **options))
-
-    @classmethod
     def docom(cls, ratio: float = 0.01, gamma: float = 0.1, beta: float = 0.1, **options) -> "Policy":
         """DoCoM-SGT: compressed gossip on a ring instead of an all-reduce; `options` are the
         other `Gossip` fields (topology, compressor, group)."""
-        # Unchecked: a worker that skipped or stopped a step alone would leave its neighbours'
-        # copies of its state behind (the gossip pass refuses the check).
-        return cls(gossip=Gossip(ratio=ratio, gamma=gamma, beta=beta, **options), on_nonfinite=None)
-
-    @classmethod
-    def low_rank_ddp(cls, rank: int, update_proj_gap: int = 200, scale: float = 0.25, group=None,
-                     **options) -> "Policy":
-        """GaLore with the projected gradient averaged every step (LoRDO's baseline)."""
-        low_rank = LowRank(rank=rank, update_proj_gap=update_proj_gap, scale=scale, **options)
-        return cls(low_rank_data_parallel=LowRankDDP(low_rank=low_rank, group=group))
+        return cls(gossip=Gossip(ratio=ratio, gamma=gamma, beta=beta, **options))
 
     @classmethod
     def galore(cls, rank: int, update_proj_gap: int = 200, scale: float = 0.25, **options) -> "Policy":
@@ -116,13 +113,78 @@ class Policy:
         return cls(fake_quant=FakeQuant(bits=bits, quantizer=quantizer, hadamard=hadamard, correction=correction,
                                         **options))
 
-    @classmethod
-    def eco(cls, format: str = "fp8_e4m3", scale: str = "per_row", rounding: str = "nearest", **options) -> "Policy":
-        """ECO: weights kept quantized, the rounding error fed into the momentum; `options`
-        are the other `ECO` fields (group_size, mode, seed, params)."""
-        return cls(quantized_weights=ECO(format=format, scale=scale, rounding=rounding, **options))
-
     def describe(self) -> str:
         fields = {k: v for k, v in self.__dict__.items() if v not in (None, ())}
         inner = ", ".join(f"{k}={v!r}" for k, v in fields.items())
         return f"Policy({inner})"
+
+
+_RENAMED = {"low_rank_sync": "lordo", "low_rank_data_parallel": "low_rank_ddp", "quantized_weights": "eco",
+            "lookahead": "ema_nesterov"}
+
+
+def _deprecated_field(old: str) -> property:
+    new = _RENAMED[old]
+
+    def read(self):
+        warnings.warn(f"Policy.{old} is deprecated; read Policy.{new}", DeprecationWarning, stacklevel=2)
+        return getattr(self, new)
+
+    return property(read, doc=f"Deprecated alias of `{new}`.")
+
+
+def _accepting_old_names(init):
+    def __init__(self, **fields) -> None:
+        written = {}
+        for old, new in _RENAMED.items():
+            if old not in fields:
+                continue
+            warnings.warn(f"Policy({old}=...) is deprecated; use Policy({new}=...)", DeprecationWarning, stacklevel=2)
+            if fields.get(new) is not None:
+                raise ValueError(f"Policy got both {old}= and {new}=, the same field under its old and new name")
+            fields[new] = fields.pop(old)
+            written[new] = old
+        # Read by __post_init__, so an error names the field as the caller wrote it.
+        object.__setattr__(self, "_written_as", written)
+        init(self, **fields)
+        object.__delattr__(self, "_written_as")
+
+    __init__.__doc__ = init.__doc__
+    return __init__
+
+
+Policy.__init__ = _accepting_old_names(Policy.__init__)
+for _old in _RENAMED:
+    setattr(Policy, _old, _deprecated_field(_old))
+
+
+# The presets named as their fields are set after the dataclass is built: on the class
+# `Policy.lordo(rank=8)` is the preset, on an instance `policy.lordo` is the field's value
+# (a classmethod does not shadow an instance attribute).
+
+
+def _lordo(cls, rank: int, sync_every: int = 32, **options) -> "Policy":
+    """LoRDO; `options` are the other `LoRDO` fields (omega, payload, ...)."""
+    return cls(lordo=LoRDO(rank=rank, sync_every=sync_every, **options))
+
+
+Policy.lordo = classmethod(_lordo)
+
+
+def _low_rank_ddp(cls, rank: int, update_proj_gap: int = 200, scale: float = 0.25, group=None,
+                 **options) -> "Policy":
+    """GaLore with the projected gradient averaged every step (LoRDO's baseline)."""
+    low_rank = LowRank(rank=rank, update_proj_gap=update_proj_gap, scale=scale, **options)
+    return cls(low_rank_ddp=LowRankDDP(low_rank=low_rank, group=group))
+
+
+Policy.low_rank_ddp = classmethod(_low_rank_ddp)
+
+
+def _eco(cls, format: str = "fp8_e4m3", scale: str = "per_row", rounding: str = "nearest", **options) -> "Policy":
+    """ECO: weights kept quantized, the rounding error fed into the momentum; `options`
+    are the other `ECO` fields (group_size, mode, seed, params)."""
+    return cls(eco=ECO(format=format, scale=scale, rounding=rounding, **options))
+
+
+Policy.eco = classmethod(_eco)

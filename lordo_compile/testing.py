@@ -40,13 +40,14 @@ def fresh_inductor_cache():
         yield
 
 
-def stage_text(step: CompiledStep, stage: str = "captured", phase: str = "step") -> str:
-    """The stable text of one stage of one phase (no title line)."""
-    return step.graphs[phase][stage].body
+def stage_text(step: CompiledStep, stage: str = "captured", events: str = "step") -> str:
+    """The stable text of one stage of the graph for `events` ("step": a step with no event;
+    else the event names joined by "+", e.g. "refresh+sync"), without the title line."""
+    return step.graphs[events][stage].body
 
 
-def stage_diff(step: CompiledStep, before: str, after: str, phase: str = "step") -> str:
-    return step.graphs[phase].diff(before, after)
+def stage_diff(step: CompiledStep, before: str, after: str, events: str = "step") -> str:
+    return step.graphs[events].diff(before, after)
 
 
 def training_step(loss_fn: Callable, optimizer: torch.optim.Optimizer) -> Callable:

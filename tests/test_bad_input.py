@@ -53,8 +53,10 @@ def test_bad_options(make, message):
     (lc.Policy.galore(rank=16), r"rank=16 is >= the smaller side of every matrix"),
     (lc.Policy.lordo(rank=16), r"LoRDO selected no matrix for a low-rank update.*smaller side 16 <= rank 16"),
     (lc.Policy.low_rank_ddp(rank=16), r"low-rank DDP selected no AdamW matrix"),
-    (lc.Policy(low_rank=lc.LowRank(rank=4), sync=lc.Sync(every=4)), r"'low_rank' and 'sync', which cannot be combined"),
-    (lc.Policy(quantized_weights=lc.ECO(), fake_quant=lc.FakeQuant()), r"cannot be combined \(ECO stores"),
+    (lc.Policy(low_rank=lc.LowRank(rank=4), lordo=lc.LoRDO(rank=4)),
+     r"'lordo' and 'low_rank', which cannot be combined \(LoRDO is GaLore with one global projection"),
+    (lc.Policy(data_parallel=lc.DataParallel(), sync=lc.Sync(every=4)),
+     r"'data_parallel' and 'sync', which cannot be combined \(each decides how workers combine"),
     (lc.Policy(extra_passes=("no_such_pass",)), r"Policy.extra_passes names 'no_such_pass'"),
 ])
 def test_policies_that_cannot_apply(policy, message):

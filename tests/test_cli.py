@@ -52,7 +52,7 @@ def test_inspect_diff_of_a_policy(tmp_path):
                            "eco", "--diff"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     # The policy's last pass is the non-finite check (on by default), after eco's rewrite.
-    assert done.stdout.startswith("--- captured\n+++ nonfinite\n") and "lordo.eco_adamw" in done.stdout
+    assert done.stdout.startswith("--- captured\n+++ on_nonfinite\n") and "lordo.eco_requantize" in done.stdout
 
 
 def test_train_with_the_nonfinite_check(tmp_path):

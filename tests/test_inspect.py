@@ -32,7 +32,7 @@ def test_every_stage_is_recorded_and_printable(step):
     assert list(stages) == ["captured", "identity", "lowered", "aten"]
     for view in stages.values():
         text = str(view)
-        assert text.startswith('# phase "step" after ')
+        assert text.startswith('# graph "step" after ')
         assert "/" not in text.replace(" / ", "")  # no file paths
     assert "lordo.adamw" in stages["captured"].text
     assert "lordo.adamw" not in stages["lowered"].text

@@ -28,7 +28,7 @@ def test_channels_log_passes_graphs_and_comm(monkeypatch, caplog):
         by_channel.setdefault(record.channel, []).append(record.getMessage())
     assert any(line.startswith("pass low_rank:") for line in by_channel["passes"])
     assert any("lordo.galore_adamw(" in line for line in by_channel["graphs"])
-    assert by_channel["comm"][0].split()[:2] == ["phase", "runs"]
+    assert by_channel["comm"][0].split()[:2] == ["graph", "runs"]
 
 
 def test_nothing_is_logged_by_default(monkeypatch, caplog):

@@ -22,9 +22,23 @@ POLICIES = {
     "lordo": lambda: lc.Policy.lordo(rank=4, sync_every=2),
     "cage": lambda: lc.Policy.cage(bits=4, total_steps=4, silence_ratio=0.0),
     "eco": lambda: lc.Policy.eco(format="int8"),
-    "ema_nesterov": lambda: lc.Policy(lookahead=lc.EMANesterov(beta=0.5, gamma=0.9, warmup_steps=1)),
+    "ema_nesterov": lambda: lc.Policy(ema_nesterov=lc.EMANesterov(beta=0.5, gamma=0.9, warmup_steps=1)),
     "adaptive_rotation": lambda: lc.Policy(fake_quant=lc.FakeQuant(bits=4, activation_bits=4,
                                                                    adaptive_rotation=lc.AdaptiveRotation(every=2))),
+    # Compositions: events that coincide (a refresh on a sync step), weights stored by ECO under
+    # the others' updates and anchors, and the four-way stack.
+    "galore+diloco": lambda: lc.Policy(low_rank=lc.LowRank(rank=4, update_proj_gap=2),
+                                       sync=lc.Sync(every=2, outer_lr=0.7, outer_momentum=0.9, nesterov=True)),
+    "eco+diloco": lambda: lc.Policy(eco=lc.ECO(format="int8"), sync=lc.Sync(every=2, outer_lr=0.7,
+                                                                             outer_momentum=0.9, nesterov=True)),
+    "eco+galore": lambda: lc.Policy(eco=lc.ECO(format="int8"), low_rank=lc.LowRank(rank=4, update_proj_gap=2)),
+    "rotation+galore": lambda: lc.Policy(low_rank=lc.LowRank(rank=4, update_proj_gap=2), fake_quant=lc.FakeQuant(
+        bits=4, activation_bits=4, adaptive_rotation=lc.AdaptiveRotation(every=3))),
+    "docom+galore": lambda: lc.Policy(gossip=lc.Gossip(ratio=0.5), low_rank=lc.LowRank(rank=4, update_proj_gap=2)),
+    "lordo+cage+eco+ema": lambda: lc.Policy(
+        lordo=lc.LoRDO(rank=4, sync_every=2), fake_quant=lc.FakeQuant(bits=4, correction=lc.CAGE(
+            total_steps=4, silence_ratio=0.0)), eco=lc.ECO(format="fp8_e4m3"),
+        ema_nesterov=lc.EMANesterov(beta=0.5, warmup_steps=1)),
 }
 
 
@@ -59,7 +73,7 @@ def test_raise_names_the_step_and_leaves_state_as_it_was(name):
         step(x, y)
     before, state = _snapshot(model, step)
     x, y = batches[3]
-    with pytest.raises(lc.NonFiniteError, match=r"step 3 \(phase '\w+'\): the loss is not finite"):
+    with pytest.raises(lc.NonFiniteError, match=r"step 3 \(graph '[\w+]+'\): the loss is not finite"):
         step(x, y.clone().fill_(float("nan")))
     after, state_after = _snapshot(model, step)
     assert all(torch.equal(a, b) for a, b in zip(before, after))

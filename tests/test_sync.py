@@ -107,7 +107,7 @@ def _compiled(rank, policy, explicit_all_reduce=False):
         step(x, y)
     report = step.comm_report()
     return _params(model), {"bytes": report.bytes_sent, "collectives": report.collectives,
-                            "calls": dict(report.calls), "phases": sorted(step.graphs)}
+                            "calls": dict(report.calls), "graphs": sorted(step.graphs)}
 
 
 def parity_worker(rank, world, case):
@@ -145,7 +145,7 @@ def test_bytes_sent_match_the_analytic_count(parity):
         assert report["calls"] == {"step": STEPS}
         assert (report["collectives"], report["bytes"]) == (STEPS, STEPS * numel * 4)
     else:
-        assert report["phases"] == ["local", "sync"]
+        assert report["graphs"] == ["step", "sync"]
         assert report["calls"] == {"local": STEPS - STEPS // H, "sync": STEPS // H}
         assert (report["collectives"], report["bytes"]) == (STEPS // H, STEPS // H * numel * 4)
 
@@ -203,6 +203,6 @@ def test_a_worker_leaving_during_a_sync_fails_the_others_within_the_timeout():
     timeout = 10.0
     results = run_workers(leaving_worker, 2, timeout=60, pg_timeout=datetime.timedelta(seconds=timeout))
     message, elapsed = results[0]
-    assert "phase 'sync' at step 3 failed in one of its 1 collective(s)" in message
+    assert "graph 'sync' at step 3 failed in one of its 1 collective(s)" in message
     assert "Restart every worker from the last checkpoint" in message
     assert elapsed < timeout + 10

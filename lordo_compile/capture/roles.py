@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import CaptureError, user_line
-from ..graph import INPUT, PARAM, PROVENANCE, ROLE, STATE, ParamInfo, Role, TrainGraph, UpdateSite, identifier, propagate_meta
+from ..graph import INPUT, PARAM, PROVENANCE, ROLE, STATE, ParamInfo, Role, TrainGraph, UpdateSite, identifier
 from ..ops import canonical_op
 from .discover import Names
 from .functionalize import functionalize_gradients
@@ -110,9 +110,7 @@ def _fold_grad_staging(graph: fx.Graph, grads: set[fx.Node]) -> None:
         graph.erase_node(staging)
 
 
-def build_train_graph(
-    gm: fx.GraphModule, example_inputs: list, catalog: InputCatalog, phase: str = "step"
-) -> TrainGraph:
+def build_train_graph(gm: fx.GraphModule, example_inputs: list, catalog: InputCatalog) -> TrainGraph:
     graph = gm.graph
     _check_host_syncs(graph)
     params: dict[str, ParamInfo] = {}
@@ -211,9 +209,16 @@ def build_train_graph(
         node.meta[PROVENANCE] = "capture"
     for node, name in names.items():
         node._rename(name)
-    propagate_meta(graph)
+    for node in graph.nodes:
+        if "example_value" in node.meta:
+            node.meta["val"] = node.meta["example_value"]
     gm.recompile()
-    return TrainGraph(gm, phase, params, num_dynamo_inputs=len(placeholders))
+    # The fake tensors dynamo recorded: new nodes' values are computed in the same fake mode.
+    recorded = [node.meta["val"] for node in placeholders if isinstance(node.meta.get("val"), torch.Tensor)]
+    parameters = [example_inputs[i] for i, node in enumerate(placeholders) if node.meta.get(ROLE) == Role.PARAMETER]
+    return TrainGraph(gm, frozenset(), params, num_dynamo_inputs=len(placeholders),
+                      fake_mode=getattr(recorded[0], "fake_mode", None) if recorded else None,
+                      device=parameters[0].device if parameters else torch.device("cpu"))
 
 
 def _assign_remaining_roles(graph: fx.Graph, backward, grads, updates) -> None:

@@ -8,8 +8,10 @@ every element is `code * scale`), along the last dimension:
     int4      scale = max|x| / 7 per group of `group_size`; codes in [-7, 7], stored + 8 as
               nibbles, two per uint8 along the last dimension
 
-The update ops return the new weight's codes and scales (what the runtime keeps between
-steps) next to its values; `eco_decode` turns codes back into the float weight exactly.
+`eco_requantize` gives a tentative weight's grid values, codes and scales (what the runtime
+keeps between steps); `eco_decode` turns codes back into the float weight exactly. The
+`eco_inject_*` ops feed the rounding error e = W~ - q(W~) into the momentum of the update
+that made W~, one op per update rule (ALGORITHMS.md sections 5 and 7).
 
 `rounding="nearest"` rounds half to even; "stochastic" takes the grid point above (toward
 +inf) when u < (y - below) / spacing, for u uniform in [0, 1) from a counter hash of (seed,
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .registry import define_aux_op, define_op
+from .registry import define_aux_op
 
 FORMATS = ("fp8_e4m3", "int8", "int4")
 SCALES = ("per_row", "per_tensor")
@@ -130,65 +132,99 @@ eco_decode = define_aux_op(
 )
 
 
-def _requantize(w: Tensor, counter: Tensor, salt: int, format, scale, group_size, rounding, seed
-                ) -> tuple[Tensor, Tensor, Tensor]:
-    """(grid values, codes, scales) of the tentative weight w."""
+def requantize_math(w: Tensor, counter: Tensor, *, format: str, scale: str, group_size: int, rounding: str,
+                    seed: int, salt: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(grid values, codes, scales) of the tentative weight w; stochastic rounding draws from
+    (seed, counter, salt, element)."""
     noise = uniform_noise(w, counter, seed * 1_000_003 + salt) if rounding == "stochastic" else None
     levels, step = _levels(w, format, scale, group_size, rounding, noise)
     return (levels * step).reshape(w.shape), _encode(levels, w.shape, format), step
 
 
-_QUANT_ATTRIBUTES = {"format": "str", "scale": "str", "group_size": "int", "rounding": "str", "mode": "str",
-                     "seed": "int", "salt": "int"}
-
-
-@define_op(
-    "eco_sgd_momentum",
-    state=("momentum_buffer", "codes", "scales"),
-    buffers=("counter",),
-    hyperparameters=("lr", "momentum", "dampening", "weight_decay"),
-    attributes={"maximize": "bool", **_QUANT_ATTRIBUTES},
-    doc="SGD with momentum on a quantized weight; the rounding error goes into the buffer (ECO)",
+eco_requantize = define_aux_op(
+    "eco_requantize",
+    "(Tensor w, Tensor counter, *, str format, str scale, int group_size, str rounding, int seed, int salt)"
+    " -> (Tensor, Tensor, Tensor)",
+    requantize_math,
+    lambda w, counter, *, format, scale, group_size, **kwargs: (
+        torch.empty_like(w), torch.empty(code_shape(tuple(w.shape), format), dtype=code_dtype(format), device=w.device),
+        torch.empty(scale_shape(tuple(w.shape), format, scale, group_size), dtype=torch.float32, device=w.device)),
 )
-def eco_sgd_momentum(param, grad, momentum_buffer, codes, scales, counter, lr, momentum, dampening, weight_decay, *,
-                     maximize, format, scale, group_size, rounding, mode, seed, salt):
-    grad = -grad if maximize else grad
-    grad = grad + weight_decay * param
-    buf = momentum_buffer * momentum + (1 - dampening) * grad
-    tentative = param + (-lr) * buf
-    quantized, codes, scales = _requantize(tentative, counter, salt, format, scale, group_size, rounding, seed)
-    if mode == "eco":
-        error = tentative - quantized
-        # Summed over the later steps, m's geometric decay applies exactly +error to W.
-        buf = buf + torch.where(lr > 0, (1 - 1 / momentum) / lr, 0.0) * error
-    return quantized, buf, codes, scales
 
 
-@define_op(
-    "eco_adamw",
-    state=("exp_avg", "exp_avg_sq", "step", "codes", "scales"),
-    buffers=("counter",),
-    hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
-    attributes={"maximize": "bool", **_QUANT_ATTRIBUTES},
-    doc="AdamW on a quantized weight; the rounding error goes into the first moment (ECO)",
-)
-def eco_adamw(param, grad, exp_avg, exp_avg_sq, step, codes, scales, counter, lr, beta1, beta2, eps, weight_decay, *,
-              maximize, format, scale, group_size, rounding, mode, seed, salt):
-    grad = -grad if maximize else grad
-    step = step + 1
-    param = param * (1 - lr * weight_decay)
-    exp_avg = exp_avg + (1 - beta1) * (grad - exp_avg)
-    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+def inject_sgd_momentum_math(momentum_buffer, error, lr, momentum):
+    """Heavy ball: (1/lr)(1 - 1/momentum) e, summed over the later steps, moves W by +e."""
+    return momentum_buffer + torch.where(lr > 0, (1 - 1 / momentum) / lr, 0.0) * error
+
+
+def _adam_denominator(exp_avg_sq, step, beta2, eps):
     count = step.to(torch.float64)
-    bias_correction1 = 1 - beta1**count
-    denom = exp_avg_sq.sqrt() / (1 - beta2**count).sqrt() + eps
-    tentative = param + (-lr / bias_correction1) * exp_avg / denom
-    quantized, codes, scales = _requantize(tentative, counter, salt, format, scale, group_size, rounding, seed)
-    if mode == "eco":
-        error = tentative - quantized
-        gain = torch.where(lr > 0, bias_correction1 / lr * (1 - 1 / beta1), 0.0)
-        exp_avg = exp_avg + gain * denom * error
-    return quantized, exp_avg, exp_avg_sq, step, codes, scales
+    return exp_avg_sq.sqrt() / (1 - beta2**count).sqrt() + eps, count
+
+
+def inject_adamw_math(exp_avg, exp_avg_sq, step, error, lr, beta1, beta2, eps):
+    """AdamW: ((1 - beta1^t)/lr)(1 - 1/beta1) D e with D = sqrt(v / (1 - beta2^t)) + eps."""
+    denom, count = _adam_denominator(exp_avg_sq, step, beta2, eps)
+    gain = torch.where(lr > 0, (1 - beta1**count) / lr * (1 - 1 / beta1), 0.0)
+    return exp_avg + gain * denom * error
+
+
+def _project(error: Tensor, projection: Tensor, tall: bool) -> Tensor:
+    e = error.to(projection.dtype)
+    return e @ projection if tall else projection.T @ e
+
+
+def inject_projected_adam_math(exp_avg, exp_avg_sq, step, error, projection, lr, beta1, beta2, eps, *, scale: float,
+                               tall: bool):
+    """GaLore's AdamW (and LoRDO's low-rank term, `scale` = omega): the later steps apply
+    lr * scale * P(m / (b1 D)), so the projected error proj(e) goes in as AdamW's, over
+    `scale`, with D the projected moments' denominator. What P drops of e is lost."""
+    denom, count = _adam_denominator(exp_avg_sq, step, beta2, eps)
+    rate = lr * scale
+    gain = torch.where(rate > 0, (1 - beta1**count) / rate * (1 - 1 / beta1), 0.0)
+    return exp_avg + gain * denom * _project(error, projection, tall).to(exp_avg.dtype)
+
+
+def inject_projected_sgd_momentum_math(momentum_buffer, error, projection, lr, momentum, *, scale: float, tall: bool):
+    """GaLore's SGD with momentum: the heavy-ball injection of proj(e), over `scale`."""
+    rate = lr * scale
+    gain = torch.where(rate > 0, (1 - 1 / momentum) / rate, 0.0)
+    return momentum_buffer + gain * _project(error, projection, tall).to(momentum_buffer.dtype)
+
+
+def lost_fraction_math(error: Tensor, projection: Tensor, *, tall: bool) -> Tensor:
+    """|e - P proj(e)| / |e|: the share of the rounding error a projected momentum cannot hold."""
+    e = error.to(projection.dtype)
+    kept = (e @ projection) @ projection.T if tall else projection @ (projection.T @ e)
+    norm = torch.linalg.vector_norm(e)
+    return torch.where(norm > 0, torch.linalg.vector_norm(e - kept) / norm.clamp_min(1e-30), 0.0).to(torch.float32)
+
+
+def _like_first(first, *args, **kwargs):
+    return torch.empty_like(first)
+
+
+eco_inject_sgd_momentum = define_aux_op(
+    "eco_inject_sgd_momentum", "(Tensor momentum_buffer, Tensor error, Tensor lr, Tensor momentum) -> Tensor",
+    inject_sgd_momentum_math, _like_first)
+eco_inject_adamw = define_aux_op(
+    "eco_inject_adamw",
+    "(Tensor exp_avg, Tensor exp_avg_sq, Tensor step, Tensor error, Tensor lr, Tensor beta1, Tensor beta2, "
+    "Tensor eps) -> Tensor",
+    inject_adamw_math, _like_first)
+eco_inject_projected_adam = define_aux_op(
+    "eco_inject_projected_adam",
+    "(Tensor exp_avg, Tensor exp_avg_sq, Tensor step, Tensor error, Tensor projection, Tensor lr, Tensor beta1, "
+    "Tensor beta2, Tensor eps, *, float scale, bool tall) -> Tensor",
+    inject_projected_adam_math, _like_first)
+eco_inject_projected_sgd_momentum = define_aux_op(
+    "eco_inject_projected_sgd_momentum",
+    "(Tensor momentum_buffer, Tensor error, Tensor projection, Tensor lr, Tensor momentum, *, float scale, "
+    "bool tall) -> Tensor",
+    inject_projected_sgd_momentum_math, _like_first)
+eco_lost_fraction = define_aux_op(
+    "eco_lost_fraction", "(Tensor error, Tensor projection, *, bool tall) -> Tensor", lost_fraction_math,
+    lambda error, projection, **kwargs: torch.empty((), dtype=torch.float32, device=error.device))
 
 
 def forward_quantize_math(x: Tensor, *, format: str, scale: str, group_size: int) -> Tensor:

@@ -77,7 +77,7 @@ def galore_adam(param, grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, b
                         weight_decay, scale=scale, tall=tall, maximize=maximize, decoupled=False)
 
 
-@define_op("galore_adamw_projected", **_ADAM,
+@define_op("galore_adamw_projected", **_ADAM, projected_gradient=True,
            doc="AdamW on a gradient already projected (and averaged): low-rank DDP's update")
 def galore_adamw_projected(param, projected_grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps,
                            weight_decay, *, scale, tall, maximize):

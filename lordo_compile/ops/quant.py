@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .low_rank import project
 from .registry import define_aux_op
 
 QUANTIZERS = ("rms_gaussian", "absmax")
@@ -209,6 +210,21 @@ cage_coupled = define_aux_op(
     "(Tensor grad, Tensor weight, Tensor quantized, Tensor lam) -> Tensor",
     cage_coupled_math,
     lambda grad, *args: torch.empty_like(grad),
+)
+
+
+def cage_coupled_projected_math(grad: Tensor, weight: Tensor, quantized: Tensor, lam: Tensor, projection: Tensor, *,
+                                tall: bool) -> Tensor:
+    """The same for an update that reads its gradient projected (low-rank DDP): the correction
+    projected as the gradient was, g_r + proj(lambda_t (W - Q(W)))."""
+    return grad + project(lam * (weight - quantized), projection, tall).to(grad.dtype)
+
+
+cage_coupled_projected = define_aux_op(
+    "cage_coupled_projected",
+    "(Tensor grad, Tensor weight, Tensor quantized, Tensor lam, Tensor projection, *, bool tall) -> Tensor",
+    cage_coupled_projected_math,
+    lambda grad, *args, **kwargs: torch.empty_like(grad),
 )
 
 

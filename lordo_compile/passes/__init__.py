@@ -1,34 +1,42 @@
 """Graph rewrites, one module each, registered with the manager where they are defined."""
 
-from . import data_parallel, eco, ema_nesterov, fake_quant, gossip, identity, lordo, low_rank, low_rank_ddp, nonfinite, sync  # noqa: F401  (registers the passes)
 from .manager import (
-    Guard,
+    INIT,
+    Event,
     PassResult,
+    PassRuntime,
+    Pipeline,
     Program,
     RegisteredPass,
-    Rule,
+    RuntimeContext,
     Schedule,
+    Snapshot,
     Stage,
     plan_passes,
     register_pass,
     registered_passes,
     released_state,
+    replace,
     run_passes,
-    Watch,
 )
+from . import data_parallel, eco, ema_nesterov, fake_quant, gossip, identity, lordo, low_rank, low_rank_ddp, nonfinite, sync  # noqa: E402,F401,I001  (registers the passes, in the policy's order)
 
 __all__ = [
-    "Guard",
+    "INIT",
+    "Event",
     "PassResult",
+    "PassRuntime",
+    "Pipeline",
     "Program",
     "RegisteredPass",
-    "Rule",
+    "RuntimeContext",
     "Schedule",
+    "Snapshot",
     "Stage",
     "plan_passes",
     "register_pass",
     "registered_passes",
     "released_state",
+    "replace",
     "run_passes",
-    "Watch",
 ]

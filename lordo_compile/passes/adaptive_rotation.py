@@ -5,12 +5,12 @@ quantizes better (ALGORITHMS.md section 6). Part of `fake_quant`, not a pass its
         fake_quantize_W = lordo.fake_quantize(W, bits=4, ..., hadamard=False, ...)
         fake_quantize_input_W = lordo.fake_quantize(x, bits=4, ..., hadamard=False, ...)
         linear = torch._C._nn.linear(fake_quantize_input_W, fake_quantize_W, b)
-    after, phase "step":
+    after, every step:
         fake_quant_rotate_W: b8[]                                          # state, per layer
         fake_quantize_W = lordo.fake_quantize_rotated(W, fake_quant_rotate_W, bits=4, ...)
         fake_quantize_input_W = lordo.fake_quantize_rotated(x, fake_quant_rotate_W, bits=4, ...)
         linear = torch._C._nn.linear(fake_quantize_input_W, fake_quantize_W, b)
-    after, phase "choose_rotation" (step 0, then every `every` steps):
+    after, on the event "choose_rotation" (step 0, then every `every` steps):
         choose_rotation_W = lordo.choose_rotation(W, x, bits=4, input_bits=4, ...)
         fake_quantize_W = lordo.fake_quantize_rotated(W, choose_rotation_W, bits=4, ...)
         ...
@@ -31,7 +31,6 @@ import torch.fx as fx
 from ..graph import PARAM, Role, StateSpec, TrainGraph, tag
 from ..ops.quant import fake_quantize, hadamard_block
 from ..ops.rotation import choose_rotation, fake_quantize_rotated
-from .manager import Program, Rule, Schedule
 
 CHOOSE = "choose_rotation"
 
@@ -95,15 +94,17 @@ def _read_rotated(quantizer: fx.Node, flag: fx.Node) -> None:
     quantizer.kwargs = {key: value for key, value in quantizer.kwargs.items() if key != "hadamard"}
 
 
-def _phase(step: TrainGraph, phase: str) -> TrainGraph:
-    graph = step.copy(phase=phase)
+def rotate(graph: TrainGraph, option: AdaptiveRotation, choose: bool) -> tuple[str, ...]:
+    """Every weight fake_quant quantizes reads a per-layer rotation choice; with `choose`
+    (the event "choose_rotation"), the graph makes the choice first. Returns a summary."""
     g = graph.graph
     output = next(iter(reversed(g.nodes)))
-    for weight_quantizer, input_quantizer in _layers(graph):
+    layers = _layers(graph)
+    for weight_quantizer, input_quantizer in layers:
         param = weight_quantizer.meta[PARAM]
         spec = rotation_state(param)
         state = flag = graph.add_state(spec)
-        if phase == CHOOSE:
+        if choose:
             x = input_quantizer.args[0] if input_quantizer is not None else None
             with g.inserting_before(weight_quantizer):
                 flag = g.call_function(choose_rotation, (weight_quantizer.args[0], x), {
@@ -119,24 +120,7 @@ def _phase(step: TrainGraph, phase: str) -> TrainGraph:
         _read_rotated(weight_quantizer, flag)
         if input_quantizer is not None:
             _read_rotated(input_quantizer, flag)
-    graph.recompile()
-    return graph
-
-
-def rotate_adaptively(program: Program, option: AdaptiveRotation) -> tuple[Program, tuple[str, ...]]:
-    """Every weight fake_quant quantizes gets a per-layer rotation choice; adds the phase
-    "choose_rotation" at step 0 and every `option.every` steps. Returns the program and a summary."""
-    if set(program.phases) != {"step"}:
-        raise NotImplementedError(
-            f"FakeQuant.adaptive_rotation runs on a single-phase step; this program already has phases "
-            f"{sorted(program.phases)} (from sync, low_rank or lordo). Use hadamard=True there instead"
-        )
-    step = program.phases["step"]
-    phases = {"step": _phase(step, "step"), CHOOSE: _phase(step, CHOOSE)}
-    schedule = Schedule("step", (Rule(CHOOSE, option.every, 0),))
-    layers = _layers(step)
     inputs = " and its input" if any(input_quantizer is not None for _, input_quantizer in layers) else ""
-    summary = (f"adaptive rotation: each weight{inputs} quantized in the Hadamard basis or not, whichever has the "
-               f"smaller relative error, chosen at step 0 and every {option.every} steps: "
-               + ", ".join(sorted(q.meta[PARAM] for q, _ in layers)),)
-    return Program(phases, schedule, program.watches, program.stored, program.guards), summary
+    return (f"adaptive rotation: each weight{inputs} quantized in the Hadamard basis or not, whichever has the "
+            f"smaller relative error, chosen at step 0 and every {option.every} steps: "
+            + ", ".join(sorted(q.meta[PARAM] for q, _ in layers)),)

@@ -1,7 +1,6 @@
 """Collective nodes in a TrainGraph: find the step's own mean all-reduces, insert new ones.
 
-Helpers for the passes that decide what crosses the network (`data_parallel`, `sync`);
-not a pass itself. Collectives are torch's functional collectives
+Helpers for the passes that decide what crosses the network; not a pass itself. Collectives are torch's functional collectives
 (`_c10d_functional.all_reduce` + `wait_tensor`), which dynamo records for
 `torch.distributed.all_reduce` as well, and which Inductor lowers on gloo and NCCL alike.
 """
@@ -10,25 +9,19 @@ from __future__ import annotations
 
 import operator
 
+from typing import Callable
+
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 
+from ..distributed import group_name, rank, world_size  # noqa: F401  (the passes' one import for groups)
 from ..errors import user_line
-from ..graph import PARAM, ROLE, Role
+from ..graph import PARAM, ROLE, Role, TrainGraph
 
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+# Why two passes that each decide how workers combine are refused together.
+WORKERS_COMBINE = "each decides how workers combine; a step has one way (use one of them)"
 WAIT = torch.ops._c10d_functional.wait_tensor.default
-
-
-def group_name(group) -> str | None:
-    """The functional-collective name of `group` (None: WORLD), or None with one worker."""
-    if not dist.is_available() or not dist.is_initialized():
-        return None
-    group = group if group is not None else dist.group.WORLD
-    if dist.get_world_size(group) == 1:
-        return None
-    return group.group_name
 
 
 def _packet(target) -> object:
@@ -95,80 +88,74 @@ def _erase_chain(graph: fx.Graph, node: fx.Node) -> None:
         node = inputs[0] if inputs else None
 
 
-def insert_mean_all_reduce(
-    graph: fx.Graph, values: list[fx.Node], group: str, role: Role, params: list[str]
-) -> list[fx.Node]:
-    """Average `values` over workers with one all-reduce per dtype, inserted after the last.
+ALL_GATHER = torch.ops._c10d_functional.all_gather_into_tensor.default
 
-    Tensors are flattened into one buffer (a bucket) so the step issues one collective,
-    not one per parameter. Returns the averaged tensors, shaped as the inputs.
+
+def _bucketed(graph: TrainGraph, values: list[fx.Node], role: Role, params: list[str],
+              collective: Callable[[fx.Graph, fx.Node], fx.Node], leading: tuple[int, ...]) -> list[fx.Node]:
+    """Flatten `values` into one buffer per dtype (a bucket), run `collective` on it, and cut
+    the result back into tensors shaped `leading + value.shape`, inserted after the last value.
+
+    One collective per dtype instead of one per tensor.
     """
+    g = graph.graph
+    shapes = [tuple(graph.value(v).shape) for v in values]
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, value in enumerate(values):
-        by_dtype.setdefault(value.meta["val"].dtype, []).append(i)
-    order = {n: i for i, n in enumerate(graph.nodes)}
+        by_dtype.setdefault(graph.value(value).dtype, []).append(i)
+    order = {n: i for i, n in enumerate(g.nodes)}
     point = max(values, key=order.__getitem__).next
     results: list[fx.Node | None] = [None] * len(values)
     # inserting_before a fixed node keeps creation order, so each node follows its inputs.
-    with graph.inserting_before(point):
+    with g.inserting_before(point):
         for indices in by_dtype.values():
-            flat = [graph.call_method("reshape", (values[i], -1)) for i in indices]
-            bucket = graph.call_function(torch.cat, (flat,))
-            reduced = graph.call_function(ALL_REDUCE, (bucket, "avg", group))
-            waited = graph.call_function(WAIT, (reduced,))
-            pieces = graph.call_function(torch.split, (waited, [values[i].meta["val"].numel() for i in indices]))
-            for n in (*flat, bucket, pieces):
-                n.meta[ROLE] = role
-            for n in (reduced, waited):
-                n.meta[ROLE] = Role.COLLECTIVE
+            flat = [g.call_method("reshape", (values[i], -1)) for i in indices]
+            bucket = g.call_function(torch.cat, (flat,))
+            waited = collective(g, bucket)
+            rows = g.call_method("reshape", (waited, *leading, -1)) if leading else waited
+            sizes = [graph.value(values[i]).numel() for i in indices]
+            pieces = g.call_function(torch.split, (rows, sizes), {"dim": len(leading)} if leading else {})
+            for n in (*flat, bucket, rows, pieces):
+                n.meta.setdefault(ROLE, role)
             for k, i in enumerate(indices):
-                piece = graph.call_function(operator.getitem, (pieces, k))
-                shaped = graph.call_method("view", (piece, tuple(values[i].meta["val"].shape)))
+                piece = g.call_function(operator.getitem, (pieces, k))
+                shaped = g.call_method("reshape", (piece, (*leading, *shapes[i])))
                 for n in (piece, shaped):
                     n.meta.update({ROLE: role, PARAM: params[i]})
                 results[i] = shaped
     return results  # type: ignore[return-value]
 
 
-ALL_GATHER = torch.ops._c10d_functional.all_gather_into_tensor.default
+def insert_mean_all_reduce(graph: TrainGraph, values: list[fx.Node], group: str, role: Role,
+                           params: list[str]) -> list[fx.Node]:
+    """Average `values` over workers with one all-reduce per dtype, inserted after the last.
+
+    Returns the averaged tensors, shaped as the inputs.
+    """
+
+    def all_reduce(g: fx.Graph, bucket: fx.Node) -> fx.Node:
+        reduced = g.call_function(ALL_REDUCE, (bucket, "avg", group))
+        waited = g.call_function(WAIT, (reduced,))
+        for n in (reduced, waited):
+            n.meta[ROLE] = Role.COLLECTIVE
+        return waited
+
+    return _bucketed(graph, values, role, params, all_reduce, ())
 
 
-def world_size(group) -> int:
-    if not dist.is_available() or not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group if group is not None else dist.group.WORLD)
-
-
-def insert_all_gather(graph: fx.Graph, values: list[fx.Node], group: str, world: int, role: Role,
+def insert_all_gather(graph: TrainGraph, values: list[fx.Node], group: str, world: int, role: Role,
                       params: list[str]) -> list[fx.Node]:
     """Gather `values` from every worker (one collective per dtype), inserted after the last.
 
     Returns, for each value, a tensor of shape (world, *value.shape): one row per worker,
     in rank order, identical on every worker.
     """
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, value in enumerate(values):
-        by_dtype.setdefault(value.meta["val"].dtype, []).append(i)
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    point = max(values, key=order.__getitem__).next
-    results: list[fx.Node | None] = [None] * len(values)
-    with graph.inserting_before(point):
-        for indices in by_dtype.values():
-            flat = [graph.call_method("reshape", (values[i], -1)) for i in indices]
-            bucket = graph.call_function(torch.cat, (flat,))
-            gathered = graph.call_function(ALL_GATHER, (bucket, world, group))
-            waited = graph.call_function(WAIT, (gathered,))
-            rows = graph.call_method("reshape", (waited, world, -1))
-            sizes = [values[i].meta["val"].numel() for i in indices]
-            pieces = graph.call_function(torch.split, (rows, sizes), {"dim": 1})
-            for n in (*flat, bucket, rows, pieces):
-                n.meta[ROLE] = role
-            for n in (gathered, waited):
-                n.meta[ROLE] = Role.COLLECTIVE
-            for k, i in enumerate(indices):
-                piece = graph.call_function(operator.getitem, (pieces, k))
-                shaped = graph.call_method("reshape", (piece, (world, *values[i].meta["val"].shape)))
-                for n in (piece, shaped):
-                    n.meta.update({ROLE: role, PARAM: params[i]})
-                results[i] = shaped
-    return results  # type: ignore[return-value]
+
+    def all_gather(g: fx.Graph, bucket: fx.Node) -> fx.Node:
+        gathered = g.call_function(ALL_GATHER, (bucket, world, group))
+        waited = g.call_function(WAIT, (gathered,))
+        for n in (gathered, waited):
+            n.meta[ROLE] = Role.COLLECTIVE
+        return waited
+
+    return _bucketed(graph, values, role, params, all_gather, (world,))

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from ..graph import PARAM, ROLE, Role
-from .collectives import group_name, insert_mean_all_reduce, is_all_reduce
-from .manager import PassResult, Program, register_pass
+from .collectives import WORKERS_COMBINE, group_name, insert_mean_all_reduce, is_all_reduce
+from .manager import PassResult, Program, Stage, register_pass
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,28 +33,25 @@ class DataParallel:
     group: object = None
 
 
-@register_pass("data_parallel", option="data_parallel", conflicts=("sync",))
+@register_pass("data_parallel", stage=Stage.COMBINE, option="data_parallel", option_type=DataParallel, conflicts={
+    "sync": WORKERS_COMBINE + ": averaging every gradient every step keeps the models equal, so a periodic "
+            "average changes nothing",
+})
 def data_parallel(program: Program, option: DataParallel) -> PassResult:
     group = group_name(option.group)
     if group is None:
         return PassResult(program, ("one worker (torch.distributed not initialised or world size 1): no collective",))
-    phases = {}
-    notes = []
-    for name, graph in program.phases.items():
-        g = graph.graph
-        if any(is_all_reduce(n) for n in g.nodes):
-            notes.append(f"phase {name}: the step averages its own gradients; kept as written")
-            phases[name] = graph
-            continue
-        grads = [n for n in g.nodes if n.meta.get(ROLE) == Role.GRADIENT and _is_backward_output(n)]
-        averaged = insert_mean_all_reduce(g, grads, group, Role.GRADIENT, [n.meta[PARAM] for n in grads])
-        for raw, mean in zip(grads, averaged):
-            bucket_input = next(u for u in raw.users if u.op == "call_method" and u.target == "reshape")
-            raw.replace_all_uses_with(mean, delete_user_cb=lambda user, keep=bucket_input: user is not keep)
-        size = sum(n.meta["val"].numel() * n.meta["val"].element_size() for n in grads)
-        notes.append(f"phase {name}: one all-reduce (mean) of {len(grads)} gradients, {size:,} bytes per step")
-        phases[name] = graph
-    return PassResult(Program(phases, program.schedule, program.watches), tuple(notes))
+    graph = program.graph
+    g = graph.graph
+    if any(is_all_reduce(n) for n in g.nodes):
+        return PassResult(program, ("the step averages its own gradients; kept as written",))
+    grads = [n for n in g.nodes if n.meta.get(ROLE) == Role.GRADIENT and _is_backward_output(n)]
+    averaged = insert_mean_all_reduce(graph, grads, group, Role.GRADIENT, [n.meta[PARAM] for n in grads])
+    for raw, mean in zip(grads, averaged):
+        bucket_input = next(u for u in raw.users if u.op == "call_method" and u.target == "reshape")
+        raw.replace_all_uses_with(mean, delete_user_cb=lambda user, keep=bucket_input: user is not keep)
+    size = sum(graph.value(n).numel() * graph.value(n).element_size() for n in grads)
+    return PassResult(program, (f"one all-reduce (mean) of {len(grads)} gradients, {size:,} bytes per step",))
 
 
 def _is_backward_output(node: fx.Node) -> bool:

@@ -1,41 +1,48 @@
 """ECO: quantized weights with the rounding error fed back into the momentum (ALGORITHMS.md 5).
 
-    before (phase "step"):
+    before:
         adamw = lordo.adamw(W, grad_W, exp_avg_W, exp_avg_sq_W, step_W, lr, ...)
-    after, mode "eco" (phase "step"):
-        adamw = lordo.eco_adamw(W, grad_W, exp_avg_W, exp_avg_sq_W, step_W, eco_step, lr, ...,
-                                format=..., rounding=..., mode="eco")   # W+ on the grid, error into m
-    after (phase "init", step 0 only): the same, with W replaced by its quantized value first
-        quantized_W = lordo.eco_forward_quantize(W, ...); forward and update read quantized_W
+        W.copy_(adamw[0]); exp_avg_W.copy_(adamw[1]); ...
+    after, mode "eco" (every step):
+        W.copy_(lordo.eco_decode(eco_codes_W, eco_scales_W, ...))        # at the start: W on the grid
+        adamw = lordo.adamw(W, grad_W, exp_avg_W, exp_avg_sq_W, step_W, lr, ...)
+        stored = lordo.eco_requantize(adamw[0], eco_step, format=..., rounding=...)   # q(W~)
+        error_W = adamw[0] - stored[0]                                   # e = W~ - q(W~)
+        exp_avg_W.copy_(lordo.eco_inject_adamw(adamw[1], adamw[2], adamw[3], error_W, lr, ...))
+        W.copy_(stored[0]); eco_codes_W.copy_(stored[1]); eco_scales_W.copy_(stored[2])
 
-The weight is on the quantization grid after every step, so the forward reads it as it is.
-Mode "naive" re-quantizes after each step and drops the error; mode "master" keeps the
-weight in full precision and makes the forward read a quantized copy (straight-through
-gradient): the two baselines of the paper.
+The pass rewrites at stage WEIGHT_STORAGE: after the update rule, a correction and a
+lookahead, so W~ is whatever the step would write into W, and the error goes into the
+momentum of whichever update rule made it (`_INJECTIONS`: AdamW, SGD with momentum, and
+their projected forms under GaLore, low-rank DDP and LoRDO, where only the projected part
+of e can be held: the rest is lost and its share reported). Weights are quantized once
+when state is allocated (nearest rounding), so every step starts on the grid. A pass that
+keeps a copy of a weight (a sync's anchor) holds it through `ECOStorage` in the same
+format. Mode "naive" re-quantizes after each step and drops the error; mode "master" keeps
+the weight in full precision and makes the forward read a quantized copy
+(straight-through gradient): the two baselines of the paper.
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from ..graph import PARAM, ROLE, ParamInfo, Role, StateSpec, TrainGraph, tag
-from ..ops import op_named
+from ..graph import PARAM, ROLE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, WeightStorage, tag
 from ..ops.eco import (
-    FORMATS, MODES, ROUNDINGS, SCALES, code_dtype, code_shape, eco_decode, forward_quantize, scale_shape,
+    FORMATS, MODES, ROUNDINGS, SCALES, code_dtype, code_shape, decode_math, eco_decode, eco_inject_adamw,
+    eco_inject_projected_adam, eco_inject_projected_sgd_momentum, eco_inject_sgd_momentum, eco_lost_fraction,
+    eco_requantize, forward_quantize, requantize_math, scale_shape,
 )
-from .low_rank import choose_matrix, validate_selector
-from .manager import PassResult, Program, Rule, Schedule, register_pass
+from .manager import PassResult, PassRuntime, Program, Stage, register_pass
+from .select import choose_matrix, validate_selector
 
-_REPLACES = {"adamw": "eco_adamw", "sgd_momentum": "eco_sgd_momentum"}
+OUTER_ERRORS = ("drop", "keep")
 _COUNTER = StateSpec(name="eco.step", shape=(), dtype=torch.int64, owner="eco")
-_WHY_NOT = (
-    "ECO stores each weight on a quantization grid and feeds the rounding error into a full-size "
-    "momentum; {other} {reason}"
-)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +55,10 @@ class ECO:
       rounding: "nearest" or "stochastic" (seeded by `seed`, reproducible).
       mode: "eco", "naive" (error dropped) or "master" (a full-precision master weight, the
         forward reads its quantized copy).
+      outer_error: with a sync whose outer step has no momentum (local SGD), what happens to
+        the rounding error of the anchor: "drop" it, or "keep" it in a full-size buffer added
+        to the next sync's anchor before it is rounded. With outer momentum (DiLoCo) the
+        error always goes into the outer momentum.
       params: which weights, as LowRank.params (default: nn.Linear weights but the head).
 
     Raises:
@@ -60,10 +71,12 @@ class ECO:
     group_size: int = 32
     mode: str = "eco"
     seed: int = 0
+    outer_error: str = "drop"
     params: object = None
 
     def __post_init__(self) -> None:
-        for name, choices in (("format", FORMATS), ("scale", SCALES), ("rounding", ROUNDINGS), ("mode", MODES)):
+        for name, choices in (("format", FORMATS), ("scale", SCALES), ("rounding", ROUNDINGS), ("mode", MODES),
+                              ("outer_error", OUTER_ERRORS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"ECO.{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name, low in (("group_size", 2), ("seed", 0)):
@@ -84,97 +97,176 @@ class ECO:
         return {"format": self.format, "scale": self.scale, "group_size": self.group_size}
 
 
-def _storage(option: ECO, info: ParamInfo) -> dict[str, StateSpec]:
+def _codes_specs(option: ECO, info: ParamInfo, prefix: str, owner: str, init: str | None, holds: str
+                 ) -> dict[str, StateSpec]:
     shape = tuple(info.shape)
     return {
-        "codes": StateSpec(name=f"eco.codes.{info.name}", shape=code_shape(shape, option.format),
-                           dtype=code_dtype(option.format), owner="eco", param=info.name, holds="weight"),
-        "scales": StateSpec(name=f"eco.scales.{info.name}", shape=scale_shape(shape, option.format, option.scale,
-                                                                             option.group_size),
-                            dtype=torch.float32, owner="eco", param=info.name, holds="weight"),
+        "codes": StateSpec(name=f"{prefix}.codes.{info.name}", shape=code_shape(shape, option.format),
+                           dtype=code_dtype(option.format), owner=owner, param=info.name, holds=holds,
+                           init=f"same:eco.codes.{info.name}" if init else "zeros"),
+        "scales": StateSpec(name=f"{prefix}.scales.{info.name}",
+                            shape=scale_shape(shape, option.format, option.scale, option.group_size),
+                            dtype=torch.float32, owner=owner, param=info.name, holds=holds,
+                            init=f"same:eco.scales.{info.name}" if init else "zeros"),
     }
 
 
-def _rebuild_weights(graph: TrainGraph, option: ECO, stored: dict[str, dict[str, fx.Node]],
-                     weights: dict[str, fx.Node]) -> None:
+class ECOStorage(WeightStorage):
+    """A weight held as ECO's codes and scales: the parameter itself ("eco.codes.W") and any
+    copy another pass keeps (a sync's anchor: "<owner>.anchor.codes.W", starting as the
+    parameter's codes)."""
+
+    rounds = True
+
+    def __init__(self, option: ECO, salts: dict[str, int]) -> None:
+        self.option = option
+        self.salts = salts
+        self.keeps_outer_error = option.outer_error == "keep"
+
+    def hold(self, graph: TrainGraph, param: str, key: str, owner: str) -> dict[str, fx.Node]:
+        info = graph.params[param]
+        if key == "param":
+            specs = _codes_specs(self.option, info, "eco", "eco", None, "weight")
+        else:
+            specs = _codes_specs(self.option, info, f"{owner}.{key}", owner, "same", "state")
+        return {part: graph.state_node(spec) for part, spec in specs.items()}
+
+    def decode(self, graph: TrainGraph, held: dict[str, fx.Node], param: str) -> fx.Node:
+        return tag(graph.graph.call_function(eco_decode, (held["codes"], held["scales"]),
+                                             {"format": self.option.format, "group_size": self.option.group_size}),
+                   Role.OPTIMIZER_UPDATE, param, name=f"decoded_{param}")
+
+    def encode(self, graph: TrainGraph, value: fx.Node, param: str, key: str) -> tuple[fx.Node, dict[str, fx.Node]]:
+        g = graph.graph
+        counter = graph.state_node(_COUNTER)
+        # An anchor's rounding draws other noise than its parameter's at the same step.
+        salt = self.salts[param] + (0 if key == "param" else 1_000_000)
+        stored = tag(g.call_function(eco_requantize, (value, counter), {
+            **self.option.quantizer(), "rounding": self.option.rounding, "seed": self.option.seed, "salt": salt}),
+            Role.OPTIMIZER_UPDATE, param, name=f"requantized_{key}_{param}")
+        parts = {}
+        for index, part in enumerate(("value", "codes", "scales")):
+            parts[part] = tag(g.call_function(operator.getitem, (stored, index)), Role.OPTIMIZER_UPDATE, param,
+                              name=f"stored_{key}_{part}_{param}")
+        return parts["value"], {"codes": parts["codes"], "scales": parts["scales"]}
+
+    def write(self, graph: TrainGraph, held: dict[str, fx.Node], encoded: dict[str, fx.Node], param: str,
+              key: str) -> None:
+        for part in ("codes", "scales"):
+            tag(graph.graph.call_method("copy_", (held[part], encoded[part])), Role.WRITEBACK, param, part,
+                name=f"write_{key}_{part}_{param}")
+
+    def assign(self, graph: TrainGraph, param: str, stored: fx.Node, encoded: dict[str, fx.Node]) -> None:
+        self.write(graph, self.hold(graph, param, "param", "eco"), encoded, param, "param")
+        tag(graph.graph.call_method("copy_", (graph.parameter(param), stored)), Role.WRITEBACK, param, "param",
+            name=f"assign_{param}")
+
+
+def _site_inputs(site: UpdateSite, *keys: str) -> tuple[fx.Node, ...]:
+    return tuple(site.input(k) for k in keys)
+
+
+def _adamw(site, outputs, error):
+    return "exp_avg", eco_inject_adamw, (outputs["exp_avg"], outputs["exp_avg_sq"], outputs["step"], error,
+                                         *_site_inputs(site, "lr", "beta1", "beta2", "eps")), {}
+
+
+def _sgd_momentum(site, outputs, error):
+    return "momentum_buffer", eco_inject_sgd_momentum, (outputs["momentum_buffer"], error,
+                                                        *_site_inputs(site, "lr", "momentum")), {}
+
+
+def _projected_adam(site, outputs, error):
+    kwargs = {"scale": float(site.node.kwargs["scale"]), "tall": site.node.kwargs["tall"]}
+    return "exp_avg", eco_inject_projected_adam, (outputs["exp_avg"], outputs["exp_avg_sq"], outputs["step"], error,
+                                                  *_site_inputs(site, "projection", "lr", "beta1", "beta2", "eps")), \
+        kwargs
+
+
+def _projected_sgd_momentum(site, outputs, error):
+    kwargs = {"scale": float(site.node.kwargs["scale"]), "tall": site.node.kwargs["tall"]}
+    return "momentum_buffer", eco_inject_projected_sgd_momentum, (
+        outputs["momentum_buffer"], error, *_site_inputs(site, "projection", "lr", "momentum")), kwargs
+
+
+def _lordo(site, outputs, error):
+    kwargs = {"scale": float(site.node.kwargs["omega"]), "tall": site.node.kwargs["tall"]}
+    return "u", eco_inject_projected_adam, (outputs["u"], outputs["v"], outputs["step"], error,
+                                            *_site_inputs(site, "projection", "lr", "beta1", "beta2", "eps")), kwargs
+
+
+# How the rounding error enters the momentum of each update rule ECO takes.
+_INJECTIONS = {
+    "adamw": _adamw, "sgd_momentum": _sgd_momentum,
+    "galore_adamw": _projected_adam, "galore_adamw_projected": _projected_adam,
+    "galore_sgd_momentum": _projected_sgd_momentum,
+    "lordo_adamw": _lordo, "lordo_adamw_full": _lordo,
+}
+_PROJECTED = {"galore_adamw", "galore_adamw_projected", "galore_sgd_momentum", "lordo_adamw", "lordo_adamw_full"}
+
+
+def _rebuild_weights(graph: TrainGraph, storage: ECOStorage, chosen: list[str]) -> None:
     """At the graph's start, write each stored weight back from its codes (the runtime gave
     it empty storage of the right size); grad mode is off around the writes, as in an update."""
     g = graph.graph
-    first = next(n for n in g.nodes if n.meta.get(ROLE) in (Role.FORWARD, Role.LOSS))
+    first = next(n for n in g.nodes if n.op != "placeholder")
     with g.inserting_before(first):
         tag(g.call_function(torch._C._set_grad_enabled, (False,)), Role.OTHER, None, name="weights_from_codes")
-        for name, state in stored.items():
-            decoded = g.call_function(eco_decode, (state["codes"], state["scales"]),
-                                      {"format": option.format, "group_size": option.group_size})
-            tag(decoded, Role.FORWARD, name, name=f"decoded_{name}")
-            tag(g.call_method("copy_", (weights[name], decoded)), Role.FORWARD, name, name=f"rebuild_{name}")
+        for name in chosen:
+            decoded = storage.decode(graph, storage.hold(graph, name, "param", "eco"), name)
+            decoded.meta[ROLE] = Role.FORWARD
+            tag(g.call_method("copy_", (graph.parameter(name), decoded)), Role.FORWARD, name, name=f"rebuild_{name}")
         tag(g.call_function(torch._C._set_grad_enabled, (True,)), Role.OTHER, None, name="forward_with_grad")
 
 
-def _rewrite(graph: TrainGraph, option: ECO, chosen: dict[str, str], initial: bool) -> None:
+def _store(graph: TrainGraph, option: ECO, storage: ECOStorage, site: UpdateSite) -> None:
+    """The step's write into W becomes q(W~), its codes and scales; with mode "eco" the error
+    W~ - q(W~) goes into the momentum of the update that made W~."""
     g = graph.graph
-    counter = graph.add_state(_COUNTER)
-    with g.inserting_after(counter):
-        next_counter = tag(g.call_function(torch.ops.aten.add.Scalar, (counter, 1)), Role.OPTIMIZER_UPDATE,
-                             None, name="next_eco_step")
-    with g.inserting_before(list(g.nodes)[-1]):
-        tag(g.call_method("copy_", (counter, next_counter)), Role.WRITEBACK, state=_COUNTER.name, name="write_eco_step")
-    weights = {n.meta[PARAM]: n for n in graph.placeholders() if n.meta.get(ROLE) == Role.PARAMETER}
-    stored = {name: {key: graph.add_state(spec) for key, spec in _storage(option, graph.params[name]).items()}
-              for name in chosen}
-    if not initial:
-        _rebuild_weights(graph, option, stored, weights)
-    for salt, site in enumerate(graph.updates()):
-        if site.param not in chosen:
-            continue
-        weight = weights[site.param]
-        if initial:
-            # The weight starts on the grid: forward and update read Q(W0) (the gradient still
-            # reaches W0, straight through).
-            readers = [u for u in weight.users if u.meta.get(ROLE) in (Role.FORWARD, Role.LOSS)] + [site.node]
-            with g.inserting_before(readers[0]):
-                start = g.call_function(forward_quantize, (weight,), option.quantizer())
-            tag(start, Role.FORWARD, site.param, name=f"quantized_{site.param}")
-            for reader in readers:
-                reader.replace_input_with(weight, start)
-        replacement = op_named(chosen[site.param])
-        state = stored[site.param]
-        args = [counter if key == "counter" else state[key] if key in state else site.input(key)
-                for key in replacement.inputs]
-        kwargs = {**{k: v for k, v in site.node.kwargs.items() if k != "nesterov"}, **option.quantizer(),
-                  "rounding": option.rounding, "mode": option.mode, "seed": option.seed, "salt": salt}
-        with g.inserting_before(site.node):
-            new = tag(g.call_function(replacement.overload, tuple(args), kwargs), Role.OPTIMIZER_UPDATE,
-                        site.param, name=f"{replacement.name}_{site.param}")
-        site.node.replace_all_uses_with(new)
-        g.erase_node(site.node)
-        last = new
-        for key in ("codes", "scales"):
-            index = replacement.output_keys.index(key)
-            with g.inserting_after(last):
-                output = tag(g.call_function(operator.getitem, (new, index)), Role.OPTIMIZER_UPDATE, site.param,
-                             name=f"new_{key}_{site.param}")
-            with g.inserting_after(output):
-                last = tag(g.call_method("copy_", (state[key], output)), Role.WRITEBACK, site.param, state=key,
-                           name=f"write_{key}_{site.param}")
+    p = site.param
+    write = graph.final_write(p)
+    tentative = write.args[1]
+    with g.inserting_before(write):
+        stored, encoded = storage.encode(graph, tentative, p, "param")
+        write.args = (write.args[0], stored)
+        storage.write(graph, storage.hold(graph, p, "param", "eco"), encoded, p, "param")
+        if option.mode != "eco":
+            return
+        error = tag(g.call_function(torch.ops.aten.sub.Tensor, (tentative, stored)), Role.OPTIMIZER_UPDATE, p,
+                    name=f"rounding_error_{p}")
+        outputs = site.outputs()
+        key, op, args, kwargs = _INJECTIONS[site.op.name](site, outputs, error)
+        fed = tag(g.call_function(op, args, kwargs), Role.OPTIMIZER_UPDATE, p, key, name=f"{key}_with_error_{p}")
+        order = {n: i for i, n in enumerate(g.nodes)}
+        for momentum_write in [u for u in outputs[key].users if u.meta.get(ROLE) == Role.WRITEBACK]:
+            momentum_write.args = (momentum_write.args[0], fed)
+            if order[momentum_write] < order[fed]:
+                # The update wrote its momentum before the weight was final: write it once the error is in.
+                fed.append(momentum_write)
+        if site.op.name in _PROJECTED:
+            lost = graph.state_node(StateSpec(name=f"eco.lost_error.{p}", shape=(), dtype=torch.float32,
+                                              owner="eco", param=p))
+            fraction = tag(g.call_function(eco_lost_fraction, (error, site.input("projection")),
+                                           {"tall": site.node.kwargs["tall"]}), Role.OPTIMIZER_UPDATE, p,
+                           name=f"lost_error_{p}")
+            tag(g.call_method("copy_", (lost, fraction)), Role.WRITEBACK, p, "lost_error", name=f"write_lost_error_{p}")
 
 
-def _master_forward(graph: TrainGraph, option: ECO, chosen: dict[str, str]) -> None:
+def _master_forward(graph: TrainGraph, option: ECO, chosen: list[str]) -> None:
     g = graph.graph
-    for node in graph.placeholders():
-        if node.meta.get(ROLE) != Role.PARAMETER or node.meta[PARAM] not in chosen:
-            continue
+    for name in chosen:
+        node = graph.parameter(name)
         readers = [u for u in node.users if u.meta.get(ROLE) in (Role.FORWARD, Role.LOSS)]
         if not readers:
             continue
         with g.inserting_before(readers[0]):
             copy = g.call_function(forward_quantize, (node,), option.quantizer())
-        tag(copy, Role.FORWARD, node.meta[PARAM], name=f"quantized_copy_{node.meta[PARAM]}")
+        tag(copy, Role.FORWARD, name, name=f"quantized_copy_{name}")
         for reader in readers:
             reader.replace_input_with(node, copy)
 
 
-def _choose(graph: TrainGraph, option: ECO) -> tuple[dict[str, str], list[str]]:
+def _choose(graph: TrainGraph, option: ECO) -> tuple[dict[str, UpdateSite], list[str]]:
     chosen, kept = {}, []
     for site in graph.updates():
         info = graph.params[site.param]
@@ -182,53 +274,108 @@ def _choose(graph: TrainGraph, option: ECO) -> tuple[dict[str, str], list[str]]:
         if reason is not None:
             kept.append(f"{site.param} {list(info.shape)}: {reason}")
             continue
-        if site.op.name not in _REPLACES:
+        if site.op.name not in _INJECTIONS and option.mode != "master":
             raise NotImplementedError(
                 f"ECO has an update for SGD with momentum and for AdamW; {site.param} is updated by "
-                f"{site.op.qualified_name}. Use torch.optim.SGD(momentum>0, nesterov=False, dampening=0) or "
-                f"torch.optim.AdamW, or leave {site.param} out with ECO(params=...)"
+                f"{site.op.qualified_name}, which has no momentum ECO's error injection is derived for (it feeds the "
+                f"rounding error into the momentum of SGD with momentum, AdamW, and their low-rank forms under "
+                f"GaLore and LoRDO). Use torch.optim.SGD(momentum>0, nesterov=False) or torch.optim.AdamW, or leave "
+                f"{site.param} out with ECO(params=...)"
             )
-        if site.node.kwargs.get("nesterov"):
+        if site.node.kwargs.get("nesterov") and option.mode != "master":
             raise NotImplementedError(
                 f"ECO's error injection is derived for heavy-ball momentum; {site.param}'s SGD has nesterov=True. "
                 f"Use nesterov=False, or leave {site.param} out with ECO(params=...)"
             )
-        chosen[site.param] = _REPLACES[site.op.name]
+        chosen[site.param] = site
     if not chosen:
         raise ValueError("ECO selected no weight. Kept in full precision: " + "; ".join(kept))
     return chosen, kept
 
 
-@register_pass("eco", option="quantized_weights", after=("data_parallel",), conflicts={
-    "fake_quant": _WHY_NOT.format(other="fake_quant", reason="would quantize the forward's weights a second "
-                                  "time; use ECO(mode='master') for a quantized forward over a master weight"),
-    "low_rank": _WHY_NOT.format(other="low_rank", reason="keeps a projected momentum, which cannot hold a "
-                                "full-size error"),
-    "lordo": _WHY_NOT.format(other="LoRDO", reason="keeps a projected momentum and an anchor in full "
-                             "precision: its error feedback would need ECO's error projected too"),
-    "low_rank_ddp": _WHY_NOT.format(other="low_rank_ddp", reason="keeps a projected momentum"),
-    "sync": _WHY_NOT.format(other="sync", reason="averages models, whose average is off the grid"),
-})
+class StoredWeights(PassRuntime):
+    """Frees each stored weight's own storage between calls (the graph rebuilds it from its
+    codes at its start), quantizes the weights once before the first call, and decodes them
+    for `materialized()`."""
+
+    def __init__(self, option: ECO, context) -> None:
+        super().__init__(option, context)
+        graph = next(iter(context.graphs.values()))
+        self.names = [name for name, storage in graph.storage.items() if isinstance(storage, ECOStorage)]
+        self.tensors = [context.params[name] for name in self.names]
+        self.nbytes = [t.untyped_storage().nbytes() for t in self.tensors]
+
+    def setup(self, fresh: set[str]) -> None:
+        tensors = self.context.runtime.tensors
+        with torch.no_grad():
+            for name, weight in zip(self.names, self.tensors):
+                if f"eco.codes.{name}" not in fresh:
+                    continue
+                value, codes, scales = requantize_math(
+                    weight.detach().float(), torch.zeros((), dtype=torch.int64), **self.option.quantizer(),
+                    rounding="nearest", seed=0, salt=0)
+                tensors[f"eco.codes.{name}"].copy_(codes)
+                tensors[f"eco.scales.{name}"].copy_(scales)
+                weight.copy_(value)
+
+    @contextlib.contextmanager
+    def _allocated(self):
+        for tensor, nbytes in zip(self.tensors, self.nbytes):
+            if tensor.untyped_storage().nbytes() == 0:
+                tensor.untyped_storage().resize_(nbytes)
+        try:
+            yield
+        finally:
+            for tensor in self.tensors:
+                tensor.untyped_storage().resize_(0)
+
+    def around_call(self, events: frozenset[str]):
+        return self._allocated()
+
+    @contextlib.contextmanager
+    def _decoded(self):
+        tensors = self.context.runtime.tensors
+        with self._allocated(), torch.no_grad():
+            for name, weight in zip(self.names, self.tensors):
+                weight.copy_(decode_math(tensors[f"eco.codes.{name}"], tensors[f"eco.scales.{name}"],
+                                         format=self.option.format, group_size=self.option.group_size))
+            yield
+
+    def materialized(self):
+        return self._decoded() if self.tensors else None
+
+    def describe(self) -> list[str]:
+        lost = {key.removeprefix("eco.lost_error."): float(value)
+                for key, value in self.context.runtime.tensors.items() if key.startswith("eco.lost_error.")}
+        if not lost:
+            return []
+        return ["share of the last step's rounding error the projected momentum could not hold (|e - PP^T e| / "
+                "|e|): " + ", ".join(f"{name} {share:.3f}" for name, share in lost.items())]
+
+
+@register_pass("eco", stage=Stage.WEIGHT_STORAGE, option="eco", option_type=ECO, runtime=StoredWeights,
+               conflicts={})
 def eco(program: Program, option: ECO) -> PassResult:
-    if set(program.phases) != {"step"}:
-        raise NotImplementedError(f"eco runs on a single-phase step; this program has phases {sorted(program.phases)}")
-    step = program.phases["step"]
-    chosen, kept = _choose(step, option)
+    graph = program.graph
+    chosen, kept = _choose(graph, option)
     if option.mode == "master":
-        graph = step.copy()
-        _master_forward(graph, option, chosen)
-        graph.recompile()
-        phases, schedule = {"step": graph}, program.schedule
+        _master_forward(graph, option, list(chosen))
     else:
-        phases = {}
-        for name, initial in (("init", True), ("step", False)):
-            graph = step.copy(phase=name)
-            _rewrite(graph, option, chosen, initial)
-            graph.recompile()
-            phases[name] = graph
-        schedule = Schedule("step", (Rule("init", 0, 0),))
-    stored = () if option.mode == "master" else tuple(sorted(chosen))
+        salts = {site.param: salt for salt, site in enumerate(graph.updates())}
+        storage = ECOStorage(option, salts)
+        for name in chosen:
+            graph.storage[name] = storage
+        g = graph.graph
+        counter = graph.state_node(_COUNTER)
+        with g.inserting_after(counter):
+            next_counter = tag(g.call_function(torch.ops.aten.add.Scalar, (counter, 1)), Role.OPTIMIZER_UPDATE,
+                               None, name="next_eco_step")
+        with g.inserting_before(next(n for n in reversed(g.nodes) if n.op == "output")):
+            tag(g.call_method("copy_", (counter, next_counter)), Role.WRITEBACK, state=_COUNTER.name,
+                name="write_eco_step")
+        _rebuild_weights(graph, storage, list(chosen))
+        for site in chosen.values():
+            _store(graph, option, storage, site)
     summary = (f"eco ({option.mode}): {option.format} {option.scale if option.format != 'int4' else 'per group'}, "
                f"{option.rounding} rounding: {', '.join(sorted(chosen))}",)
-    return PassResult(Program(phases, schedule, program.watches, stored),
-                      summary + tuple(f"full precision: {k}" for k in kept))
+    return PassResult(program, summary + tuple(f"full precision: {k}" for k in kept))

@@ -5,7 +5,7 @@ ALGORITHMS.md section 6 (Yau et al., arXiv 2605.25395):
     theta+ = A(theta + beta_t d)          A: the step's own update, whatever earlier passes made it
     d      <- gamma d + (1 - gamma) (theta+ - theta)
 
-    before (every phase):
+    before (every graph):
         linear = torch._C._nn.linear(x, W, b)                                   # forward reads W
         adamw = lordo.adamw(W, grad_W, ...); new_param_W = adamw[0]             # update from W
         write_param_W = W.copy_(new_param_W)
@@ -18,14 +18,17 @@ ALGORITHMS.md section 6 (Yau et al., arXiv 2605.25395):
         ema_nesterov_direction_W.copy_(new_direction_W)                         # before theta is overwritten
         write_param_W = W.copy_(new_param_W)                                    # the stored iterate is theta
 
-Every reader of a parameter but the writes into it reads the lookahead point: the forward,
-the update, and what other passes added around the update (CAGE's correction reads it as
-its weight). theta+ is what the step first writes into theta, so A includes what earlier
-passes added after the optimizer node (CAGE's decoupled correction), and at a sync of
-`sync` or `lordo` the later reset to the anchor is not an update of d (d stays the EMA of
-this worker's inner steps). The stored parameter stays theta, the iterate without the
-lookahead: evaluation and checkpoints see theta, and with beta_t = 0 the step is the base
-step exactly. d and the step counter behind beta_t are runtime state (`step.state_dict()`).
+The pass rewrites at stage LOOKAHEAD: after the forward, the gradient's combination, the
+update rule and any correction of it; before weight storage and sync. Every reader of a
+parameter but the writes into it reads the lookahead point: the forward, the update, and
+what earlier passes added around the update (CAGE's correction reads it as its weight).
+theta+ is what the step writes into theta at this stage, so A includes CAGE's decoupled
+correction, and neither a requantization (ECO stores q(theta+) later, d sees theta+) nor a
+sync's reset to the anchor is part of d: d stays the EMA of this worker's updates. The
+stored parameter stays theta, the iterate without the lookahead: evaluation and
+checkpoints see theta, and with beta_t = 0 the step is the base step exactly. d and the
+step counter behind beta_t are runtime state (`step.state_dict()`); d is full precision
+even where weights are stored quantized (4 bytes per weight).
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..graph import ROLE, Role, StateSpec, TrainGraph, UpdateSite, tag
+from ..graph import ROLE, Role, StateSpec, TrainGraph, tag, writes_into
 from ..ops.ema_nesterov import ema_nesterov_beta, ema_nesterov_direction
-from .manager import PassResult, Program, register_pass
+from .manager import PassResult, Program, Stage, register_pass
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,15 +94,6 @@ def _direction_spec(graph: TrainGraph, param: str) -> StateSpec:
                      owner="ema_nesterov", param=param)
 
 
-def _writes_into(node: fx.Node, target: fx.Node) -> bool:
-    return node.op == "call_method" and node.target in ("copy_", "zero_") and node.args[0] is target
-
-
-def _parameter_updates(graph: TrainGraph) -> list[UpdateSite]:
-    """The update of each parameter (an outer step at a sync updates an anchor instead)."""
-    return [s for s in graph.updates() if s.input("param").meta.get(ROLE) == Role.PARAMETER]
-
-
 def _schedule(graph: TrainGraph, option: EMANesterov) -> fx.Node:
     """beta_t from the runtime's step counter, and the counter's advance at the step's end."""
     g = graph.graph
@@ -120,13 +114,13 @@ def _schedule(graph: TrainGraph, option: EMANesterov) -> fx.Node:
 
 def _rewrite(graph: TrainGraph, option: EMANesterov) -> list[str]:
     g = graph.graph
-    sites = _parameter_updates(graph)
+    sites = graph.updates()
     beta = _schedule(graph, option)
     directions = {s.param: graph.add_state(_direction_spec(graph, s.param)) for s in sites}
     for site in sites:
         theta, direction = site.input("param"), directions[site.param]
         order = {n: i for i, n in enumerate(g.nodes)}
-        writes = sorted((u for u in theta.users if _writes_into(u, theta)), key=order.__getitem__)
+        writes = sorted((u for u in theta.users if writes_into(u, theta)), key=order.__getitem__)
         # The backward keeps differentiating with respect to theta: through the lookahead
         # point, whose derivative in theta is the identity, that is the gradient at it.
         readers = sorted((u for u in theta.users if u not in writes and u.meta.get(ROLE) != Role.BACKWARD),
@@ -136,8 +130,8 @@ def _rewrite(graph: TrainGraph, option: EMANesterov) -> list[str]:
                             Role.FORWARD, site.param, name=f"lookahead_{site.param}")
         for reader in readers:
             reader.replace_input_with(theta, lookahead)
-        # theta+ is what the step first writes into theta: the update with whatever earlier
-        # passes added to it (CAGE's correction), not a sync's later reset to the anchor.
+        # theta+ is what the step writes into theta: the update with whatever earlier passes
+        # added to it (CAGE's correction).
         update = writes[0]
         with g.inserting_before(update):
             new_direction = tag(g.call_function(ema_nesterov_direction, (direction, update.args[1], theta),
@@ -149,22 +143,11 @@ def _rewrite(graph: TrainGraph, option: EMANesterov) -> list[str]:
     return [s.param for s in sites]
 
 
-_WHY_NOT_ECO = (
-    "ECO keeps each weight only on its quantization grid, with no full-precision copy; the "
-    "lookahead needs the iterate theta next to theta + beta_t d and a full-precision d the "
-    "size of every weight, more memory than the quantized weights save"
-)
-
-
-@register_pass("ema_nesterov", option="lookahead",
-               after=("data_parallel", "sync", "low_rank", "lordo", "low_rank_ddp", "fake_quant"),
-               conflicts={"eco": _WHY_NOT_ECO})
+@register_pass("ema_nesterov", stage=Stage.LOOKAHEAD, option="ema_nesterov", option_type=EMANesterov)
 def ema_nesterov(program: Program, option: EMANesterov) -> PassResult:
-    params: list[str] = []
-    for graph in program.phases.values():
-        params = _rewrite(graph, option)
-    step = program.phases[next(iter(program.phases))]
-    held = sum(spec.nbytes for spec in step.state.values() if spec.owner == "ema_nesterov")
+    graph = program.graph
+    params = _rewrite(graph, option)
+    held = sum(spec.nbytes for spec in graph.state.values() if spec.owner == "ema_nesterov")
     end = "the end" if option.decay_start is None else f"step {option.decay_start}"
     summary = (
         (f"lookahead: beta {option.beta} from step {option.warmup_steps} to {end}, gamma {option.gamma}, "

@@ -1,6 +1,6 @@
 """Fake quantization with a straight-through gradient, and CAGE's correction (ALGORITHMS.md 4).
 
-    before (every phase):
+    before (every graph):
         linear = torch._C._nn.linear(x, W, b)                              # forward
         adamw = lordo.adamw(W, grad_W, ..., lr, ...)                       # optimizer
     after:
@@ -18,13 +18,17 @@ lr lambda_t e next to it, as AdamW decays. lambda_t is 0 for the first `silence_
 total_steps` steps, then ramps linearly to `lam` at `total_steps` (or jumps to it,
 `ramp="constant"`); the runtime counts steps in `fake_quant.step`.
 
-With a low-rank update (GaLore, LoRDO) the coupled correction enters the gradient before
-projection, so only its part inside the subspace moves W (and, under LoRDO, the rest
-goes to the error-feedback buffer); the decoupled correction is added full rank after the
-projected update.
+The pass rewrites at three stages: the forward's reads (FORWARD, first, so a pass that
+repeats the forward repeats it quantized), the coupled correction (GRADIENT: after the
+workers' gradients are combined, before any projection), the decoupled one (UPDATE: after
+the update rule, before a lookahead or a requantization). With a low-rank update (GaLore,
+LoRDO) the coupled correction enters the gradient before projection, so only its part
+inside the subspace moves W (and, under LoRDO, the rest goes to the error-feedback
+buffer); the decoupled correction is added full rank after the projected update. Under
+ECO the forward quantizes the stored weight further, and e = W - Q(W) is its error.
 
 With `adaptive_rotation`, each layer chooses at run time whether it quantizes in the
-Hadamard basis (RoSTE; `adaptive_rotation.py`).
+Hadamard basis (RoSTE; `adaptive_rotation.py`), on the event "choose_rotation".
 """
 
 from __future__ import annotations
@@ -35,10 +39,14 @@ import torch
 import torch.fx as fx
 
 from ..graph import PARAM, ROLE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, tag
-from ..ops.quant import BITS, QUANTIZERS, STE, cage_coupled, cage_decoupled, cage_lambda, fake_quantize
-from .adaptive_rotation import AdaptiveRotation, rotate_adaptively, rotation_state
-from .low_rank import choose_matrix, validate_selector
-from .manager import PassResult, Program, register_pass
+from ..ops.quant import (
+    BITS, QUANTIZERS, STE, QuantizedModel, cage_coupled, cage_coupled_projected, cage_decoupled, cage_lambda, export,
+)
+from ..ops.quant import fake_quantize
+from ..ops.rotation import fake_quantize_rotated
+from .adaptive_rotation import CHOOSE, AdaptiveRotation, rotate, rotation_state
+from .manager import Event, PassResult, PassRuntime, Program, Stage, register_pass
+from .select import choose_matrix, validate_selector
 
 FORMS = ("coupled", "decoupled")
 RAMPS = ("linear", "constant")
@@ -188,41 +196,115 @@ def _quantize_weights(graph: TrainGraph, option: FakeQuant, selected: dict[str, 
     return quantized
 
 
-def _correct(graph: TrainGraph, correction: CAGE, sites: list[UpdateSite], quantized: dict[str, fx.Node]) -> None:
+def _quantized(graph: TrainGraph) -> dict[str, fx.Node]:
+    """The fake-quant node of each quantized weight (what the forward multiplies by)."""
+    return {n.meta[PARAM]: n for n in graph.nodes(Role.FORWARD)
+            if n.target in (fake_quantize, fake_quantize_rotated) and PARAM in n.meta
+            and n.args[0].meta.get(ROLE) == Role.PARAMETER}
+
+
+def _lambda(graph: TrainGraph, correction: CAGE) -> fx.Node:
+    """lambda_t from the runtime's step counter, and the counter's advance at the step's end."""
     g = graph.graph
     step = graph.add_state(_STEP)
     with g.inserting_after(step):
-        lam = g.call_function(cage_lambda, (step,), {"lam": float(correction.lam),
-                                                     "silence_steps": correction.silence_steps,
-                                                     "ramp_steps": correction.total_steps - correction.silence_steps,
-                                                     "constant": correction.ramp == "constant"})
-    tag(lam, Role.OPTIMIZER_UPDATE, None, name="cage_lambda")
+        lam = tag(g.call_function(cage_lambda, (step,), {"lam": float(correction.lam),
+                                                         "silence_steps": correction.silence_steps,
+                                                         "ramp_steps": correction.total_steps - correction.silence_steps,
+                                                         "constant": correction.ramp == "constant"}),
+                  Role.OPTIMIZER_UPDATE, None, name="cage_lambda")
     with g.inserting_after(lam):
         next_step = tag(g.call_function(torch.ops.aten.add.Scalar, (step, 1)), Role.OPTIMIZER_UPDATE, None,
-                          name="next_fake_quant_step")
-    last = list(g.nodes)[-1]
-    with g.inserting_before(last):
+                        name="next_fake_quant_step")
+    with g.inserting_before(next(n for n in reversed(g.nodes) if n.op == "output")):
         tag(g.call_method("copy_", (step, next_step)), Role.WRITEBACK, state=_STEP.name, name="write_fake_quant_step")
+    return lam
+
+
+def _corrected(program: Program, option: FakeQuant, form: str):
+    """(graph, the updates of quantized weights, their fake-quant nodes, lambda_t) where the
+    policy asks for the correction in `form`, else None."""
+    correction = option.correction
+    if correction is None or correction.form != form:
+        return None
+    graph = program.graph
+    quantized = _quantized(graph)
+    sites = [s for s in graph.updates() if s.param in quantized and "lr" in s.op.hyperparameters]
+    if not sites:
+        return None
+    return graph, sites, quantized, _lambda(graph, correction)
+
+
+def coupled_correction(program: Program, option: FakeQuant) -> PassResult | None:
+    """g <- g + lambda_t (W - Q(W)) before the update, after the gradient is combined."""
+    found = _corrected(program, option, "coupled")
+    if found is None:
+        return None
+    graph, sites, quantized, lam = found
+    g = graph.graph
     for site in sites:
-        weight, fake = site.input("param"), quantized[site.param]
-        if correction.form == "coupled":
-            # Everything the base update reads the gradient for (a projection refresh too) sees g + lambda_t e.
-            raw = site.input("grad")
-            with g.inserting_after(raw):
-                grad = g.call_function(cage_coupled, (raw, weight, fake, lam))
-            tag(grad, Role.OPTIMIZER_UPDATE, site.param, name=f"cage_grad_{site.param}")
-            for user in list(raw.users):
-                if user is not grad and user.meta.get(ROLE) == Role.OPTIMIZER_UPDATE:
-                    user.replace_input_with(raw, grad)
-            continue
+        weight, fake = quantized[site.param].args[0], quantized[site.param]
+        raw = site.input("grad")
+        # After the gradient and lambda_t, before every update node that reads the gradient.
+        order = {n: i for i, n in enumerate(g.nodes)}
+        with g.inserting_after(max(raw, lam, key=order.__getitem__)):
+            if site.op.projected_gradient:
+                # The update reads its gradient projected (and averaged): project the correction alike.
+                corrected = g.call_function(cage_coupled_projected, (raw, weight, fake, lam, site.input("projection")),
+                                            {"tall": site.node.kwargs["tall"]})
+            else:
+                corrected = g.call_function(cage_coupled, (raw, weight, fake, lam))
+            grad = tag(corrected, Role.OPTIMIZER_UPDATE, site.param, name=f"cage_grad_{site.param}")
+        for user in list(raw.users):
+            if user is not grad and user.meta.get(ROLE) == Role.OPTIMIZER_UPDATE:
+                user.replace_input_with(raw, grad)
+    return PassResult(program)
+
+
+def decoupled_correction(program: Program, option: FakeQuant) -> PassResult | None:
+    """W+ <- W+ - lr lambda_t (W - Q(W)) after the update rule, as AdamW decays."""
+    found = _corrected(program, option, "decoupled")
+    if found is None:
+        return None
+    graph, sites, quantized, lam = found
+    g = graph.graph
+    for site in sites:
+        weight, fake = quantized[site.param].args[0], quantized[site.param]
         new_param = site.outputs()["param"]
         with g.inserting_after(new_param):
-            corrected = g.call_function(cage_decoupled, (new_param, weight, fake, lam, site.input("lr")))
-        tag(corrected, Role.OPTIMIZER_UPDATE, site.param, name=f"cage_param_{site.param}")
+            corrected = tag(g.call_function(cage_decoupled, (new_param, weight, fake, lam, site.input("lr"))),
+                            Role.OPTIMIZER_UPDATE, site.param, name=f"cage_param_{site.param}")
         new_param.replace_all_uses_with(corrected, delete_user_cb=lambda user: user is not corrected)
+    return PassResult(program)
 
 
-def _rewrite(graph: TrainGraph, option: FakeQuant) -> list[str]:
+def _events(option: FakeQuant) -> tuple[Event, ...]:
+    if option.adaptive_rotation is None:
+        return ()
+    return (Event(CHOOSE, every=option.adaptive_rotation.every, first=0),)
+
+
+class QuantizedExport(PassRuntime):
+    """`export_quantized()`: the weights as the forward quantizes them now (in the basis each
+    layer's current rotation choice says)."""
+
+    def export_quantized(self) -> QuantizedModel:
+        option = self.option
+        graph = next(iter(self.context.graphs.values()))
+        tensors = self.context.params
+        runtime = self.context.runtime
+        return QuantizedModel({
+            name: export(tensors[name].detach(), bits=option.bits, quantizer=option.quantizer,
+                         group_size=option.group_size, hadamard=option.rotates(name, runtime.tensors))
+            for name, info in graph.params.items() if name in tensors and option.choose(info) is None
+        })
+
+
+@register_pass("fake_quant", stage=Stage.FORWARD, option="fake_quant", option_type=FakeQuant, events=_events,
+               runtime=QuantizedExport,
+               also={Stage.GRADIENT: coupled_correction, Stage.UPDATE: decoupled_correction})
+def fake_quant(program: Program, option: FakeQuant) -> PassResult:
+    graph = program.graph
     selected, kept = {}, []
     for node in graph.placeholders():
         if node.meta.get(ROLE) != Role.PARAMETER:
@@ -235,32 +317,15 @@ def _rewrite(graph: TrainGraph, option: FakeQuant) -> list[str]:
             kept.append(f"{name} {list(graph.params[name].shape)}: {reason}")
     if not selected:
         raise ValueError("FakeQuant selected no weight to quantize. Kept in full precision: " + "; ".join(kept))
-    quantized = _quantize_weights(graph, option, selected)
-    if option.correction is not None:
-        sites = [s for s in graph.updates() if s.param in quantized and "lr" in s.op.hyperparameters]
-        if sites:
-            _correct(graph, option.correction, sites, quantized)
-    graph.recompile()
-    return kept
-
-
-@register_pass("fake_quant", option="fake_quant",
-               after=("data_parallel", "sync", "low_rank", "lordo", "low_rank_ddp"))
-def fake_quant(program: Program, option: FakeQuant) -> PassResult:
-    kept: list[str] = []
-    for graph in program.phases.values():
-        kept = _rewrite(graph, option)
-    step = program.phases[next(iter(program.phases))]
-    quantized = sorted(n.meta[PARAM] for n in step.nodes(Role.FORWARD) if n.target is fake_quantize and PARAM in n.meta)
-    correction = option.correction
+    quantized = sorted(_quantize_weights(graph, option, selected))
     summary = (
         f"fake-quant: {option.bits}-bit {option.quantizer}{' + hadamard' if option.hadamard else ''}"
         f"{f', activations {option.activation_bits}-bit' if option.activation_bits else ''}: {', '.join(quantized)}",
     )
+    correction = option.correction
     if correction is not None:
         summary += (f"cage: {correction.form} correction, lambda {correction.lam} after step "
                     f"{correction.silence_steps} ({correction.ramp} to step {correction.total_steps})",)
     if option.adaptive_rotation is not None:
-        program, notes = rotate_adaptively(program, option.adaptive_rotation)
-        summary += notes
+        summary += rotate(graph, option.adaptive_rotation, choose=CHOOSE in program.events)
     return PassResult(program, summary + tuple(f"full precision: {line}" for line in kept))

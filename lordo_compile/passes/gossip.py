@@ -5,11 +5,11 @@ both theta and g a public copy (x_hat, what its neighbours know of x) and the we
 sum of its neighbourhood's copies (x_mix = sum_j W_ij x_hat_j). All are flat vectors over
 the parameters, in update order. Per step, with the batch xi:
 
-    phase "init" (step 0):
+    event "init" (step 0):
         theta_hat = theta_mix = theta;  v' = grad f(theta; xi);  g' = v'
         theta' = opt(theta, g') + gamma (theta_mix - theta_hat)
         q_theta = Q(theta' - theta_hat)                      exchanged with the two neighbours
-    phase "step" (every later step):
+    every later step:
         v' = grad f(theta; xi) + (1 - beta) (v - grad f(theta_prev; xi))    momentum (STORM)
         g' = g + gamma (g_mix - g_hat) + v' - v                             gradient tracking
         theta' = opt(theta, g') + gamma (theta_mix - theta_hat)             consensus step
@@ -18,7 +18,11 @@ the parameters, in update order. Per step, with the batch xi:
         x_hat += q_x;  x_mix += W_ii q_x + sum_j W_ij q_x,j                 for x in (g, theta)
 
 `opt` is the step's own optimizer node (lordo.adamw, lordo.sgd, ...) with g' as its
-gradient; with plain SGD it is the paper's theta - eta g'. grad f(theta_prev; xi) is a
+gradient; with plain SGD it is the paper's theta - eta g'. The pass rewrites at two stages:
+COMBINE (the tracked gradient into the update, the consensus step after it) and SYNC (the
+messages, built from what the step finally stores in theta): so every optimizer-side
+rewrite between them (GaLore, CAGE, a lookahead, ECO's requantization) acts on each
+worker's update as in one process, and the copies track the stored parameters. grad f(theta_prev; xi) is a
 second forward and backward of the captured step, at the previous parameters, on the same
 batch (beta = 1 needs none). Q is top-k of |x| over the flat vector; a message is k int32
 indices and k values, packed into one int32 buffer sent point to point to each neighbour.
@@ -33,17 +37,19 @@ from dataclasses import dataclass
 
 import networkx as nx
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 
-from ..graph import ROLE, Role, StateSpec, TrainGraph, tag
-from ..ops.gossip import NEIGHBOUR_EXCHANGE, message_sum, top_k_message
-from .collectives import group_name, remove_gradient_all_reduces
-from .manager import PassResult, Program, Rule, Schedule, register_pass
+from ..graph import ROLE, STATE, Role, StateSpec, TrainGraph, tag
+from ..ops.gossip import NEIGHBOUR_EXCHANGE, exchange_bytes, message_sum, top_k_message
+from ..runtime.comm import Collective
+from .collectives import WORKERS_COMBINE, group_name, rank, remove_gradient_all_reduces, world_size
+from .manager import INIT, PassResult, PassRuntime, Program, Stage, register_pass
+from .outer import end_of_updates
 
 TOPOLOGIES = ("ring",)
 COMPRESSORS = ("top_k", "identity")
-_UNTESTED = "gossip replaces the step's averaging and owns the parameter write; this composition is untested"
+# The flat parameters at the step's start (init graph), marked for the exchange at stage SYNC.
+_START = "lordo_gossip_start"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,13 +180,11 @@ def _gradients_at_previous(graph: TrainGraph, previous_flat: fx.Node, layout: _L
                     name=f"grad_at_previous_{names[p]}") for p in names]
 
 
-def _rewrite(graph: TrainGraph, option: Gossip, layout: _Layout, group: str | None, rank: int, world: int,
-             first: bool) -> int:
-    """DoCoM-SGT around the step's updates; returns the bytes of the buffer sent to each neighbour."""
+def _track(graph: TrainGraph, option: Gossip, layout: _Layout, first: bool) -> None:
+    """The tracked gradient into each update, the consensus step added to what it writes."""
     g = graph.graph
     sites = graph.updates()
     state = _state(graph, option, layout)
-    neighbours, weights = ring(rank, world) if group is not None else ([], [1.0])
     order = {n: i for i, n in enumerate(g.nodes)}
     first_update = min((s.node for s in sites), key=order.__getitem__)
     gamma, beta = float(option.gamma), float(option.beta)
@@ -197,13 +201,12 @@ def _rewrite(graph: TrainGraph, option: Gossip, layout: _Layout, group: str | No
         gradient = _flat(g, [s.input("grad") for s in sites], Role.GRADIENT, "flat_gradient")
         if first:
             theta = _flat(g, params, update, "flat_param")
-            param_hat = param_mix = theta
+            theta.meta[_START] = True
             momentum = tracker = gradient
             if beta < 1:
                 tag(g.call_method("copy_", (state["previous_param"], theta)), Role.WRITEBACK,
                     state="gossip.previous_param", name="write_previous_param")
         else:
-            param_hat, param_mix = state["param_hat"], state["param_mix"]
             momentum = gradient
             if previous_gradients is not None:
                 previous = _flat(g, previous_gradients, Role.GRADIENT, "flat_gradient_at_previous")
@@ -220,32 +223,43 @@ def _rewrite(graph: TrainGraph, option: Gossip, layout: _Layout, group: str | No
                          op(torch.ops.aten.mul.Tensor, disagreement, gamma, name="tracker_consensus"))
             change = op(torch.ops.aten.sub.Tensor, momentum, state["momentum"], name="momentum_change")
             tracker = op(torch.ops.aten.add.Tensor, tracked, change, name="new_tracker")
-            disagreement = op(torch.ops.aten.sub.Tensor, param_mix, param_hat, name="param_disagreement")
+            disagreement = op(torch.ops.aten.sub.Tensor, state["param_mix"], state["param_hat"],
+                              name="param_disagreement")
             consensus = op(torch.ops.aten.mul.Tensor, disagreement, gamma, name="param_consensus")
             consensus_pieces = _pieces(g, consensus, layout, update, "consensus")
         tracker_pieces = _pieces(g, tracker, layout, Role.GRADIENT, "tracked_gradient")
-    new_params = []
     for i, site in enumerate(sites):
         site.node.replace_input_with(site.input("grad"), tracker_pieces[i])
-        new = site.outputs()["param"]
-        write = next(u for u in new.users if u.meta.get(ROLE) == Role.WRITEBACK and u.args[0] is params[i])
         if not first:
+            write = graph.final_write(site.param)
             with g.inserting_before(write):
-                new = tag(g.call_function(torch.ops.aten.add.Tensor, (new, consensus_pieces[i])), update,
-                          site.param, name=f"mixed_{site.param}")
-            write.replace_input_with(write.args[1], new)
-        new_params.append(new)
-    order = {n: i for i, n in enumerate(g.nodes)}
-    last_write = max((u for n in new_params for u in n.users if u.meta.get(ROLE) == Role.WRITEBACK),
-                     key=order.__getitem__)
-    with g.inserting_before(last_write.next):
-        variables = [("param", _flat(g, new_params, update, "flat_new_param"), param_hat, param_mix)]
-        if not first:
-            variables.insert(0, ("tracker", tracker, state["tracker_hat"], state["tracker_mix"]))
-        _exchange(g, option, layout, variables, state, group, neighbours, weights)
+                mixed = tag(g.call_function(torch.ops.aten.add.Tensor, (write.args[1], consensus_pieces[i])), update,
+                            site.param, name=f"mixed_{site.param}")
+            write.args = (write.args[0], mixed)
+    with g.inserting_before(end_of_updates(graph)):
         for key, value in (("tracker", tracker), ("momentum", momentum)):
             tag(g.call_method("copy_", (state[key], value)), Role.WRITEBACK, state=f"gossip.{key}",
                 name=f"write_{key}")
+
+
+def _exchange_stored(graph: TrainGraph, option: Gossip, layout: _Layout, group: str | None, neighbours: list[int],
+                     weights: list[float], first: bool) -> int:
+    """Compress what changed of the stored parameters (and of the tracker), exchange it with
+    the neighbours, update the copies; returns the bytes sent to each neighbour."""
+    g = graph.graph
+    state = {n.meta[STATE].removeprefix("gossip."): n for n in graph.placeholders()
+             if str(n.meta.get(STATE, "")).startswith("gossip.")}
+    with g.inserting_before(end_of_updates(graph)):
+        stored = _flat(g, [graph.final_write(p).args[1] for p in layout.params], Role.OPTIMIZER_UPDATE,
+                       "flat_new_param")
+        if first:
+            start = next(n for n in g.nodes if n.meta.get(_START))
+            variables = [("param", stored, start, start)]
+        else:
+            tracker = graph.last_write(state["tracker"]).args[1]
+            variables = [("tracker", tracker, state["tracker_hat"], state["tracker_mix"]),
+                         ("param", stored, state["param_hat"], state["param_mix"])]
+        _exchange(g, option, layout, variables, state, group, neighbours, weights)
     words_per_message = 2 * layout.k if option.compressor == "top_k" else layout.k
     return 4 * words_per_message * len(variables)
 
@@ -301,38 +315,48 @@ def _exchange(g: fx.Graph, option: Gossip, layout: _Layout, variables: list[tupl
                 name=f"write_{key}_{kind}")
 
 
-@register_pass("gossip", option="gossip", conflicts={
-    "data_parallel": "gossip replaces the gradient all-reduce",
-    "sync": "gossip replaces periodic averaging",
-    "lordo": "gossip replaces LoRDO's synchronization",
-    "low_rank_ddp": "gossip replaces the gradient all-reduce",
-    "low_rank": _UNTESTED,
-    "eco": _UNTESTED,
-    "fake_quant": _UNTESTED,
-    "ema_nesterov": _UNTESTED,
-    "nonfinite": "a worker that skipped a step would leave its neighbours' copies of its state inconsistent; "
-                 "set Policy(on_nonfinite=None), as Policy.docom() does",
-})
-def gossip(program: Program, option: Gossip) -> PassResult:
-    if set(program.phases) != {"step"}:
-        raise NotImplementedError(f"gossip runs on a single-phase step; got phases {sorted(program.phases)}")
+def _where(option: Gossip) -> tuple[str | None, int, int, list[int], list[float]]:
     group = group_name(option.group)
-    process_group = option.group if option.group is not None else (dist.group.WORLD if group else None)
-    rank = dist.get_rank(process_group) if group else 0
-    world = dist.get_world_size(process_group) if group else 1
-    step = program.phases["step"].copy()
-    removed = remove_gradient_all_reduces(step.graph, "Policy(gossip=...)")
-    layout = _layout(step, option)
-    init = step.copy(phase="init")
-    init_bytes = _rewrite(init, option, layout, group, rank, world, first=True)
-    step_bytes = _rewrite(step, option, layout, group, rank, world, first=False)
-    neighbours = ring(rank, world)[0] if group else []
-    notes = (
+    me, world = rank(option.group), world_size(option.group)
+    neighbours, weights = ring(me, world) if group is not None else ([], [1.0])
+    return group, me, world, neighbours, weights
+
+
+def track_gradients(program: Program, option: Gossip) -> PassResult:
+    """COMBINE: the step's averaging removed, the tracked gradient in, the consensus step added."""
+    graph = program.graph
+    removed = remove_gradient_all_reduces(graph.graph, "Policy(gossip=...)")
+    layout = _layout(graph, option)
+    _track(graph, option, layout, first="init" in program.events)
+    group, me, world, neighbours, _ = _where(option)
+    return PassResult(program, (
         f"removed {removed} gradient all-reduce(s)",
-        f"{option.topology}: worker {rank} of {world}, neighbours {neighbours or 'none (one worker: no exchange)'}",
+        f"{option.topology}: worker {me} of {world}, neighbours {neighbours or 'none (one worker: no exchange)'}",
         f"{option.compressor}: k = {layout.k:,} of {layout.total:,} entries per message",
-        (f"per step to each neighbour: {step_bytes:,} bytes (init step: {init_bytes:,}); beta {option.beta}: "
-         + ("a second forward and backward per step" if option.beta < 1 else "one backward")),
-    )
-    schedule = Schedule("step", (Rule("init", 0, 0),))
-    return PassResult(Program({"init": init, "step": step}, schedule, program.watches), notes)
+    ))
+
+
+class Neighbours(PassRuntime):
+    """Counts what `lordo.neighbour_exchange` puts on the wire: its buffer, once per receiver."""
+
+    def collectives(self, graph: TrainGraph) -> list[Collective]:
+        return [Collective("neighbour_exchange", "point-to-point", str(node.args[1]), exchange_bytes(node))
+                for node in graph.nodes() if node.op == "call_function" and node.target is NEIGHBOUR_EXCHANGE]
+
+
+@register_pass("gossip", stage=Stage.SYNC, option="gossip", option_type=Gossip, runtime=Neighbours,
+               events=lambda option: (INIT,), also={Stage.COMBINE: track_gradients}, conflicts={
+                   "data_parallel": WORKERS_COMBINE + ": gossip replaces the gradient all-reduce",
+                   "sync": WORKERS_COMBINE + ": gossip replaces periodic averaging",
+                   "lordo": WORKERS_COMBINE + ": gossip replaces LoRDO's synchronization",
+                   "low_rank_ddp": WORKERS_COMBINE + ": gossip replaces the gradient all-reduce",
+               })
+def gossip(program: Program, option: Gossip) -> PassResult:
+    graph = program.graph
+    layout = _layout(graph, option)
+    group, _, _, neighbours, weights = _where(option)
+    first = "init" in program.events
+    sent = _exchange_stored(graph, option, layout, group, neighbours, weights, first)
+    return PassResult(program, (
+        f"to each neighbour: {sent:,} bytes per step ({'the first step' if first else 'later steps'}); "
+        f"beta {option.beta}: " + ("a second forward and backward per step" if option.beta < 1 else "one backward"),))

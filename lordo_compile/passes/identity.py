@@ -9,9 +9,9 @@ pipeline (capture, passes, lowering) and shows the same stages in `step.graphs`.
 
 from __future__ import annotations
 
-from .manager import PassResult, Program, register_pass
+from .manager import PassResult, Program, Stage, register_pass
 
 
-@register_pass("identity", option=None)
+@register_pass("identity", stage=Stage.FORWARD)
 def identity(program: Program, option: None) -> PassResult:
     return PassResult(program, ("no change",))

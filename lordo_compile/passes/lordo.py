@@ -1,17 +1,18 @@
 """LoRDO: low-rank inner steps under one global projection, infrequent sync (ALGORITHMS.md 3).
 
-    phase "init" (step 0):   Q_W = top-r singular vectors of mean_k(grad_W)   (global; or own grad)
-                             then the local step below
-    phase "local":           lordo.lordo_adamw(W, grad_W, u_W, v_W, E_W, step_W, Q_W, ...)
-                             (the step's own gradient averaging removed; dense params keep AdamW)
-    phase "sync" (after steps H, 2H, ...): the local step, then
+    event "init" (step 0):  Q_W = top-r singular vectors of mean_k(grad_W)   (global; or own grad)
+                            before the inner step below reads it
+    every step:             lordo.lordo_adamw(W, grad_W, u_W, v_W, E_W, step_W, Q_W, ...)
+                            (the step's own gradient averaging removed; dense params keep AdamW)
+    event "sync" (after steps H, 2H, ...): after the inner step,
         delta = anchor - W' for every parameter, averaged over workers by `payload`:
           "full"      one all-reduce of every delta
           "low_rank"  all-reduce Q^T y and a sketch y Omega (y = delta + sync error feedback);
                       delta ~ Q mean(Q^T y); the error feedback keeps y - Q Q^T y locally
           "int8"      all-gather int8 codes of y = delta + error feedback, per-row scales
         Q' from the averaged delta (or its sketch) on every worker alike: Q is never sent;
-        outer SGD on the anchor; every worker reset to the anchor; u, v (E) carried to Q'.
+        the outer step of `outer.py` on the anchor; every worker reset to the anchor;
+        u, v (E) carried to Q'.
 
 Ablations: `projection="local"` (each worker's Q from its own gradient at each sync) and
 `omega=1` (no full-rank term).
@@ -22,25 +23,31 @@ from __future__ import annotations
 import numbers
 import operator
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.fx as fx
 
-from ..graph import ROLE, STATE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, tag
+from ..graph import STATE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, tag
 from ..ops import op_named
 from ..ops.lordo import NORMALIZERS, int8_rows
-from ..ops.low_rank import METHODS, ON_REFRESH, low_rank_carry, low_rank_projection
+from ..ops.low_rank import METHODS, ON_REFRESH, low_rank_carry
 from .collectives import (
+    WORKERS_COMBINE,
     group_name,
     insert_all_gather,
     insert_mean_all_reduce,
     remove_gradient_all_reduces,
     world_size,
 )
-from .low_rank import choose_matrix, validate_selector
-from .manager import PassResult, Program, Rule, Schedule, register_pass
+from .manager import INIT, Event, PassResult, Program, Stage, register_pass
+from .outer import OuterOptimizer, apply_outer_step, end_of_updates, hold_anchors, pseudo_gradients
+from .projection import refreshed_projection, write_projection
+from .select import choose_matrix, validate_selector
 
 PAYLOADS = ("full", "low_rank", "int8")
+# The inner updates LoRDO writes: a matrix updated by one was selected.
+_INNER_OPS = ("lordo_adamw", "lordo_adamw_full")
 PROJECTIONS = ("global", "local")
 
 
@@ -126,9 +133,13 @@ class LoRDO:
 
     def choose(self, info: ParamInfo, op_name: str) -> str | None:
         reason = choose_matrix(self.params, self.rank, info)
-        if reason is None and op_name != "adamw":
+        if reason is None and op_name not in ("adamw", *_INNER_OPS):
             return f"LoRDO's inner step is AdamW, this parameter is updated by lordo.{op_name}"
         return reason
+
+    @property
+    def outer(self) -> OuterOptimizer:
+        return OuterOptimizer(self.outer_lr, self.outer_momentum, self.nesterov)
 
 
 def _releases(option: LoRDO, info: ParamInfo, op_name: str) -> tuple[str, ...]:
@@ -192,27 +203,36 @@ def _site(graph: TrainGraph, param: str) -> UpdateSite:
     return next(s for s in graph.updates() if s.param == param)
 
 
-def _inner(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix]) -> dict[str, dict[str, fx.Node]]:
-    """Replace each selected AdamW update by lordo_adamw; returns each matrix's state nodes."""
+def _state_nodes(graph: TrainGraph, matrix: _Matrix) -> dict[str, fx.Node]:
+    names = {spec.name: key for key, spec in matrix.specs.items()}
+    return {names[n.meta[STATE]]: n for n in graph.placeholders() if n.meta.get(STATE) in names}
+
+
+def _inner(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix]) -> None:
+    """Replace each selected AdamW update by lordo_adamw, its state written right after it."""
     g = graph.graph
     op = op_named("lordo_adamw_full" if option.full_rank_normalizer == "full" else "lordo_adamw")
-    state = {}
     for matrix in matrices:
         site = _site(graph, matrix.param)
         nodes = {key: graph.add_state(spec) for key, spec in matrix.specs.items()}
-        state[matrix.param] = nodes
         args = [nodes[key] if key in nodes else site.input(key) for key in op.inputs]
         kwargs = {"omega": float(option.omega), "mu": float(option.mu), "normalizer": option.full_rank_normalizer,
                   "clip": float(option.clip or 0.0), "tall": matrix.tall, "maximize": site.node.kwargs["maximize"]}
         with g.inserting_before(site.node):
             new = tag(g.call_function(op.overload, tuple(args), kwargs), Role.OPTIMIZER_UPDATE, matrix.param,
-                       name=f"{op.name}_{matrix.param}")
+                      name=f"{op.name}_{matrix.param}")
         old_outputs = site.outputs()
         new_outputs = {}
-        with g.inserting_after(new):
+        # Inserting before a fixed node keeps creation order: the outputs, then the state writes.
+        point = new.next
+        with g.inserting_before(point):
             for i, key in enumerate(op.output_keys):
                 new_outputs[key] = tag(g.call_function(operator.getitem, (new, i)), Role.OPTIMIZER_UPDATE,
-                                        matrix.param, key, name=f"new_{key}_{matrix.param}")
+                                       matrix.param, key, name=f"new_{key}_{matrix.param}")
+            for key in op.state:
+                if key != "step":
+                    tag(g.call_method("copy_", (nodes[key], new_outputs[key])), Role.WRITEBACK, matrix.param, key,
+                        name=f"write_{key}_{matrix.param}")
         for key in ("param", "step"):
             old_outputs[key].replace_all_uses_with(new_outputs[key])
         for key in ("exp_avg", "exp_avg_sq"):
@@ -221,28 +241,10 @@ def _inner(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix]) -> dict[st
         for key in old_outputs:
             g.erase_node(old_outputs[key])
         g.erase_node(site.node)
-        point = next(u for u in new_outputs["param"].users if u.meta.get(ROLE) == Role.WRITEBACK)
-        with g.inserting_after(point):
-            for key in op.state:
-                if key != "step":
-                    tag(g.call_method("copy_", (nodes[key], new_outputs[key])), Role.WRITEBACK, matrix.param, key,
-                         name=f"write_{key}_{matrix.param}")
-        nodes.update({f"new_{k}": v for k, v in new_outputs.items()})
-    return state
-
-
-def _projection(g: fx.Graph, option: LoRDO, matrix: _Matrix, nodes: dict[str, fx.Node], source: fx.Node,
-                method: str) -> fx.Node:
-    computed = tag(g.call_function(
-        low_rank_projection, (source, nodes["projection"], nodes.get("sketch", nodes["projection"])),
-        {"rank": option.rank, "tall": matrix.tall, "method": method, "power_iterations": option.power_iterations}),
-        Role.OPTIMIZER_UPDATE, matrix.param, name=f"refresh_{matrix.param}")
-    return tag(g.call_function(operator.getitem, (computed, 0)), Role.OPTIMIZER_UPDATE, matrix.param,
-                "projection", name=f"new_projection_{matrix.param}")
 
 
 def _first_projection(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix], group: str | None) -> None:
-    """Phase "init": Q from the first gradient averaged over workers (or the worker's own, for
+    """Event "init": Q from the first gradient averaged over workers (or the worker's own, for
     `projection="local"`), before any update uses it. With a compressed payload only a sketch
     of each gradient is averaged, as at every sync."""
     g = graph.graph
@@ -257,204 +259,223 @@ def _first_projection(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix],
             grad = sites[m.param].input("grad")
             if sketched:
                 a = g.call_method("t", (grad,)) if m.tall else grad
-                sketch = tag(g.call_function(torch.matmul, (a, nodes[m.param]["payload_sketch"])), Role.GRADIENT,
-                              m.param, name=f"gradient_sketch_{m.param}")
-                sketch.meta["val"] = torch.empty((m.side, option.rank + option.sketch_size), device="meta")
-                sources.append(sketch)
+                sources.append(tag(g.call_function(torch.matmul, (a, nodes[m.param]["payload_sketch"])), Role.GRADIENT,
+                                   m.param, name=f"gradient_sketch_{m.param}"))
             else:
                 sources.append(grad)
     if option.projection == "global" and group is not None:
-        sources = insert_mean_all_reduce(g, sources, group, Role.GRADIENT, [m.param for m in matrices])
+        sources = insert_mean_all_reduce(graph, sources, group, Role.GRADIENT, [m.param for m in matrices])
     with g.inserting_before(point):
         for m, source in zip(matrices, sources):
             if sketched and m.tall:
                 source = g.call_method("t", (source,))
-            new = _projection(g, option, m, nodes[m.param], source, "svd")
+            new, _ = refreshed_projection(graph, m.param, source, nodes[m.param]["projection"],
+                                          nodes[m.param].get("sketch"), rank=option.rank, tall=m.tall, method="svd",
+                                          power_iterations=option.power_iterations)
             sites[m.param].node.replace_input_with(nodes[m.param]["projection"], new)
-            tag(g.call_method("copy_", (nodes[m.param]["projection"], new)), Role.WRITEBACK, m.param, "projection",
-                 name=f"write_projection_{m.param}")
+            write_projection(graph, m.param, nodes[m.param]["projection"], new)
 
 
-def _state_nodes(graph: TrainGraph, matrix: _Matrix) -> dict[str, fx.Node]:
-    names = {spec.name: key for key, spec in matrix.specs.items()}
-    return {names[n.meta[STATE]]: n for n in graph.placeholders() if n.meta.get(STATE) in names}
+@dataclass
+class _Payload:
+    """What a sync sends: nodes to average (mean all-reduce) and to gather, each with its
+    parameter, and how to read each parameter's average (and its new Q's source) back."""
+
+    means: list[tuple[str, fx.Node]]
+    gathers: list[tuple[str, fx.Node]]
+    read: Callable[[fx.Graph, dict, dict, str], tuple[fx.Node, fx.Node]]
+
+
+def _full_payload(graph, option, names, selected, state, deltas) -> _Payload:
+    def read(g, means, gathered, p):
+        return means[p][0], means[p][0]
+
+    return _Payload([(p, deltas[p]) for p in names], [], read)
+
+
+def _error_fed(g: fx.Graph, matrix: _Matrix, nodes: dict[str, fx.Node], delta: fx.Node) -> fx.Node:
+    """y = delta + the sync's error feedback, in the projected side's orientation."""
+    p = matrix.param
+    y = tag(g.call_function(torch.ops.aten.add.Tensor, (delta, nodes["sync_error"])), Role.GRADIENT, p,
+            name=f"sync_input_{p}")
+    return tag(g.call_method("t", (y,)), Role.GRADIENT, p) if matrix.tall else y
+
+
+def _keep_residual(g: fx.Graph, matrix: _Matrix, nodes: dict[str, fx.Node], a: fx.Node, sent: fx.Node) -> None:
+    """The sync's error feedback keeps what the payload dropped: y - what was sent."""
+    residual = g.call_function(torch.ops.aten.sub.Tensor, (a, sent))
+    residual = g.call_method("t", (residual,)) if matrix.tall else residual
+    tag(g.call_method("copy_", (nodes["sync_error"], residual)), Role.WRITEBACK, matrix.param, "sync_error",
+        name=f"write_sync_error_{matrix.param}")
+
+
+def _low_rank_payload(graph, option, names, selected, state, deltas) -> _Payload:
+    g = graph.graph
+    means = []
+    for p in names:
+        m = selected.get(p)
+        if m is None:
+            means.append((p, deltas[p]))
+            continue
+        nodes = state[p]
+        a = _error_fed(g, m, nodes, deltas[p])
+        q = nodes["projection"]
+        coords = tag(g.call_function(torch.matmul, (g.call_method("t", (q,)), a)), Role.GRADIENT, p,
+                     name=f"payload_coordinates_{p}")
+        sketch = tag(g.call_function(torch.matmul, (a, nodes["payload_sketch"])), Role.GRADIENT, p,
+                     name=f"payload_sketch_{p}")
+        _keep_residual(g, m, nodes, a, g.call_function(torch.matmul, (q, coords)))
+        means += [(p, coords), (p, sketch)]
+
+    def read(g, averaged, gathered, p):
+        m = selected.get(p)
+        if m is None:
+            return averaged[p][0], averaged[p][0]
+        coords, sketch = averaged[p]
+        delta_a = g.call_function(torch.matmul, (state[p]["projection"], coords))
+        # The averaged sketch spans the average's column space: the new Q is its top singular vectors.
+        return (g.call_method("t", (delta_a,)) if m.tall else delta_a), (g.call_method("t", (sketch,)) if m.tall
+                                                                          else sketch)
+
+    return _Payload(means, [], read)
+
+
+def _int8_payload(graph, option, names, selected, state, deltas) -> _Payload:
+    g = graph.graph
+    means, gathers, local = [], [], {}
+    for p in names:
+        m = selected.get(p)
+        if m is None:
+            means.append((p, deltas[p]))
+            continue
+        nodes = state[p]
+        a = _error_fed(g, m, nodes, deltas[p])
+        codes_scales = g.call_function(int8_rows, (a,))
+        codes = tag(g.call_function(operator.getitem, (codes_scales, 0)), Role.GRADIENT, p, name=f"int8_codes_{p}")
+        scales = tag(g.call_function(operator.getitem, (codes_scales, 1)), Role.GRADIENT, p, name=f"int8_scales_{p}")
+        dequantized = g.call_function(torch.mul, (g.call_method("float", (codes,)), scales))
+        _keep_residual(g, m, nodes, a, dequantized)
+        local[p] = dequantized
+        gathers += [(p, codes), (p, scales)]
+
+    def read(g, averaged, gathered, p):
+        m = selected.get(p)
+        if m is None:
+            return averaged[p][0], averaged[p][0]
+        if gathered:
+            codes, scales = gathered[p]
+            values = g.call_function(torch.mul, (g.call_method("float", (codes,)), scales))
+            mean_a = g.call_method("mean", (values, 0))
+        else:
+            mean_a = local[p]
+        mean = g.call_method("t", (mean_a,)) if m.tall else mean_a
+        return mean, mean
+
+    return _Payload(means, gathers, read)
+
+
+_PAYLOADS = {"full": _full_payload, "low_rank": _low_rank_payload, "int8": _int8_payload}
 
 
 def _sync(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix], group: str | None, world: int) -> None:
-    """Phase "sync": pseudo-gradients, payload, new Q, outer step, reset, moments carried."""
+    """Event "sync": pseudo-gradients, payload, new Q, outer step, reset, moments carried."""
     g = graph.graph
-    sites = graph.updates()
-    names = [s.param for s in sites]
+    names = [s.param for s in graph.updates()]
     selected = {m.param: m for m in matrices}
-    anchors, buffers = {}, {}
-    for site in sites:
-        info = graph.params[site.param]
-        anchors[site.param] = graph.add_state(StateSpec(
-            name=f"sync.anchor.{site.param}", shape=info.shape, dtype=info.dtype, owner="lordo", param=site.param,
-            init=f"copy:{site.param}"))
-        if option.outer_momentum:
-            buffers[site.param] = graph.add_state(StateSpec(
-                name=f"sync.outer_momentum.{site.param}", shape=info.shape, dtype=info.dtype, owner="lordo",
-                param=site.param))
-    new_params = {s.param: s.outputs()["param"] for s in sites}
-    order = {n: i for i, n in enumerate(g.nodes)}
-    last = max((u for n in new_params.values() for u in n.users), key=order.__getitem__)
-    # Everything below goes before this node, in creation order, after the local step.
-    boundary = last.next
     state = {m.param: _state_nodes(graph, m) for m in matrices}
-    averaged: dict[str, fx.Node] = {}
-    new_q: dict[str, fx.Node] = {}
-    with g.inserting_before(boundary):
-        deltas = {}
+    # Inserting before one fixed node keeps creation order: deltas, payload, collectives, outer step.
+    point = end_of_updates(graph)
+    with g.inserting_before(point):
+        anchors = hold_anchors(graph, names, "lordo")
+        deltas = pseudo_gradients(graph, anchors)
+        payload = _PAYLOADS[option.payload](graph, option, names, selected, state, deltas)
+    averaged: dict[str, list[fx.Node]] = {}
+    gathered: dict[str, list[fx.Node]] = {}
+    if payload.means:
+        params, values = zip(*payload.means)
+        results = insert_mean_all_reduce(graph, list(values), group, Role.GRADIENT, list(params)) if group \
+            else values
+        for p, value in zip(params, results):
+            averaged.setdefault(p, []).append(value)
+    if payload.gathers and group:
+        params, values = zip(*payload.gathers)
+        for p, value in zip(params, insert_all_gather(graph, list(values), group, world, Role.GRADIENT,
+                                                      list(params))):
+            gathered.setdefault(p, []).append(value)
+    means, new_q = {}, {}
+    with g.inserting_before(point):
         for p in names:
-            delta = g.call_function(torch.ops.aten.sub.Tensor, (anchors[p], new_params[p]))
-            delta.meta["val"] = anchors[p].meta["val"]
-            deltas[p] = tag(delta, Role.GRADIENT, p, name=f"pseudo_gradient_{p}")
-        sends, send_params, gathers, gather_params = [], [], [], []
-        payload = {}
-        for p in names:
-            if p not in selected or option.payload == "full":
-                sends.append(deltas[p])
-                send_params.append(p)
-                continue
-            m, nodes = selected[p], state[p]
-            y = tag(g.call_function(torch.ops.aten.add.Tensor, (deltas[p], nodes["sync_error"])), Role.GRADIENT, p,
-                     name=f"sync_input_{p}")
-            a = tag(g.call_method("t", (y,)), Role.GRADIENT, p) if m.tall else y
-            if option.payload == "low_rank":
-                q = nodes["projection"]
-                coords = tag(g.call_function(torch.matmul, (g.call_method("t", (q,)), a)), Role.GRADIENT, p,
-                              name=f"payload_coordinates_{p}")
-                sketch = tag(g.call_function(torch.matmul, (a, nodes["payload_sketch"])), Role.GRADIENT, p,
-                              name=f"payload_sketch_{p}")
-                for node, shape in ((coords, (option.rank, m.other)), (sketch, (m.side, option.rank + option.sketch_size))):
-                    node.meta["val"] = torch.empty(shape, device="meta")
-                kept = g.call_function(torch.matmul, (q, coords))
-                residual = g.call_function(torch.ops.aten.sub.Tensor, (a, kept))
-                residual = g.call_method("t", (residual,)) if m.tall else residual
-                tag(g.call_method("copy_", (nodes["sync_error"], residual)), Role.WRITEBACK, p, "sync_error",
-                     name=f"write_sync_error_{p}")
-                payload[p] = (coords, sketch)
-                sends += [coords, sketch]
-                send_params += [p, p]
-            else:
-                codes_scales = g.call_function(int8_rows, (a,))
-                codes = tag(g.call_function(operator.getitem, (codes_scales, 0)), Role.GRADIENT, p,
-                             name=f"int8_codes_{p}")
-                scales = tag(g.call_function(operator.getitem, (codes_scales, 1)), Role.GRADIENT, p,
-                              name=f"int8_scales_{p}")
-                codes.meta["val"] = torch.empty((m.side, m.other), dtype=torch.int8, device="meta")
-                scales.meta["val"] = torch.empty((m.side, 1), dtype=torch.float32, device="meta")
-                dequantized = g.call_function(torch.mul, (g.call_method("float", (codes,)), scales))
-                residual = g.call_function(torch.ops.aten.sub.Tensor, (a, dequantized))
-                residual = g.call_method("t", (residual,)) if m.tall else residual
-                tag(g.call_method("copy_", (nodes["sync_error"], residual)), Role.WRITEBACK, p, "sync_error",
-                     name=f"write_sync_error_{p}")
-                payload[p] = (codes, scales, dequantized)
-                gathers += [codes, scales]
-                gather_params += [p, p]
-    reduced = dict(zip(range(len(sends)), insert_mean_all_reduce(g, sends, group, Role.GRADIENT, send_params)
-                       if group else sends))
-    gathered = insert_all_gather(g, gathers, group, world, Role.GRADIENT, gather_params) if group and gathers else []
-    with g.inserting_before(boundary):
-        cursor = 0
-        gather_cursor = 0
-        for p in names:
+            means[p], source = payload.read(g, averaged, gathered, p)
             m = selected.get(p)
-            if m is None or option.payload == "full":
-                averaged[p] = reduced[cursor]
-                cursor += 1
-                source = averaged[p]
-            elif option.payload == "low_rank":
-                coords, sketch = reduced[cursor], reduced[cursor + 1]
-                cursor += 2
-                delta_a = g.call_function(torch.matmul, (state[p]["projection"], coords))
-                averaged[p] = g.call_method("t", (delta_a,)) if m.tall else delta_a
-                source = sketch
-            else:
-                if group:
-                    codes, scales = gathered[gather_cursor], gathered[gather_cursor + 1]
-                    gather_cursor += 2
-                    values = g.call_function(torch.mul, (g.call_method("float", (codes,)), scales))
-                    mean_a = g.call_method("mean", (values, 0))
-                else:
-                    mean_a = payload[p][2]
-                averaged[p] = g.call_method("t", (mean_a,)) if m.tall else mean_a
-                source = averaged[p]
-            if m is not None:
-                if option.projection == "local":
-                    source = _site(graph, p).input("grad")
-                method = option.method
-                if option.payload == "low_rank":
-                    # The averaged sketch spans the average's column space: its top singular vectors.
-                    sketch_source = g.call_method("t", (source,)) if m.tall else source
-                    new_q[p] = _projection(g, option, m, {**state[p], "sketch": state[p]["projection"]},
-                                           sketch_source, "svd")
-                else:
-                    new_q[p] = _projection(g, option, m, state[p], source, method)
-        _outer_updates(g, graph, option, names, averaged, anchors, buffers, sites)
+            if m is None:
+                continue
+            if option.projection == "local":
+                source = _site(graph, p).input("grad")
+            method = "svd" if option.payload == "low_rank" else option.method
+            new_q[p], _ = refreshed_projection(graph, p, source, state[p]["projection"], state[p].get("sketch"),
+                                               rank=option.rank, tall=m.tall, method=method,
+                                               power_iterations=option.power_iterations)
+        apply_outer_step(graph, anchors, means, option.outer, "lordo")
         for m in matrices:
-            _carry(g, option, m, state[m.param], new_q[m.param], _site(graph, m.param))
+            _carry(graph, option, m, state[m.param], new_q[m.param], _site(graph, m.param))
 
 
-def _outer_updates(g, graph, option, names, averaged, anchors, buffers, sites) -> None:
-    op = op_named("outer_sgd_momentum" if option.outer_momentum else "outer_sgd")
-    kwargs = {"lr": float(option.outer_lr)}
-    if option.outer_momentum:
-        kwargs.update(momentum=float(option.outer_momentum), nesterov=bool(option.nesterov))
-    for p in names:
-        args = (anchors[p], averaged[p]) + ((buffers[p],) if option.outer_momentum else ())
-        outer = tag(g.call_function(op.overload, args, kwargs), Role.OPTIMIZER_UPDATE, p, name=f"{op.name}_{p}")
-        anchor = outer
-        if option.outer_momentum:
-            anchor = tag(g.call_function(operator.getitem, (outer, 0)), Role.OPTIMIZER_UPDATE, p, "param")
-            buf = tag(g.call_function(operator.getitem, (outer, 1)), Role.OPTIMIZER_UPDATE, p, "momentum_buffer")
-            tag(g.call_method("copy_", (buffers[p], buf)), Role.WRITEBACK, p, "outer_momentum",
-                 name=f"write_outer_momentum_{p}")
-        tag(g.call_method("copy_", (anchors[p], anchor)), Role.WRITEBACK, p, "anchor", name=f"write_anchor_{p}")
-        placeholder = next(s.input("param") for s in sites if s.param == p)
-        tag(g.call_method("copy_", (placeholder, anchor)), Role.WRITEBACK, p, "param", name=f"reset_to_anchor_{p}")
-
-
-def _carry(g: fx.Graph, option: LoRDO, matrix: _Matrix, nodes: dict[str, fx.Node], new_q: fx.Node,
+def _carry(graph: TrainGraph, option: LoRDO, matrix: _Matrix, nodes: dict[str, fx.Node], new_q: fx.Node,
            site: UpdateSite) -> None:
+    g = graph.graph
     p = matrix.param
-    outputs = site.outputs()
     if option.on_refresh == "reproject":
         for key in ("u", "v"):
-            carried = tag(g.call_function(low_rank_carry, (outputs[key], nodes["projection"], new_q),
-                                           {"tall": matrix.tall, "squared": key == "v", "mode": "reproject"}),
-                           Role.OPTIMIZER_UPDATE, p, key, name=f"carried_{key}_{p}")
+            # What the step writes into the moment: the inner update's, with what later stages fed in.
+            moment = graph.last_write(nodes[key]).args[1]
+            carried = tag(g.call_function(low_rank_carry, (moment, nodes["projection"], new_q),
+                                          {"tall": matrix.tall, "squared": key == "v", "mode": "reproject"}),
+                          Role.OPTIMIZER_UPDATE, p, key, name=f"carried_{key}_{p}")
             tag(g.call_method("copy_", (nodes[key], carried)), Role.WRITEBACK, p, key, name=f"write_carried_{key}_{p}")
     elif option.on_refresh == "reset":
-        for key in ("u", "v", "error"):
-            tag(g.call_method("zero_", (nodes[key],)), Role.WRITEBACK, p, key, name=f"reset_{key}_{p}")
-        tag(g.call_method("zero_", (site.input("step"),)), Role.WRITEBACK, p, "step", name=f"reset_step_{p}")
-    tag(g.call_method("copy_", (nodes["projection"], new_q)), Role.WRITEBACK, p, "projection",
-         name=f"write_projection_{p}")
+        for key, target in (("u", nodes["u"]), ("v", nodes["v"]), ("error", nodes["error"]),
+                            ("step", site.input("step"))):
+            zeros = g.call_function(torch.ops.aten.zeros_like.default, (target,))
+            tag(g.call_method("copy_", (target, zeros)), Role.WRITEBACK, p, key, name=f"reset_{key}_{p}")
+    write_projection(graph, p, nodes["projection"], new_q)
 
 
-@register_pass("lordo", option="low_rank_sync", releases=_releases, conflicts=("sync", "data_parallel", "low_rank"))
-def lordo(program: Program, option: LoRDO) -> PassResult:
-    if set(program.phases) != {"step"}:
-        raise NotImplementedError(f"lordo runs on a single-phase step; got phases {sorted(program.phases)}")
+def _events(option: LoRDO) -> tuple[Event, ...]:
+    return (INIT, Event("sync", every=option.sync_every, first=option.sync_every - 1))
+
+
+def local_steps(program: Program, option: LoRDO) -> PassResult:
+    """Every step: the step's own gradient averaging removed; each worker steps alone."""
+    removed = remove_gradient_all_reduces(program.graph.graph, "Policy.lordo")
+    return PassResult(program, (f"local steps: removed {removed} gradient all-reduce(s)",))
+
+
+def synchronize(program: Program, option: LoRDO) -> PassResult:
+    """Event "sync": the averaged pseudo-gradient, a new global Q, the outer step."""
+    graph = program.graph
     group = group_name(option.group)
-    world = world_size(option.group)
-    step = program.phases["step"]
-    matrices, dense = _plan(option, step)
+    notes = (f"sync every {option.sync_every} steps, payload {option.payload!r}, "
+             f"{'one worker: no collective' if group is None else f'{world_size(option.group)} workers'}",)
+    if "sync" in program.events:
+        matrices, _ = _plan(option, graph)
+        _sync(graph, option, matrices, group, world_size(option.group))
+    return PassResult(program, notes)
+
+
+_LOW_RANK_TWICE = ("LoRDO is GaLore with one global projection and infrequent sync; with low_rank both would own "
+                   "the same projected moments (LoRDO alone has the low-rank inner step)")
+
+
+@register_pass("lordo", stage=Stage.OPTIMIZER_STATE, option="lordo", option_type=LoRDO, releases=_releases,
+               events=_events, also={Stage.COMBINE: local_steps, Stage.SYNC: synchronize},
+               conflicts={"sync": WORKERS_COMBINE, "data_parallel": WORKERS_COMBINE, "low_rank": _LOW_RANK_TWICE})
+def lordo(program: Program, option: LoRDO) -> PassResult:
+    graph = program.graph
+    matrices, dense = _plan(option, graph)
     if not matrices:
         raise ValueError("LoRDO selected no matrix for a low-rank update. Left dense: " + "; ".join(dense))
-    local = step.copy(phase="local")
-    removed = remove_gradient_all_reduces(local.graph, "Policy.lordo")
-    _inner(local, option, matrices)
-    init = local.copy(phase="init")
-    _first_projection(init, option, matrices, group)
-    synced = local.copy(phase="sync")
-    _sync(synced, option, matrices, group, world)
-    schedule = Schedule("local", (Rule("init", 0, 0), Rule("sync", option.sync_every, option.sync_every - 1)))
+    _inner(graph, option, matrices)
+    if "init" in program.events:
+        _first_projection(graph, option, matrices, group_name(option.group))
     notes = tuple(f"low-rank: {m.param} {list(m.shape)} -> {'tall' if m.tall else 'wide'}" for m in matrices)
-    notes += tuple(f"dense: {line}" for line in dense)
-    notes += (f"local phase: removed {removed} gradient all-reduce(s)",
-              f"sync every {option.sync_every} steps, payload {option.payload!r}, "
-              f"{'one worker: no collective' if group is None else f'{world} workers'}")
-    return PassResult(Program({"init": init, "local": local, "sync": synced}, schedule, program.watches), notes)
+    return PassResult(program, notes + tuple(f"dense: {line}" for line in dense))

@@ -1,15 +1,20 @@
 """Low-rank optimizer state (GaLore): project each eligible gradient, keep moments small.
 
-    before (phase "step"):
+    before:
         adamw = lordo.adamw(W, grad_W, exp_avg_W, exp_avg_sq_W, step_W, lr, ...)   # m x n moments
-    after (phase "step"):
+    after (every step):
         adamw = lordo.galore_adamw(W, grad_W, low_rank_exp_avg_W, low_rank_exp_avg_sq_W,
                                    step_W, low_rank_projection_W, lr, ..., scale=a, tall=...)  # r x n moments
-    after (phase "refresh", every `update_proj_gap` steps, from step 0):
+    after, on event "refresh" (every `update_proj_gap` steps, from step 0; for the "subspace"
+    method, an exact SVD on "init" and warm-started iterations from step T):
         projection = lordo.low_rank_projection(grad_W, low_rank_projection_W, ...)
-        low_rank_projection_W.copy_(projection[0]); failures.add_(~projection[1])
+        low_rank_projection_W.copy_(projection[0]); failures.copy_(failures + ~projection[1])
         [moments carried to the new basis: lordo.low_rank_carry, when on_refresh != "keep"]
         adamw = lordo.galore_adamw(..., projection[0], ...)
+
+The refresh reads the gradient the update reads: after any averaging or correction an
+earlier stage made, so with DDP every worker refreshes alike and under local SGD each
+worker keeps its own projection.
 
 The full-size moments are released from the optimizer before capture (`releases`), so
 the optimizer holds nothing for those parameters but `step`; the low-rank moments,
@@ -18,18 +23,18 @@ projections and sketches are runtime state (`step.state_dict()`).
 
 from __future__ import annotations
 
-import operator
-import re
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch import nn
 
-from ..graph import PARAM, ROLE, STATE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, identifier
+from ..graph import ROLE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, tag
 from ..ops import op_named
-from ..ops.low_rank import METHODS, ON_REFRESH, low_rank_carry, low_rank_projection
-from .manager import PassResult, Program, Rule, Schedule, Watch, register_pass
+from ..ops.low_rank import METHODS, ON_REFRESH, low_rank_carry
+from .manager import INIT, Event, PassResult, PassRuntime, Program, Stage, register_pass
+from .projection import refreshed_projection, write_projection
+from .select import choose_matrix, validate_selector
 
 # The optimizer update each low-rank update replaces, and the state it takes over.
 _REPLACES = {
@@ -38,7 +43,6 @@ _REPLACES = {
     "sgd_momentum": ("galore_sgd_momentum", ("momentum_buffer",)),
 }
 _SQUARED = {"exp_avg_sq"}
-_HEAD = re.compile(r"(^|\.)(lm_head|head|output|classifier)\.weight$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,56 +100,6 @@ class LowRank:
         return choose_matrix(self.params, self.rank, info)
 
 
-def validate_selector(owner: str, selector: object) -> None:
-    """Check a `params=` selector: None, a regex, nn.Module type(s), or a callable."""
-    ok = (
-        selector is None
-        or isinstance(selector, str)
-        or (isinstance(selector, type) and issubclass(selector, nn.Module))
-        or (isinstance(selector, tuple) and all(isinstance(t, type) and issubclass(t, nn.Module) for t in selector))
-        or callable(selector)
-    )
-    if not ok:
-        raise ValueError(
-            f"{owner}.params must be None, a regex on parameter names, nn.Module type(s), or "
-            f"a callable (name, ParamInfo) -> bool; got {selector!r}"
-        )
-    if isinstance(selector, str):
-        try:
-            re.compile(selector)
-        except re.error as error:
-            raise ValueError(f"{owner}.params is not a valid regex ({error}): {selector!r}") from None
-
-
-def choose_matrix(selector: object, rank: int, info: ParamInfo) -> str | None:
-    """None when a low-rank method takes this parameter, else why it stays dense.
-
-    Default: 2-D weights of nn.Linear, not embeddings, not the output head.
-    """
-    if len(info.shape) != 2:
-        return "not a matrix"
-    if selector is None:
-        if info.module_type is None:
-            return "its module is unknown (select it with params=...)"
-        if issubclass(info.module_type, nn.Embedding):
-            return "embedding"
-        if not issubclass(info.module_type, nn.Linear):
-            return f"not an nn.Linear weight ({info.module_type.__name__})"
-        if _HEAD.search(info.name):
-            return "output head"
-    elif isinstance(selector, str):
-        if not re.search(selector, info.name):
-            return f"name does not match {selector!r}"
-    elif isinstance(selector, (type, tuple)):
-        if info.module_type is None or not issubclass(info.module_type, selector):
-            return "module type not selected"
-    elif not selector(info.name, info):
-        return "not selected"
-    if min(info.shape) <= rank:
-        return f"smaller side {min(info.shape)} <= rank {rank}"
-    return None
-
-
 def _releases(option: LowRank, info: ParamInfo, op_name: str) -> tuple[str, ...]:
     if op_name not in _REPLACES or option.choose(info) is not None:
         return ()
@@ -194,50 +148,33 @@ def plan_matrices(option: LowRank, graph: TrainGraph) -> tuple[list[MatrixPlan],
 _FAILURES = StateSpec(name="low_rank.projection_failures", shape=(), dtype=torch.int64, owner="low_rank")
 
 
-def _meta(node: fx.Node, role: Role, param: str, state: str | None = None, name: str | None = None) -> fx.Node:
-    node.meta.update({ROLE: role, PARAM: param})
-    if state is not None:
-        node.meta[STATE] = state
-    if name is not None:
-        node._rename(identifier(f"{name}_{param}"))
-    return node
-
-
 def _rewrite(graph: TrainGraph, site: UpdateSite, plan: MatrixPlan, option: LowRank, refresh: str | None,
              failures: fx.Node | None) -> None:
-    """Replace one update by its low-rank form; with `refresh`, compute a new projection first."""
+    """Replace one update by its low-rank form; with `refresh` ("first" or "later"), compute a
+    new projection first."""
     g = graph.graph
+    p = plan.site_param
     state = {key: graph.add_state(spec) for key, spec in plan.specs.items()}
     projection = state["projection"]
     moments = {key: state[key] for key in _REPLACES[site.op.name][1]}
     with g.inserting_before(site.node):
+        use_projection = projection
         if refresh is not None:
             method = "svd" if refresh == "first" else option.method
-            computed = g.call_function(
-                low_rank_projection,
-                (site.input("grad"), projection, state.get("sketch", projection)),
-                {"rank": option.rank, "tall": plan.tall, "method": method,
-                 "power_iterations": option.power_iterations},
-            )
-            _meta(computed, Role.OPTIMIZER_UPDATE, plan.site_param, name="refresh")
-            new_projection = _meta(g.call_function(operator.getitem, (computed, 0)), Role.OPTIMIZER_UPDATE,
-                                   plan.site_param, "projection", name="new_projection")
-            finite = _meta(g.call_function(operator.getitem, (computed, 1)), Role.OPTIMIZER_UPDATE,
-                           plan.site_param, name="projection_finite")
+            use_projection, finite = refreshed_projection(
+                graph, p, site.input("grad"), projection, state.get("sketch"), rank=option.rank, tall=plan.tall,
+                method=method, power_iterations=option.power_iterations)
             if option.on_refresh != "keep" and refresh != "first":
                 for key, moment in list(moments.items()):
                     carried = g.call_function(
-                        low_rank_carry, (moment, projection, new_projection),
+                        low_rank_carry, (moment, projection, use_projection),
                         {"tall": plan.tall, "squared": key in _SQUARED, "mode": option.on_refresh},
                     )
-                    moments[key] = _meta(carried, Role.OPTIMIZER_UPDATE, plan.site_param, key, name=f"carried_{key}")
-            use_projection = new_projection
-        else:
-            use_projection = projection
+                    moments[key] = tag(carried, Role.OPTIMIZER_UPDATE, p, key, name=f"carried_{key}_{p}")
         step = site.input("step") if "step" in site.op.state else None
         if step is not None and option.on_refresh == "reset" and refresh == "later":
-            step = _meta(g.call_function(torch.ops.aten.zeros_like.default, (step,)), Role.OPTIMIZER_UPDATE,
-                         plan.site_param, "step", name="reset_step")
+            step = tag(g.call_function(torch.ops.aten.zeros_like.default, (step,)), Role.OPTIMIZER_UPDATE, p, "step",
+                       name=f"reset_step_{p}")
         replacement = op_named(plan.replacement)
         args = []
         for key in replacement.inputs:
@@ -250,47 +187,70 @@ def _rewrite(graph: TrainGraph, site: UpdateSite, plan: MatrixPlan, option: LowR
             else:
                 args.append(site.input(key))
         kwargs = {"scale": float(option.scale), "tall": plan.tall, **site.node.kwargs}
-        new = _meta(g.call_function(replacement.overload, tuple(args), kwargs), Role.OPTIMIZER_UPDATE,
-                    plan.site_param, name=replacement.name)
+        new = tag(g.call_function(replacement.overload, tuple(args), kwargs), Role.OPTIMIZER_UPDATE, p,
+                  name=f"{replacement.name}_{p}")
     site.node.replace_all_uses_with(new)
     g.erase_node(site.node)
-    for key, output in UpdateSite(new, replacement, plan.site_param).outputs().items():
+    for key, output in UpdateSite(new, replacement, p).outputs().items():
         for write in list(output.users):
             if write.meta.get(ROLE) == Role.WRITEBACK and key in moments:
                 write.args = (state[key], output)
     if refresh is not None:
         # After the update: every read of the old projection (carries, the update) precedes it.
-        with g.inserting_after(new):
-            not_finite = _meta(g.call_function(torch.ops.aten.logical_not.default, (finite,)), Role.OPTIMIZER_UPDATE,
-                               plan.site_param, name="projection_failed")
-        with g.inserting_after(not_finite):
-            count = _meta(g.call_method("add_", (failures, not_finite)), Role.WRITEBACK, plan.site_param,
-                          _FAILURES.name, name="count_failures")
-        with g.inserting_after(count):
-            _meta(g.call_method("copy_", (projection, new_projection)), Role.WRITEBACK, plan.site_param, "projection",
-                  name="write_projection")
+        # (Inserting before a fixed node keeps creation order.)
+        with g.inserting_before(new.next):
+            not_finite = tag(g.call_function(torch.ops.aten.logical_not.default, (finite,)), Role.OPTIMIZER_UPDATE,
+                             p, name=f"projection_failed_{p}")
+            counted = tag(g.call_function(torch.ops.aten.add.Tensor, (failures, not_finite)), Role.OPTIMIZER_UPDATE,
+                          p, name=f"failures_with_{p}")
+            tag(g.call_method("copy_", (failures, counted)), Role.WRITEBACK, p, _FAILURES.name,
+                name=f"count_failures_{p}")
+            write_projection(graph, p, projection, use_projection)
 
 
-def _phase(step: TrainGraph, name: str, plans: list[MatrixPlan], option: LowRank, refresh: str | None) -> TrainGraph:
-    graph = step.copy(phase=name)
-    failures = graph.add_state(_FAILURES) if refresh is not None else None
-    by_param = {plan.site_param: plan for plan in plans}
-    for site in graph.updates():
-        if site.param in by_param:
-            _rewrite(graph, site, by_param[site.param], option, refresh, failures)
-    return graph
+def _events(option: LowRank) -> tuple[Event, ...]:
+    if option.method == "subspace":
+        # Warm-started iterations need a first basis: an exact SVD at the first step.
+        return (INIT, Event("refresh", every=option.update_proj_gap, first=option.update_proj_gap))
+    return (Event("refresh", every=option.update_proj_gap, first=0),)
 
 
-@register_pass("low_rank", option="low_rank", releases=_releases, conflicts=("sync",))
+class ProjectionWatch(PassRuntime):
+    """After a step that refreshed projections, reads the failure counter (one host read) and
+    warns once if a non-finite gradient made a refresh keep its previous projection."""
+
+    def __init__(self, option: LowRank, context) -> None:
+        super().__init__(option, context)
+        self.seen = 0
+        self.warned = False
+
+    def after_call(self, events: frozenset[str]) -> bool:
+        if not events & {"refresh", "init"}:
+            return True
+        count = int(self.context.runtime.tensors[_FAILURES.name])
+        if count > self.seen and not self.warned:
+            self.warned = True
+            warnings.warn("low_rank: a gradient with non-finite values reached a projection refresh; the previous "
+                          f"projection was kept (step {self.context.runtime.step}, {count} so far; warned once)",
+                          RuntimeWarning, stacklevel=3)
+        self.seen = count
+        return True
+
+    def state_dict(self) -> dict:
+        return {"failures_seen": self.seen, "warned": self.warned}
+
+    def load_state_dict(self, state) -> None:
+        self.seen = int(state.get("failures_seen", 0))
+        self.warned = bool(state.get("warned", False))
+
+
+@register_pass("low_rank", stage=Stage.OPTIMIZER_STATE, option="low_rank", option_type=LowRank,
+               releases=_releases, events=_events, runtime=ProjectionWatch)
 def low_rank(program: Program, option: LowRank) -> PassResult:
-    if set(program.phases) != {"step"}:
-        raise NotImplementedError(
-            f"low_rank runs on a single-phase step; this program already has phases {sorted(program.phases)}"
-        )
-    step = program.phases["step"]
-    plans, dense = plan_matrices(option, step)
+    graph = program.graph
+    plans, dense = plan_matrices(option, graph)
     if not plans:
-        matrices = [min(i.shape) for i in step.params.values() if len(i.shape) == 2]
+        matrices = [min(i.shape) for i in graph.params.values() if len(i.shape) == 2]
         hint = (
             f" rank={option.rank} is >= the smaller side of every matrix (largest: {max(matrices)}); "
             f"choose rank < {max(matrices)}." if matrices and option.rank >= max(matrices) else ""
@@ -298,20 +258,19 @@ def low_rank(program: Program, option: LowRank) -> PassResult:
         raise ValueError(
             f"LowRank selected no parameter for a low-rank update.{hint} Left dense: " + "; ".join(dense)
         )
-    phases = {"step": _phase(step, "step", plans, option, None)}
-    if option.method == "subspace":
-        phases["refresh_first"] = _phase(step, "refresh_first", plans, option, "first")
-        rules = (Rule("refresh_first", 0, 0), Rule("refresh", option.update_proj_gap, option.update_proj_gap))
+    if "init" in program.events and option.method == "subspace":
+        refresh = "first"
+    elif "refresh" in program.events:
+        refresh = "later"
     else:
-        rules = (Rule("refresh", option.update_proj_gap, 0),)
-    phases["refresh"] = _phase(step, "refresh", plans, option, "later")
-    watch = Watch(
-        _FAILURES.name, tuple(p for p in phases if p != "step"),
-        "low_rank: a gradient with non-finite values reached a projection refresh; the previous "
-        "projection was kept",
-    )
+        refresh = None
+    failures = graph.state_node(_FAILURES) if refresh is not None else None
+    by_param = {plan.site_param: plan for plan in plans}
+    for site in graph.updates():
+        if site.param in by_param:
+            _rewrite(graph, site, by_param[site.param], option, refresh, failures)
     summary = tuple(
         f"low-rank: {plan.site_param} {list(plan.info.shape)} -> {'tall' if plan.tall else 'wide'}, "
         f"moments {list(plan.specs[next(iter(plan.specs))].shape)}" for plan in plans
     ) + tuple(f"dense: {line}" for line in dense)
-    return PassResult(Program(phases, Schedule("step", rules), program.watches + (watch,)), summary)
+    return PassResult(program, summary)

@@ -1,6 +1,6 @@
 """Non-finite loss or gradients: detected inside the compiled step, the step left undone.
 
-    after (every phase):
+    after (every graph):
         flags = lordo.finite_flags([loss, grad_W0, grad_W1, ...])     # one bool per tensor
         ok = flags.all()
         every writeback  x.copy_(new)  becomes  x.copy_(torch.where(ok, new, x))
@@ -20,13 +20,21 @@ once, and training goes on.
 
 from __future__ import annotations
 
+import warnings
+
+import networkx as nx
 import torch
 
-from ..graph import PARAM, ROLE, Role, StateSpec, TrainGraph, tag
+from ..graph import PARAM, ROLE, Role, StateSpec, TrainGraph, events_name, tag
 from ..ops.registry import define_aux_op
-from .manager import Guard, PassResult, Program, register_pass
+from ..runtime.executor import NonFiniteError
+from .manager import PassResult, PassRuntime, Program, RuntimeContext, Stage, register_pass
 
 MODES = ("raise", "skip")
+FLAGS = StateSpec(name="nonfinite.flags", shape=(1,), dtype=torch.bool, owner="on_nonfinite", init="ones")
+SKIPPED = StateSpec(name="nonfinite.skipped", shape=(), dtype=torch.int64, owner="on_nonfinite")
+# The finite_flags node carries what each of its flags checks, for the runtime's message.
+LABELS = "lordo_nonfinite_labels"
 
 
 def finite_flags_math(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -39,21 +47,23 @@ finite_flags = define_aux_op(
 )
 
 
-def _guard(graph: TrainGraph) -> tuple[str, ...]:
+def _guard(graph: TrainGraph) -> None:
     g = graph.graph
     output = next(n for n in reversed(g.nodes) if n.op == "output")
     losses = [n for n in g.nodes if n.meta.get(ROLE) == Role.LOSS]
     loss = losses[-1] if losses else output.args[0][0]
     sites = [s for s in graph.updates() if "lr" in s.op.hyperparameters]
     labels = ("loss",) + tuple(f"gradient of {s.param}" for s in sites)
-    flags_state = graph.add_state(StateSpec(name="nonfinite.flags", shape=(len(labels),), dtype=torch.bool,
-                                            owner="nonfinite", init="ones"))
-    skipped = graph.add_state(StateSpec(name="nonfinite.skipped", shape=(), dtype=torch.int64, owner="nonfinite"))
+    flags_state = graph.add_state(StateSpec(name=FLAGS.name, shape=(len(labels),), dtype=torch.bool,
+                                            owner=FLAGS.owner, init="ones"))
+    skipped = graph.add_state(SKIPPED)
     writebacks = [n for n in g.nodes if n.meta.get(ROLE) == Role.WRITEBACK and n.target == "copy_"]
-    anchor = max([loss] + [s.input("grad") for s in sites], key=lambda n: list(g.nodes).index(n))
+    order = {n: i for i, n in enumerate(g.nodes)}
+    anchor = max([loss] + [s.input("grad") for s in sites], key=order.__getitem__)
     with g.inserting_after(anchor):
         flags = tag(g.call_function(finite_flags, ([loss] + [s.input("grad") for s in sites],)),
-                      Role.OPTIMIZER_UPDATE, name="finite_flags")
+                    Role.OPTIMIZER_UPDATE, name="finite_flags")
+    flags.meta[LABELS] = labels
     with g.inserting_after(flags):
         ok = tag(g.call_method("all", (flags,)), Role.OPTIMIZER_UPDATE, name="step_is_finite")
     order = {n: i for i, n in enumerate(g.nodes)}
@@ -76,33 +86,70 @@ def _guard(graph: TrainGraph) -> tuple[str, ...]:
             kept.meta[PARAM] = write.meta[PARAM]
         write.args = (target, kept)
     with g.inserting_before(output):
-        tag(g.call_method("copy_", (flags_state, flags)), Role.WRITEBACK, state="nonfinite.flags",
-            name="write_finite_flags")
+        tag(g.call_method("copy_", (flags_state, flags)), Role.WRITEBACK, state=FLAGS.name, name="write_finite_flags")
         bad = g.call_function(torch.ops.aten.logical_not.default, (ok,))
         count = g.call_function(torch.ops.aten.add.Tensor, (skipped, bad))
-        tag(g.call_method("copy_", (skipped, count)), Role.WRITEBACK, state="nonfinite.skipped", name="count_skipped")
-    graph.recompile()
-    return labels
+        tag(g.call_method("copy_", (skipped, count)), Role.WRITEBACK, state=SKIPPED.name, name="count_skipped")
 
 
-@register_pass("nonfinite", option="on_nonfinite",
-               after=("data_parallel", "sync", "low_rank", "lordo", "low_rank_ddp", "fake_quant", "eco",
-                      "ema_nesterov"))
-def nonfinite(program: Program, mode: str) -> PassResult:
-    communicates = {phase: any(n.meta.get(ROLE) == Role.COLLECTIVE for n in graph.graph.nodes)
-                    for phase, graph in program.phases.items()}
-    if mode == "skip" and any(communicates.values()) and not all(communicates.values()):
-        # A bad gradient in a local step is seen by one worker only: skipping it there alone
-        # would shift that worker's schedule, and its next sync would meet another step's.
+def _check_every_worker_decides_alike(graphs: dict[str, TrainGraph]) -> None:
+    """With "skip" every worker must skip the same steps: where the step communicates, every
+    gradient the guard checks must come out of a collective (as DDP's averaged gradients do)."""
+    if not any(n.meta.get(ROLE) == Role.COLLECTIVE for graph in graphs.values() for n in graph.graph.nodes):
+        return
+    local = []
+    for name, graph in graphs.items():
+        flags = next(n for n in graph.graph.nodes if LABELS in n.meta)
+        dag = graph.to_networkx()
+        collectives = {n.name for n in graph.graph.nodes if n.meta.get(ROLE) == Role.COLLECTIVE}
+        for checked in flags.args[0][1:]:
+            if not nx.ancestors(dag, checked.name) & collectives:
+                local.append(name)
+                break
+    if local:
+        # A bad gradient seen by one worker alone: skipping it there alone would shift that
+        # worker's schedule, and its next exchange would meet another step's.
         raise ValueError(
-            f"on_nonfinite='skip' cannot be used with local steps between syncs (phases "
-            f"{sorted(p for p, c in communicates.items() if not c)} communicate nothing, "
-            f"{sorted(p for p, c in communicates.items() if c)} do): a worker that skipped a step alone would "
-            "fall out of step with the others. Use on_nonfinite='raise' and restart every worker from the last "
-            "checkpoint."
+            f"on_nonfinite='skip' cannot be used with local steps between syncs (or gossip): in graphs "
+            f"{sorted(local)} the gradients checked are each worker's own, so a worker that skipped a step "
+            "alone would fall out of step with the others. Use on_nonfinite='raise' and restart every worker "
+            "from the last checkpoint."
         )
-    labels = {phase: _guard(graph) for phase, graph in program.phases.items()}
-    guard = Guard("nonfinite.flags", tuple(program.phases), labels, skip=mode == "skip")
-    return PassResult(Program(program.phases, program.schedule, program.watches, program.stored,
-                              program.guards + (guard,)),
-                      (f"non-finite loss or gradients: {mode} (state left as before the step)",))
+
+
+class NonFiniteGuard(PassRuntime):
+    """Reads the flags after every call (one small host read): raises `NonFiniteError` naming
+    the first bad tensor, or, with "skip", says the step was not applied and warns once."""
+
+    def __init__(self, mode: str, context: RuntimeContext) -> None:
+        super().__init__(mode, context)
+        if mode == "skip":
+            _check_every_worker_decides_alike(context.graphs)
+        self.labels = {name: next(n.meta[LABELS] for n in graph.graph.nodes if LABELS in n.meta)
+                       for name, graph in context.graphs.items()}
+        self.warned = False
+
+    def after_call(self, events: frozenset[str]) -> bool:
+        runtime = self.context.runtime
+        flags = runtime.tensors[FLAGS.name]
+        if bool(flags.all()):
+            return True
+        name = events_name(events)
+        first = self.labels[name][int((~flags).nonzero()[0])]
+        if self.option == "skip":
+            if not self.warned:
+                self.warned = True
+                warnings.warn(f"step {runtime.step}: the {first} is not finite; the step was skipped "
+                              "(counted in nonfinite.skipped; warned once)", RuntimeWarning, stacklevel=3)
+            return False
+        raise NonFiniteError(
+            f"step {runtime.step} (graph {name!r}): the {first} is not finite (NaN or inf); the step "
+            "was not applied, so parameters and optimizer state are as before it. Lower the learning rate, "
+            "check the batch, or use Policy(on_nonfinite='skip') to skip such steps and count them."
+        )
+
+
+@register_pass("on_nonfinite", stage=Stage.GUARD, option="on_nonfinite", runtime=NonFiniteGuard)
+def on_nonfinite(program: Program, mode: str) -> PassResult:
+    _guard(program.graph)
+    return PassResult(program, (f"non-finite loss or gradients: {mode} (state left as before the step)",))

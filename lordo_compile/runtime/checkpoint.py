@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ..passes.collectives import world_size
+from ..distributed import world_size
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -64,12 +64,12 @@ def load_checkpoint(checkpoint_id: str, model: torch.nn.Module, optimizer: torch
     # int) and leaves out empty containers.
     optimizer_state = dict(entries["optimizer"],
                            state={int(k): v for k, v in entries["optimizer"].get("state", {}).items()})
-    runtime = {"tensors": {}, "phase_calls": {}, **entries["step"]["runtime"]}
+    runtime = {"tensors": {}, "calls": {}, **entries["step"]["runtime"]}
     adapters = [{int(k): v for k, v in (adapter or {}).items()} for adapter in entries["step"].get("optimizers", [])]
     with step.materialized():
         model.load_state_dict(entries["model"])
     optimizer.load_state_dict(optimizer_state)
-    step.load_state_dict({"runtime": runtime, "optimizers": adapters})
+    step.load_state_dict({"runtime": runtime, "optimizers": adapters, "passes": entries["step"].get("passes", {})})
 
 
 def _place(tree: dict, path: tuple, value: Any) -> None:

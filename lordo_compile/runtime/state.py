@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -18,43 +18,55 @@ class RuntimeState:
         self.tensors: dict[str, torch.Tensor] = {}
         self._pending: Mapping | None = None
         self.allocated = False
-        # Last value read of each watched counter, and whether it has warned.
-        self.counters: dict[str, int] = {}
-        self.warned: dict[str, bool] = {}
-        # How many times each phase ran (byte accounting multiplies by it).
-        self.phase_calls: dict[str, int] = {}
+        # How many times each graph (set of events) ran: byte accounting multiplies by it.
+        self.calls: dict[str, int] = {}
         # Workers in the run, where the step communicates (None where it does not): a
         # checkpoint is only meaningful with the number of workers that wrote it.
         self.world_size: int | None = None
 
-    def allocate(self, specs: Mapping[str, StateSpec], params: Mapping[str, torch.Tensor]) -> None:
-        """Create the tensors of specs not yet held; a spec seen again must not change."""
-        for name, spec in specs.items():
+    def allocate(self, specs: Mapping[str, StateSpec], params: Mapping[str, torch.Tensor],
+                 setup: Callable[[set[str]], None] = lambda fresh: None) -> None:
+        """Create the tensors of specs not yet held (a spec seen again must not change), run
+        `setup` with the names just created (the passes' own initialisation), then make the
+        "same:" copies."""
+        fresh = {name: spec for name, spec in specs.items() if name not in self.specs or self.specs[name] != spec}
+        for name in fresh:
             if name in self.specs:
-                if self.specs[name] != spec:
-                    raise ValueError(f"state {name!r} was declared twice with different specs")
-                continue
-            device = params[spec.param].device if spec.param in params else torch.device("cpu")
-            if spec.init == "zeros":
-                tensor = torch.zeros(spec.shape, dtype=spec.dtype, device=device)
-            elif spec.init == "ones":
-                tensor = torch.ones(spec.shape, dtype=spec.dtype, device=device)
-            elif spec.init == "eye":
-                tensor = torch.eye(*spec.shape, dtype=spec.dtype, device=device)
-            elif spec.init.startswith("randn:"):
-                generator = torch.Generator().manual_seed(int(spec.init.removeprefix("randn:")))
-                tensor = torch.randn(spec.shape, generator=generator, dtype=spec.dtype).to(device)
-            elif spec.init.startswith("copy:"):
-                source = params[spec.init.removeprefix("copy:")]
-                tensor = source.detach().to(spec.dtype).clone().reshape(spec.shape)
-            else:
-                raise ValueError(f"state {name!r} has an unknown init rule {spec.init!r}")
-            self.specs[name] = spec
-            self.tensors[name] = tensor
+                raise ValueError(f"state {name!r} was declared twice with different specs")
+        for name, spec in fresh.items():
+            if not spec.init.startswith("same:"):
+                self._create(name, spec, params)
+        setup(set(fresh))
+        for name, spec in fresh.items():
+            if spec.init.startswith("same:"):
+                source = spec.init.removeprefix("same:")
+                if source not in self.tensors:
+                    raise ValueError(f"state {name!r} copies {source!r}, which no pass declared")
+                self.specs[name] = spec
+                self.tensors[name] = self.tensors[source].detach().clone().reshape(spec.shape)
         self.allocated = True
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self.load_state_dict(pending)
+
+    def _create(self, name: str, spec: StateSpec, params: Mapping[str, torch.Tensor]) -> None:
+        device = params[spec.param].device if spec.param in params else torch.device("cpu")
+        if spec.init == "zeros":
+            tensor = torch.zeros(spec.shape, dtype=spec.dtype, device=device)
+        elif spec.init == "ones":
+            tensor = torch.ones(spec.shape, dtype=spec.dtype, device=device)
+        elif spec.init == "eye":
+            tensor = torch.eye(*spec.shape, dtype=spec.dtype, device=device)
+        elif spec.init.startswith("randn:"):
+            generator = torch.Generator().manual_seed(int(spec.init.removeprefix("randn:")))
+            tensor = torch.randn(spec.shape, generator=generator, dtype=spec.dtype).to(device)
+        elif spec.init.startswith("copy:"):
+            source = params[spec.init.removeprefix("copy:")]
+            tensor = source.detach().to(spec.dtype).clone().reshape(spec.shape)
+        else:
+            raise ValueError(f"state {name!r} has an unknown init rule {spec.init!r}")
+        self.specs[name] = spec
+        self.tensors[name] = tensor
 
     def inputs(self, names: list[str]) -> list[torch.Tensor]:
         return [self.tensors[name] for name in names]
@@ -66,7 +78,7 @@ class RuntimeState:
         return {
             "step": self.step,
             "world_size": self.world_size,
-            "phase_calls": dict(self.phase_calls),
+            "calls": dict(self.calls),
             "tensors": {k: v.detach().clone() for k, v in self.tensors.items()},
         }
 
@@ -97,6 +109,6 @@ class RuntimeState:
                 f"unexpected {sorted(unexpected)}; was it saved from a step with another policy?"
             )
         self.step = int(state["step"])
-        self.phase_calls = {k: int(v) for k, v in state.get("phase_calls", {}).items()}
+        self.calls = {k: int(v) for k, v in state.get("calls", {}).items()}
         for name, tensor in state["tensors"].items():
             self.tensors[name].copy_(tensor)

@@ -237,7 +237,7 @@ def test_matches_eager_rotation_choice(cage):
     assert any(flags[1] != flags[2] for flags in history)
     assert max_rel_diff(list(reference.parameters()), list(model.parameters())) <= 1e-5
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
-    assert step.backend.runtime.phase_calls == {"choose_rotation": STEPS // EVERY, "step": STEPS - STEPS // EVERY}
+    assert step.backend.runtime.calls == {"choose_rotation": STEPS // EVERY, "step": STEPS - STEPS // EVERY}
     exported = step.export_quantized()
     for index, rotated in zip((0, 2, 4), history[-1]):
         assert exported[f"{index}.weight"].hadamard == rotated
@@ -297,14 +297,6 @@ def test_rows_it_cannot_rotate_are_refused():
         _run_once(nn.Sequential(nn.Linear(48, 8)), policy, torch.randn(4, 48), torch.randn(4, 8))
 
 
-def test_a_step_with_other_phases_is_refused():
-    policy = lc.Policy(fake_quant=lc.FakeQuant(adaptive_rotation=lc.AdaptiveRotation(every=2)),
-                       low_rank=lc.LowRank(rank=4, update_proj_gap=5))
-    with pytest.raises(NotImplementedError, match=r"adaptive_rotation runs on a single-phase step; .* \['refresh', "
-                                                  r"'step'\]"):
-        _run_once(_model(), policy, torch.randn(4, 64), torch.randn(4, 4))
-
-
 class TestAdaptiveRotationGraphs(expecttest.TestCase):
     def test_step_reads_the_choice_and_the_choice_phase_makes_it(self):
         torch.manual_seed(0)
@@ -332,7 +324,7 @@ class TestAdaptiveRotationGraphs(expecttest.TestCase):
 +input_3 = torch._C._nn.linear(fake_quantize_input_net_2_weight, fake_quantize_net_2_weight, net_2_bias)  # f32[4, 2]  forward
  loss = torch.nn.functional.mse_loss(input_3, y)  # f32[]  loss
 """)
-        self.assertExpectedInline(stage_diff(step, "captured", "fake_quant", phase="choose_rotation"), """\
+        self.assertExpectedInline(stage_diff(step, "captured", "fake_quant", events="choose_rotation"), """\
 --- captured
 +++ fake_quant
 @@ -19,5 +19,13 @@

@@ -205,24 +205,6 @@ def test_baselines_match_eager(kind, mode):
 
 
 
-@pytest.mark.parametrize(
-    "policy, message",
-    [
-        (lambda: lc.Policy(quantized_weights=lc.ECO(), fake_quant=lc.FakeQuant()),
-         r"'eco' and 'fake_quant', which cannot be combined \(ECO stores each weight on a quantization grid.*"
-         r"mode='master'"),
-        (lambda: lc.Policy(quantized_weights=lc.ECO(), low_rank_sync=lc.LoRDO(rank=4)),
-         r"'eco' and 'lordo', which cannot be combined \(.*projected momentum"),
-    ],
-)
-def test_compositions_it_refuses_say_why(policy, message):
-    model = _model()
-    opt = _optimizer("adamw", model.parameters())
-    with pytest.raises(ValueError, match=message):
-        lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy(), compiler="aot_eager")(
-            *_batches()[0])
-
-
 def test_sgd_without_momentum_is_refused():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=LR)

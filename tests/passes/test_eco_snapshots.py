@@ -28,30 +28,28 @@ class TestEcoGraphs(expecttest.TestCase):
 +eco_step: i64[]  optimizer_state  [eco.step]  <eco>
 +eco_codes_net_0_weight: i8[16, 8]  optimizer_state  [eco.codes.net.0.weight]  <eco>
 +eco_scales_net_0_weight: f32[16, 1]  optimizer_state  [eco.scales.net.0.weight]  <eco>
-+next_eco_step = aten.add.Scalar(eco_step, 1)  # i64[]  optimizer_update  <eco>
 +weights_from_codes = torch._C._set_grad_enabled(False)  # other  <eco>
 +decoded_net_0_weight = lordo.eco_decode(eco_codes_net_0_weight, eco_scales_net_0_weight, format='int8', group_size=32)  # f32[16, 8]  forward  <eco>
 +rebuild_net_0_weight = net_0_weight.copy_(decoded_net_0_weight)  # f32[16, 8]  forward  <eco>
 +forward_with_grad = torch._C._set_grad_enabled(True)  # other  <eco>
++next_eco_step = aten.add.Scalar(eco_step, 1)  # i64[]  optimizer_update  <eco>
  input_1 = torch._C._nn.linear(x, net_0_weight, net_0_bias)  # f32[4, 16]  forward
-@@ -34,7 +42,11 @@
- group0_weight_decay = group0_hyperparameters[4]  # f64[]  hyperparameter
--adamw_net_0_weight = lordo.adamw(net_0_weight, grad_net_0_weight, exp_avg_net_0_weight, exp_avg_sq_net_0_weight, step_net_0_weight, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, maximize=False)  # (f32[16, 8], f32[16, 8], f32[16, 8], f32[])  optimizer_update
--new_param_net_0_weight = adamw_net_0_weight[0]  # f32[16, 8]  optimizer_update
--new_exp_avg_net_0_weight = adamw_net_0_weight[1]  # f32[16, 8]  optimizer_update
--new_exp_avg_sq_net_0_weight = adamw_net_0_weight[2]  # f32[16, 8]  optimizer_update
--new_step_net_0_weight = adamw_net_0_weight[3]  # f32[]  optimizer_update
-+eco_adamw_net_0_weight = lordo.eco_adamw(net_0_weight, grad_net_0_weight, exp_avg_net_0_weight, exp_avg_sq_net_0_weight, step_net_0_weight, eco_codes_net_0_weight, eco_scales_net_0_weight, eco_step, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, maximize=False, format='int8', scale='per_row', group_size=32, rounding='nearest', mode='eco', seed=0, salt=0)  # (f32[16, 8], f32[16, 8], f32[16, 8], f32[], i8[16, 8], f32[16, 1])  optimizer_update  <eco>
-+new_codes_net_0_weight = eco_adamw_net_0_weight[4]  # i8[16, 8]  optimizer_update  <eco>
-+write_codes_net_0_weight = eco_codes_net_0_weight.copy_(new_codes_net_0_weight)  # i8[16, 8]  writeback  [codes]  <eco>
-+new_scales_net_0_weight = eco_adamw_net_0_weight[5]  # f32[16, 1]  optimizer_update  <eco>
-+write_scales_net_0_weight = eco_scales_net_0_weight.copy_(new_scales_net_0_weight)  # f32[16, 1]  writeback  [scales]  <eco>
-+new_param_net_0_weight = eco_adamw_net_0_weight[0]  # f32[16, 8]  optimizer_update
-+new_exp_avg_net_0_weight = eco_adamw_net_0_weight[1]  # f32[16, 8]  optimizer_update
-+new_exp_avg_sq_net_0_weight = eco_adamw_net_0_weight[2]  # f32[16, 8]  optimizer_update
-+new_step_net_0_weight = eco_adamw_net_0_weight[3]  # f32[]  optimizer_update
- write_param_net_0_weight = net_0_weight.copy_(new_param_net_0_weight)  # f32[16, 8]  writeback  [param]
-@@ -72,2 +84,3 @@
+@@ -39,4 +47,12 @@
+ new_step_net_0_weight = adamw_net_0_weight[3]  # f32[]  optimizer_update
+-write_param_net_0_weight = net_0_weight.copy_(new_param_net_0_weight)  # f32[16, 8]  writeback  [param]
+-write_exp_avg_net_0_weight = exp_avg_net_0_weight.copy_(new_exp_avg_net_0_weight)  # f32[16, 8]  writeback  [exp_avg]
++requantized_param_net_0_weight = lordo.eco_requantize(new_param_net_0_weight, eco_step, format='int8', scale='per_row', group_size=32, rounding='nearest', seed=0, salt=0)  # (f32[16, 8], i8[16, 8], f32[16, 1])  optimizer_update  <eco>
++stored_param_value_net_0_weight = requantized_param_net_0_weight[0]  # f32[16, 8]  optimizer_update  <eco>
++stored_param_codes_net_0_weight = requantized_param_net_0_weight[1]  # i8[16, 8]  optimizer_update  <eco>
++stored_param_scales_net_0_weight = requantized_param_net_0_weight[2]  # f32[16, 1]  optimizer_update  <eco>
++write_param_codes_net_0_weight = eco_codes_net_0_weight.copy_(stored_param_codes_net_0_weight)  # i8[16, 8]  writeback  [codes]  <eco>
++write_param_scales_net_0_weight = eco_scales_net_0_weight.copy_(stored_param_scales_net_0_weight)  # f32[16, 1]  writeback  [scales]  <eco>
++rounding_error_net_0_weight = aten.sub.Tensor(new_param_net_0_weight, stored_param_value_net_0_weight)  # f32[16, 8]  optimizer_update  <eco>
++exp_avg_with_error_net_0_weight = lordo.eco_inject_adamw(new_exp_avg_net_0_weight, new_exp_avg_sq_net_0_weight, new_step_net_0_weight, rounding_error_net_0_weight, group0_lr, group0_beta1, group0_beta2, group0_eps)  # f32[16, 8]  optimizer_update  <eco>
++write_param_net_0_weight = net_0_weight.copy_(stored_param_value_net_0_weight)  # f32[16, 8]  writeback  [param]
++write_exp_avg_net_0_weight = exp_avg_net_0_weight.copy_(exp_avg_with_error_net_0_weight)  # f32[16, 8]  writeback  [exp_avg]
+ write_exp_avg_sq_net_0_weight = exp_avg_sq_net_0_weight.copy_(new_exp_avg_sq_net_0_weight)  # f32[16, 8]  writeback  [exp_avg_sq]
+@@ -72,2 +88,3 @@
  detach = loss.detach()  # f32[]  output
 +write_eco_step = eco_step.copy_(next_eco_step)  # i64[]  writeback  [eco.step]  <eco>
  return (detach,)

@@ -72,7 +72,7 @@ def _compiled(options, optimizer="adamw", compiler="aot_eager", **policy):
     model = _model()
     opt = OPTIMIZERS[optimizer](model.parameters())
     step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt),
-                      lc.Policy(lookahead=lc.EMANesterov(**options), **policy), compiler=compiler)
+                      lc.Policy(ema_nesterov=lc.EMANesterov(**options), **policy), compiler=compiler)
     losses = [float(step(x, y)) for x, y in _batches()]
     return model, opt, step, losses
 
@@ -147,7 +147,7 @@ def test_composes_with_galore():
     opt = torch.optim.AdamW(model.parameters(), lr=galore.LR, weight_decay=galore.WD, betas=galore.BETAS,
                             eps=galore.EPS)
     step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt),
-                      lc.Policy(low_rank=low_rank, lookahead=lc.EMANesterov(**SCHEDULED)), compiler="aot_eager")
+                      lc.Policy(low_rank=low_rank, ema_nesterov=lc.EMANesterov(**SCHEDULED)), compiler="aot_eager")
     for x, y in galore._batches():
         step(x, y)
 
@@ -176,12 +176,12 @@ def test_composes_with_lordos_inner_step(monkeypatch):
     model, batches = lordo._problem(0)
     opt = torch.optim.AdamW(model.parameters(), lr=lordo.LR, weight_decay=lordo.WD, betas=lordo.BETAS,
                             eps=lordo.EPS)
-    policy = lc.Policy(low_rank_sync=lc.LoRDO(rank=lordo.RANK, sync_every=lordo.H, **options),
-                       lookahead=lc.EMANesterov(**SCHEDULED))
+    policy = lc.Policy(lordo=lc.LoRDO(rank=lordo.RANK, sync_every=lordo.H, **options),
+                       ema_nesterov=lc.EMANesterov(**SCHEDULED))
     step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="aot_eager")
     for x, y in batches:
         step(x, y)
-    assert step.backend.runtime.phase_calls == {"init": 1, "local": 8, "sync": 3}
+    assert step.backend.runtime.calls == {"init": 1, "step": 8, "sync": 3}
 
     reference, batches = lordo._problem(0)
     base = lordo.EagerLoRDO(reference, options, 1, [None, None], [None, None])
@@ -218,7 +218,7 @@ def test_composes_with_cage():
     config = qat.CONFIGS["rms4 decoupled"]
     model = qat._model()
     opt = torch.optim.AdamW(model.parameters(), lr=qat.LR, weight_decay=qat.WD)
-    policy = lc.Policy(fake_quant=qat._policy(config).fake_quant, lookahead=lc.EMANesterov(**SCHEDULED))
+    policy = lc.Policy(fake_quant=qat._policy(config).fake_quant, ema_nesterov=lc.EMANesterov(**SCHEDULED))
     step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="aot_eager")
     losses = [float(step(x, y)) for x, y in qat._batches()]
 
@@ -241,7 +241,7 @@ def test_checkpoint_resume_is_bit_exact_across_the_warmup_boundary():
         model = _model()
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
         step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt),
-                          lc.Policy(lookahead=lc.EMANesterov(**options)), compiler="aot_eager")
+                          lc.Policy(ema_nesterov=lc.EMANesterov(**options)), compiler="aot_eager")
         return model, opt, step
 
     model, _, step = fresh()
@@ -294,18 +294,6 @@ def test_bad_options(kwargs, message):
 def test_policy_field_takes_only_its_option():
     with pytest.raises(ValueError, match=r"Policy.lookahead must be a lordo_compile.EMANesterov, got 0.5"):
         lc.Policy(lookahead=0.5)
-
-
-def test_eco_is_refused_with_the_reason():
-    model = _model()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    policy = lc.Policy(quantized_weights=lc.ECO(format="int8"), lookahead=lc.EMANesterov())
-    before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"'ema_nesterov' and 'eco', which cannot be combined \(ECO keeps each "
-                                         r"weight only on its quantization grid"):
-        step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="aot_eager")
-        step(*_batches()[0])
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 @pytest.mark.inductor

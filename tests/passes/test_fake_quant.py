@@ -333,7 +333,7 @@ def test_export_needs_a_fake_quant_policy():
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), lc.Policy(), compiler="aot_eager")
     step(*_batches()[0])
-    with pytest.raises(ValueError, match="needs a policy with fake_quant"):
+    with pytest.raises(ValueError, match="needs a policy whose forward reads quantized weights"):
         step.export_quantized()
 
 
@@ -345,7 +345,7 @@ def test_decoupled_correction_under_lordo_is_minus_lr_lambda_error():
         model = _model()
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
         policy = lc.Policy(fake_quant=lc.FakeQuant(bits=4, correction=correction),
-                           low_rank_sync=lc.LoRDO(rank=4, sync_every=4))
+                           lordo=lc.LoRDO(rank=4, sync_every=4))
         step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="aot_eager")
         step(*_batches()[0])
         results.append(model)

@@ -39,9 +39,10 @@ class TestFakeQuantGraphs(expecttest.TestCase):
 
     def test_cage_decoupled_correction(self):
         step = _step(lc.FakeQuant(bits=3, correction=lc.CAGE(lam=10.0, total_steps=100)))
-        self.assertExpectedInline(stage_diff(step, "captured", "fake_quant"), """\
+        # The forward's reads at stage FORWARD, the correction after the update at stage UPDATE.
+        self.assertExpectedInline(stage_diff(step, "captured", "fake_quant:update"), """\
 --- captured
-+++ fake_quant
++++ fake_quant:update
 @@ -19,5 +19,10 @@
  step_net_2_bias: f32[]  optimizer_state  [step]
 -input_1 = torch._C._nn.linear(x, net_0_weight, net_0_bias)  # f32[4, 16]  forward
@@ -81,9 +82,10 @@ class TestFakeQuantGraphs(expecttest.TestCase):
 
     def test_cage_coupled_correction(self):
         step = _step(lc.FakeQuant(bits=3, correction=lc.CAGE(lam=10.0, total_steps=100, form="coupled")))
-        self.assertExpectedInline(stage_diff(step, "captured", "fake_quant"), """\
+        # The forward's reads at stage FORWARD, the correction into the gradient at stage GRADIENT.
+        self.assertExpectedInline(stage_diff(step, "captured", "fake_quant:gradient"), """\
 --- captured
-+++ fake_quant
++++ fake_quant:gradient
 @@ -19,5 +19,10 @@
  step_net_2_bias: f32[]  optimizer_state  [step]
 -input_1 = torch._C._nn.linear(x, net_0_weight, net_0_bias)  # f32[4, 16]  forward

@@ -38,13 +38,13 @@ def _step(policy, make_optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=
                    torch.randn(4, 4), policy=policy), opt, model
 
 
-def test_phases_schedule_and_released_state():
+def test_events_schedule_and_released_state():
     step, opt, model = _step(lc.Policy.lordo(rank=4, sync_every=3))
-    assert sorted(step.graphs) == ["init", "local", "sync"]
-    assert [step.backend.schedule.phase_at(k) for k in range(7)] == [
-        "init", "local", "sync", "local", "local", "sync", "local"]
+    assert sorted(step.graphs) == ["init", "step", "sync"]
+    assert [step.backend.schedule.name_at(k) for k in range(7)] == [
+        "init", "step", "sync", "step", "step", "sync", "step"]
     assert opt.state[model[0].weight]["exp_avg"].numel() == 0
-    kinds = {site.op.name for site in step.graphs["local"]["lordo"].train_graph.updates()}
+    kinds = {site.op.name for site in step.graphs["step"]["lordo"].train_graph.updates()}
     assert kinds == {"lordo_adamw", "adamw"}
 
 
@@ -56,7 +56,7 @@ def test_only_adamw_is_lordos_inner_optimizer():
 @pytest.mark.parametrize("other", [lc.Policy.galore(rank=4).low_rank, lc.Sync(every=2)])
 def test_lordo_does_not_compose_with_low_rank_or_sync(other):
     field = "low_rank" if isinstance(other, lc.LowRank) else "sync"
-    policy = lc.Policy(low_rank_sync=lc.LoRDO(rank=4), **{field: other})
+    policy = lc.Policy(lordo=lc.LoRDO(rank=4), **{field: other})
     with pytest.raises(ValueError, match=r"'lordo' and '(low_rank|sync)'|'(low_rank|sync)' and 'lordo'"):
         _step(policy)
 

@@ -42,7 +42,7 @@ def test_pseudo_gradient_points_along_descent():
     step(x, y)
     for a, l, p in zip(anchor, local, model.parameters()):
         torch.testing.assert_close(p, a + 2 * (l - a), rtol=1e-6, atol=1e-7)
-    assert step.backend.schedule.phase_at(0) == "sync"
+    assert step.backend.schedule.name_at(0) == "sync"
 
 
 def test_schedule_syncs_after_every_h_steps():
@@ -52,8 +52,8 @@ def test_schedule_syncs_after_every_h_steps():
                       compiler="eager")
     for x, y in _batches(7):
         step(x, y)
-    assert [step.backend.schedule.phase_at(k) for k in range(7)] == ["local", "local", "sync"] * 2 + ["local"]
-    assert step.comm_report().calls == {"local": 5, "sync": 2}
+    assert [step.backend.schedule.name_at(k) for k in range(7)] == ["step", "step", "sync"] * 2 + ["step"]
+    assert step.comm_report().calls == {"step": 5, "sync": 2}
     assert step.comm_report().bytes_sent == 0  # one worker: no collective
     assert "one worker: no all-reduce" in step.explain()
 
@@ -93,7 +93,7 @@ def test_bad_sync_options(kwargs, message):
     "policy, pair",
     [
         (lc.Policy(sync=lc.Sync(every=2), data_parallel=lc.DataParallel()), "'data_parallel' and 'sync'|'sync' and 'data_parallel'"),
-        (lc.Policy(sync=lc.Sync(every=2), low_rank=lc.LowRank(rank=2)), "'low_rank' and 'sync'|'sync' and 'low_rank'"),
+        (lc.Policy(sync=lc.Sync(every=2), lordo=lc.LoRDO(rank=2)), "'lordo' and 'sync'|'sync' and 'lordo'"),
     ],
 )
 def test_passes_that_cannot_compose_are_named(policy, pair):
@@ -143,6 +143,6 @@ def test_the_steps_own_mean_all_reduce_is_removed_from_local_steps(one_worker_gr
         return loss
 
     step = capture(train_step, *_batches(1)[0], policy=lc.Policy.local_sgd(sync_every=2))
-    diff = stage_diff(step, "captured", "sync", phase="local")
+    diff = stage_diff(step, "captured", "sync", events="step")
     assert diff.count("-tensor") + diff.count("-wait_tensor") >= 4 and "_c10d_functional.all_reduce" in diff
-    assert "all_reduce" not in step.graphs["local"]["sync"].text
+    assert "all_reduce" not in step.graphs["step"]["sync"].text

@@ -1,0 +1,127 @@
+"""The outer step of infrequent synchronization, shared by `sync` and `lordo`; not a pass itself.
+
+    anchor_W                                   held as the weight is held (full precision, or a
+                                               weight-storage pass's form: decoded here)
+    delta_W = anchor_W - W'                    pseudo-gradient (W': the step's final write of W)
+    ... the caller averages delta_W over workers ...
+    W~, buf' = lordo.outer_sgd[_momentum](anchor_W, avg_W[, buf_W], lr=, momentum=, nesterov=)
+    stored, held = storage.encode(W~)          where the storage rounds: e = W~ - stored goes into
+                                               buf' (lordo.outer_error_feedback), or into a
+                                               buffer added to the next W~ when there is no momentum
+    anchor_W <- held; buf_W <- buf'; W <- stored   every worker resets to the same anchor
+
+Every worker computes the same anchor from the same average, so nothing is broadcast.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..graph import ROLE, Role, StateSpec, TrainGraph, WeightStorage, tag
+from ..ops import op_named
+from ..ops.sync import outer_error_feedback
+
+
+@dataclass(frozen=True)
+class OuterOptimizer:
+    """SGD on the anchor with the averaged pseudo-gradient as its gradient (lr 1, no momentum:
+    model averaging)."""
+
+    lr: float = 1.0
+    momentum: float = 0.0
+    nesterov: bool = False
+
+
+@dataclass
+class Anchor:
+    """One parameter's anchor: the tensors holding it, its value, and how it is held."""
+
+    param: str
+    held: dict[str, fx.Node]
+    value: fx.Node
+    storage: WeightStorage
+
+
+def end_of_updates(graph: TrainGraph) -> fx.Node:
+    """Where what follows the updates goes (a sync, an exchange): before the step turns
+    gradients back on after its updates, else after its last write."""
+    nodes = list(graph.graph.nodes)
+    last_update = max(i for i, n in enumerate(nodes) if n.meta.get(ROLE) == Role.OPTIMIZER_UPDATE)
+    for node in nodes[last_update:]:
+        if node.op == "call_function" and node.target is torch._C._set_grad_enabled and node.args == (True,):
+            return node
+    writes = [i for i, n in enumerate(nodes) if n.meta.get(ROLE) == Role.WRITEBACK]
+    return nodes[max(writes)].next
+
+
+def hold_anchors(graph: TrainGraph, params: list[str], owner: str) -> dict[str, Anchor]:
+    """Each parameter's anchor, held as the parameter is, decoded at the insertion point."""
+    anchors = {}
+    for param in params:
+        storage = graph.storage_of(param)
+        held = storage.hold(graph, param, "anchor", owner)
+        anchors[param] = Anchor(param, held, storage.decode(graph, held, param), storage)
+    return anchors
+
+
+def pseudo_gradients(graph: TrainGraph, anchors: dict[str, Anchor]) -> dict[str, fx.Node]:
+    """anchor - W' for every parameter, at the insertion point: positive along descent."""
+    g = graph.graph
+    deltas = {}
+    for param, anchor in anchors.items():
+        new = graph.final_write(param).args[1]
+        deltas[param] = tag(g.call_function(torch.ops.aten.sub.Tensor, (anchor.value, new)), Role.GRADIENT, param,
+                            name=f"pseudo_gradient_{param}")
+    return deltas
+
+
+def apply_outer_step(graph: TrainGraph, anchors: dict[str, Anchor], averaged: dict[str, fx.Node],
+                     outer: OuterOptimizer, owner: str) -> dict[str, fx.Node]:
+    """The outer step on every anchor from its averaged pseudo-gradient, the anchor and outer
+    momentum written, every parameter reset to its anchor; returns the new anchors' values."""
+    g = graph.graph
+    op = op_named("outer_sgd_momentum" if outer.momentum else "outer_sgd")
+    kwargs = {"lr": float(outer.lr)}
+    if outer.momentum:
+        kwargs.update(momentum=float(outer.momentum), nesterov=bool(outer.nesterov))
+    new_anchors = {}
+    for param, anchor in anchors.items():
+        info = graph.params[param]
+        buffer = None
+        if outer.momentum:
+            buffer = graph.state_node(StateSpec(name=f"{owner}.outer_momentum.{param}", shape=info.shape,
+                                                dtype=info.dtype, owner=owner, param=param))
+        args = (anchor.value, averaged[param]) + ((buffer,) if buffer is not None else ())
+        step = tag(g.call_function(op.overload, args, kwargs), Role.OPTIMIZER_UPDATE, param, name=f"{op.name}_{param}")
+        tentative, new_buffer = step, None
+        if buffer is not None:
+            tentative = tag(g.call_function(operator.getitem, (step, 0)), Role.OPTIMIZER_UPDATE, param, "param",
+                            name=f"new_anchor_{param}")
+            new_buffer = tag(g.call_function(operator.getitem, (step, 1)), Role.OPTIMIZER_UPDATE, param,
+                             "momentum_buffer", name=f"new_outer_momentum_{param}")
+        if anchor.storage.rounds and buffer is None and anchor.storage.keeps_outer_error:
+            carried = graph.state_node(StateSpec(name=f"{owner}.outer_error.{param}", shape=info.shape,
+                                                 dtype=info.dtype, owner=owner, param=param))
+            tentative = tag(g.call_function(torch.ops.aten.add.Tensor, (tentative, carried)), Role.OPTIMIZER_UPDATE,
+                            param, name=f"anchor_with_carried_error_{param}")
+        stored, encoded = anchor.storage.encode(graph, tentative, param, "anchor")
+        if anchor.storage.rounds and (new_buffer is not None or anchor.storage.keeps_outer_error):
+            error = tag(g.call_function(torch.ops.aten.sub.Tensor, (tentative, stored)), Role.OPTIMIZER_UPDATE, param,
+                        name=f"anchor_rounding_error_{param}")
+            if new_buffer is not None:
+                new_buffer = tag(g.call_function(outer_error_feedback, (new_buffer, error), kwargs),
+                                 Role.OPTIMIZER_UPDATE, param, "momentum_buffer", name=f"outer_momentum_fed_{param}")
+            elif anchor.storage.keeps_outer_error:
+                tag(g.call_method("copy_", (carried, error)), Role.WRITEBACK, param, "outer_error",
+                    name=f"write_outer_error_{param}")
+        if new_buffer is not None:
+            tag(g.call_method("copy_", (buffer, new_buffer)), Role.WRITEBACK, param, "outer_momentum",
+                name=f"write_outer_momentum_{param}")
+        anchor.storage.write(graph, anchor.held, encoded, param, "anchor")
+        anchor.storage.assign(graph, param, stored, encoded)
+        new_anchors[param] = stored
+    return new_anchors
