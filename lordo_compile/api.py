@@ -111,7 +111,7 @@ class LordoBackend:
         adapters = self.adapters = self.adapters_for(example_inputs)
         catalog = InputCatalog.build(self.names, self.arg_names, adapters)
         captured = build_train_graph(gm, list(example_inputs), catalog)
-        captured.recompile()
+        captured.lint()
         pipeline = self.pipeline = run_passes(captured, self.policy)
         final = pipeline.final()
         params = {
@@ -185,7 +185,7 @@ class LordoBackend:
         views = GraphStages(name)
         for snapshot in self.pipeline.graphs[name]:
             graph = snapshot.program.graph
-            views.add(GraphView(name, snapshot.name, graph.module, graph))
+            views.add(GraphView(name, snapshot.name, None, graph))
         return views
 
     def explain(self) -> str:

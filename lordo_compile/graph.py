@@ -36,6 +36,9 @@ PARAM = "lordo_param"
 STATE = "lordo_state"
 PROVENANCE = "lordo_pass"
 INPUT = "lordo_input"
+# A choice the step makes once (which basis a layer quantizes in): a rewrite that repeats
+# the forward reads it instead of making it again, so both forwards compute one function.
+DECISION = "lordo_decision"
 
 
 class Role(str, enum.Enum):
@@ -194,7 +197,9 @@ FULL_PRECISION = WeightStorage()
 
 @dataclass
 class TrainGraph:
-    module: fx.GraphModule
+    # The captured module, whose attributes the graph's get_attr nodes read.
+    root: fx.GraphModule
+    graph: fx.Graph
     events: frozenset[str]
     params: dict[str, ParamInfo]
     num_dynamo_inputs: int
@@ -205,8 +210,10 @@ class TrainGraph:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
-    def graph(self) -> fx.Graph:
-        return self.module.graph
+    def module(self) -> fx.GraphModule:
+        """The graph as it is now, as a module (built when asked: passes edit the graph, and
+        generating its code after every edit would cost more than the edits)."""
+        return fx.GraphModule(self.root, self.graph, class_name=type(self.root).__name__)
 
     @property
     def name(self) -> str:
@@ -220,8 +227,7 @@ class TrainGraph:
         old_output = next(iter(reversed(self.graph.nodes)))
         new_output = next(iter(reversed(graph.nodes)))
         new_output.meta = dict(old_output.meta)
-        module = fx.GraphModule(self.module, graph, class_name=type(self.module).__name__)
-        return TrainGraph(module, self.events if events is None else frozenset(events), dict(self.params),
+        return TrainGraph(self.root, graph, self.events if events is None else frozenset(events), dict(self.params),
                           self.num_dynamo_inputs, dict(self.state), dict(self.storage), self.fake_mode, self.device)
 
     def nodes(self, role: Role | None = None) -> Iterator[fx.Node]:
@@ -330,9 +336,9 @@ class TrainGraph:
             self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         return self.fake_mode
 
-    def recompile(self) -> None:
+    def lint(self) -> None:
+        """Check the graph is well formed (every input defined before it is used, ...)."""
         self.graph.lint()
-        self.module.recompile()
 
 
 # Nodes whose value cannot be computed from their inputs alone: the backward differentiates

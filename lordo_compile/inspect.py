@@ -163,7 +163,9 @@ class GraphView:
 
     events: str
     stage: str
-    module: fx.GraphModule
+    # What the code generator received (the lowered and aten stages); the rewrites' stages
+    # keep their TrainGraph instead.
+    module: fx.GraphModule | None
     train_graph: TrainGraph | None = None
 
     @property

@@ -146,7 +146,7 @@ def test_bytes_sent_match_the_analytic_count(parity):
         assert (report["collectives"], report["bytes"]) == (STEPS, STEPS * numel * 4)
     else:
         assert report["graphs"] == ["step", "sync"]
-        assert report["calls"] == {"local": STEPS - STEPS // H, "sync": STEPS // H}
+        assert report["calls"] == {"step": STEPS - STEPS // H, "sync": STEPS // H}
         assert (report["collectives"], report["bytes"]) == (STEPS // H, STEPS // H * numel * 4)
 
 
@@ -179,7 +179,7 @@ def resume_worker(rank, world):
 def test_resuming_between_syncs_reproduces_the_run_bit_for_bit():
     for uninterrupted, resumed, calls in run_workers(resume_worker, 2):
         assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed))
-        assert calls == {"local": STEPS - STEPS // H, "sync": STEPS // H}
+        assert calls == {"step": STEPS - STEPS // H, "sync": STEPS // H}
 
 
 def leaving_worker(rank, world):

@@ -216,7 +216,7 @@ def build_train_graph(gm: fx.GraphModule, example_inputs: list, catalog: InputCa
     # The fake tensors dynamo recorded: new nodes' values are computed in the same fake mode.
     recorded = [node.meta["val"] for node in placeholders if isinstance(node.meta.get("val"), torch.Tensor)]
     parameters = [example_inputs[i] for i, node in enumerate(placeholders) if node.meta.get(ROLE) == Role.PARAMETER]
-    return TrainGraph(gm, frozenset(), params, num_dynamo_inputs=len(placeholders),
+    return TrainGraph(gm, gm.graph, frozenset(), params, num_dynamo_inputs=len(placeholders),
                       fake_mode=getattr(recorded[0], "fake_mode", None) if recorded else None,
                       device=parameters[0].device if parameters else torch.device("cpu"))
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..graph import PARAM, Role, StateSpec, TrainGraph, tag
+from ..graph import DECISION, PARAM, Role, StateSpec, TrainGraph, tag
 from ..ops.quant import fake_quantize, hadamard_block
 from ..ops.rotation import choose_rotation, fake_quantize_rotated
 
@@ -114,6 +114,7 @@ def rotate(graph: TrainGraph, option: AdaptiveRotation, choose: bool) -> tuple[s
                     "group_size": weight_quantizer.kwargs["group_size"],
                 })
             tag(flag, Role.FORWARD, param, name=f"choose_rotation_{param}")
+            flag.meta[DECISION] = True
             with g.inserting_before(output):
                 tag(g.call_method("copy_", (state, flag)), Role.WRITEBACK, param, spec.name,
                     name=f"write_rotate_{param}")

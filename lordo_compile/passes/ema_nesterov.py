@@ -139,7 +139,6 @@ def _rewrite(graph: TrainGraph, option: EMANesterov) -> list[str]:
                                 Role.OPTIMIZER_UPDATE, site.param, name=f"new_direction_{site.param}")
             tag(g.call_method("copy_", (direction, new_direction)), Role.WRITEBACK, site.param,
                 _direction_spec(graph, site.param).name, name=f"write_direction_{site.param}")
-    graph.recompile()
     return [s.param for s in sites]
 
 

@@ -39,7 +39,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from ..graph import ROLE, STATE, Role, StateSpec, TrainGraph, tag
+from ..graph import DECISION, ROLE, STATE, Role, StateSpec, TrainGraph, tag
 from ..ops.gossip import NEIGHBOUR_EXCHANGE, exchange_bytes, message_sum, top_k_message
 from ..runtime.comm import Collective
 from .collectives import WORKERS_COMBINE, group_name, rank, remove_gradient_all_reduces, world_size
@@ -161,7 +161,7 @@ def _gradients_at_previous(graph: TrainGraph, previous_flat: fx.Node, layout: _L
             copied[param] = tag(g.call_function(torch.ops.aten.add.Tensor, (prev, offset)), Role.FORWARD,
                                 names[param], name=f"previous_{names[param]}")
         for node in forward:
-            if not any(a in copied for a in node.all_input_nodes):
+            if node.meta.get(DECISION) or not any(a in copied for a in node.all_input_nodes):
                 continue
             buffers = [a for a in node.all_input_nodes if a.meta.get(ROLE) == Role.BUFFER]
             if buffers:

@@ -392,7 +392,7 @@ def run_passes(captured: TrainGraph, policy: Any) -> Pipeline:
                 for node in graph.graph.nodes:
                     node.meta.setdefault(PROVENANCE, registered.name)
                 propagate_values(graph)
-                graph.recompile()
+                graph.lint()
             except (ValueError, NotImplementedError, PassError):
                 raise
             except Exception as error:

@@ -351,6 +351,8 @@ class TestGossipGraph(expecttest.TestCase):
 +sgd_net_2_bias = lordo.sgd(net_2_bias, tracked_gradient_net_2_bias, group0_lr, group0_weight_decay, maximize=False)  # f32[3]  optimizer_update
 +mixed_net_2_bias = aten.add.Tensor(sgd_net_2_bias, consensus_net_2_bias)  # f32[3]  optimizer_update  <gossip>
 +write_param_net_2_bias = net_2_bias.copy_(mixed_net_2_bias)  # f32[3]  writeback  [param]
++write_tracker = gossip_tracker.copy_(new_tracker)  # f32[83]  writeback  [gossip.tracker]  <gossip>
++write_momentum = gossip_momentum.copy_(flat_gradient)  # f32[83]  writeback  [gossip.momentum]  <gossip>
 +reshape_4 = mixed_net_0_weight.reshape(-1)  # f32[48]  <gossip>
 +reshape_5 = mixed_net_0_bias.reshape(-1)  # f32[8]  <gossip>
 +reshape_6 = mixed_net_2_weight.reshape(-1)  # f32[24]  <gossip>
@@ -394,7 +396,5 @@ class TestGossipGraph(expecttest.TestCase):
 +write_param_hat = gossip_param_hat.copy_(new_param_hat)  # f32[83]  writeback  [gossip.param_hat]  <gossip>
 +new_param_mix = aten.add.Tensor(gossip_param_mix, param_mixed_messages)  # f32[83]  optimizer_update  <gossip>
 +write_param_mix = gossip_param_mix.copy_(new_param_mix)  # f32[83]  writeback  [gossip.param_mix]  <gossip>
-+write_tracker = gossip_tracker.copy_(new_tracker)  # f32[83]  writeback  [gossip.tracker]  <gossip>
-+write_momentum = gossip_momentum.copy_(flat_gradient)  # f32[83]  writeback  [gossip.momentum]  <gossip>
  _set_grad_enabled_3 = torch._C._set_grad_enabled(True)  # other
 """)
