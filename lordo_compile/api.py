@@ -18,19 +18,21 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils._pytree import tree_map_only
 
 from . import logs
 from . import passes as _passes  # noqa: F401  (registers every pass)
-from .capture.discover import Names, find_optimizers, optimizers_in_frame
+from .capture import logging_calls, schedulers
+from .capture.discover import Names, find_optimizers, find_schedulers, in_frame
 from .capture.optim import SUPPORTED_OPTIMIZERS, OptimizerAdapter, prepare, prepared_adapters, supported_names
 from .capture.roles import InputCatalog, build_train_graph
-from .distributed import world_size
+from .distributed import check_workers, world_size
 from .errors import CaptureError
 from .graph import ROLE, ParamInfo, Role, TrainGraph
 from .inspect import GraphView, GraphStages, describe_stage_change, role_counts, update_counts
 from .lowering import COMPILERS, compile_phase, lower
-from .passes import Pipeline, RuntimeContext, Schedule, released_state, run_passes
+from .passes import Pipeline, RuntimeContext, Schedule, Stage, released_state, run_passes
 from .policy import Policy
 from .runtime.comm import CommReport, collectives_in
 from .runtime.executor import CompiledGraph, OptimizerChanged, StepExecutor
@@ -84,6 +86,8 @@ class LordoBackend:
         self.param_names: dict[int, str] = {}
         self.adapters: list[OptimizerAdapter] = []
         self.executor: StepExecutor | None = None
+        self.logging_calls: list[logging_calls.LoggingCall] = []
+        self.after_call: list[Callable[[], None]] = []
         self._passes_state: dict = {}
 
     @property
@@ -109,11 +113,15 @@ class LordoBackend:
         started = time.perf_counter()
         self.timings["backend_entered"] = started
         adapters = self.adapters = self.adapters_for(example_inputs)
+        self.logging_calls = logging_calls.take_recorded(gm.graph)
+        self.after_call = schedulers.take_recorded(gm.graph)
         catalog = InputCatalog.build(self.names, self.arg_names, adapters)
         captured = build_train_graph(gm, list(example_inputs), catalog)
         captured.lint()
         pipeline = self.pipeline = run_passes(captured, self.policy)
         final = pipeline.final()
+        check_workers([registered.name for registered, _ in pipeline.plan
+                       if {registered.stage, *(stage for stage, _ in registered.also)} & {Stage.COMBINE, Stage.SYNC}])
         params = {
             node.meta["lordo_param"]: example_inputs[node.meta["lordo_input"][1]]
             for node in captured.placeholders()
@@ -149,7 +157,7 @@ class LordoBackend:
         self.captures += 1
         self._log_capture()
         self.executor = StepExecutor(compiled, pipeline.schedule, self.runtime, adapters, self.pass_runtimes,
-                                     deterministic=self.deterministic)
+                                     deterministic=self.deterministic, after_call=self.after_call)
         self.executor.log_comm = "comm" in logs.enabled()
         return self.executor
 
@@ -170,6 +178,8 @@ class LordoBackend:
         if "passes" in channels:
             logs.emit("passes", self.explain())
         if "graphs" in channels:
+            for call in self.logging_calls:
+                logs.emit("graphs", call.note())
             for views in self.graphs.values():
                 final = [view for name, view in views.items() if name not in ("lowered", "aten")][-1]
                 logs.emit("graphs", final.text)
@@ -207,6 +217,13 @@ class LordoBackend:
             f"captured: {len(captured.graph.nodes)} nodes, {roles[str(Role.PARAMETER)]} parameters, "
             f"updates: {updates or 'none'}, {roles[str(Role.COLLECTIVE)]} collective nodes"
         )
+        if self.after_call:
+            calls = ", ".join(f"{call.func.__qualname__}()" for call in self.after_call)
+            lines.append(f"after each call, eagerly: {calls}")
+        if self.logging_calls:
+            ran = sum(call.ran for call in self.logging_calls)
+            lines.append(f"logging calls in the step: {ran} ran once at capture, {len(self.logging_calls) - ran} "
+                         "dropped (LORDO_LOGS=graphs names them)")
         for name, snapshots in self.pipeline.graphs.items():
             lines.append(f'graph "{name}"')
             for previous, snapshot in zip(snapshots, snapshots[1:]):
@@ -352,6 +369,7 @@ class CompiledStep:
             )
         self.step = step
         self.adapters = prepare(*found)
+        schedulers.defer(*find_schedulers(step))
         names = Names.of_step(step)
         release_state(policy, self.adapters, names)
         try:
@@ -403,6 +421,11 @@ class CompiledStep:
 
     def __call__(self, *args, **kwargs):
         _enable_capture_config()
+        schedulers.defer(*(a for a in (*args, *kwargs.values()) if isinstance(a, LRScheduler)))
+        with logging_calls.capturing():
+            return self._call(*args, **kwargs)
+
+    def _call(self, *args, **kwargs):
         try:
             return self._compiled(*args, **kwargs)
         except OptimizerChanged:
@@ -430,11 +453,19 @@ def _capture_error(error: Exception) -> CaptureError:
     frames = [f for f in frames if "/lordo_compile/" not in f[0]]
     user = [f for f in frames if "/torch/" not in f[0]]
     where = f"{user[-1][0]}:{user[-1][1]} (`{user[-1][2]}`)" if user else "an unknown line"
+    if isinstance(error, schedulers.SchedulerStepError):
+        return CaptureError(f"lordo_compile cannot capture the step at {where}: {error.reason}")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     reason = getattr(error, "gb_type", None) or (lines[0] if lines else type(error).__name__)
     detail = lines[1] if len(lines) > 1 and lines[1].startswith("Explanation") else ""
     hint = ""
-    if any("/torch/optim/" in f[0] for f in frames):
+    if "LRScheduler.step" in text:
+        hint = (
+            " lordo_compile runs scheduler.step() after the compiled call for the schedulers the step reaches "
+            "through its closure, globals, self or arguments when it is compiled; create this one before "
+            "lordo_compile.compile(), or step it after the call."
+        )
+    elif any("/torch/optim/" in f[0] for f in frames):
         hint = (
             f" The graph break is inside torch.optim: lordo_compile captures {supported_names()}, "
             "and only optimizers it found or was given (lordo_compile.compile(..., optimizers=[opt]))."
@@ -487,7 +518,8 @@ def backend(
     _enable_capture_config()
     caller = sys._getframe(1)
     if optimizers is None:
-        optimizers = optimizers_in_frame(caller)
+        optimizers = in_frame(caller, torch.optim.Optimizer)
+    schedulers.defer(*in_frame(caller, LRScheduler))
     policy = policy if policy is not None else Policy()
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a lordo_compile.Policy, got {type(policy).__name__}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch.distributed as dist
 
 
@@ -25,3 +28,21 @@ def rank(group) -> int:
     if not dist.is_available() or not dist.is_initialized():
         return 0
     return dist.get_rank(group if group is not None else dist.group.WORLD)
+
+
+def check_workers(combining: list[str]) -> None:
+    """Passes in `combining` combine workers: without a process group they would run as one
+    worker. Raise where torchrun's environment says there are several, else warn."""
+    if not combining or (dist.is_available() and dist.is_initialized()):
+        return
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if expected > 1:
+        raise ValueError(
+            f"pass(es) {combining} combine workers and WORLD_SIZE={expected}, but no process group is "
+            "initialized: each worker would train alone. Call torch.distributed.init_process_group() "
+            "before the step's first call."
+        )
+    warnings.warn(
+        f"pass(es) {combining} combine workers, but no process group is initialized: the step runs as "
+        "one worker (nothing is sent). Start it with torchrun and init_process_group() to train with several.",
+        UserWarning, stacklevel=4)

@@ -80,8 +80,10 @@ class StateSpec:
     <seed>), "copy:<parameter name>" (the parameter's value when first allocated), or
     "same:<state name>" (a copy of another state tensor once every pass has set up its
     own, e.g. a weight copy held in a pass's storage format).
-    `holds` says what it is: "state" (optimizer or pass state) or "weight" (the stored form
-    of a parameter, e.g. ECO's codes and scales), which the memory report counts as weights.
+    `holds` says what it is: "state" (optimizer or pass state), "weight" (the stored form
+    of a parameter, e.g. ECO's codes and scales), which the memory report counts as weights,
+    or "scratch" (what the last step found, e.g. which gradients were finite: no step's
+    math reads it, so a recapture over other parameters may declare it with another shape).
     """
 
     name: str

@@ -1,7 +1,8 @@
 """What the compiler did, on stderr, without code changes: `LORDO_LOGS=passes,graphs,comm`.
 
     passes  after each capture: what each pass changed, per phase (as `step.explain()`)
-    graphs  after each capture: every phase's final graph, as stable text
+    graphs  after each capture: a note per logging call inside the step (run once at capture,
+            or dropped), then every phase's final graph, as stable text
     comm    after each capture: the collectives each phase issues and their bytes; and the
             running byte count every time a phase with collectives runs
 

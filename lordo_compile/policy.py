@@ -15,7 +15,7 @@ from .passes.eco import ECO
 from .passes.ema_nesterov import EMANesterov
 from .passes.fake_quant import CAGE, FakeQuant
 from .passes.gossip import Gossip
-from .passes.lordo import LoRDO
+from .passes.lordo import VARIANTS as LORDO_VARIANTS, LoRDO
 from .passes.low_rank import LowRank
 from .passes.low_rank_ddp import LowRankDDP
 from .passes.sync import Sync
@@ -163,9 +163,13 @@ for _old in _RENAMED:
 # (a classmethod does not shadow an instance attribute).
 
 
-def _lordo(cls, rank: int, sync_every: int = 32, **options) -> "Policy":
-    """LoRDO; `options` are the other `LoRDO` fields (omega, payload, ...)."""
-    return cls(lordo=LoRDO(rank=rank, sync_every=sync_every, **options))
+def _lordo(cls, rank: int, sync_every: int = 32, variant: str = "default", **options) -> "Policy":
+    """LoRDO; `variant` "authors" sets the fields that make it the authors' public code
+    (`passes.lordo.VARIANTS`, docs/passes/lordo.md); `options` are other `LoRDO` fields
+    (omega, payload, ...) and override the variant's."""
+    if variant not in LORDO_VARIANTS:
+        raise ValueError(f"Policy.lordo variant must be one of {tuple(LORDO_VARIANTS)}, got {variant!r}")
+    return cls(lordo=LoRDO(rank=rank, sync_every=sync_every, **{**LORDO_VARIANTS[variant], **options}))
 
 
 Policy.lordo = classmethod(_lordo)

@@ -17,6 +17,15 @@ Stage order of one step k (0-based), theta the stored parameters:
     7. ECO         W^ = q(W~), e = W~ - W^, e fed into the momentum of the rule of step 4;
                    theta_W = W^. Every other parameter: theta = W~.
 
+A parameter frozen at step k (`step(..., frozen=...)`: requires_grad False during that call)
+takes no part in stages 1 and 3-7: it is read at theta (no lookahead), has no gradient, is
+not updated, corrected or requantized, and its state (moments, Adam's step count, GaLore's
+P, EMA's d) stays as it was, as torch.optim leaves a parameter whose grad is None. CAGE's
+forward still reads it as Q(theta): the forward quantizes every selected weight, trained
+or not. What runs by step (lambda_k, beta_k, GaLore's refresh when k % gap == 0, ECO's
+noise) counts every step, frozen or not: a refresh that falls while a matrix is frozen
+is skipped for it, and it goes on with its earlier P once unfrozen.
+
 ECO's injections (section 5; under GaLore, section 7, into the projected momentum, proj the
 gradient's projection: e P for a tall matrix, P^T e for a wide one):
 
@@ -74,7 +83,8 @@ class EagerComposed:
         without ECO).
       low_rank: GaLore's options as a dict (rank, gap, scale, method, on_refresh,
         power_iterations) with `sketches`: {name: sketch} for the randomized method.
-      cage: CAGE's (bits, form, lam, total_steps, silence_ratio, ramp), rms_gaussian per row.
+      cage: CAGE's (bits, form, lam, total_steps, silence_ratio, ramp), rms_gaussian per row;
+        with `weights`, only those weights are quantized.
       ema: EMA-Nesterov's (beta, gamma, warmup_steps, decay_start).
       eco: ECO's (format, scale, group_size, rounding, seed).
     Each rewrite is off when None. After a step, `spectral_gaps` holds, for each GaLore
@@ -94,7 +104,7 @@ class EagerComposed:
         # name in a Sequential). ECO: every nn.Linear weight; at int4, whose input size is a
         # multiple of the group size.
         self.galore = [n for n in weights if low_rank and min(self.params[n].shape) > low_rank["rank"]]
-        self.quantized = weights if cage else []
+        self.quantized = [n for n in weights if n in cage.get("weights", weights)] if cage else []
         self.stored = [n for n in weights if eco and (eco["format"] != "int4"
                                                         or self.params[n].shape[1] % eco["group_size"] == 0)]
         self.salt = {name: i for i, name in enumerate(self.params)}
@@ -144,19 +154,23 @@ class EagerComposed:
             x = F.linear(x, self.cage_quantize(w) if f"{i}.weight" in self.quantized else w, point[f"{i}.bias"])
         return x
 
-    def step(self, k, x, y):
+    def step(self, k, x, y, frozen=frozenset()):
         theta = {name: p.detach().clone() for name, p in self.params.items()}
         point = dict(theta)
         if self.ema:
             beta = torch.tensor(ema_beta(k, self.ema["beta"], self.ema["warmup_steps"], self.ema["decay_start"]))
-            point = {name: torch.addcmul(theta[name], self.d[name], beta) for name in theta}
-        leaves = {name: t.clone().requires_grad_() for name, t in point.items()}
+            point = {name: theta[name] if name in frozen else torch.addcmul(theta[name], self.d[name], beta)
+                     for name in theta}
+        leaves = {name: t.clone().requires_grad_(name not in frozen) for name, t in point.items()}
         loss = F.mse_loss(self.forward(x, leaves), y)
-        grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+        trained = [name for name in leaves if name not in frozen]
+        grads = dict(zip(trained, torch.autograd.grad(loss, [leaves[name] for name in trained])))
         lam = cage_lambda(k, self.cage["lam"], self.cage["total_steps"], self.cage["silence_ratio"],
                           self.cage["ramp"]) if self.cage else 0.0
         with torch.no_grad():
             for name, p in self.params.items():
+                if name in frozen:
+                    continue
                 start, g = point[name], grads[name]
                 cage_error = None
                 if name in self.quantized:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lordo_compile as lc
+from common import assert_close, named_parameters
 from lordo_compile.testing import training_step
 
 
@@ -107,5 +108,47 @@ def test_a_new_batch_shape_recompiles_and_stays_exact():
         F.mse_loss(reference(x), y).backward()
         reference_opt.step()
         reference_opt.zero_grad()
-    for a, b in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert_close(named_parameters(model), named_parameters(reference), rtol=1e-6, atol=1e-7)
+
+
+def test_loading_state_of_another_shape_raises_and_changes_nothing():
+    model, opt = _problem()
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), lc.Policy.galore(rank=2),
+                      compiler="aot_eager")
+    step(torch.randn(8, 16), torch.randn(8, 4))
+    saved = step.state_dict()
+    name = next(n for n, t in saved["runtime"]["tensors"].items() if t.dim() == 2 and t.shape[0] > 1)
+    before = {n: t.clone() for n, t in saved["runtime"]["tensors"].items()}
+    shape = tuple(saved["runtime"]["tensors"][name].shape)
+    # One row: copy_ would broadcast it over the whole tensor.
+    bad = {**saved, "runtime": {**saved["runtime"], "tensors": {
+        **saved["runtime"]["tensors"], name: torch.ones(1, shape[1])}}}
+    with pytest.raises(ValueError, match=rf"'{name}': saved \(1, {shape[1]}\) torch.float32, this step holds "
+                                         rf"\({shape[0]}, {shape[1]}\)"):
+        step.load_state_dict(bad)
+    after = step.state_dict()["runtime"]["tensors"]
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("policy", [lc.Policy.ddp(), lc.Policy.local_sgd(sync_every=2), lc.Policy.lordo(rank=2)],
+                         ids=["ddp", "local_sgd", "lordo"])
+def test_a_policy_that_combines_workers_without_a_process_group(policy, monkeypatch):
+    model, opt = _problem()
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="aot_eager")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.warns(UserWarning, match=r"combine workers, but no process group is initialized: the step runs as "
+                                         r"one worker"):
+        step(torch.randn(8, 16), torch.randn(8, 4))
+    model, opt = _problem()
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="aot_eager")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"WORLD_SIZE=2, but no process group is initialized"):
+        step(torch.randn(8, 16), torch.randn(8, 4))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_eco_with_galore_torch_numerics_is_refused():
+    policy = lc.Policy(low_rank=lc.LowRank(rank=2, numerics="galore_torch"), eco=lc.ECO(format="int8"))
+    _refused(policy, NotImplementedError, r"ECO feeds 0.weight's rounding error into GaLore's projected moments "
+                                          r"through torch's Adam arithmetic, not numerics='galore_torch'")

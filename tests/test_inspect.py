@@ -1,6 +1,7 @@
 """step.graphs, explain(), diffs and DOT export describe what the compiler did."""
 
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -39,12 +40,17 @@ def test_every_stage_is_recorded_and_printable(step):
     assert "ops.optim.adamw" in stages["lowered"].text
 
 
-def test_every_node_has_a_role(step):
+def test_every_node_has_the_role_of_what_it_computes(step):
     graph = step.graphs["step"]["captured"].train_graph
-    roles = {node.meta["lordo_role"] for node in graph.nodes()}
-    assert None not in roles
-    assert {Role.PARAMETER, Role.BATCH_INPUT, Role.OPTIMIZER_STATE, Role.HYPERPARAMETER, Role.FORWARD,
-            Role.LOSS, Role.BACKWARD, Role.GRADIENT, Role.OPTIMIZER_UPDATE, Role.WRITEBACK, Role.OUTPUT} <= roles
+    # Role.OTHER is the catch-all: only dynamo's grad-mode switches belong there.
+    assert Counter(node.meta["lordo_role"] for node in graph.nodes()) == {
+        Role.PARAMETER: 4, Role.BATCH_INPUT: 2, Role.FORWARD: 3, Role.LOSS: 1, Role.BACKWARD: 1, Role.GRADIENT: 4,
+        Role.HYPERPARAMETER: 2 * (1 + 5),  # per group: its tuple, lr, beta1, beta2, eps, weight_decay
+        Role.OPTIMIZER_STATE: 4 * 3,  # exp_avg, exp_avg_sq, step
+        Role.OPTIMIZER_UPDATE: 4 * (1 + 4),  # lordo.adamw and its four outputs
+        Role.WRITEBACK: 4 * 4, Role.OUTPUT: 2, Role.OTHER: 2,
+    }
+    assert {node.target for node in graph.nodes(Role.OTHER)} == {torch._C._set_grad_enabled}
     updates = graph.updates()
     assert [u.param for u in updates] == ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
     # The two groups' hyperparameters are separate inputs.

@@ -2,6 +2,7 @@
 
 import dataclasses
 import datetime
+import warnings
 
 import pytest
 import torch
@@ -149,20 +150,86 @@ def test_two_workers_skip_a_bad_step_together(name):
     assert all(torch.equal(a, b) for a, b in zip(params0, params1))
 
 
+def _poisoned_run(rank, name, bad_step):
+    """Rank 1's batch at `bad_step` holds a NaN; every call is checked against the state before it."""
+    torch._dynamo.reset()
+    model, opt, step = _compile(name, "raise")
+    warned, batches = [], _batches() * 2
+    for k, (x, y) in enumerate(batches):
+        if rank == 1 and k == bad_step:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        before, state = _snapshot(model, step)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                step(x, y)
+            warned += [(k, str(w.message)) for w in caught if "not finite" in str(w.message)]
+        except lc.NonFiniteError as error:
+            after, state_after = _snapshot(model, step)
+            unchanged = all(torch.equal(a, b) for a, b in zip(before, after)) and all(
+                torch.equal(t, state_after["runtime"]["tensors"][key])
+                for key, t in state["runtime"]["tensors"].items() if not key.startswith("nonfinite."))
+            return {"raised_at": k, "message": str(error), "unchanged": unchanged, "warned": warned}
+    return {"raised_at": None, "warned": warned}
+
+
+LOCAL_STEPS = ["local_sgd", "diloco", "lordo"]
+# With sync every 2 steps, step 2 is a local step and step 3 a sync for all three.
+BAD_STEPS = {"local": 2, "sync": 3}
+
+
+def local_steps_worker(rank, world):
+    runs = {(name, where): _poisoned_run(rank, name, bad_step)
+            for name in LOCAL_STEPS for where, bad_step in BAD_STEPS.items()}
+    return runs, {name: skip_refused_worker(rank, world, name) for name in LOCAL_STEPS}
+
+
+@pytest.fixture(scope="module")
+def local_steps_runs():
+    return run_workers(local_steps_worker, 2, timeout=600, pg_timeout=datetime.timedelta(seconds=20))
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["local_sgd", "lordo"])
-def test_two_workers_with_local_steps_raise_and_skip_is_refused(name):
-    (outcomes0, _, _), (outcomes1, steps1, _) = run_workers(poisoned_worker, 2, args=(name, "raise"), timeout=120,
-                                                             pg_timeout=datetime.timedelta(seconds=20))
-    assert outcomes1 == ["ok", "raised"] and steps1 == 1
-    assert outcomes0[-1] in ("raised", "collective error") and len(outcomes0) <= 1 + 2  # by the next sync
-    for message in run_workers(skip_refused_worker, 2, args=(name,)):
-        assert "on_nonfinite='skip' cannot be used with local steps between syncs" in message
+@pytest.mark.parametrize("name", LOCAL_STEPS)
+@pytest.mark.parametrize("where", list(BAD_STEPS))
+def test_no_worker_receives_anothers_nonfinite_values(local_steps_runs, name, where):
+    first, second = (runs[(name, where)] for runs, _ in local_steps_runs)
+    # Both stop at the sync, with one message, before applying it.
+    assert first["raised_at"] == second["raised_at"] == 3
+    assert first["message"] == second["message"]
+    assert "step 3 (graph 'sync'): the payload received at the sync is not finite" in first["message"]
+    assert first["unchanged"] and second["unchanged"]
+    assert first["warned"] == []
+    if where == "local":
+        assert [k for k, _ in second["warned"]] == [2]
+        assert "the loss is not finite on this worker; the step was not applied here" in second["warned"][0][1]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", LOCAL_STEPS)
+def test_skip_is_refused_with_local_steps(local_steps_runs, name):
+    for _, refusals in local_steps_runs:
+        assert "on_nonfinite='skip' cannot be used with local steps between syncs" in refusals[name]
 
 
 def skip_refused_worker(rank, world, name):
+    torch._dynamo.reset()
     try:
         _compile(name, "skip")[2](*_batches()[0])
     except ValueError as error:
         return str(error)
     return "not refused"
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_names_that_gradient():
+    model = _model()
+    # sqrt at 0: a finite value with an infinite slope, so only gate's gradient is bad.
+    model.register_parameter("gate", nn.Parameter(torch.zeros(())))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y) + model.gate.sqrt(), opt), lc.Policy(),
+                      compiler="aot_eager")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(lc.NonFiniteError, match=r"step 0 \(graph '\w+'\): the gradient of gate is not finite"):
+        step(*_batches()[0])
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())

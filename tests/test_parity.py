@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from common import gpt_problem, max_rel_diff, mlp_problem, train
+from common import ADAM_ATOL, assert_close, gpt_problem, mlp_problem, train
 
 OPTIMIZERS = {
     "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.05),
@@ -45,21 +45,24 @@ OPTIMIZERS["sgd_groups"] = grouped_sgd
 def test_identity_matches_torch_optim_on_mlp(name):
     reference, ref_opt, _, ref_losses = train(mlp_problem, OPTIMIZERS[name])
     params, opt, step, losses = train(mlp_problem, OPTIMIZERS[name], compiler="aot_eager")
-    assert max_rel_diff(reference, params) <= 1e-5
-    assert step.captures == 1
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
     # The user's optimizer holds the real state, key for key.
-    for ref_state, state in zip(ref_opt.state.values(), opt.state.values()):
-        assert set(ref_state) == set(state)
-        for key in ref_state:
-            torch.testing.assert_close(state[key], ref_state[key], rtol=1e-5, atol=1e-7)
+    assert_close({**params, **_state(opt)}, {**reference, **_state(ref_opt)})
+    assert step.captures == 1
+    assert_close(torch.tensor(losses), torch.tensor(ref_losses), atol=0)
 
 
-@pytest.mark.parametrize("name", ["sgd_nesterov", "adam", "adamw_groups"])
-def test_identity_matches_torch_optim_on_gpt(name):
+def _state(opt):
+    return {f"state {i}.{key}": value for i, state in enumerate(opt.state.values()) for key, value in state.items()}
+
+
+# The attention's query and key gradients are sums that nearly cancel at this initialisation;
+# their last bits differ between eager and the captured graph, and Adam carries that into the
+# weights (in float64 the two runs agree to 1e-15).
+@pytest.mark.parametrize("name, atol", [("sgd_nesterov", 1e-6), ("adam", ADAM_ATOL), ("adamw_groups", ADAM_ATOL)])
+def test_identity_matches_torch_optim_on_gpt(name, atol):
     reference, *_ = train(gpt_problem, OPTIMIZERS[name])
     params, _, step, _ = train(gpt_problem, OPTIMIZERS[name], compiler="aot_eager")
-    assert max_rel_diff(reference, params) <= 1e-5
+    assert_close(params, reference, atol=atol)
     assert step.captures == 1
 
 
@@ -67,4 +70,4 @@ def test_eager_graph_matches_torch_optim():
     """The rewritten graph run directly (no AOTAutograd): the canonical math itself."""
     reference, *_ = train(mlp_problem, OPTIMIZERS["adamw_groups"])
     params, *_ = train(mlp_problem, OPTIMIZERS["adamw_groups"], compiler="eager")
-    assert max_rel_diff(reference, params) <= 1e-6
+    assert_close(params, reference, rtol=1e-6, atol=1e-7)

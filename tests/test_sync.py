@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
 import lordo_compile as lc
-from common import max_rel_diff
+from common import assert_close, named_parameters
 from lordo_compile.launch import run_workers
 from lordo_compile.models import MLP
 from lordo_compile.testing import training_step
@@ -39,10 +39,6 @@ def _problem(rank):
     return model, torch.optim.AdamW(model.parameters(), **INNER), batches
 
 
-def _params(model):
-    return [p.detach().clone() for p in model.parameters()]
-
-
 def _eager_local_sgd(rank):
     model, opt, batches = _problem(rank)
     averager = PeriodicModelAverager(period=H, warmup_steps=H - 1)
@@ -51,7 +47,7 @@ def _eager_local_sgd(rank):
         opt.step()
         averager.average_parameters(model.parameters())
         opt.zero_grad()
-    return _params(model)
+    return named_parameters(model)
 
 
 def _eager_diloco(rank, world):
@@ -72,7 +68,7 @@ def _eager_diloco(rank, world):
                 outer.zero_grad()
                 for a, p in zip(anchor, model.parameters()):
                     p.copy_(a)
-    return _params(model)
+    return named_parameters(model)
 
 
 def _eager_ddp(rank, world):
@@ -84,7 +80,7 @@ def _eager_ddp(rank, world):
             p.grad /= world
         opt.step()
         opt.zero_grad()
-    return _params(model)
+    return named_parameters(model)
 
 
 def _compiled(rank, policy, explicit_all_reduce=False):
@@ -106,7 +102,7 @@ def _compiled(rank, policy, explicit_all_reduce=False):
     for x, y in batches:
         step(x, y)
     report = step.comm_report()
-    return _params(model), {"bytes": report.bytes_sent, "collectives": report.collectives,
+    return named_parameters(model), {"bytes": report.bytes_sent, "collectives": report.collectives,
                             "calls": dict(report.calls), "graphs": sorted(step.graphs)}
 
 
@@ -128,13 +124,13 @@ def parity(request):
 def test_compiled_matches_the_eager_reference(parity):
     _, results = parity
     for reference, (params, _) in results:
-        assert max_rel_diff(reference, params) <= 1e-5
+        assert_close(params, reference)
 
 
 def test_ranks_are_bit_identical_after_the_last_sync(parity):
     _, results = parity
     (first, _), (second, _) = results[0][1], results[1][1]
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert_close(second, first, rtol=0, atol=0)
 
 
 def test_bytes_sent_match_the_analytic_count(parity):
@@ -162,7 +158,7 @@ def resume_worker(rank, world):
             buffer = io.BytesIO()
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step.state_dict()}, buffer)
             saved = buffer.getvalue()
-    uninterrupted = _params(model)
+    uninterrupted = named_parameters(model)
 
     torch._dynamo.reset()
     model, opt, batches = _problem(rank)
@@ -173,12 +169,12 @@ def resume_worker(rank, world):
     step.load_state_dict(checkpoint["step"])
     for x, y in batches[6:]:
         step(x, y)
-    return uninterrupted, _params(model), step.comm_report().calls
+    return uninterrupted, named_parameters(model), step.comm_report().calls
 
 
 def test_resuming_between_syncs_reproduces_the_run_bit_for_bit():
     for uninterrupted, resumed, calls in run_workers(resume_worker, 2):
-        assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed))
+        assert_close(resumed, uninterrupted, rtol=0, atol=0)
         assert calls == {"step": STEPS - STEPS // H, "sync": STEPS // H}
 
 

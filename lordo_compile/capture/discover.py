@@ -2,7 +2,8 @@
 
 A step reaches its model and optimizer through closure cells, module globals, or
 `self` when it is a bound method. That is where users keep them, so that is where we
-look; `lc.compile(..., optimizers=[...])` overrides the search.
+look; `lc.compile(..., optimizers=[...])` overrides the search for optimizers. LR
+schedulers are found the same way (a step may call `scheduler.step()`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 
 def _namespace(fn: Callable, depth: int = 3) -> list[tuple[str, Any]]:
@@ -70,10 +72,20 @@ def find_optimizers(fn: Callable, supported: tuple[type, ...]) -> list[torch.opt
     return list(found.values())
 
 
-def optimizers_in_frame(frame) -> list[torch.optim.Optimizer]:
-    found: dict[int, torch.optim.Optimizer] = {}
-    for _, value in _flatten([*frame.f_locals.items(), *frame.f_globals.items()]):
-        if isinstance(value, torch.optim.Optimizer):
+def find_schedulers(fn: Callable) -> list[LRScheduler]:
+    """LR schedulers `fn` reaches: the step may call their `step()`."""
+    return _instances(_namespace(fn), LRScheduler)
+
+
+def in_frame(frame, cls: type) -> list:
+    """Instances of `cls` among a frame's locals and globals (one level into containers)."""
+    return _instances([*frame.f_locals.items(), *frame.f_globals.items()], cls)
+
+
+def _instances(items: Iterable[tuple[str, Any]], cls: type) -> list:
+    found: dict[int, Any] = {}
+    for _, value in _flatten(items):
+        if isinstance(value, cls):
             found.setdefault(id(value), value)
     return list(found.values())
 

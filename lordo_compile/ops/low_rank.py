@@ -5,6 +5,10 @@ ALGORITHMS.md section 1. The projection side follows the smaller dimension of `W
     tall (m >= n): P is n x r (right singular vectors), R = G P (m x r),  dW = a N P^T
     wide (m <  n): P is m x r (left singular vectors),  R = P^T G (r x n), dW = a P N
 
+Both come from one `torch.linalg.svd(G)`: P = Vh[:r]^T (tall) or U[:, :r] (wide), the
+call and orientation of galore-torch's projector, so the signs of the singular vectors
+are galore-torch's too (they matter when the moments are kept across a refresh).
+
 Moments live on R. Scalars are computed as in `optim.py` (float64 0-d, cast by the ops
 that use them); the projection is float32 whatever the parameter's dtype.
 """
@@ -26,19 +30,27 @@ def project_back(update: Tensor, projection: Tensor, tall: bool) -> Tensor:
     return update @ projection.T if tall else projection @ update
 
 
-def _adam_direction(r, exp_avg, exp_avg_sq, step, beta1, beta2, eps):
+# "torch": torch.optim.Adam(W)'s update; "galore_torch": galore-torch's AdamW, which adds eps
+# to sqrt(v) before the bias correction and folds that correction into the step size.
+NUMERICS = ("torch", "galore_torch")
+
+
+def _adam_direction(r, exp_avg, exp_avg_sq, step, beta1, beta2, eps, numerics):
     step = step + 1
     exp_avg = exp_avg + (1 - beta1) * (r - exp_avg)
     exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * r * r
     count = step.to(torch.float64)
     bias_correction1 = 1 - beta1**count
     bias_correction2_sqrt = (1 - beta2**count).sqrt()
-    direction = (exp_avg / bias_correction1) / (exp_avg_sq.sqrt() / bias_correction2_sqrt + eps)
+    if numerics == "galore_torch":
+        direction = exp_avg / (exp_avg_sq.sqrt() + eps) * (bias_correction2_sqrt / bias_correction1)
+    else:
+        direction = (exp_avg / bias_correction1) / (exp_avg_sq.sqrt() / bias_correction2_sqrt + eps)
     return direction, exp_avg, exp_avg_sq, step
 
 
 def _galore_adam(param, grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps, weight_decay,
-                 *, scale, tall, maximize, decoupled, projected=False):
+                 *, scale, tall, numerics, maximize, decoupled, projected=False):
     grad = -grad if maximize else grad
     if projected:
         r = grad.to(exp_avg.dtype)
@@ -46,11 +58,12 @@ def _galore_adam(param, grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, 
         if not decoupled:
             grad = grad + weight_decay * param
         r = project(grad, projection, tall).to(exp_avg.dtype)
-    direction, exp_avg, exp_avg_sq, step = _adam_direction(r, exp_avg, exp_avg_sq, step, beta1, beta2, eps)
+    direction, exp_avg, exp_avg_sq, step = _adam_direction(r, exp_avg, exp_avg_sq, step, beta1, beta2, eps,
+                                                           numerics)
     update = project_back(direction.to(projection.dtype), projection, tall).to(param.dtype)
     param = param + (-lr * scale) * update
     if decoupled:
-        # GaLore (ALGORITHMS.md section 1) decays after the projected step.
+        # GaLore (ALGORITHMS.md section 1) and galore-torch decay after the projected step.
         param = param * (1 - lr * weight_decay)
     return param, exp_avg, exp_avg_sq, step
 
@@ -59,30 +72,31 @@ _ADAM = dict(
     state=("exp_avg", "exp_avg_sq", "step"),
     buffers=("projection",),
     hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
-    attributes={"scale": "float", "tall": "bool", "maximize": "bool"},
+    attributes={"scale": "float", "tall": "bool", "numerics": "str", "maximize": "bool"},
 )
 
 
 @define_op("galore_adamw", **_ADAM, doc="AdamW whose moments live on the projected gradient")
 def galore_adamw(param, grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps, weight_decay,
-                 *, scale, tall, maximize):
+                 *, scale, tall, numerics, maximize):
     return _galore_adam(param, grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps,
-                        weight_decay, scale=scale, tall=tall, maximize=maximize, decoupled=True)
+                        weight_decay, scale=scale, tall=tall, numerics=numerics, maximize=maximize, decoupled=True)
 
 
 @define_op("galore_adam", **_ADAM, doc="Adam (L2 decay in the gradient) with projected moments")
 def galore_adam(param, grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps, weight_decay,
-                *, scale, tall, maximize):
+                *, scale, tall, numerics, maximize):
     return _galore_adam(param, grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps,
-                        weight_decay, scale=scale, tall=tall, maximize=maximize, decoupled=False)
+                        weight_decay, scale=scale, tall=tall, numerics=numerics, maximize=maximize, decoupled=False)
 
 
 @define_op("galore_adamw_projected", **_ADAM, projected_gradient=True,
            doc="AdamW on a gradient already projected (and averaged): low-rank DDP's update")
 def galore_adamw_projected(param, projected_grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps,
-                           weight_decay, *, scale, tall, maximize):
+                           weight_decay, *, scale, tall, numerics, maximize):
     return _galore_adam(param, projected_grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps,
-                        weight_decay, scale=scale, tall=tall, maximize=maximize, decoupled=True, projected=True)
+                        weight_decay, scale=scale, tall=tall, numerics=numerics, maximize=maximize, decoupled=True,
+                        projected=True)
 
 
 @define_op(
@@ -111,15 +125,24 @@ def _orthonormal(y: Tensor) -> Tensor:
     return torch.linalg.qr(y).Q
 
 
-def _rayleigh_ritz(a: Tensor, basis: Tensor, rank: int) -> Tensor:
-    """Leading left singular vectors of `a` within span(basis), via a small SVD."""
-    small, _, _ = torch.linalg.svd(basis.T @ a, full_matrices=False)
-    return (basis @ small)[:, :rank]
+def _leading(g: Tensor, rank: int, tall: bool) -> Tensor:
+    """The r leading right (tall) or left (wide) singular vectors of `g`, as columns, with the
+    signs LAPACK gives for `g` in this orientation (galore-torch's projector)."""
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    return vh[:rank].T if tall else u[:, :rank]
+
+
+def _rayleigh_ritz(g: Tensor, basis: Tensor, rank: int, tall: bool) -> Tensor:
+    """The leading singular vectors of `g` within span(basis), via a small SVD oriented as `g`."""
+    return basis @ _leading(g @ basis if tall else basis.T @ g, rank, tall)
 
 
 def projection_math(grad: Tensor, previous: Tensor, sketch: Tensor, *, rank: int, tall: bool, method: str,
                     power_iterations: int) -> tuple[Tensor, Tensor]:
     """A new projection from `grad` and whether it was computed (False: `previous` kept).
+
+    `grad` is oriented as the weight (m x n; `tall` when m >= n): the projection spans its
+    right singular vectors when tall, its left ones when wide.
 
     A gradient with a non-finite entry gives no usable subspace, and LAPACK would raise
     on it; it is replaced by zeros for the computation and the previous projection kept.
@@ -129,18 +152,17 @@ def projection_math(grad: Tensor, previous: Tensor, sketch: Tensor, *, rank: int
     g = torch.where(finite, g, torch.zeros_like(g))
     a = g.T if tall else g
     if method == "svd":
-        u, _, _ = torch.linalg.svd(a, full_matrices=False)
-        new = u[:, :rank]
+        new = _leading(g, rank, tall)
     elif method == "randomized":
         basis = _orthonormal(a @ sketch)
         for _ in range(power_iterations):
             basis = _orthonormal(a @ _orthonormal(a.T @ basis))
-        new = _rayleigh_ritz(a, basis, rank)
+        new = _rayleigh_ritz(g, basis, rank, tall)
     elif method == "subspace":
         basis = previous
         for _ in range(max(1, power_iterations)):
             basis = _orthonormal(a @ (a.T @ basis))
-        new = _rayleigh_ritz(a, basis, rank)
+        new = _rayleigh_ritz(g, basis, rank, tall)
     else:
         raise ValueError(f"unknown projection method {method!r}; choose from {METHODS}")
     return torch.where(finite, new, previous), finite

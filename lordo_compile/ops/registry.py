@@ -126,7 +126,8 @@ def define_aux_op(name: str, schema: str, math: Callable, fake: Callable,
 
     A `differentiable` op (one output, used before the step's backward) gets the gradient
     of its math with respect to its first input, so a graph that still holds it can be
-    differentiated; further tensor inputs (a rotation flag) get no gradient.
+    differentiated; further tensor inputs (a rotation flag) get no gradient. Any other op's
+    outputs are marked non-differentiable: they never claim a gradient that backward cannot give.
     """
     _library.define(f"{name}{schema}")
     _library.impl(name, lambda *args, **kwargs: _fresh(math(*args, **kwargs), args), "CompositeExplicitAutograd")
@@ -144,9 +145,20 @@ def define_aux_op(name: str, schema: str, math: Callable, fake: Callable,
             return (dx, *[None] * len(rest)) if rest else dx
 
         torch.library.register_autograd(f"{NAMESPACE}::{name}", backward, setup_context=setup_context, lib=_library)
+    else:
+        torch.library.register_autograd(f"{NAMESPACE}::{name}", _no_gradient, setup_context=_non_differentiable,
+                                        lib=_library)
     overload = getattr(getattr(torch.ops, NAMESPACE), name).default
     _MATH[overload] = math
     return overload
+
+
+def _non_differentiable(ctx, inputs, output, keyword_only_inputs=None):
+    ctx.mark_non_differentiable(*(output if isinstance(output, tuple) else (output,)))
+
+
+def _no_gradient(ctx, *grads):
+    raise AssertionError("unreachable: every output is marked non-differentiable")
 
 
 def canonical_op(target: object) -> CanonicalOp | None:

@@ -177,6 +177,12 @@ def _sgd_momentum(site, outputs, error):
 
 
 def _projected_adam(site, outputs, error):
+    if site.node.kwargs.get("numerics", "torch") != "torch":
+        # The injection divides by torch's Adam denominator; galore-torch's puts eps elsewhere.
+        raise NotImplementedError(
+            f"ECO feeds {site.param}'s rounding error into GaLore's projected moments through torch's Adam "
+            f"arithmetic, not numerics={site.node.kwargs['numerics']!r}: use LowRank(numerics='torch') with ECO."
+        )
     kwargs = {"scale": float(site.node.kwargs["scale"]), "tall": site.node.kwargs["tall"]}
     return "exp_avg", eco_inject_projected_adam, (outputs["exp_avg"], outputs["exp_avg_sq"], outputs["step"], error,
                                                   *_site_inputs(site, "projection", "lr", "beta1", "beta2", "eps")), \
@@ -293,19 +299,46 @@ def _choose(graph: TrainGraph, option: ECO) -> tuple[dict[str, UpdateSite], list
     return chosen, kept
 
 
+def _nbytes(tensor: torch.Tensor) -> int:
+    """The bytes of the tensor's own storage; where a capture before this one freed it, what
+    the tensor spans."""
+    return tensor.untyped_storage().nbytes() or (tensor.storage_offset() + tensor.numel()) * tensor.element_size()
+
+
 class StoredWeights(PassRuntime):
     """Frees each stored weight's own storage between calls (the graph rebuilds it from its
     codes at its start), quantizes the weights once before the first call, and decodes them
-    for `materialized()`."""
+    for `materialized()`.
+
+    A weight an earlier capture stored and this one does not update (frozen since) keeps its
+    codes and is not rebuilt by this capture's graphs: it holds its decoded value in full
+    storage while they run, as any frozen weight does."""
 
     def __init__(self, option: ECO, context) -> None:
         super().__init__(option, context)
         graph = next(iter(context.graphs.values()))
         self.names = [name for name, storage in graph.storage.items() if isinstance(storage, ECOStorage)]
         self.tensors = [context.params[name] for name in self.names]
-        self.nbytes = [t.untyped_storage().nbytes() for t in self.tensors]
+        self.nbytes = [_nbytes(t) for t in self.tensors]
+        self.frozen = [name for name in context.params
+                       if name not in self.names and f"eco.codes.{name}" in context.runtime.tensors]
+
+    def _decode(self, name: str, weight: torch.Tensor) -> None:
+        tensors = self.context.runtime.tensors
+        weight.copy_(decode_math(tensors[f"eco.codes.{name}"], tensors[f"eco.scales.{name}"],
+                                 format=self.option.format, group_size=self.option.group_size))
+
+    def _restore_frozen(self) -> None:
+        """Another capture's call freed them (it updated them then): decode them once again."""
+        with torch.no_grad():
+            for name in self.frozen:
+                weight = self.context.params[name]
+                if weight.untyped_storage().nbytes() == 0:
+                    weight.untyped_storage().resize_(_nbytes(weight))
+                    self._decode(name, weight)
 
     def setup(self, fresh: set[str]) -> None:
+        self._restore_frozen()
         tensors = self.context.runtime.tensors
         with torch.no_grad():
             for name, weight in zip(self.names, self.tensors):
@@ -320,6 +353,7 @@ class StoredWeights(PassRuntime):
 
     @contextlib.contextmanager
     def _allocated(self):
+        self._restore_frozen()
         for tensor, nbytes in zip(self.tensors, self.nbytes):
             if tensor.untyped_storage().nbytes() == 0:
                 tensor.untyped_storage().resize_(nbytes)
@@ -334,11 +368,9 @@ class StoredWeights(PassRuntime):
 
     @contextlib.contextmanager
     def _decoded(self):
-        tensors = self.context.runtime.tensors
         with self._allocated(), torch.no_grad():
             for name, weight in zip(self.names, self.tensors):
-                weight.copy_(decode_math(tensors[f"eco.codes.{name}"], tensors[f"eco.scales.{name}"],
-                                         format=self.option.format, group_size=self.option.group_size))
+                self._decode(name, weight)
             yield
 
     def materialized(self):

@@ -223,16 +223,21 @@ def _lambda(graph: TrainGraph, correction: CAGE) -> fx.Node:
 
 def _corrected(program: Program, option: FakeQuant, form: str):
     """(graph, the updates of quantized weights, their fake-quant nodes, lambda_t) where the
-    policy asks for the correction in `form`, else None."""
+    policy asks for the correction in `form`, else None.
+
+    The counter behind lambda_t advances also where no quantized weight is updated (all
+    frozen): the schedule counts the run's steps, as `total_steps` does."""
     correction = option.correction
     if correction is None or correction.form != form:
         return None
     graph = program.graph
     quantized = _quantized(graph)
     sites = [s for s in graph.updates() if s.param in quantized and "lr" in s.op.hyperparameters]
+    lam = _lambda(graph, correction)
     if not sites:
-        return None
-    return graph, sites, quantized, _lambda(graph, correction)
+        graph.graph.erase_node(lam)  # the counter's advance stays
+        lam = None
+    return graph, sites, quantized, lam
 
 
 def coupled_correction(program: Program, option: FakeQuant) -> PassResult | None:

@@ -1,7 +1,8 @@
 """LoRDO: low-rank inner steps under one global projection, infrequent sync (ALGORITHMS.md 3).
 
     event "init" (step 0):  Q_W = top-r singular vectors of mean_k(grad_W)   (global; or own grad)
-                            before the inner step below reads it
+                            before the inner step below reads it; with first_projection="identity"
+                            no such event: Q_W starts as the first r basis vectors
     every step:             lordo.lordo_adamw(W, grad_W, u_W, v_W, E_W, step_W, Q_W, ...)
                             (the step's own gradient averaging removed; dense params keep AdamW)
     event "sync" (after steps H, 2H, ...): after the inner step,
@@ -10,9 +11,10 @@
           "low_rank"  all-reduce Q^T y and a sketch y Omega (y = delta + sync error feedback);
                       delta ~ Q mean(Q^T y); the error feedback keeps y - Q Q^T y locally
           "int8"      all-gather int8 codes of y = delta + error feedback, per-row scales
+        with sync_optimizer_state: u, v averaged in the same all-reduce as the deltas;
         Q' from the averaged delta (or its sketch) on every worker alike: Q is never sent;
         the outer step of `outer.py` on the anchor; every worker reset to the anchor;
-        u, v (E) carried to Q'.
+        u, v (E) carried to Q' (on_refresh).
 
 Ablations: `projection="local"` (each worker's Q from its own gradient at each sync) and
 `omega=1` (no full-rank term).
@@ -30,7 +32,7 @@ import torch.fx as fx
 
 from ..graph import STATE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, tag
 from ..ops import op_named
-from ..ops.lordo import NORMALIZERS, int8_rows
+from ..ops.lordo import FULL_RANK_INPUTS, NORMALIZERS, WEIGHT_DECAY_AT, int8_rows, ldadam_carry
 from ..ops.low_rank import METHODS, ON_REFRESH, low_rank_carry
 from .collectives import (
     WORKERS_COMBINE,
@@ -49,6 +51,18 @@ PAYLOADS = ("full", "low_rank", "int8")
 # The inner updates LoRDO writes: a matrix updated by one was selected.
 _INNER_OPS = ("lordo_adamw", "lordo_adamw_full")
 PROJECTIONS = ("global", "local")
+FIRST_PROJECTIONS = ("gradient", "identity")
+# LDAdam's carry of the moments is LoRDO's alone (the authors' code); GaLore keeps ON_REFRESH.
+LORDO_ON_REFRESH = (*ON_REFRESH, "ldadam")
+# What `Policy.lordo(variant=...)` sets. "authors": the authors' public research code as
+# ALGORITHMS.md section 3 reads it (omega 0.97: its value at 720M, inside its 0.90-0.99 sweep).
+VARIANTS = {
+    "default": {},
+    "authors": dict(omega=0.97, mu=1.0, full_rank_normalizer="scalar", full_rank_input="error_fed",
+                    on_refresh="ldadam", sync_optimizer_state=True, first_projection="identity",
+                    weight_decay_at="after", clip=None, payload="full", projection="global", method="svd",
+                    outer_lr=1.0, outer_momentum=0.0, nesterov=False),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,13 +74,22 @@ class LoRDO:
       sync_every: H >= 2, local steps between syncs.
       omega: the quasi-hyperbolic mix: 1 is pure low-rank Adam, below 1 adds the full-rank term.
       mu: scale of the full-rank term's normalizer.
-      full_rank_normalizer: D, "column" (v's mean broadcast), "rms" (RMS of the gradient), or
-        "full" (a full-size second moment: a baseline, it costs m x n per matrix).
+      full_rank_normalizer: D, "column" (v's mean broadcast), "rms" (RMS of the gradient),
+        "full" (a full-size second moment: a baseline, it costs m x n per matrix), or "scalar"
+        (the mean of the low-rank denominator sqrt(v^) + eps, plus eps).
+      full_rank_input: what the full-rank term moves along: "gradient" (the clipped gradient) or
+        "error_fed" (the gradient plus the error feedback, the matrix that is projected).
+      weight_decay_at: the decoupled decay "before" the update (as AdamW) or "after" it.
       projection: "global" (Q from the averaged pseudo-gradient) or "local" (each worker's Q
         from its own gradient at each sync: the paper's ablation).
       method: how Q is computed: "svd", "randomized" or "subspace" (see LowRank).
-      on_refresh: u, v when Q changes: "keep", "reproject" or "reset" (which also clears
-        the error feedback and restarts bias correction).
+      on_refresh: u, v when Q changes: "keep", "reproject" (u by C = Q'^T Q, v by C*C),
+        "ldadam" (u by C, v carried as a variance: ops.lordo.ldadam_carry_math) or "reset"
+        (which also clears the error feedback and restarts bias correction).
+      sync_optimizer_state: also average u and v over workers at every sync (in the basis they
+        share, before they are carried to the new Q); the bytes join the sync's all-reduce.
+      first_projection: Q until the first sync: "gradient" (from the first gradient, averaged:
+        one collective at step 0) or "identity" (the first r basis vectors, no collective).
       payload: what a sync sends for the selected matrices: "full", "low_rank" or "int8".
       sketch_size: extra sketch columns beyond `rank` for the "low_rank" payload.
       outer_lr, outer_momentum, nesterov: the outer SGD (1, 0, False: model averaging).
@@ -85,9 +108,13 @@ class LoRDO:
     omega: float = 0.7
     mu: float = 1.0
     full_rank_normalizer: str = "column"
+    full_rank_input: str = "gradient"
+    weight_decay_at: str = "before"
     projection: str = "global"
     method: str = "svd"
     on_refresh: str = "reproject"
+    sync_optimizer_state: bool = False
+    first_projection: str = "gradient"
     payload: str = "int8"
     sketch_size: int = 8
     oversampling: int = 8
@@ -117,14 +144,23 @@ class LoRDO:
                 ok = ok and (high is None or (value <= high if closed is True else value < high))
             if not ok:
                 raise ValueError(f"LoRDO.{name} is out of range: {value!r}")
-        choices = {"full_rank_normalizer": NORMALIZERS, "projection": PROJECTIONS, "method": METHODS,
-                   "on_refresh": ON_REFRESH, "payload": PAYLOADS}
+        choices = {"full_rank_normalizer": NORMALIZERS, "full_rank_input": FULL_RANK_INPUTS,
+                   "weight_decay_at": WEIGHT_DECAY_AT, "projection": PROJECTIONS, "method": METHODS,
+                   "on_refresh": LORDO_ON_REFRESH, "payload": PAYLOADS, "first_projection": FIRST_PROJECTIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"LoRDO.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.payload == "low_rank" and self.projection != "global":
             raise ValueError("LoRDO.payload='low_rank' sends Q^T delta, which needs one Q on every worker: "
                              "use projection='global'")
+        if not isinstance(self.sync_optimizer_state, bool):
+            raise ValueError(f"LoRDO.sync_optimizer_state must be True or False, got {self.sync_optimizer_state!r}")
+        if self.sync_optimizer_state and self.projection != "global":
+            raise ValueError("LoRDO.sync_optimizer_state=True averages u, v, whose coordinates mean the same only "
+                             "under one Q on every worker: use projection='global'")
+        if self.sync_optimizer_state and self.on_refresh == "reset":
+            raise ValueError("LoRDO.sync_optimizer_state=True averages u, v that on_refresh='reset' then clears: "
+                             "use on_refresh='keep', 'reproject' or 'ldadam', or sync_optimizer_state=False")
         if self.nesterov and self.outer_momentum == 0:
             raise ValueError("LoRDO.nesterov=True needs outer_momentum > 0")
         if self.clip is not None and (not isinstance(self.clip, numbers.Real) or not self.clip > 0):
@@ -217,7 +253,9 @@ def _inner(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix]) -> None:
         nodes = {key: graph.add_state(spec) for key, spec in matrix.specs.items()}
         args = [nodes[key] if key in nodes else site.input(key) for key in op.inputs]
         kwargs = {"omega": float(option.omega), "mu": float(option.mu), "normalizer": option.full_rank_normalizer,
-                  "clip": float(option.clip or 0.0), "tall": matrix.tall, "maximize": site.node.kwargs["maximize"]}
+                  "full_rank_input": option.full_rank_input, "clip": float(option.clip or 0.0),
+                  "weight_decay_at": option.weight_decay_at, "tall": matrix.tall,
+                  "maximize": site.node.kwargs["maximize"]}
         with g.inserting_before(site.node):
             new = tag(g.call_function(op.overload, tuple(args), kwargs), Role.OPTIMIZER_UPDATE, matrix.param,
                       name=f"{op.name}_{matrix.param}")
@@ -389,14 +427,20 @@ def _sync(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix], group: str 
         anchors = hold_anchors(graph, names, "lordo")
         deltas = pseudo_gradients(graph, anchors)
         payload = _PAYLOADS[option.payload](graph, option, names, selected, state, deltas)
+    # What the step writes into each moment: the inner update's, with what later stages fed in.
+    moments = {m.param: {key: graph.last_write(state[m.param][key]).args[1] for key in ("u", "v")} for m in matrices}
+    shared = [(p, key) for p in moments for key in ("u", "v")] if option.sync_optimizer_state else []
     averaged: dict[str, list[fx.Node]] = {}
     gathered: dict[str, list[fx.Node]] = {}
-    if payload.means:
-        params, values = zip(*payload.means)
+    sent = payload.means + [(p, moments[p][key]) for p, key in shared]
+    if sent:
+        params, values = zip(*sent)
         results = insert_mean_all_reduce(graph, list(values), group, Role.GRADIENT, list(params)) if group \
             else values
-        for p, value in zip(params, results):
+        for (p, _), value in zip(payload.means, results):
             averaged.setdefault(p, []).append(value)
+        for (p, key), value in zip(shared, results[len(payload.means):]):
+            moments[p][key] = value
     if payload.gathers and group:
         params, values = zip(*payload.gathers)
         for p, value in zip(params, insert_all_gather(graph, list(values), group, world, Role.GRADIENT,
@@ -417,31 +461,46 @@ def _sync(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix], group: str 
                                                power_iterations=option.power_iterations)
         apply_outer_step(graph, anchors, means, option.outer, "lordo")
         for m in matrices:
-            _carry(graph, option, m, state[m.param], new_q[m.param], _site(graph, m.param))
+            _carry(graph, option, m, state[m.param], new_q[m.param], _site(graph, m.param), moments[m.param])
 
 
 def _carry(graph: TrainGraph, option: LoRDO, matrix: _Matrix, nodes: dict[str, fx.Node], new_q: fx.Node,
-           site: UpdateSite) -> None:
+           site: UpdateSite, moments: dict[str, fx.Node]) -> None:
+    """u, v (from `moments`: the step's, or their average) written for the new Q, and the new Q."""
     g = graph.graph
     p = matrix.param
-    if option.on_refresh == "reproject":
-        for key in ("u", "v"):
-            # What the step writes into the moment: the inner update's, with what later stages fed in.
-            moment = graph.last_write(nodes[key]).args[1]
-            carried = tag(g.call_function(low_rank_carry, (moment, nodes["projection"], new_q),
-                                          {"tall": matrix.tall, "squared": key == "v", "mode": "reproject"}),
-                          Role.OPTIMIZER_UPDATE, p, key, name=f"carried_{key}_{p}")
-            tag(g.call_method("copy_", (nodes[key], carried)), Role.WRITEBACK, p, key, name=f"write_carried_{key}_{p}")
-    elif option.on_refresh == "reset":
+    if option.on_refresh == "reset":
         for key, target in (("u", nodes["u"]), ("v", nodes["v"]), ("error", nodes["error"]),
                             ("step", site.input("step"))):
             zeros = g.call_function(torch.ops.aten.zeros_like.default, (target,))
             tag(g.call_method("copy_", (target, zeros)), Role.WRITEBACK, p, key, name=f"reset_{key}_{p}")
+    elif option.on_refresh == "keep":
+        # The step's own write stands unless the sync averaged the moments.
+        if option.sync_optimizer_state:
+            for key, value in moments.items():
+                tag(g.call_method("copy_", (nodes[key], value)), Role.WRITEBACK, p, key,
+                    name=f"write_averaged_{key}_{p}")
+    elif option.on_refresh == "reproject":
+        for key in ("u", "v"):
+            carried = tag(g.call_function(low_rank_carry, (moments[key], nodes["projection"], new_q),
+                                          {"tall": matrix.tall, "squared": key == "v", "mode": "reproject"}),
+                          Role.OPTIMIZER_UPDATE, p, key, name=f"carried_{key}_{p}")
+            tag(g.call_method("copy_", (nodes[key], carried)), Role.WRITEBACK, p, key, name=f"write_carried_{key}_{p}")
+    else:
+        step = graph.last_write(site.input("step")).args[1]
+        both = tag(g.call_function(ldadam_carry, (moments["u"], moments["v"], step, nodes["projection"], new_q,
+                                                  site.input("beta1"), site.input("beta2")), {"tall": matrix.tall}),
+                   Role.OPTIMIZER_UPDATE, p, name=f"ldadam_carry_{p}")
+        for i, key in enumerate(("u", "v")):
+            carried = tag(g.call_function(operator.getitem, (both, i)), Role.OPTIMIZER_UPDATE, p, key,
+                          name=f"carried_{key}_{p}")
+            tag(g.call_method("copy_", (nodes[key], carried)), Role.WRITEBACK, p, key, name=f"write_carried_{key}_{p}")
     write_projection(graph, p, nodes["projection"], new_q)
 
 
 def _events(option: LoRDO) -> tuple[Event, ...]:
-    return (INIT, Event("sync", every=option.sync_every, first=option.sync_every - 1))
+    sync = Event("sync", every=option.sync_every, first=option.sync_every - 1)
+    return (INIT, sync) if option.first_projection == "gradient" else (sync,)
 
 
 def local_steps(program: Program, option: LoRDO) -> PassResult:

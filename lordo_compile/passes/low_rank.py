@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from ..graph import ROLE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, tag
 from ..ops import op_named
-from ..ops.low_rank import METHODS, ON_REFRESH, low_rank_carry
+from ..ops.low_rank import METHODS, NUMERICS, ON_REFRESH, low_rank_carry
 from .manager import INIT, Event, PassResult, PassRuntime, Program, Stage, register_pass
 from .projection import refreshed_projection, write_projection
 from .select import choose_matrix, validate_selector
@@ -58,6 +58,9 @@ class LowRank:
         iteration warm-started from the previous projection; the first is exact SVD).
       on_refresh: what the moments do when the projection changes: "keep" (GaLore),
         "reproject" into the new basis, or "reset" to zero (and bias correction restarts).
+      numerics: the Adam update's arithmetic: "torch" (torch.optim.AdamW's: eps added to the
+        bias-corrected sqrt(v)) or "galore_torch" (galore-torch's GaLoreAdamW: eps added to
+        sqrt(v) before the bias correction). SGD with momentum has no galore-torch form.
       params: which matrices: None (2-D weights of nn.Linear, not embeddings or the output
         head), a regex on the parameter name, module type(s), or `f(name, ParamInfo) -> bool`.
         Matrices whose smaller side is <= rank always stay dense.
@@ -73,6 +76,7 @@ class LowRank:
     scale: float = 0.25
     method: str = "svd"
     on_refresh: str = "keep"
+    numerics: str = "torch"
     params: object = None
     oversampling: int = 8
     power_iterations: int = 1
@@ -93,6 +97,8 @@ class LowRank:
             raise ValueError(f"LowRank.method must be one of {METHODS}, got {self.method!r}")
         if self.on_refresh not in ON_REFRESH:
             raise ValueError(f"LowRank.on_refresh must be one of {ON_REFRESH}, got {self.on_refresh!r}")
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"LowRank.numerics must be one of {NUMERICS}, got {self.numerics!r}")
         validate_selector("LowRank", self.params)
 
     def choose(self, info: ParamInfo) -> str | None:
@@ -187,6 +193,8 @@ def _rewrite(graph: TrainGraph, site: UpdateSite, plan: MatrixPlan, option: LowR
             else:
                 args.append(site.input(key))
         kwargs = {"scale": float(option.scale), "tall": plan.tall, **site.node.kwargs}
+        if "numerics" in replacement.attributes:
+            kwargs["numerics"] = option.numerics
         new = tag(g.call_function(replacement.overload, tuple(args), kwargs), Role.OPTIMIZER_UPDATE, p,
                   name=f"{replacement.name}_{p}")
     site.node.replace_all_uses_with(new)
@@ -249,6 +257,12 @@ class ProjectionWatch(PassRuntime):
 def low_rank(program: Program, option: LowRank) -> PassResult:
     graph = program.graph
     plans, dense = plan_matrices(option, graph)
+    if option.numerics == "galore_torch":
+        without = [f"{plan.site_param} ({plan.replacement})" for plan in plans
+                   if "numerics" not in op_named(plan.replacement).attributes]
+        if without:
+            raise ValueError("LowRank(numerics='galore_torch') follows galore-torch's AdamW, which has no form for "
+                             f"{', '.join(without)}; use numerics='torch' or an Adam optimizer")
     if not plans:
         matrices = [min(i.shape) for i in graph.params.values() if len(i.shape) == 2]
         hint = (

@@ -28,7 +28,7 @@ from .projection import refreshed_projection, write_projection
 class LowRankDDP:
     """GaLore's low-rank AdamW with every step's projected gradient averaged over workers.
 
-    `low_rank` gives rank, update_proj_gap, scale, method and parameter selection
+    `low_rank` gives rank, update_proj_gap, scale, method, numerics and parameter selection
     (`on_refresh` is GaLore's "keep": the averaged moments need no carrying).
     """
 
@@ -96,7 +96,8 @@ def _rewrite(graph: TrainGraph, plans: list[MatrixPlan], option: LowRankDDP, gro
                 for k in op.inputs]
         with g.inserting_before(site.node):
             new = tag(g.call_function(op.overload, tuple(args),
-                                      {"scale": float(low_rank.scale), "tall": plan.tall, **site.node.kwargs}),
+                                      {"scale": float(low_rank.scale), "tall": plan.tall,
+                                       "numerics": low_rank.numerics, **site.node.kwargs}),
                       Role.OPTIMIZER_UPDATE, site.param, name=f"{op.name}_{site.param}")
         site.node.replace_all_uses_with(new)
         g.erase_node(site.node)

@@ -8,14 +8,22 @@
 
 The gradients checked are those the updates read (after any all-reduce), so under data
 parallelism every worker decides the same way. With local steps between syncs (sync, lordo)
-only the worker with the bad gradient sees it: "skip" is refused there, and "raise" stops
-that worker; the others stop at the next sync (`NonFiniteError`, or `CollectiveError` when
-the stopped worker is gone), possibly after averaging in its bad values, so every worker
-must restart from the last checkpoint. The runtime reads the flags after each call (one small host read per
-step). `on_nonfinite="raise"` raises `NonFiniteError` naming the step and the first bad
-tensor; the state is as it was before the step. `"skip"` counts the step in
-`nonfinite.skipped`, leaves the step counter (and so the schedule) where it was, warns
-once, and training goes on.
+a bad gradient is one worker's own, and its values must not reach the others:
+
+    local step:  poison.copy_(torch.where(ok, poison, nan))            # remembered until the sync
+    sync step:   every float payload p sent becomes p + poison         # NaN everywhere if any worker was bad
+                 flags = lordo.finite_flags([received..., loss, grads...])
+
+so a worker with a bad local step does not apply it, warns, and trains on; at the next sync
+every worker receives a non-finite payload, and every worker raises the same `NonFiniteError`
+at the same step (the received payload is checked first), each with its state as before
+that sync; restart them from the last checkpoint. "skip" is refused there: a worker that
+skipped alone would fall out of step with the others.
+
+The runtime reads the flags after each call (one small host read per step).
+`on_nonfinite="raise"` raises `NonFiniteError` naming the step and the first bad tensor;
+the state is as it was before the step. `"skip"` counts the step in `nonfinite.skipped`,
+leaves the step counter (and so the schedule) where it was, warns once, and training goes on.
 """
 
 from __future__ import annotations
@@ -24,15 +32,24 @@ import warnings
 
 import networkx as nx
 import torch
+import torch.fx as fx
 
 from ..graph import PARAM, ROLE, Role, StateSpec, TrainGraph, events_name, tag
 from ..ops.registry import define_aux_op
 from ..runtime.executor import NonFiniteError
+from .collectives import world_size
 from .manager import PassResult, PassRuntime, Program, RuntimeContext, Stage, register_pass
 
 MODES = ("raise", "skip")
-FLAGS = StateSpec(name="nonfinite.flags", shape=(1,), dtype=torch.bool, owner="on_nonfinite", init="ones")
+FLAGS = StateSpec(name="nonfinite.flags", shape=(1,), dtype=torch.bool, owner="on_nonfinite", init="ones",
+                  holds="scratch")
 SKIPPED = StateSpec(name="nonfinite.skipped", shape=(), dtype=torch.int64, owner="on_nonfinite")
+# NaN from a worker's bad local step until the sync, where it is added to what the worker sends.
+POISON = StateSpec(name="nonfinite.poison", shape=(), dtype=torch.float32, owner="on_nonfinite")
+RECEIVED = "payload received at the sync"
+# On the finite_flags node of a graph whose step is local to each worker (no collective before
+# the checked gradients) in a run of several workers.
+LOCAL = "lordo_nonfinite_local"
 # The finite_flags node carries what each of its flags checks, for the runtime's message.
 LABELS = "lordo_nonfinite_labels"
 
@@ -47,23 +64,82 @@ finite_flags = define_aux_op(
 )
 
 
+def _after_a_collective(node: fx.Node) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current.meta.get(ROLE) == Role.COLLECTIVE:
+            return True
+        for source in current.all_input_nodes:
+            if source not in seen:
+                seen.add(source)
+                stack.append(source)
+    return False
+
+
+def _poison_payloads(graph: TrainGraph, poison: fx.Node) -> list[fx.Node]:
+    """Add `poison` to every float tensor a collective sends; return the float tensors received."""
+    g = graph.graph
+    collectives = [n for n in g.nodes if n.meta.get(ROLE) == Role.COLLECTIVE]
+    for node in collectives:
+        sent = node.args[0] if node.args else None
+        if not isinstance(sent, fx.Node) or sent.meta.get(ROLE) == Role.COLLECTIVE:
+            continue
+        value = sent.meta.get("val")
+        if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+            continue
+        with g.inserting_before(node):
+            poisoned = tag(g.call_function(torch.ops.aten.add.Tensor, (sent, poison)), sent.meta.get(ROLE, Role.OTHER),
+                           name=f"poisoned_{sent.name}")
+        node.args = (poisoned, *node.args[1:])
+    received = []
+    for node in collectives:
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point and \
+                not any(user.meta.get(ROLE) == Role.COLLECTIVE for user in node.users):
+            received.append(node)
+    return received
+
+
+def _largest_received(graph: TrainGraph, received: list[fx.Node], poison: fx.Node) -> fx.Node:
+    """One scalar, NaN or inf where any received value is: every graph of a run with local steps
+    checks one (zero in a graph that receives nothing), so the flags have one length."""
+    g = graph.graph
+    if not received:
+        with g.inserting_after(poison):
+            return tag(g.call_function(torch.zeros_like, (poison,)), Role.OPTIMIZER_UPDATE, name="nothing_received")
+    with g.inserting_before(max(received, key=list(g.nodes).index).next):
+        largest = [g.call_function(torch.ops.aten.amax.default, (g.call_function(torch.ops.aten.abs.default, (r,)),))
+                   for r in received]
+        return tag(g.call_function(torch.ops.aten.amax.default, (g.call_function(torch.stack, (largest,)),)),
+                   Role.OPTIMIZER_UPDATE, name="largest_received")
+
+
 def _guard(graph: TrainGraph) -> None:
     g = graph.graph
     output = next(n for n in reversed(g.nodes) if n.op == "output")
     losses = [n for n in g.nodes if n.meta.get(ROLE) == Role.LOSS]
     loss = losses[-1] if losses else output.args[0][0]
     sites = [s for s in graph.updates() if "lr" in s.op.hyperparameters]
-    labels = ("loss",) + tuple(f"gradient of {s.param}" for s in sites)
+    local = world_size(None) > 1 and not any(_after_a_collective(s.input("grad")) for s in sites)
+    received, poison, receives = [], None, False
+    if local:
+        poison = graph.add_state(POISON)
+        payloads = _poison_payloads(graph, poison)
+        receives = bool(payloads)
+        received = [_largest_received(graph, payloads, poison)]
+    labels = (RECEIVED,) * len(received) + ("loss",) + tuple(f"gradient of {s.param}" for s in sites)
     flags_state = graph.add_state(StateSpec(name=FLAGS.name, shape=(len(labels),), dtype=torch.bool,
-                                            owner=FLAGS.owner, init="ones"))
+                                            owner=FLAGS.owner, init="ones", holds="scratch"))
     skipped = graph.add_state(SKIPPED)
     writebacks = [n for n in g.nodes if n.meta.get(ROLE) == Role.WRITEBACK and n.target == "copy_"]
     order = {n: i for i, n in enumerate(g.nodes)}
-    anchor = max([loss] + [s.input("grad") for s in sites], key=order.__getitem__)
+    checked = received + [loss] + [s.input("grad") for s in sites]
+    anchor = max(checked, key=order.__getitem__)
     with g.inserting_after(anchor):
-        flags = tag(g.call_function(finite_flags, ([loss] + [s.input("grad") for s in sites],)),
-                    Role.OPTIMIZER_UPDATE, name="finite_flags")
+        flags = tag(g.call_function(finite_flags, (checked,)), Role.OPTIMIZER_UPDATE, name="finite_flags")
     flags.meta[LABELS] = labels
+    flags.meta[LOCAL] = local and not receives
     with g.inserting_after(flags):
         ok = tag(g.call_method("all", (flags,)), Role.OPTIMIZER_UPDATE, name="step_is_finite")
     order = {n: i for i, n in enumerate(g.nodes)}
@@ -90,6 +166,10 @@ def _guard(graph: TrainGraph) -> None:
         bad = g.call_function(torch.ops.aten.logical_not.default, (ok,))
         count = g.call_function(torch.ops.aten.add.Tensor, (skipped, bad))
         tag(g.call_method("copy_", (skipped, count)), Role.WRITEBACK, state=SKIPPED.name, name="count_skipped")
+        if poison is not None:
+            nan = tag(g.call_function(torch.full_like, (poison, float("nan"))), Role.OPTIMIZER_UPDATE)
+            kept = tag(g.call_function(torch.where, (ok, poison, nan)), Role.OPTIMIZER_UPDATE)
+            tag(g.call_method("copy_", (poison, kept)), Role.WRITEBACK, state=POISON.name, name="remember_poison")
 
 
 def _check_every_worker_decides_alike(graphs: dict[str, TrainGraph]) -> None:
@@ -127,21 +207,44 @@ class NonFiniteGuard(PassRuntime):
             _check_every_worker_decides_alike(context.graphs)
         self.labels = {name: next(n.meta[LABELS] for n in graph.graph.nodes if LABELS in n.meta)
                        for name, graph in context.graphs.items()}
+        communicates = any(n.meta.get(ROLE) == Role.COLLECTIVE for graph in context.graphs.values()
+                           for n in graph.graph.nodes)
+        self.local = {name: communicates and next(n.meta[LOCAL] for n in graph.graph.nodes if LABELS in n.meta)
+                      for name, graph in context.graphs.items()}
         self.warned = False
+        self.flags: torch.Tensor | None = None
+
+    def setup(self, fresh: set[str]) -> None:
+        # This capture's own flags: a capture over other parameters (a layer frozen since)
+        # allocates a vector of another length, and this capture's graphs keep writing this one.
+        self.flags = self.context.runtime.tensors[FLAGS.name]
 
     def after_call(self, events: frozenset[str]) -> bool:
         runtime = self.context.runtime
-        flags = runtime.tensors[FLAGS.name]
+        flags = self.flags
         if bool(flags.all()):
             return True
         name = events_name(events)
         first = self.labels[name][int((~flags).nonzero()[0])]
+        if self.local[name]:
+            warnings.warn(f"step {runtime.step}: the {first} is not finite on this worker; the step was not "
+                          "applied here, and every worker will raise at the next sync, whose values this worker "
+                          "spoils on purpose so that none of its own reach the others. Restart every worker from "
+                          "the last checkpoint then.", RuntimeWarning, stacklevel=3)
+            return True
         if self.option == "skip":
             if not self.warned:
                 self.warned = True
                 warnings.warn(f"step {runtime.step}: the {first} is not finite; the step was skipped "
                               "(counted in nonfinite.skipped; warned once)", RuntimeWarning, stacklevel=3)
             return False
+        if first == RECEIVED:
+            raise NonFiniteError(
+                f"step {runtime.step} (graph {name!r}): the {first} is not finite: a worker's own values were "
+                "not, at this step or at a local step since the last sync (that worker warned then). Every "
+                "worker raises here; none applied this step, so each one's parameters and optimizer state are "
+                "as before it. Restart every worker from the last checkpoint."
+            )
         raise NonFiniteError(
             f"step {runtime.step} (graph {name!r}): the {first} is not finite (NaN or inf); the step "
             "was not applied, so parameters and optimizer state are as before it. Lower the learning rate, "

@@ -3,6 +3,9 @@
     computed = lordo.low_rank_projection(source, projection, sketch, rank=r, tall=..., method=...)
     new_projection = computed[0]        # r leading singular vectors of the source's smaller side
     projection_finite = computed[1]     # False: the source was not finite, the old projection kept
+
+`source` is oriented as the weight (or is a sketch of it oriented so): its right singular
+vectors when tall, its left ones when wide, from one SVD of `source` itself, as galore-torch.
 """
 
 from __future__ import annotations

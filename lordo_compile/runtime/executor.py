@@ -3,14 +3,15 @@
 Each set of events a step can carry has its own graph, compiled the first time a step
 carries that set (or all at capture, where the step was captured with symbolic shapes)
 and cached. Per call: O(param groups) Python to refresh hyperparameters, one lookup, one
-compiled graph, and the hooks of the passes that asked for one.
+compiled graph, the hooks of the passes that asked for one, and the calls the step makes
+outside its graph (a `scheduler.step()` inside it).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..capture.optim import OptimizerAdapter
 from ..graph import events_name
@@ -54,8 +55,11 @@ class StepExecutor:
         adapters: list[OptimizerAdapter],
         pass_runtimes: list[PassRuntime],
         deterministic: bool = True,
+        after_call: Sequence[Callable[[], None]] = (),
     ) -> None:
         self.graphs = graphs
+        # Calls the step makes outside its graph (a scheduler's step), run eagerly after it.
+        self.after_call = list(after_call)
         self.deterministic = deterministic
         self.log_comm = False
         self.schedule = schedule
@@ -100,6 +104,9 @@ class StepExecutor:
         name = events_name(events)
         self.runtime.calls[name] = self.runtime.calls.get(name, 0) + 1
         applied = [hook.after_call(events) for hook in self.pass_runtimes]
+        # Also after a skipped step, as a scheduler steps after one GradScaler skips.
+        for call in self.after_call:
+            call()
         if not all(applied):
             return out
         self.runtime.step += 1

@@ -30,9 +30,15 @@ class RuntimeState:
         `setup` with the names just created (the passes' own initialisation), then make the
         "same:" copies."""
         fresh = {name: spec for name, spec in specs.items() if name not in self.specs or self.specs[name] != spec}
-        for name in fresh:
-            if name in self.specs:
-                raise ValueError(f"state {name!r} was declared twice with different specs")
+        for name, spec in fresh.items():
+            held = self.specs.get(name)
+            if held is not None and not (held.holds == spec.holds == "scratch"):
+                raise ValueError(
+                    f"state {name!r} of pass {spec.owner!r} was {tuple(held.shape)} {held.dtype} and is now declared "
+                    f"{tuple(spec.shape)} {spec.dtype}: the step was captured again over other parameters (a layer "
+                    f"frozen or unfrozen?), and this state covers them together, so it cannot follow. Freeze or "
+                    f"unfreeze before the first call, or compile a new step (its state starts afresh)."
+                )
         for name, spec in fresh.items():
             if not spec.init.startswith("same:"):
                 self._create(name, spec, params)
@@ -107,6 +113,16 @@ class RuntimeState:
             raise ValueError(
                 f"state_dict does not match this compiled step: missing {sorted(missing)}, "
                 f"unexpected {sorted(unexpected)}; was it saved from a step with another policy?"
+            )
+        wrong = [f"'{name}': saved {tuple(tensor.shape)} {tensor.dtype}, this step holds "
+                 f"{tuple(self.tensors[name].shape)} {self.tensors[name].dtype}"
+                 for name, tensor in state["tensors"].items()
+                 if tuple(tensor.shape) != tuple(self.tensors[name].shape) or not torch.can_cast(tensor.dtype, self.tensors[name].dtype)]
+        if wrong:
+            # copy_ would broadcast a [1, n] tensor into [m, n] and train on from it.
+            raise ValueError(
+                f"state_dict does not match this compiled step: {'; '.join(wrong)}. Was it saved from a model "
+                "of another size, or with other policy options (rank, format)?"
             )
         self.step = int(state["step"])
         self.calls = {k: int(v) for k, v in state.get("calls", {}).items()}

@@ -86,7 +86,7 @@ class TestFourWayGraphs(expecttest.TestCase):
 -write_exp_avg_weight = exp_avg_weight.copy_(new_exp_avg_weight)  # f32[0]  writeback  [exp_avg]
 -write_exp_avg_sq_weight = exp_avg_sq_weight.copy_(new_exp_avg_sq_weight)  # f32[0]  writeback  [exp_avg_sq]
 -write_step_weight = step_weight.copy_(new_step_weight)  # f32[]  writeback  [step]
-+lordo_adamw_weight = lordo.lordo_adamw(weight, grad_weight, lordo_u_weight, lordo_v_weight, lordo_error_weight, step_weight, lordo_projection_weight, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, omega=0.7, mu=1.0, normalizer='column', clip=0.0, tall=False, maximize=False)  # (f32[4, 8], f32[2, 8], f32[2, 8], f32[4, 8], f32[])  optimizer_update  <lordo>
++lordo_adamw_weight = lordo.lordo_adamw(weight, grad_weight, lordo_u_weight, lordo_v_weight, lordo_error_weight, step_weight, lordo_projection_weight, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, omega=0.7, mu=1.0, normalizer='column', full_rank_input='gradient', clip=0.0, weight_decay_at='before', tall=False, maximize=False)  # (f32[4, 8], f32[2, 8], f32[2, 8], f32[4, 8], f32[])  optimizer_update  <lordo>
 +new_param_weight_1 = lordo_adamw_weight[0]  # f32[4, 8]  optimizer_update  <lordo>
 +new_u_weight = lordo_adamw_weight[1]  # f32[2, 8]  optimizer_update  <lordo>
 +new_v_weight = lordo_adamw_weight[2]  # f32[2, 8]  optimizer_update  <lordo>
@@ -147,8 +147,8 @@ class TestFourWayGraphs(expecttest.TestCase):
  loss = torch.nn.functional.mse_loss(linear, y)  # f32[]  loss
 @@ -30,5 +37,5 @@
  group0_weight_decay = group0_hyperparameters[4]  # f64[]  hyperparameter
--lordo_adamw_weight = lordo.lordo_adamw(weight, grad_weight, lordo_u_weight, lordo_v_weight, lordo_error_weight, step_weight, lordo_projection_weight, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, omega=0.7, mu=1.0, normalizer='column', clip=0.0, tall=False, maximize=False)  # (f32[4, 8], f32[2, 8], f32[2, 8], f32[4, 8], f32[])  optimizer_update  <lordo>
-+lordo_adamw_weight = lordo.lordo_adamw(lookahead_weight, grad_weight, lordo_u_weight, lordo_v_weight, lordo_error_weight, step_weight, lordo_projection_weight, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, omega=0.7, mu=1.0, normalizer='column', clip=0.0, tall=False, maximize=False)  # (f32[4, 8], f32[2, 8], f32[2, 8], f32[4, 8], f32[])  optimizer_update  <lordo>
+-lordo_adamw_weight = lordo.lordo_adamw(weight, grad_weight, lordo_u_weight, lordo_v_weight, lordo_error_weight, step_weight, lordo_projection_weight, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, omega=0.7, mu=1.0, normalizer='column', full_rank_input='gradient', clip=0.0, weight_decay_at='before', tall=False, maximize=False)  # (f32[4, 8], f32[2, 8], f32[2, 8], f32[4, 8], f32[])  optimizer_update  <lordo>
++lordo_adamw_weight = lordo.lordo_adamw(lookahead_weight, grad_weight, lordo_u_weight, lordo_v_weight, lordo_error_weight, step_weight, lordo_projection_weight, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, omega=0.7, mu=1.0, normalizer='column', full_rank_input='gradient', clip=0.0, weight_decay_at='before', tall=False, maximize=False)  # (f32[4, 8], f32[2, 8], f32[2, 8], f32[4, 8], f32[])  optimizer_update  <lordo>
  new_param_weight_1 = lordo_adamw_weight[0]  # f32[4, 8]  optimizer_update  <lordo>
 -cage_param_weight = lordo.cage_decoupled(new_param_weight_1, weight, fake_quantize_weight, cage_lambda, group0_lr)  # f32[4, 8]  optimizer_update  <fake_quant>
 +cage_param_weight = lordo.cage_decoupled(new_param_weight_1, lookahead_weight, fake_quantize_weight, cage_lambda, group0_lr)  # f32[4, 8]  optimizer_update  <fake_quant>

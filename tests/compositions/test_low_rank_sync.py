@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
 import lordo_compile as lc
-from common import max_rel_diff
+from common import assert_close, named_parameters
 from lordo_compile.launch import run_workers
 from lordo_compile.models import MLP
 from lordo_compile.testing import training_step
@@ -54,10 +54,6 @@ def _policy(outer, on_refresh):
                                          on_refresh=on_refresh), sync=sync)
 
 
-def _params(model):
-    return [p.detach().clone() for p in model.parameters()]
-
-
 def _compiled(rank, outer, on_refresh):
     model, batches = _problem(rank)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
@@ -67,7 +63,7 @@ def _compiled(rank, outer, on_refresh):
         step(x, y)
     state = step.state_dict()["runtime"]["tensors"]
     return {
-        "params": _params(model),
+        "params": named_parameters(model),
         "P": [state[f"low_rank.projection.{name}"] for name in LOW_RANK],
         "exp_avg": [state[f"low_rank.exp_avg.{name}"] for name in LOW_RANK],
         "graphs": sorted(step.graphs),
@@ -103,7 +99,7 @@ def _eager(rank, world, outer, on_refresh):
                 for a, p in zip(anchor, model.parameters()):
                     p.copy_(a)
     return {
-        "params": _params(model),
+        "params": named_parameters(model),
         "P": [inner.state[w]["P"] for w in inner.low_rank],
         "exp_avg": [inner.state[w]["m"] for w in inner.low_rank],
         "spectral_gap": min(inner.spectral_gaps),
@@ -131,7 +127,7 @@ def test_compiled_matches_galore_inner_steps_and_sync(runs, case):
         # Every refresh saw a gradient whose r leading singular vectors are well separated,
         # so the projections are determined (up to sign) and the comparison is exact.
         assert reference["spectral_gap"] > 1e-3
-        assert max_rel_diff(reference["params"], compiled["params"]) <= 1e-5
+        assert_close(compiled["params"], reference["params"])
         for ours, theirs in zip(compiled["P"], reference["P"]):
             torch.testing.assert_close(ours.abs(), theirs.abs(), rtol=1e-4, atol=1e-5)
         for ours, theirs in zip(compiled["exp_avg"], reference["exp_avg"]):
@@ -152,6 +148,6 @@ def test_projections_stay_local_and_models_agree_after_the_last_sync(runs, case)
     first, second = runs[0][case]["compiled"], runs[1][case]["compiled"]
     # Each worker's P comes from its own gradient, and nothing but the model is sent.
     assert not any(torch.allclose(a.abs(), b.abs()) for a, b in zip(first["P"], second["P"]))
-    assert all(torch.equal(a, b) for a, b in zip(first["params"], second["params"]))
+    assert_close(second["params"], first["params"], rtol=0, atol=0)
     numel = sum(p.numel() for p in MLP((16, 32, 32, 4)).parameters())
     assert first["bytes"] == STEPS // H * numel * 4

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lordo_compile as lc
-from common import max_rel_diff
+from common import assert_close, named_parameters
 from lordo_compile.ops.eco import quantize, uniform_noise
 from lordo_compile.testing import training_step
 
@@ -187,7 +187,7 @@ def test_matches_eager_eco(kind, fmt, rounding):
     reference = _model()
     eager = EagerECO(reference, kind, fmt, "per_row", rounding, "eco", seed=7)
     expected = [float(eager.step(k, x, y)) for k, (x, y) in enumerate(_batches())]
-    assert max_rel_diff(list(reference.parameters()), list(model.parameters())) <= 1e-5
+    assert_close(named_parameters(model), named_parameters(reference))
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
     for w in (model[0].weight, model[2].weight):
         torch.testing.assert_close(w, reference_quantize(w.detach(), fmt), rtol=0, atol=0)
@@ -200,7 +200,7 @@ def test_baselines_match_eager(kind, mode):
     reference = _model()
     eager = EagerECO(reference, kind, "int8", "per_row", "nearest", mode)
     expected = [float(eager.step(k, x, y)) for k, (x, y) in enumerate(_batches())]
-    assert max_rel_diff(list(reference.parameters()), list(model.parameters())) <= 1e-5
+    assert_close(named_parameters(model), named_parameters(reference))
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
 
 
@@ -291,5 +291,5 @@ def test_inductor_rebuilds_freed_weights_and_matches_eager():
     reference = _model()
     eager = EagerECO(reference, "adamw", "int4", "per_row", "stochastic", "eco")
     expected = [float(eager.step(k, x, y)) for k, (x, y) in enumerate(_batches())]
-    assert max_rel_diff(list(reference.parameters()), list(model.parameters())) <= 1e-5
+    assert_close(named_parameters(model), named_parameters(reference))
     np.testing.assert_allclose(losses, expected, rtol=1e-5)

@@ -47,7 +47,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lordo_compile as lc
-from common import max_rel_diff
+from common import assert_close, named_parameters
 from eager_compose import EagerComposed
 from lordo_compile.testing import training_step
 
@@ -233,7 +233,7 @@ def test_a_random_composition_matches_its_eager_reference_or_is_refused(outcomes
 
     assert words is None, f"documented to be refused, but ran: {case}"
     with step.materialized():
-        compiled = [p.detach().clone() for p in model.parameters()]
+        compiled = named_parameters(model)
     reference = _model(case["widths"])
     # The randomized range finder's sketches are drawn by the step; the reference reuses them.
     state = step.state_dict()["runtime"]["tensors"]
@@ -242,5 +242,5 @@ def test_a_random_composition_matches_its_eager_reference_or_is_refused(outcomes
     if not _eager(case, reference, batches, sketches):
         _outcome(outcomes, case, "not comparable")
         return
-    assert max_rel_diff(list(reference.parameters()), compiled) <= 1e-5, case
+    assert_close(compiled, named_parameters(reference), msg=str(case))
     _outcome(outcomes, case, "compared")

@@ -309,6 +309,7 @@ def test_gpt_embeddings_and_head_stay_dense():
         (dict(rank=4, scale=0), r"LowRank.scale must be a number > 0"),
         (dict(rank=4, method="qr"), r"LowRank.method must be one of \('svd', 'randomized', 'subspace'\)"),
         (dict(rank=4, on_refresh="drop"), r"LowRank.on_refresh must be one of"),
+        (dict(rank=4, numerics="galore"), r"LowRank.numerics must be one of \('torch', 'galore_torch'\)"),
         (dict(rank=4, params=3), r"LowRank.params must be None, a regex"),
         (dict(rank=4, params="("), r"LowRank.params is not a valid regex"),
     ],
@@ -316,6 +317,16 @@ def test_gpt_embeddings_and_head_stay_dense():
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         lc.LowRank(**kwargs)
+
+
+def test_galore_torch_numerics_refuse_sgd():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt),
+                      lc.Policy.galore(rank=RANK, numerics="galore_torch"), compiler="eager")
+    with pytest.raises(ValueError, match=r"galore-torch's AdamW, which has no form for 0.weight \(galore_sgd_momentum\)"
+                                         r", 2.weight \(galore_sgd_momentum\); use numerics='torch'"):
+        step(*_batches()[0])
 
 
 def test_rank_larger_than_every_matrix_is_refused():

@@ -35,7 +35,7 @@ class TestLowRankGraphs(expecttest.TestCase):
 -new_exp_avg_net_0_weight = adamw_net_0_weight[1]  # f32[0]  optimizer_update
 -new_exp_avg_sq_net_0_weight = adamw_net_0_weight[2]  # f32[0]  optimizer_update
 -new_step_net_0_weight = adamw_net_0_weight[3]  # f32[]  optimizer_update
-+galore_adamw_net_0_weight = lordo.galore_adamw(net_0_weight, grad_net_0_weight, low_rank_exp_avg_net_0_weight, low_rank_exp_avg_sq_net_0_weight, step_net_0_weight, low_rank_projection_net_0_weight, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, scale=0.25, tall=True, maximize=False)  # (f32[16, 8], f32[16, 4], f32[16, 4], f32[])  optimizer_update  <low_rank>
++galore_adamw_net_0_weight = lordo.galore_adamw(net_0_weight, grad_net_0_weight, low_rank_exp_avg_net_0_weight, low_rank_exp_avg_sq_net_0_weight, step_net_0_weight, low_rank_projection_net_0_weight, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, scale=0.25, tall=True, maximize=False, numerics='torch')  # (f32[16, 8], f32[16, 4], f32[16, 4], f32[])  optimizer_update  <low_rank>
 +new_param_net_0_weight = galore_adamw_net_0_weight[0]  # f32[16, 8]  optimizer_update
 +new_exp_avg_net_0_weight = galore_adamw_net_0_weight[1]  # f32[16, 4]  optimizer_update
 +new_exp_avg_sq_net_0_weight = galore_adamw_net_0_weight[2]  # f32[16, 4]  optimizer_update
@@ -93,7 +93,7 @@ new_projection_net_0_weight = refresh_net_0_weight[0]  # f32[8, 4]  optimizer_up
 projection_finite_net_0_weight = refresh_net_0_weight[1]  # b8[]  optimizer_update  <low_rank>
 carried_exp_avg_net_0_weight = lordo.low_rank_carry(low_rank_exp_avg_net_0_weight, low_rank_projection_net_0_weight, new_projection_net_0_weight, tall=True, squared=False, mode='reproject')  # f32[16, 4]  optimizer_update  <low_rank>
 carried_exp_avg_sq_net_0_weight = lordo.low_rank_carry(low_rank_exp_avg_sq_net_0_weight, low_rank_projection_net_0_weight, new_projection_net_0_weight, tall=True, squared=True, mode='reproject')  # f32[16, 4]  optimizer_update  <low_rank>
-galore_adamw_net_0_weight = lordo.galore_adamw(net_0_weight, grad_net_0_weight, carried_exp_avg_net_0_weight, carried_exp_avg_sq_net_0_weight, step_net_0_weight, new_projection_net_0_weight, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, scale=0.25, tall=True, maximize=False)  # (f32[16, 8], f32[16, 4], f32[16, 4], f32[])  optimizer_update  <low_rank>
+galore_adamw_net_0_weight = lordo.galore_adamw(net_0_weight, grad_net_0_weight, carried_exp_avg_net_0_weight, carried_exp_avg_sq_net_0_weight, step_net_0_weight, new_projection_net_0_weight, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, scale=0.25, tall=True, maximize=False, numerics='torch')  # (f32[16, 8], f32[16, 4], f32[16, 4], f32[])  optimizer_update  <low_rank>
 projection_failed_net_0_weight = aten.logical_not(projection_finite_net_0_weight)  # b8[]  optimizer_update  <low_rank>
 failures_with_net_0_weight = aten.add.Tensor(low_rank_projection_failures, projection_failed_net_0_weight)  # i64[]  optimizer_update  <low_rank>
 count_failures_net_0_weight = low_rank_projection_failures.copy_(failures_with_net_0_weight)  # i64[]  writeback  [low_rank.projection_failures]  <low_rank>
