@@ -8,7 +8,8 @@
     after, on event "refresh" (every `update_proj_gap` steps, from step 0; for the "subspace"
     method, an exact SVD on "init" and warm-started iterations from step T):
         projection = lordo.low_rank_projection(grad_W, low_rank_projection_W, ...)
-        low_rank_projection_W.copy_(projection[0]); failures.copy_(failures + ~projection[1])
+        low_rank_projection_W.copy_(projection[0])
+        failures.copy_(failures + sum over matrices of ~projection[1])   # once, after the last refresh
         [moments carried to the new basis: lordo.low_rank_carry, when on_refresh != "keep"]
         adamw = lordo.galore_adamw(..., projection[0], ...)
 
@@ -154,10 +155,10 @@ def plan_matrices(option: LowRank, graph: TrainGraph) -> tuple[list[MatrixPlan],
 _FAILURES = StateSpec(name="low_rank.projection_failures", shape=(), dtype=torch.int64, owner="low_rank")
 
 
-def _rewrite(graph: TrainGraph, site: UpdateSite, plan: MatrixPlan, option: LowRank, refresh: str | None,
-             failures: fx.Node | None) -> None:
+def _rewrite(graph: TrainGraph, site: UpdateSite, plan: MatrixPlan, option: LowRank,
+             refresh: str | None) -> fx.Node | None:
     """Replace one update by its low-rank form; with `refresh` ("first" or "later"), compute a
-    new projection first."""
+    new projection first and return whether that projection failed."""
     g = graph.graph
     p = plan.site_param
     state = {key: graph.add_state(spec) for key, spec in plan.specs.items()}
@@ -207,13 +208,28 @@ def _rewrite(graph: TrainGraph, site: UpdateSite, plan: MatrixPlan, option: LowR
         # After the update: every read of the old projection (carries, the update) precedes it.
         # (Inserting before a fixed node keeps creation order.)
         with g.inserting_before(new.next):
-            not_finite = tag(g.call_function(torch.ops.aten.logical_not.default, (finite,)), Role.OPTIMIZER_UPDATE,
-                             p, name=f"projection_failed_{p}")
-            counted = tag(g.call_function(torch.ops.aten.add.Tensor, (failures, not_finite)), Role.OPTIMIZER_UPDATE,
-                          p, name=f"failures_with_{p}")
-            tag(g.call_method("copy_", (failures, counted)), Role.WRITEBACK, p, _FAILURES.name,
-                name=f"count_failures_{p}")
+            failed = tag(g.call_function(torch.ops.aten.logical_not.default, (finite,)), Role.OPTIMIZER_UPDATE,
+                         p, name=f"projection_failed_{p}")
             write_projection(graph, p, projection, use_projection)
+        return failed
+    return None
+
+
+def _count_failures(graph: TrainGraph, failed: list[fx.Node]) -> None:
+    """One write of the failure count per step, after the last refresh: a count chained through
+    the state, matrix by matrix, would read between writes that the non-finite guard moves after
+    its check."""
+    g = graph.graph
+    failures = graph.state_node(_FAILURES)
+    order = {n: i for i, n in enumerate(g.nodes)}
+    with g.inserting_before(max(failed, key=order.__getitem__).next):
+        each = tag(g.call_function(torch.ops.aten.stack.default, (failed,)), Role.OPTIMIZER_UPDATE, name="projections_failed")
+        total = tag(g.call_function(torch.ops.aten.sum.default, (each,)), Role.OPTIMIZER_UPDATE,
+                    name="projection_failures_now")
+        counted = tag(g.call_function(torch.ops.aten.add.Tensor, (failures, total)), Role.OPTIMIZER_UPDATE,
+                      name="projection_failures_counted")
+        tag(g.call_method("copy_", (failures, counted)), Role.WRITEBACK, state=_FAILURES.name,
+            name="count_projection_failures")
 
 
 def _events(option: LowRank) -> tuple[Event, ...]:
@@ -278,11 +294,11 @@ def low_rank(program: Program, option: LowRank) -> PassResult:
         refresh = "later"
     else:
         refresh = None
-    failures = graph.state_node(_FAILURES) if refresh is not None else None
     by_param = {plan.site_param: plan for plan in plans}
-    for site in graph.updates():
-        if site.param in by_param:
-            _rewrite(graph, site, by_param[site.param], option, refresh, failures)
+    failed = [_rewrite(graph, site, by_param[site.param], option, refresh)
+              for site in graph.updates() if site.param in by_param]
+    if refresh is not None:
+        _count_failures(graph, failed)
     summary = tuple(
         f"low-rank: {plan.site_param} {list(plan.info.shape)} -> {'tall' if plan.tall else 'wide'}, "
         f"moments {list(plan.specs[next(iter(plan.specs))].shape)}" for plan in plans

@@ -69,10 +69,10 @@ step_net_2_weight: f32[]  optimizer_state  [step]
 exp_avg_net_2_bias: f32[2]  optimizer_state  [exp_avg]
 exp_avg_sq_net_2_bias: f32[2]  optimizer_state  [exp_avg_sq]
 step_net_2_bias: f32[]  optimizer_state  [step]
-low_rank_projection_failures: i64[]  optimizer_state  [low_rank.projection_failures]  <low_rank>
 low_rank_exp_avg_net_0_weight: f32[16, 4]  optimizer_state  [low_rank.exp_avg.net.0.weight]  <low_rank>
 low_rank_exp_avg_sq_net_0_weight: f32[16, 4]  optimizer_state  [low_rank.exp_avg_sq.net.0.weight]  <low_rank>
 low_rank_projection_net_0_weight: f32[8, 4]  optimizer_state  [low_rank.projection.net.0.weight]  <low_rank>
+low_rank_projection_failures: i64[]  optimizer_state  [low_rank.projection_failures]  <low_rank>
 input_1 = torch._C._nn.linear(x, net_0_weight, net_0_bias)  # f32[4, 16]  forward
 input_2 = torch.nn.functional.relu(input_1, inplace=False)  # f32[4, 16]  forward
 input_3 = torch._C._nn.linear(input_2, net_2_weight, net_2_bias)  # f32[4, 2]  forward
@@ -95,8 +95,10 @@ carried_exp_avg_net_0_weight = lordo.low_rank_carry(low_rank_exp_avg_net_0_weigh
 carried_exp_avg_sq_net_0_weight = lordo.low_rank_carry(low_rank_exp_avg_sq_net_0_weight, low_rank_projection_net_0_weight, new_projection_net_0_weight, tall=True, squared=True, mode='reproject')  # f32[16, 4]  optimizer_update  <low_rank>
 galore_adamw_net_0_weight = lordo.galore_adamw(net_0_weight, grad_net_0_weight, carried_exp_avg_net_0_weight, carried_exp_avg_sq_net_0_weight, step_net_0_weight, new_projection_net_0_weight, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, scale=0.25, tall=True, maximize=False, numerics='torch')  # (f32[16, 8], f32[16, 4], f32[16, 4], f32[])  optimizer_update  <low_rank>
 projection_failed_net_0_weight = aten.logical_not(projection_finite_net_0_weight)  # b8[]  optimizer_update  <low_rank>
-failures_with_net_0_weight = aten.add.Tensor(low_rank_projection_failures, projection_failed_net_0_weight)  # i64[]  optimizer_update  <low_rank>
-count_failures_net_0_weight = low_rank_projection_failures.copy_(failures_with_net_0_weight)  # i64[]  writeback  [low_rank.projection_failures]  <low_rank>
+projections_failed = aten.stack([projection_failed_net_0_weight])  # b8[1]  optimizer_update  <low_rank>
+projection_failures_now = aten.sum(projections_failed)  # i64[]  optimizer_update  <low_rank>
+projection_failures_counted = aten.add.Tensor(low_rank_projection_failures, projection_failures_now)  # i64[]  optimizer_update  <low_rank>
+count_projection_failures = low_rank_projection_failures.copy_(projection_failures_counted)  # i64[]  writeback  [low_rank.projection_failures]  <low_rank>
 write_projection_net_0_weight = low_rank_projection_net_0_weight.copy_(new_projection_net_0_weight)  # f32[8, 4]  writeback  [projection]  <low_rank>
 new_param_net_0_weight = galore_adamw_net_0_weight[0]  # f32[16, 8]  optimizer_update
 new_exp_avg_net_0_weight = galore_adamw_net_0_weight[1]  # f32[16, 4]  optimizer_update
