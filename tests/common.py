@@ -16,12 +16,6 @@ from lordo_compile.testing import training_step
 SMALL_GPT = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32)
 
 
-def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    """max over tensors of max|a - b| / max|a|. Superseded by `assert_close`; kept until
-    tests/passes/test_low_rank.py moves to it."""
-    return max(((x - y).abs().max() / x.abs().max().clamp_min(1e-30)).item() for x, y in zip(a, b))
-
-
 Tensors = Union[torch.Tensor, Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
 
 
