@@ -1,0 +1,180 @@
+"""Paired-seed comparisons, the way every loss claim here is tested (ALGORITHMS.md section 10).
+
+A comparison is a list of `Config`s and a function that trains one of them with one seed
+and returns its figures (at least `val_loss`). Every configuration
+runs with the same seeds (a seed fixes the model's initialisation and the batch order, so
+per seed every configuration sees the same model and the same data), and each row reports:
+
+- `mean`: the mean validation loss over the seeds;
+- `seed_spread`: the largest minus the smallest of them (how far seeds alone move a run);
+- `diff_vs_baseline`, `ci_low`, `ci_high`: the mean per-seed difference against the row's
+  baseline and its 95% interval (t with n - 1 degrees of freedom), the figure a claim reads.
+
+A configuration with a `sweep` (several sets of option values: learning rates, or DiLoCo's
+outer learning rate and momentum) is tuned first: each set trains on the tuning seeds
+(disjoint from the reported ones), and the one with the lowest mean validation loss is
+used for the reported seeds; the row records it (`chosen`, `tuning`, and `lr` when the
+sweep sets one). Every configuration of a comparison should get the same sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
+
+from .common import print_table, write_json
+
+# Two-sided 95% quantiles of Student's t, t(0.975; df) for df = 1..30; beyond, the normal's.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+TUNING_SEED_OFFSET = 1000
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration of a comparison. `options` is what the benchmark's run function
+    reads (policy knobs, `lr`, batch size, ...); `baseline` names the configuration it is
+    compared with (None: it is a baseline itself); `sweep` lists option sets to tune over
+    (each merged into `options`; without tuning seeds, `options` is used as it is)."""
+
+    name: str
+    options: dict = field(default_factory=dict)
+    baseline: str | None = None
+    sweep: tuple[dict, ...] = ()
+
+    def with_options(self, choice: dict) -> "Config":
+        return replace(self, options={**self.options, **choice})
+
+
+Run = Callable[[Config, int], dict]
+
+
+def t975(df: int) -> float:
+    if df < 1:
+        raise ValueError(f"a 95% interval needs at least 2 paired seeds, got {df + 1}")
+    return _T975[df - 1] if df <= len(_T975) else 1.960
+
+
+def paired_interval(differences: Sequence[float]) -> tuple[float, float, float]:
+    """Mean of the per-seed differences and its 95% t interval."""
+    n = len(differences)
+    mean = statistics.fmean(differences)
+    half = t975(n - 1) * statistics.stdev(differences) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, seeds: int = 3, tuning_seeds: int = 1,
+                  compiler: str = "aot_eager") -> None:
+    """The arguments every comparison takes."""
+    parser.add_argument("--seeds", type=int, default=seeds, help="paired seeds per configuration (0, 1, ...)")
+    parser.add_argument("--tuning-seeds", type=int, default=tuning_seeds,
+                        help=f"seeds for the learning-rate sweep ({TUNING_SEED_OFFSET}, ...: disjoint from the reported)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="learning rates every configuration is tuned over (default: each benchmark's sweep)")
+    parser.add_argument("--compiler", default=compiler, choices=["inductor", "aot_eager"])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, 2 seeds, no tuning")
+    parser.add_argument("--json", help="write the rows and the setup here")
+
+
+def seeds_of(args: argparse.Namespace) -> tuple[list[int], list[int]]:
+    """Reported and tuning seeds (a quick run: 2 and none)."""
+    if args.quick:
+        return [0, 1], []
+    if args.seeds < 2:
+        raise ValueError(f"--seeds {args.seeds}: an interval needs at least 2 paired seeds")
+    return list(range(args.seeds)), [TUNING_SEED_OFFSET + i for i in range(args.tuning_seeds)]
+
+
+def compare(configs: Sequence[Config], run: Run, seeds: Sequence[int], tuning_seeds: Sequence[int] = (),
+            log: Callable[[str], None] = print) -> list[dict]:
+    """Train every configuration on every seed (after tuning it where it has a sweep) and
+    return one row per configuration, baselines' differences included."""
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"configuration names must be unique: {names}")
+    unknown = [c.baseline for c in configs if c.baseline is not None and c.baseline not in names]
+    if unknown:
+        raise ValueError(f"baseline(s) {unknown} are not configurations of this comparison ({names})")
+    if len(seeds) < 2:
+        raise ValueError(f"a paired comparison needs at least 2 seeds, got {list(seeds)}")
+    if set(seeds) & set(tuning_seeds):
+        raise ValueError(f"tuning seeds {sorted(set(seeds) & set(tuning_seeds))} are also reported seeds")
+    rows = []
+    for config in configs:
+        chosen, tuning = _tune(config, run, tuning_seeds, log)
+        config = config.with_options(chosen)
+        runs = []
+        for seed in seeds:
+            started = time.perf_counter()
+            figures = dict(run(config, seed))
+            figures.setdefault("wall_s", time.perf_counter() - started)
+            runs.append({"seed": seed, **figures})
+            log(f"  {config.name} seed {seed}: val loss {figures['val_loss']:.4f}")
+        values = [r["val_loss"] for r in runs]
+        rows.append({"config": config.name, "baseline": config.baseline, "lr": config.options.get("lr"),
+                     "chosen": chosen, "tuning": tuning,
+                     "mean": statistics.fmean(values), "n_seeds": len(values),
+                     "seed_spread": max(values) - min(values), "values": values, "runs": runs})
+    by_name = {row["config"]: row for row in rows}
+    for row in rows:
+        base = by_name.get(row["baseline"])
+        if base is None:
+            row.update(diff_vs_baseline=None, ci_low=None, ci_high=None)
+            continue
+        row.update(zip(("diff_vs_baseline", "ci_low", "ci_high"),
+                       paired_interval([a - b for a, b in zip(row["values"], base["values"])])))
+    return rows
+
+
+def _tune(config: Config, run: Run, tuning_seeds: Sequence[int], log) -> tuple[dict, list[dict]]:
+    if len(config.sweep) < 2 or not tuning_seeds:
+        return {}, []
+    tuning = []
+    for choice in config.sweep:
+        losses = [run(config.with_options(choice), seed)["val_loss"] for seed in tuning_seeds]
+        tuning.append({"chosen": choice, "mean": statistics.fmean(losses), "values": losses})
+        log(f"  {config.name} {choice} (tuning seeds): val loss {tuning[-1]['mean']:.4f}")
+    return min(tuning, key=lambda t: t["mean"])["chosen"], tuning
+
+
+def lr_sweep(args: argparse.Namespace, default: Sequence[float]) -> tuple[dict, ...]:
+    """The learning-rate sweep every configuration of a comparison gets: `--lrs`, or `default`."""
+    return tuple({"lr": lr} for lr in (args.lrs or default))
+
+
+def verdict(row: dict, better: str = "lower", tolerance: float = 0.0) -> str:
+    """ALGORITHMS.md section 10: "reproduced" when the interval lies on the claim's side of
+    `tolerance` (a claim that the row is at most `tolerance` worse, or better when 0),
+    "contradicted" when it lies wholly on the other side, "inconclusive" otherwise."""
+    low, high = row["ci_low"], row["ci_high"]
+    if better == "lower":
+        return "reproduced" if high <= tolerance else "contradicted" if low > tolerance else "inconclusive"
+    return "reproduced" if low >= -tolerance else "contradicted" if high < -tolerance else "inconclusive"
+
+
+COLUMNS = [("config", "config", "<28"), ("lr", "lr", ".2g"), ("mean", "val loss", ".4f"),
+           ("seed_spread", "seed spread", ".4f"), ("diff_vs_baseline", "diff vs base", "+.4f"),
+           ("ci_low", "95% low", "+.4f"), ("ci_high", "95% high", "+.4f")]
+
+
+def report(rows: list[dict], header: str, extra: Sequence[tuple[str, str, str]] = ()) -> None:
+    """The table every comparison prints, with the baselines' seed spread under it."""
+    print(header)
+    shown = [{k: ("" if v is None else v) for k, v in row.items()} for row in rows]
+    print_table(shown, COLUMNS + list(extra))
+    for row in rows:
+        if row["baseline"] is None:
+            print(f"seed spread of baseline {row['config']}: {row['seed_spread']:.4f} nats over {row['n_seeds']} seeds")
+
+
+def save(path: str | None, header: str, rows: list[dict], args: argparse.Namespace, **setup) -> dict:
+    """The JSON every comparison writes: its setup (the command's arguments) and its rows."""
+    result = {"header": header, "arguments": {k: v for k, v in vars(args).items() if k != "json"},
+              "rows": rows, **setup}
+    write_json(path, result)
+    return result

@@ -1,0 +1,84 @@
+"""benchmarks/harness.py: paired seeds, the t interval, learning-rate tuning on disjoint seeds."""
+
+import argparse
+
+import pytest
+
+from benchmarks.harness import Config, add_arguments, compare, paired_interval, seeds_of, verdict
+
+
+def test_the_interval_is_students_t_on_the_paired_differences():
+    # differences 1, 2, 3: mean 2, sample sd 1, t(0.975; 2) = 4.303
+    mean, low, high = paired_interval([1.0, 2.0, 3.0])
+    assert mean == pytest.approx(2.0)
+    assert (low, high) == pytest.approx((2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5), abs=1e-9)
+
+
+def test_differences_are_paired_by_seed():
+    # Seeds move both configurations by the same large amount; the difference is 0.01 on
+    # every seed, so a paired interval is exactly that while unpaired means would be noise.
+    offsets = {0: 0.0, 1: 0.5, 2: -0.3}
+
+    def run(config, seed):
+        return {"val_loss": 2.0 + offsets[seed] + config.options["extra"]}
+
+    rows = compare([Config("base", {"extra": 0.0}), Config("other", {"extra": 0.01}, baseline="base")], run,
+                   seeds=[0, 1, 2], log=lambda line: None)
+    base, other = rows
+    assert base["seed_spread"] == pytest.approx(0.8) and base["diff_vs_baseline"] is None
+    assert other["diff_vs_baseline"] == pytest.approx(0.01)
+    assert other["ci_low"] == pytest.approx(0.01) and other["ci_high"] == pytest.approx(0.01)
+    assert [r["seed"] for r in other["runs"]] == [0, 1, 2] and other["n_seeds"] == 3
+
+
+def test_the_learning_rate_is_chosen_on_the_tuning_seeds_only():
+    seen = []
+
+    def run(config, seed):
+        lr = config.options["lr"]
+        seen.append((seed, lr))
+        # On the tuning seed lr 0.1 is best; a choice that peeked at the reported seeds would take 0.3.
+        best = 0.1 if seed >= 1000 else 0.3
+        return {"val_loss": 1.0 + abs(lr - best)}
+
+    sweep = ({"lr": 0.1}, {"lr": 0.2}, {"lr": 0.3})
+    (row,) = compare([Config("tuned", {"lr": 0.2}, sweep=sweep)], run, seeds=[0, 1], tuning_seeds=[1000],
+                     log=lambda line: None)
+    assert row["lr"] == 0.1 and row["chosen"] == {"lr": 0.1}
+    assert [t["chosen"] for t in row["tuning"]] == list(sweep)
+    assert sorted(seen) == [(0, 0.1), (1, 0.1), (1000, 0.1), (1000, 0.2), (1000, 0.3)]
+
+
+def test_bad_comparisons_are_refused():
+    run = lambda config, seed: {"val_loss": 1.0}  # noqa: E731
+    with pytest.raises(ValueError, match="baseline"):
+        compare([Config("a", baseline="missing")], run, seeds=[0, 1])
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        compare([Config("a")], run, seeds=[0])
+    with pytest.raises(ValueError, match="also reported"):
+        compare([Config("a")], run, seeds=[0, 1], tuning_seeds=[1])
+    with pytest.raises(ValueError, match="unique"):
+        compare([Config("a"), Config("a")], run, seeds=[0, 1])
+
+
+def test_verdicts():
+    assert verdict({"ci_low": -0.03, "ci_high": -0.01}) == "reproduced"
+    assert verdict({"ci_low": 0.01, "ci_high": 0.03}) == "contradicted"
+    assert verdict({"ci_low": -0.01, "ci_high": 0.01}) == "inconclusive"
+    # "within 1%": an interval below the tolerance reproduces it even if it is above zero.
+    assert verdict({"ci_low": 0.001, "ci_high": 0.009}, tolerance=0.01) == "reproduced"
+
+
+def test_quick_runs_use_two_seeds_and_no_tuning():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert seeds_of(parser.parse_args(["--quick"])) == ([0, 1], [])
+    assert seeds_of(parser.parse_args([])) == ([0, 1, 2], [1000])
+    with pytest.raises(ValueError, match="at least 2"):
+        seeds_of(parser.parse_args(["--seeds", "1"]))
+
+
+def test_without_tuning_seeds_the_options_are_used_as_given():
+    (row,) = compare([Config("a", {"lr": 0.2}, sweep=({"lr": 0.1}, {"lr": 0.3}))],
+                     lambda config, seed: {"val_loss": config.options["lr"]}, seeds=[0, 1], log=lambda line: None)
+    assert row["lr"] == 0.2 and row["tuning"] == [] and row["mean"] == 0.2
