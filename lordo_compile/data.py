@@ -36,3 +36,11 @@ class ByteBatches:
         """A fixed set of validation batches (seeded), so every run is scored on the same text."""
         generator = torch.Generator().manual_seed(1234)
         return [self.batch(batch_size, generator, "val") for _ in range(count)]
+
+    def val_split(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The whole held-out text as consecutive, non-overlapping windows (the last partial
+        window dropped), in batches of `batch_size`: the evaluation set with no sampling noise."""
+        count = (len(self.val) - 1) // self.block_size
+        inputs = self.val[: count * self.block_size].view(count, self.block_size)
+        targets = self.val[1 : count * self.block_size + 1].view(count, self.block_size)
+        return [(inputs[i : i + batch_size], targets[i : i + batch_size]) for i in range(0, count, batch_size)]

@@ -37,7 +37,7 @@ class RunConfig:
     heads: int = 4
     lr: float = 3e-3
     warmup: int = 30
-    val_batches: int = 8
+    val_batches: int = 8  # 0: the whole held-out split (`ByteBatches.val_split`)
     seed: int = 0
     compiler: str = "inductor"
     eval_every: int = 0
@@ -70,9 +70,10 @@ def evaluate(model: TinyGPT, batches: list[tuple[torch.Tensor, torch.Tensor]], s
     """Mean validation loss of the model as the compiled step's forward computes it."""
     model.eval()
     with as_trained(model, step):
-        losses = [float(model.loss(x, y)) for x, y in batches]
+        # Weighted by each batch's tokens: the whole split's last batch is smaller.
+        totals = [(float(model.loss(x, y)) * y.numel(), y.numel()) for x, y in batches]
     model.train()
-    return sum(losses) / len(losses)
+    return sum(t for t, _ in totals) / sum(n for _, n in totals)
 
 
 @contextlib.contextmanager
@@ -145,7 +146,8 @@ def train_tiny_gpt(policy: Policy, config: RunConfig = RunConfig(), log: Callabl
 
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     data = ByteBatches(block_size=config.seq_len)
-    val_batches = data.val_batches(config.batch_size, config.val_batches)
+    val_batches = data.val_batches(config.batch_size, config.val_batches) if config.val_batches else \
+        data.val_split(config.batch_size)
     # Same model on every worker (same seed), different data on each (seed + rank).
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     generator = torch.Generator().manual_seed(config.seed + rank)

@@ -3,6 +3,7 @@
 import argparse
 
 import pytest
+import torch
 
 from benchmarks.harness import Config, add_arguments, compare, paired_interval, seeds_of, verdict
 
@@ -82,3 +83,12 @@ def test_without_tuning_seeds_the_options_are_used_as_given():
     (row,) = compare([Config("a", {"lr": 0.2}, sweep=({"lr": 0.1}, {"lr": 0.3}))],
                      lambda config, seed: {"val_loss": config.options["lr"]}, seeds=[0, 1], log=lambda line: None)
     assert row["lr"] == 0.2 and row["tuning"] == [] and row["mean"] == 0.2
+
+
+def test_the_whole_validation_split_is_every_held_out_byte_once():
+    from lordo_compile.data import ByteBatches
+
+    data = ByteBatches(block_size=8, data=torch.arange(100, dtype=torch.uint8))  # held out: 90..99
+    batches = data.val_split(batch_size=1)
+    assert [x.tolist() for x, _ in batches] == [[list(range(90, 98))]]
+    assert [y.tolist() for _, y in batches] == [[list(range(91, 99))]]
