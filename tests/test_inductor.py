@@ -73,5 +73,5 @@ def same_seed_run(rank, world, policy_name):
 def test_two_processes_with_the_same_seed_are_bit_identical_with_two_threads(policy_name):
     # Two workers at once: the step sends nothing, so they are two independent runs that
     # share the cores (and the wall time).
-    first, second = run_workers(same_seed_run, 2, threads=2, args=(policy_name,))
+    first, second = run_workers(same_seed_run, 2, threads=2, args=(policy_name,), timeout=900)
     assert len(first) == len(second) and all(torch.equal(a, b) for a, b in zip(first, second))
