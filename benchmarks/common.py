@@ -51,15 +51,12 @@ def median_ms(times: list[float]) -> float:
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
-    """columns: (key, header, format spec)."""
-    widths = [max(len(header), 10) for _, header, _ in columns]
+    """columns: (key, header, format spec); each column as wide as its widest cell."""
+    cells = [[format(row[key], spec) if row.get(key, "") != "" else "" for key, _, spec in columns] for row in rows]
+    widths = [max([len(header)] + [len(line[i]) for line in cells]) for i, (_, header, _) in enumerate(columns)]
     print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths)))
-    for row in rows:
-        cells = []
-        for (key, _, spec), width in zip(columns, widths):
-            value = row.get(key, "")
-            cells.append((format(value, spec) if value != "" else "").rjust(width))
-        print("  ".join(cells))
+    for line in cells:
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
 
 
 def write_json(path: str | None, payload: dict) -> None:

@@ -162,6 +162,22 @@ COLUMNS = [("config", "config", "<28"), ("lr", "lr", ".2g"), ("mean", "val loss"
            ("ci_low", "95% low", "+.4f"), ("ci_high", "95% high", "+.4f")]
 
 
+def claim_line(row: dict, better: str = "lower", tolerance: float = 0.0, label: str | None = None) -> str:
+    """"<config> vs <baseline>: diff +d [low, high]: <verdict>", the line each claim prints."""
+    label = label or f"{row['config']} vs {row['baseline']}"
+    return (f"{label}: diff {row['diff_vs_baseline']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]: "
+            f"{verdict(row, better, tolerance)}")
+
+
+def versus(rows: list[dict], name: str, other: str) -> dict:
+    """A paired comparison of two configurations outside the baseline each row names
+    (adaptive rotation against always rotating): a row-like dict for `claim_line`."""
+    by_name = {row["config"]: row for row in rows}
+    a, b = by_name[name]["values"], by_name[other]["values"]
+    low_high = paired_interval([x - y for x, y in zip(a, b)])
+    return dict(zip(("diff_vs_baseline", "ci_low", "ci_high"), low_high), config=name, baseline=other)
+
+
 def report(rows: list[dict], header: str, extra: Sequence[tuple[str, str, str]] = ()) -> None:
     """The table every comparison prints, with the baselines' seed spread under it."""
     print(header)
@@ -174,7 +190,8 @@ def report(rows: list[dict], header: str, extra: Sequence[tuple[str, str, str]] 
 
 def save(path: str | None, header: str, rows: list[dict], args: argparse.Namespace, **setup) -> dict:
     """The JSON every comparison writes: its setup (the command's arguments) and its rows."""
+    seeds, tuning_seeds = seeds_of(args)
     result = {"header": header, "arguments": {k: v for k, v in vars(args).items() if k != "json"},
-              "rows": rows, **setup}
+              "seeds": seeds, "tuning_seeds": tuning_seeds, "rows": rows, **setup}
     write_json(path, result)
     return result

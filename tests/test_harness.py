@@ -5,7 +5,7 @@ import argparse
 import pytest
 import torch
 
-from benchmarks.harness import Config, add_arguments, compare, paired_interval, seeds_of, verdict
+from benchmarks.harness import Config, add_arguments, claim_line, compare, paired_interval, seeds_of, verdict, versus
 
 
 def test_the_interval_is_students_t_on_the_paired_differences():
@@ -92,3 +92,11 @@ def test_the_whole_validation_split_is_every_held_out_byte_once():
     batches = data.val_split(batch_size=1)
     assert [x.tolist() for x, _ in batches] == [[list(range(90, 98))]]
     assert [y.tolist() for _, y in batches] == [[list(range(91, 99))]]
+
+
+def test_a_pair_outside_the_baselines_is_paired_by_seed_too():
+    values = {"a": [1.0, 2.0, 3.0], "b": [1.5, 2.5, 3.5]}
+    rows = [{"config": name, "values": v} for name, v in values.items()]
+    row = versus(rows, "a", "b")
+    assert (row["diff_vs_baseline"], row["ci_low"], row["ci_high"]) == pytest.approx((-0.5, -0.5, -0.5))
+    assert claim_line(row) == "a vs b: diff -0.5000 [-0.5000, -0.5000]: reproduced"
