@@ -1,14 +1,22 @@
 """EMA-Nesterov against AdamW and a one-step (Nesterov) lookahead: validation loss, tiny GPT.
 
-    python -m benchmarks.ema_nesterov [--quick] [--json PATH]
+    python -m benchmarks.ema_nesterov [--steps N] [--batch B] [--beta 0.5] [--gamma 0.9] [--decay-start 0.8]
+                                      [--seeds 3] [--tuning-seeds 1] [--lrs LR ...] [--compiler inductor]
+                                      [--quick] [--json PATH]
 
-Every row trains the same tiny GPT (same seeds, steps, batches, AdamW with the warm-up and
-cosine schedule of `lordo-compile train`). The lookahead rows wrap that AdamW in
-`EMANesterov`: beta_t = `--beta` from the end of the learning-rate warm-up to
+Every row trains the same tiny GPT (per seed the same initialisation and batches, AdamW with
+the warm-up and cosine schedule of `lordo-compile train`). The lookahead rows wrap that
+AdamW in `EMANesterov`: beta_t = `--beta` from the end of the learning-rate warm-up to
 `--decay-start` x steps, 0 before and after. "EMA-Nesterov" keeps d as an EMA of the
 updates (gamma = `--gamma`); "one-step lookahead" is gamma = 0, d = theta_t - theta_{t-1}.
-Each row is the mean over `--seeds` runs (seeds 0, 1, ...: model init and batches);
-`step_ms` is the smallest per-run median step time.
+The loss is that on the whole held-out split.
+
+Both lookahead rows are compared, seed by seed (benchmarks/harness.py), with AdamW (their
+baseline): the claim is that the lookahead lowers the loss. Every row's learning rate is
+tuned over the same sweep (`--lrs`, default 1.5e-3, 3e-3 and 6e-3 around `lordo-compile
+train`'s 3e-3) on the tuning seeds. `step ms` is the smallest per-seed median step time (the
+one least disturbed by other jobs); `step vs AdamW` divides it by AdamW's.
+`--quick`: 40 steps, aot_eager, 2 seeds, no tuning.
 """
 
 from __future__ import annotations
@@ -20,21 +28,19 @@ import torch
 import lordo_compile as lc
 from lordo_compile.experiment import RunConfig, train_tiny_gpt
 
-from .common import print_table, write_json
+from . import harness
 
 
-def _rows(gamma: float) -> list[dict]:
-    return [
-        dict(config="AdamW", gamma=None),
-        dict(config="EMA-Nesterov", gamma=gamma),
-        dict(config="one-step lookahead", gamma=0.0),
-    ]
+def configs(sweep: tuple[dict, ...], gamma: float, lr: float = 3e-3) -> list[harness.Config]:
+    return [harness.Config("AdamW", {"lr": lr, "gamma": None}, None, sweep),
+            harness.Config("EMA-Nesterov", {"lr": lr, "gamma": gamma}, "AdamW", sweep),
+            harness.Config("one-step lookahead", {"lr": lr, "gamma": 0.0}, "AdamW", sweep)]
 
 
-def _policy(row: dict, beta: float, warmup: int, decay_start: int) -> lc.Policy:
-    if row["gamma"] is None:
+def _policy(gamma: float | None, beta: float, warmup: int, decay_start: int) -> lc.Policy:
+    if gamma is None:
         return lc.Policy()
-    return lc.Policy(ema_nesterov=lc.EMANesterov(beta=beta, gamma=row["gamma"], warmup_steps=warmup,
+    return lc.Policy(ema_nesterov=lc.EMANesterov(beta=beta, gamma=gamma, warmup_steps=warmup,
                                               decay_start=decay_start))
 
 
@@ -42,58 +48,35 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seeds", type=int, default=2, help="runs per row (model, data): the loss is their mean")
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--gamma", type=float, default=0.9, help="the EMA row's gamma")
     parser.add_argument("--decay-start", type=float, default=0.8, help="beta_t = 0 from this fraction of the run on")
-    parser.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager"])
-    parser.add_argument("--quick", action="store_true", help="40 steps, aot_eager: a smoke run")
-    parser.add_argument("--json")
+    harness.add_arguments(parser, compiler="inductor")
     args = parser.parse_args(argv)
-    steps = 40 if args.quick else args.steps
-    compiler = "aot_eager" if args.quick else args.compiler
+    steps, compiler = (40, "aot_eager") if args.quick else (args.steps, args.compiler)
+    seeds, tuning_seeds = harness.seeds_of(args)
     warmup = RunConfig.warmup
     decay_start = int(args.decay_start * steps)
-    rows = []
-    for spec in _rows(args.gamma):
-        losses, times = [], []
-        for seed in range(args.seeds):
-            config = RunConfig(steps=steps, batch_size=args.batch, compiler=compiler, seed=seed)
-            run = train_tiny_gpt(_policy(spec, args.beta, warmup, decay_start), config)
-            losses.append(run.val_loss)
-            times.append(run.median_ms())
-        rows.append(dict(config=spec["config"], gamma=spec["gamma"], val_loss=sum(losses) / len(losses),
-                         val_losses=losses, step_ms=min(times)))
-        print(f"  {spec['config']}: val loss {losses}, {rows[-1]['step_ms']:.1f} ms/step", flush=True)
-    base = rows[0]
+
+    def run(config: harness.Config, seed: int) -> dict:
+        setup = RunConfig(steps=steps, batch_size=args.batch, lr=config.options["lr"], val_batches=0,
+                          compiler=compiler, seed=seed)
+        result = train_tiny_gpt(_policy(config.options["gamma"], args.beta, warmup, decay_start), setup)
+        return {"val_loss": result.val_loss, "step_ms": result.median_ms()}
+
+    rows = harness.compare(configs(harness.lr_sweep(args, default=(1.5e-3, 3e-3, 6e-3)), args.gamma), run, seeds,
+                           tuning_seeds)
     for row in rows:
-        row["gap_vs_adamw"] = row["val_loss"] - base["val_loss"]
-        row["step_vs_adamw"] = row["step_ms"] / base["step_ms"]
+        row["step_ms"] = min(r["step_ms"] for r in row["runs"])
+        row["step_vs_adamw"] = row["step_ms"] / rows[0]["step_ms"]
     header = (f"tiny GPT, {steps} steps x {args.batch} sequences of 128 bytes, compiler {compiler}, "
-              f"{torch.get_num_threads()} thread(s), mean of {args.seeds} seeds; lookahead beta {args.beta} for "
-              f"steps {warmup} to {decay_start}")
-    noise = max(max(r["val_losses"]) - min(r["val_losses"]) for r in rows)
-    print(header)
-    print_table(rows, [("config", "config", "<18"), ("val_loss", "val loss", ".4f"),
-                       ("gap_vs_adamw", "vs AdamW", "+.4f"), ("step_ms", "step ms", ".1f"),
-                       ("step_vs_adamw", "step vs AdamW", ".2f")])
-    claim = _claim(rows, noise)
-    print(claim)
-    result = {"header": header, "steps": steps, "seeds": args.seeds, "beta": args.beta, "warmup_steps": warmup,
-              "decay_start": decay_start, "rows": rows, "claim": claim, "seed_spread": noise}
-    write_json(args.json, result)
-    return result
-
-
-def _claim(rows: list[dict], noise: float) -> str:
-    adamw, ema, one_step = rows
-    diffs = [
-        [a - b for a, b in zip(row["val_losses"], adamw["val_losses"])] for row in (ema, one_step)
-    ]
-    return (f"EMA-Nesterov {ema['val_loss']:.4f} ({ema['gap_vs_adamw']:+.4f} vs AdamW, per seed "
-            f"{', '.join(f'{d:+.4f}' for d in diffs[0])}); one-step lookahead {one_step['val_loss']:.4f} "
-            f"({one_step['gap_vs_adamw']:+.4f}, per seed {', '.join(f'{d:+.4f}' for d in diffs[1])}); "
-            f"seeds of one row spread up to {noise:.4f}")
+              f"{torch.get_num_threads()} thread(s), seeds {seeds}, lr tuned on seeds {tuning_seeds or 'none'}; "
+              f"lookahead beta {args.beta} for steps {warmup} to {decay_start}")
+    harness.report(rows, header, [("step_ms", "step ms", ".1f"), ("step_vs_adamw", "step vs AdamW", ".2f")])
+    claims = [harness.claim_line(row) for row in rows if row["baseline"]]
+    print("\n".join(claims))
+    return harness.save(args.json, header, rows, args, steps=steps, compiler=compiler, warmup_steps=warmup,
+                        decay_start=decay_start, claims=claims)
 
 
 if __name__ == "__main__":
