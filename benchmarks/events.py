@@ -148,7 +148,8 @@ def main(argv=None) -> dict:
                        ("refresh_ms", "refresh ms", ".1f"), ("refresh_ratio", "vs", ".3f")])
     for name, error in failed.items():
         print(f"{name}: Inductor could not compile it ({error})")
-    result = {"rows": rows, "failed": failed, "rank": args.rank, "steps": args.steps, "threads": torch.get_num_threads(),
+    result = {"rows": rows, "failed": failed, "rank": args.rank, "steps": args.steps,
+              "threads": torch.get_num_threads(),
               "batch": [args.batch_size, cfg.block_size]}
     write_json(args.json, result)
     return result

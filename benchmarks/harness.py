@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, seeds: int = 3, tuning_see
     """The arguments every comparison takes."""
     parser.add_argument("--seeds", type=int, default=seeds, help="paired seeds per configuration (0, 1, ...)")
     parser.add_argument("--tuning-seeds", type=int, default=tuning_seeds,
-                        help=f"seeds for the learning-rate sweep ({TUNING_SEED_OFFSET}, ...: disjoint from the reported)")
+                        help=f"seeds for tuning ({TUNING_SEED_OFFSET}, ...: disjoint from the reported ones)")
     parser.add_argument("--lrs", type=float, nargs="+", default=None,
                         help="learning rates every configuration is tuned over (default: each benchmark's sweep)")
     parser.add_argument("--compiler", default=compiler, choices=["inductor", "aot_eager"])
@@ -169,13 +169,19 @@ def claim_line(row: dict, better: str = "lower", tolerance: float = 0.0, label: 
             f"{verdict(row, better, tolerance)}")
 
 
+def paired(values: Sequence[float], others: Sequence[float]) -> dict:
+    """The per-seed differences `values - others` as `verdict` and `claim_line` read a row."""
+    if len(values) != len(others):
+        raise ValueError(f"paired values need one per seed on both sides, got {len(values)} and {len(others)}")
+    differences = [a - b for a, b in zip(values, others)]
+    return dict(zip(("diff_vs_baseline", "ci_low", "ci_high"), paired_interval(differences)))
+
+
 def versus(rows: list[dict], name: str, other: str) -> dict:
     """A paired comparison of two configurations outside the baseline each row names
     (adaptive rotation against always rotating): a row-like dict for `claim_line`."""
     by_name = {row["config"]: row for row in rows}
-    a, b = by_name[name]["values"], by_name[other]["values"]
-    low_high = paired_interval([x - y for x, y in zip(a, b)])
-    return dict(zip(("diff_vs_baseline", "ci_low", "ci_high"), low_high), config=name, baseline=other)
+    return {**paired(by_name[name]["values"], by_name[other]["values"]), "config": name, "baseline": other}
 
 
 def report(rows: list[dict], header: str, extra: Sequence[tuple[str, str, str]] = ()) -> None:

@@ -1,14 +1,37 @@
-"""LoRDO against its baselines: bytes sent vs validation loss, 4 gloo workers, tiny GPT.
+"""LoRDO against its baselines on paired seeds: validation loss and bytes sent, gloo workers, tiny GPT.
 
     python -m benchmarks.lordo --json benchmarks/results/lordo.json \\
-        --plot benchmarks/results/lordo.png --markdown benchmarks/RESULTS.md [--quick]
+        --plot benchmarks/results/lordo.png --markdown benchmarks/RESULTS.md [--seeds 3] [--quick]
 
-Every row trains the same tiny GPT (same seed) for the same steps on the same number of
-tokens, each worker on its own batches of CPython's bundled help text: DDP AdamW,
-low-rank DDP, DiLoCo, and LoRDO (local projection, global with omega = 1, the default
-omega < 1, and each compressed payload) at two ranks, plus a small-batch pair. Bytes are
-counted by each compiled step (`step.comm_report()`); optimizer-state bytes by
-`step.memory_report()`.
+Every configuration trains the same tiny GPT for the same steps, each worker on its own
+batches of CPython's bundled help text, on the same seeds (a seed fixes the model and
+every worker's batches: `benchmarks.harness`), at the peak learning rate its tuning seeds
+chose from the same sweep (`LRS`, or --lrs). The rows, and the baseline each is compared with:
+
+- "ddp": DDP AdamW, the reference;
+- "diloco" and "low_rank_ddp r=R" (R in --ranks): against ddp. DiLoCo's outer learning rate
+  and momentum are tuned with its learning rate (`DILOCO_GRID`);
+- "lordo r=R" (the defaults of `lc.LoRDO`) and one knob changed from them: "lordo local
+  projection r=R", "lordo omega=1 r=R" (no full-rank term), "lordo payload=full r=R",
+  "lordo payload=low_rank r=R": against low-rank DDP at the same rank;
+- "low_rank_ddp r=R batch=B" (a baseline itself: DDP runs at the other batch) and "lordo
+  r=R batch=B" against it (R the first rank, B --small-batch): the small-batch pair.
+
+The paper's claims, each a verdict on a paired 95% interval (`harness.verdict`):
+
+- LoRDO is within 1% of low-rank DDP (the tolerance is 1% of low-rank DDP's mean loss,
+  in nats) while sending >= 10x fewer bytes than it, and >= 100x fewer than DDP;
+- the global projection beats the local one (local minus global > 0);
+- the full-rank term helps (omega=1 minus the default > 0);
+- LoRDO gains most at small batch (its gap to low-rank DDP is smaller at batch B);
+- DiLoCo is within 1% of DDP.
+
+Bytes per worker are counted by each compiled step (`step.comm_report()`), optimizer-state
+bytes by `step.memory_report()`; neither depends on the seed, so both are the first
+seed's. The curve (validation loss against bytes sent) is the mean over the seeds.
+`--quick`: 2 workers, 16 steps of a one-layer model, sync every 8, the first rank only.
+`run` (and `policy`) also train the rows of `benchmarks.sync` and `benchmarks.lordo_sweep`;
+`run_rows` the one-seed rows of `benchmarks.lordo_bytes`.
 """
 
 from __future__ import annotations
@@ -17,157 +40,230 @@ import argparse
 import json
 import os
 import platform
-import time
+import statistics
+from dataclasses import replace
 
 import torch
 
 import lordo_compile as lc
 from lordo_compile.experiment import RunConfig, train_tiny_gpt
 from lordo_compile.launch import run_workers
-from lordo_compile.models import TinyGPT
 
-from .common import print_table, write_json
+from . import harness
+from .harness import Config
 
 SYNC_EVERY = 32
-COLUMNS = [("label", "policy", "<36"), ("bytes_per_worker", "bytes/worker", ","),
-           ("ratio_vs_ddp", "x fewer vs ddp", ".1f"), ("ratio_vs_low_rank_ddp", "x fewer vs lr-ddp", ".1f"),
-           ("val_loss", "val loss", ".3f"), ("relative_gap", "gap vs lr-ddp", "+.2%"), ("state_bytes", "opt state B", ",")]
+LR = 3e-3
+LRS = (1e-3, 3e-3, 1e-2)
+# DiLoCo's outer-step defaults were chosen for 500-step sync intervals; these are tuned per interval.
+DILOCO_GRID = tuple({"outer_lr": lr, "outer_momentum": m} for lr in (0.5, 0.7, 1.0) for m in (0.5, 0.9))
+TOLERANCE = 0.01  # "within 1%": a fraction of the baseline's mean loss
+BYTES = [("bytes_per_worker", "bytes/worker", ","), ("ratio_vs_baseline", "x fewer vs base", ".1f"),
+         ("relative_diff", "rel. diff", "+.2%")]
+COLUMNS = BYTES + [("ratio_vs_ddp", "x fewer vs ddp", ".1f"), ("state_bytes", "opt state B", ",")]
 
 
-def _rows(ranks: list[int], small_batch: int) -> list[dict]:
-    """Each LoRDO row changes one knob from the defaults (`lc.LoRDO`), the "lordo" row has none."""
-    rows = [dict(policy="ddp", rank=None, make="ddp"), dict(policy="diloco", rank=None, make="diloco")]
+def policy(options: dict) -> lc.Policy:
+    """The policy a configuration's options name (`policy`, `sync_every`, `rank`, ...)."""
+    kind, every = options["policy"], options.get("sync_every")
+    if kind == "ddp":
+        return lc.Policy.ddp()
+    if kind == "local_sgd":
+        return lc.Policy.local_sgd(every)
+    if kind == "diloco":
+        return lc.Policy.diloco(every, outer_lr=options["outer_lr"], outer_momentum=options["outer_momentum"])
+    if kind == "low_rank_ddp":
+        # Its projection is refreshed as often as LoRDO's (at each sync).
+        return lc.Policy.low_rank_ddp(options["rank"], update_proj_gap=every)
+    return lc.Policy.lordo(options["rank"], every, **options.get("fields", {}))
+
+
+def diloco_sweep(sweep: tuple[dict, ...]) -> tuple[dict, ...]:
+    return tuple({**lr, **outer} for lr in sweep for outer in DILOCO_GRID)
+
+
+def run(config: Config, seed: int, setup: RunConfig, workers: int) -> dict:
+    """Train `config` from `seed` on `workers` gloo workers; rank 0's figures."""
+    options = config.options
+    setup = replace(setup, seed=seed, lr=options["lr"], batch_size=options.get("batch", setup.batch_size))
+    return run_workers(worker, workers, timeout=3600, args=(options, setup))[0]
+
+
+def worker(rank: int, world: int, options: dict, setup: RunConfig) -> dict:
+    # Only rank 0's curve is kept, and evaluating holds no collective: the others skip it.
+    result = train_tiny_gpt(policy(options), setup if rank == 0 else replace(setup, eval_every=0))
+    return {"val_loss": result.val_loss, "bytes_per_worker": result.step.comm_report().bytes_sent,
+            "state_bytes": result.step.memory_report().state_bytes_after, "curve": result.curve,
+            "parameters": sum(p.numel() for p in result.model.parameters())}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8, help="sequences of 128 bytes per worker per step")
+
+
+def setup_of(args: argparse.Namespace, **quick) -> RunConfig:
+    """The run every configuration shares. `--quick` makes it a smoke run: 2 workers, 16
+    steps of a one-layer model, aot_eager, and the benchmark's own `quick` argument values."""
+    if args.quick:
+        vars(args).update(workers=2, steps=16, compiler="aot_eager", **quick)
+    return RunConfig(steps=args.steps, batch_size=args.batch, compiler=args.compiler, val_batches=0,
+                     layers=1 if args.quick else RunConfig.layers)
+
+
+def tuned_over(sweep: tuple[dict, ...], tuning_seeds: list[int], diloco: bool = False) -> str:
+    if not tuning_seeds:
+        return f"peak lr {LR:g}"
+    also = " (DiLoCo's with its outer lr and momentum)" if diloco else ""
+    return f"peak lr tuned over {[s['lr'] for s in sweep]}{also} on seeds {tuning_seeds}"
+
+
+def add_figures(rows: list[dict], configs: list[Config]) -> None:
+    """Each row's options, bytes, state bytes and mean curve, and its ratios and relative
+    difference against its baseline (and the "ddp" row, where there is one)."""
+    by_name = {row["config"]: row for row in rows}
+    for row, config in zip(rows, configs):
+        first, curves = row["runs"][0], [r["curve"] for r in row["runs"]]
+        row.update(options={**config.options, **row["chosen"]}, bytes_per_worker=first["bytes_per_worker"],
+                   state_bytes=first["state_bytes"],
+                   curve=[(step, sent, statistics.fmean(c[i][2] for c in curves))
+                          for i, (step, sent, _) in enumerate(curves[0])])
+    for row in rows:
+        base, ddp, sent = by_name.get(row["baseline"]), by_name.get("ddp"), row["bytes_per_worker"] or 1
+        row["ratio_vs_baseline"] = base["bytes_per_worker"] / sent if base else None
+        row["relative_diff"] = row["diff_vs_baseline"] / base["mean"] if base else None
+        row["ratio_vs_ddp"] = ddp["bytes_per_worker"] / sent if ddp else None
+
+
+def claim(text: str, row: dict, better: str = "lower", tolerance: float = 0.0) -> str:
+    return (f"{text}: {row['diff_vs_baseline']:+.4f} nats [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]: "
+            f"{harness.verdict(row, better, tolerance)}")
+
+
+def within(row: dict, base: dict, name: str) -> str:
+    return claim(f"{row['config']} within 1% of {name}", row, "lower", TOLERANCE * base["mean"])
+
+
+def headline(row: dict, base: dict) -> str:
+    """The paper's claim for a LoRDO row: within 1% of low-rank DDP (`base`) at >= 10x fewer
+    bytes than it, and >= 100x fewer than DDP (where the comparison has it)."""
+    targets = (("low-rank DDP", row["ratio_vs_baseline"], 10), ("DDP", row["ratio_vs_ddp"], 100))
+    return "; ".join([within(row, base, "low-rank DDP")] + [
+        f"{ratio:.1f}x fewer bytes than {name} (>= {target}x: {'met' if ratio >= target else 'NOT met'})"
+        for name, ratio, target in targets if ratio is not None])
+
+
+def configs(ranks: list[int], small_batch: int, sync_every: int, sweep: tuple[dict, ...]) -> list[Config]:
+    def lordo(name: str, rank: int, base: str, **options) -> Config:
+        return Config(name, {"policy": "lordo", "rank": rank, "sync_every": sync_every, "lr": LR, **options},
+                      base, sweep)
+
+    def low_rank_ddp(name: str, rank: int, base: str | None, **options) -> Config:
+        return Config(name, {"policy": "low_rank_ddp", "rank": rank, "sync_every": sync_every, "lr": LR, **options},
+                      base, sweep)
+
+    rows = [Config("ddp", {"policy": "ddp", "lr": LR}, sweep=sweep),
+            Config("diloco", {"policy": "diloco", "sync_every": sync_every, "lr": LR, "outer_lr": 0.7,
+                              "outer_momentum": 0.9}, "ddp", diloco_sweep(sweep))]
     for rank in ranks:
-        rows += [
-            dict(policy="low_rank_ddp", rank=rank, make="low_rank_ddp"),
-            dict(policy="lordo local projection", rank=rank, make="lordo", options=dict(projection="local")),
-            dict(policy="lordo omega=1", rank=rank, make="lordo", options=dict(omega=1.0)),
-            dict(policy="lordo", rank=rank, make="lordo", options={}),
-            dict(policy="lordo payload=full", rank=rank, make="lordo", options=dict(payload="full")),
-            dict(policy="lordo payload=low_rank", rank=rank, make="lordo", options=dict(payload="low_rank")),
-        ]
-    rows += [dict(policy="low_rank_ddp", rank=ranks[0], make="low_rank_ddp", batch=small_batch),
-             dict(policy="lordo", rank=ranks[0], make="lordo", options={}, batch=small_batch)]
-    return rows
+        base = f"low_rank_ddp r={rank}"
+        rows += [low_rank_ddp(base, rank, "ddp"),
+                 lordo(f"lordo r={rank}", rank, base),
+                 lordo(f"lordo local projection r={rank}", rank, base, fields={"projection": "local"}),
+                 lordo(f"lordo omega=1 r={rank}", rank, base, fields={"omega": 1.0}),
+                 lordo(f"lordo payload=full r={rank}", rank, base, fields={"payload": "full"}),
+                 lordo(f"lordo payload=low_rank r={rank}", rank, base, fields={"payload": "low_rank"})]
+    # No baseline for the small-batch low-rank DDP: DDP runs at the other batch size.
+    small = f"r={ranks[0]} batch={small_batch}"
+    return rows + [low_rank_ddp(f"low_rank_ddp {small}", ranks[0], None, batch=small_batch),
+                   lordo(f"lordo {small}", ranks[0], f"low_rank_ddp {small}", batch=small_batch)]
+
+
+def claims(rows: list[dict], ranks: list[int], small_batch: int) -> list[str]:
+    by = {row["config"]: row for row in rows}
+
+    def gap(name: str) -> list[float]:
+        return [a - b for a, b in zip(by[f"lordo {name}"]["values"], by[f"low_rank_ddp {name}"]["values"])]
+
+    lines = []
+    for rank in ranks:
+        lordo = by[f"lordo r={rank}"]
+        lines += [headline(lordo, by[f"low_rank_ddp r={rank}"]),
+                  claim(f"r={rank}: the global projection beats the local one (local - global)",
+                        harness.paired(by[f"lordo local projection r={rank}"]["values"], lordo["values"]), "higher"),
+                  claim(f"r={rank}: the full-rank term helps (omega=1 - default)",
+                        harness.paired(by[f"lordo omega=1 r={rank}"]["values"], lordo["values"]), "higher")]
+    small = f"r={ranks[0]} batch={small_batch}"
+    lines += [claim(f"LoRDO gains most at small batch (its gap to low-rank DDP at {small} - at r={ranks[0]})",
+                    harness.paired(gap(small), gap(f"r={ranks[0]}")), "lower"),
+              within(by["diloco"], by["ddp"], "DDP")]
+    return lines
 
 
 def run_rows(rows: list[dict], workers: int, steps: int, batch: int, compiler: str) -> list[dict]:
-    """Train every row with `workers` gloo workers; ratios and gaps are against the rows
-    named "ddp" and "low_rank_ddp" (same rank and batch), where present."""
+    """One seed of each of `benchmarks.lordo_bytes`'s rows (dicts of `policy`, `rank`, `make`
+    and LoRDO `options`): it reads bytes, which no seed changes. Ratios are against the row
+    "ddp" and the "low_rank_ddp" row at the same rank."""
+    setup = RunConfig(steps=steps, batch_size=batch, compiler=compiler)
     for row in rows:
-        result = run_workers(worker, workers, timeout=3600, args=(row, steps, batch, compiler))[0]
-        row.update(result)
-        row["label"] = _label(row)
-        print(f"  {row['label']}: val loss {row['val_loss']:.3f}, {row['bytes_per_worker']:,} bytes", flush=True)
-    ddp = next((r for r in rows if r["policy"] == "ddp"), None)
+        options = {"policy": row["make"], "rank": row["rank"], "sync_every": SYNC_EVERY, "lr": LR,
+                   "fields": row.get("options", {})}
+        row.update(run(Config(row["policy"], options), 0, setup, workers),
+                   label=row["policy"] + (f" r={row['rank']}" if row["rank"] else ""))
+    ddp, low_rank = next(r for r in rows if r["make"] == "ddp"), [r for r in rows if r["make"] == "low_rank_ddp"]
     for row in rows:
-        candidates = [r for r in rows if r["policy"] == "low_rank_ddp" and r.get("batch") == row.get("batch")]
-        base = ([r for r in candidates if r["rank"] == row["rank"]] or candidates)[0]
-        sent = row["bytes_per_worker"] or 1
-        if ddp is not None:
-            row["ratio_vs_ddp"] = ddp["bytes_per_worker"] / sent
-        row["ratio_vs_low_rank_ddp"] = base["bytes_per_worker"] / sent
-        row["gap_vs_low_rank_ddp"] = row["val_loss"] - base["val_loss"]
-        row["relative_gap"] = row["gap_vs_low_rank_ddp"] / base["val_loss"]
+        base = next((r for r in low_rank if r["rank"] == row["rank"]), low_rank[0])
+        row["ratio_vs_ddp"] = ddp["bytes_per_worker"] / (row["bytes_per_worker"] or 1)
+        row["ratio_vs_low_rank_ddp"] = base["bytes_per_worker"] / (row["bytes_per_worker"] or 1)
     return rows
-
-
-def _policy(row: dict) -> lc.Policy:
-    if row["make"] == "ddp":
-        return lc.Policy.ddp()
-    if row["make"] == "diloco":
-        return lc.Policy.diloco(sync_every=SYNC_EVERY)
-    if row["make"] == "low_rank_ddp":
-        return lc.Policy.low_rank_ddp(rank=row["rank"], update_proj_gap=SYNC_EVERY)
-    return lc.Policy.lordo(rank=row["rank"], sync_every=SYNC_EVERY, **row["options"])
-
-
-def worker(rank: int, world: int, row: dict, steps: int, batch: int, compiler: str) -> dict:
-    config = RunConfig(steps=steps, batch_size=row.get("batch", batch), compiler=compiler,
-                       eval_every=max(1, steps // 8))
-    started = time.perf_counter()
-    run = train_tiny_gpt(_policy(row), config)
-    return {"val_loss": run.val_loss, "bytes_per_worker": run.step.comm_report().bytes_sent,
-            "state_bytes": run.step.memory_report().state_bytes_after, "curve": run.curve,
-            "wall_s": time.perf_counter() - started}
-
-
-def _label(row: dict) -> str:
-    label = row["policy"] + (f" r={row['rank']}" if row["rank"] else "")
-    return label + (f" batch={row['batch']}" if "batch" in row else "")
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8, help="sequences of 128 bytes per worker per step")
+    add_run_arguments(parser)
     parser.add_argument("--small-batch", type=int, default=2)
-    parser.add_argument("--ranks", type=int, nargs=2, default=[8, 32])
-    parser.add_argument("--compiler", default="aot_eager", choices=["aot_eager", "inductor"])
-    parser.add_argument("--quick", action="store_true", help="32 steps, rank 8 only: a smoke run")
-    parser.add_argument("--json")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--sync-every", type=int, default=SYNC_EVERY)
     parser.add_argument("--plot", help="PNG of validation loss against bytes sent (needs matplotlib)")
-    parser.add_argument("--markdown", help="write a results page (table, plot, command) here")
+    parser.add_argument("--markdown", help="write a results page (table, claims, plot, command) here")
     parser.add_argument("--redraw", metavar="JSON", help="no training: redraw --plot/--markdown from a saved --json")
+    harness.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.redraw:
-        return _redraw(args)
-    steps = 32 if args.quick else args.steps
-    ranks = [args.ranks[0], args.ranks[0]] if args.quick else args.ranks
-    rows = run_rows(_rows(sorted(set(ranks)) if args.quick else ranks, args.small_batch), args.workers, steps,
-                    args.batch, args.compiler)
-    columns = COLUMNS
-    header = (f"tiny GPT ({sum(p.numel() for p in TinyGPT().parameters()):,} parameters), {args.workers} gloo workers x {args.batch} sequences of 128 bytes, {steps} steps, "
-              f"sync every {SYNC_EVERY}, compiler {args.compiler}")
-    print(header)
-    print_table(rows, columns)
-    targets = _targets(rows, ranks)
-    for line in targets:
-        print(line)
-    keep = ("policy", "rank", "label", "bytes_per_worker", "ratio_vs_ddp", "ratio_vs_low_rank_ddp", "val_loss",
-            "gap_vs_low_rank_ddp", "relative_gap", "state_bytes", "curve", "wall_s", "batch")
-    result = {"header": header, "steps": steps, "workers": args.workers, "sync_every": SYNC_EVERY,
-              "rows": [{k: row[k] for k in keep if k in row} for row in rows], "targets": targets}
-    write_json(args.json, result)
-    if args.plot:
-        _plot(rows, args.plot, header)
-    if args.markdown:
-        _markdown(args, rows, columns, header, targets)
+        with open(args.redraw) as f:
+            result = json.load(f)
+        _draw(result, args.plot, args.markdown, args.redraw)
+        return result
+    # The plot's curve: 9 points.
+    setup = replace(setup_of(args, sync_every=8, ranks=args.ranks[:1]), eval_every=max(1, args.steps // 8))
+    seeds, tuning_seeds = harness.seeds_of(args)
+    sweep = harness.lr_sweep(args, LRS)
+    comparison = configs(args.ranks, args.small_batch, args.sync_every, sweep)
+    rows = harness.compare(comparison, lambda config, seed: run(config, seed, setup, args.workers), seeds,
+                           tuning_seeds)
+    add_figures(rows, comparison)
+    header = (f"tiny GPT ({rows[0]['runs'][0]['parameters']:,} parameters), {args.workers} gloo workers x "
+              f"{args.batch} sequences of 128 bytes, {args.steps} steps, sync every {args.sync_every}, seeds {seeds}, "
+              f"{tuned_over(sweep, tuning_seeds, diloco=True)}, compiler {args.compiler}")
+    harness.report(rows, header, COLUMNS)
+    lines = claims(rows, args.ranks, args.small_batch)
+    print("\n".join(lines))
+    result = harness.save(args.json, header, rows, args, claims=lines)
+    _draw(result, args.plot, args.markdown, args.json)
     return result
 
 
-def _redraw(args) -> dict:
-    with open(args.redraw) as f:
-        result = json.load(f)
-    args.workers, args.steps, args.json = result["workers"], result["steps"], args.redraw
-    if args.plot:
-        _plot(result["rows"], args.plot, result["header"])
-    if args.markdown:
-        _markdown(args, result["rows"], COLUMNS, result["header"], result["targets"])
-    return result
-
-
-def _targets(rows: list[dict], ranks: list[int]) -> list[str]:
-    """The issue's targets, checked on the default LoRDO row at each rank."""
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "NOT met"
-
-    lines = []
-    for rank in sorted(set(ranks)):
-        default = next(r for r in rows if r["policy"] == "lordo" and r["rank"] == rank and "batch" not in r)
-        fewer, gap = default["ratio_vs_low_rank_ddp"], default["relative_gap"]
-        lines.append(
-            f"r={rank}: default LoRDO sends {fewer:.1f}x fewer bytes than low-rank DDP (target >= 10x: "
-            f"{verdict(fewer >= 10)}) at {gap:+.2%} validation loss (target within 1%: {verdict(gap <= 0.01)}); "
-            f"{default.get('ratio_vs_ddp', float('nan')):.0f}x fewer than DDP (target >= 100x with a compressed "
-            f"payload: {verdict(default.get('ratio_vs_ddp', 0) >= 100)})")
-    return lines
+def _draw(result: dict, plot: str | None, markdown: str | None, json_path: str | None) -> None:
+    if plot:
+        _plot(result["rows"], plot, result["header"])
+    if markdown:
+        _markdown(result, markdown, plot, json_path)
 
 
 def _plot(rows: list[dict], path: str, title: str) -> None:
-    """Validation loss against cumulative bytes, one line per row (points before the first
-    byte is sent sit off a log axis and are left out)."""
+    """Mean validation loss against cumulative bytes, one line per row (points before the
+    first byte is sent sit off a log axis and are left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,36 +271,42 @@ def _plot(rows: list[dict], path: str, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(10, 6.5))
     colors = plt.get_cmap("tab20").colors
-    ranks = sorted({r["rank"] for r in rows if r.get("rank")})
+    ranks = sorted({row["options"]["rank"] for row in rows if "rank" in row["options"]})
     for i, row in enumerate(rows):
-        curve = [(b, loss) for _, b, loss in row["curve"] if b > 0]
-        style = ":" if "batch" in row else "--" if row.get("rank") and row["rank"] != ranks[0] else "-"
-        ax.plot(*zip(*curve), style, color=colors[i % len(colors)], marker="o", markersize=3, label=row["label"])
+        curve = [(sent, loss) for _, sent, loss in row["curve"] if sent > 0]
+        rank = row["options"].get("rank")
+        style = ":" if "batch" in row["options"] else "--" if rank not in (None, ranks[0]) else "-"
+        ax.plot(*zip(*curve), style, color=colors[i % len(colors)], marker="o", markersize=3, label=row["config"])
     ax.set_xscale("log")
     ax.set_xlabel("bytes sent per worker (cumulative)")
-    ax.set_ylabel("validation loss (nats per byte)")
+    ax.set_ylabel("validation loss (nats per byte), mean over seeds")
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def _markdown(args, rows, columns, header, targets) -> None:
-    flags = {"--workers": args.workers, "--steps": args.steps, "--batch": args.batch, "--compiler": args.compiler,
-             "--json": args.json, "--plot": args.plot, "--markdown": args.markdown}
-    command = "python -m benchmarks.lordo" + "".join(f" {k} {v}" for k, v in flags.items() if v is not None)
-    command += " --quick" if args.quick else ""
-    lines = ["# LoRDO results", "", "Regenerate this page, its plot and its JSON with:", "", "```bash", command,
-             "```", "", header + f"; {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}.",
-             "", "| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [format(row[k], spec) if isinstance(row[k], (int, float)) else str(row[k]) for k, _, spec in columns]
-        lines.append("| " + " | ".join(c.strip() for c in cells) + " |")
-    lines += ["", "Targets (the paper's headline at this scale):", ""] + [f"- {t}" for t in targets]
-    if args.plot:
-        relative = os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.markdown)))
+def _markdown(result: dict, path: str, plot: str | None, json_path: str | None) -> None:
+    """The results page: the command that regenerates it, the table, the claims, the plot."""
+    arguments = {**result["arguments"], "json": json_path, "plot": plot, "markdown": path, "redraw": None}
+    flags = [f"--{key.replace('_', '-')}" + ("" if value is True else
+                                             " " + " ".join(map(str, value if isinstance(value, list) else [value])))
+             for key, value in arguments.items() if value not in (None, False)]
+    columns = harness.COLUMNS + COLUMNS
+    lines = ["# LoRDO results", "", "Regenerate this page, its plot and its JSON with:", "", "```bash",
+             " ".join(["python -m benchmarks.lordo", *flags]), "```", "",
+             result["header"] + f"; {platform.machine()} CPU, {torch.get_num_threads()} threads, torch "
+             f"{torch.__version__}.", "", "| " + " | ".join(h for _, h, _ in columns) + " |",
+             "|" + "---|" * len(columns)]
+    for row in result["rows"]:
+        cells = ["" if row[k] is None else format(row[k], spec).strip() for k, _, spec in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "`diff vs base` and its 95% interval are per-seed differences against the row's baseline "
+              "(`benchmarks/harness.py`). Claims:", ""] + [f"- {line}" for line in result["claims"]]
+    if plot:
+        relative = os.path.relpath(plot, os.path.dirname(os.path.abspath(path)))
         lines += ["", f"![validation loss against bytes sent]({relative})"]
-    with open(args.markdown, "w") as f:
+    with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
