@@ -54,9 +54,14 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     """columns: (key, header, format spec); each column as wide as its widest cell."""
     cells = [[format(row[key], spec) if row.get(key, "") != "" else "" for key, _, spec in columns] for row in rows]
     widths = [max([len(header)] + [len(line[i]) for line in cells]) for i, (_, header, _) in enumerate(columns)]
-    print("  ".join(h.ljust(w) if spec.startswith("<") else h.rjust(w) for (_, h, spec), w in zip(columns, widths)))
-    for line in cells:
-        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
+    left = [spec.startswith("<") for _, _, spec in columns]
+
+    def line(texts):
+        return "  ".join(t.ljust(w) if l else t.rjust(w) for t, w, l in zip(texts, widths, left)).rstrip()
+
+    print(line([header for _, header, _ in columns]))
+    for texts in cells:
+        print(line(texts))
 
 
 def write_json(path: str | None, payload: dict) -> None:

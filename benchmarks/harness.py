@@ -157,7 +157,7 @@ def verdict(row: dict, better: str = "lower", tolerance: float = 0.0) -> str:
     return "reproduced" if low >= -tolerance else "contradicted" if high < -tolerance else "inconclusive"
 
 
-COLUMNS = [("config", "config", "<28"), ("lr", "lr", ".2g"), ("mean", "val loss", ".4f"),
+COLUMNS = [("config", "config", "<"), ("lr", "lr", ".2g"), ("mean", "val loss", ".4f"),
            ("seed_spread", "seed spread", ".4f"), ("diff_vs_baseline", "diff vs base", "+.4f"),
            ("ci_low", "95% low", "+.4f"), ("ci_high", "95% high", "+.4f")]
 

@@ -6,8 +6,9 @@ Dense AdamW ("dense", the baseline) and GaLore at two ranks ("galore r=16", "gal
 each compared with dense) train for the same steps on the same paired seeds, one process;
 every row's peak learning rate is tuned over the same sweep (`--lrs`, default 1e-3, 3e-3
 and 1e-2) on the tuning seeds (GaLore's `scale=0.25` makes its matrices take smaller steps
-than dense AdamW at the same rate, so one shared rate would favour neither fairly). The claim read off each GaLore row: its
-validation loss (whole held-out split) is within 1% of dense AdamW's. State bytes come
+than dense AdamW at the same rate, so one shared rate would favour neither fairly). The
+claim read off each GaLore row: its validation loss (whole held-out split) is within 1% of
+dense AdamW's. State bytes come
 from `step.memory_report()` (counted from the tensors held; the same on every seed); step
 ms is the median ordinary step of a run, the median over seeds. A short run per projection
 method then times the refresh step alone.
