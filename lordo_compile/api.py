@@ -51,8 +51,8 @@ class LordoBackend:
     Use through `lordo_compile.backend(policy)` or `lordo_compile.compile(step, policy)`.
     After the first call, `graphs`, `explain()` and `state_dict()` describe the step.
 
-    The step is rewritten, at capture, for every set of events a step can carry (an
-    ordinary step, a projection refresh, a sync, both at once, ...); each such graph is
+    The step is rewritten, at capture, for every set of events a step can carry (none for
+    an ordinary step, or any combination of the events the passes declare); each such graph is
     compiled the first time a step carries its events and reused after
     (`docs/events.md` says why, with measurements).
     """

@@ -9,8 +9,8 @@ Placeholders come in two kinds: the inputs dynamo passes at every call (paramete
 batch, optimizer state, hyperparameters), and state a pass asked for, which the runtime
 allocates from a `StateSpec` and appends after them.
 
-A TrainGraph is the step for one set of events (`events`: a projection refresh, a sync,
-...; none for an ordinary step). New nodes get `meta["val"]` by fake-tensor propagation
+A TrainGraph is the step for one set of events (`events`: the names of the events passes
+declared that fall on this step; none for an ordinary step). New nodes get `meta["val"]` by fake-tensor propagation
 (`value`, `propagate_values`) in the fake mode capture recorded the step in.
 """
 
@@ -245,8 +245,8 @@ class TrainGraph:
         return next(n for n in self.placeholders() if n.meta.get(ROLE) == Role.PARAMETER and n.meta.get(PARAM) == name)
 
     def updates(self, outer: bool = False) -> list[UpdateSite]:
-        """The canonical update of each parameter, in graph order (with `outer`, the outer steps
-        a sync takes on anchors too)."""
+        """The canonical update of each parameter, in graph order (with `outer`, also the updates
+        whose op is marked `outer`: steps taken on a kept copy of the weights, not on the weights)."""
         sites = []
         for node in self.graph.nodes:
             op = canonical_op(node.target) if node.op == "call_function" else None
