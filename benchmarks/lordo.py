@@ -30,8 +30,8 @@ Bytes per worker are counted by each compiled step (`step.comm_report()`), optim
 bytes by `step.memory_report()`; neither depends on the seed, so both are the first
 seed's. The curve (validation loss against bytes sent) is the mean over the seeds.
 `--quick`: 2 workers, 16 steps of a one-layer model, sync every 8, the first rank only.
-`run` (and `policy`) also train the rows of `benchmarks.sync` and `benchmarks.lordo_sweep`;
-`run_rows` the one-seed rows of `benchmarks.lordo_bytes`.
+`run` (and `policy`) also train the rows of `benchmarks.sync`, `benchmarks.lordo_sweep` and
+`benchmarks.lordo_bytes`.
 """
 
 from __future__ import annotations
@@ -199,24 +199,6 @@ def claims(rows: list[dict], ranks: list[int], small_batch: int) -> list[str]:
                     harness.paired(gap(small), gap(f"r={ranks[0]}")), "lower"),
               within(by["diloco"], by["ddp"], "DDP")]
     return lines
-
-
-def run_rows(rows: list[dict], workers: int, steps: int, batch: int, compiler: str) -> list[dict]:
-    """One seed of each of `benchmarks.lordo_bytes`'s rows (dicts of `policy`, `rank`, `make`
-    and LoRDO `options`): it reads bytes, which no seed changes. Ratios are against the row
-    "ddp" and the "low_rank_ddp" row at the same rank."""
-    setup = RunConfig(steps=steps, batch_size=batch, compiler=compiler)
-    for row in rows:
-        options = {"policy": row["make"], "rank": row["rank"], "sync_every": SYNC_EVERY, "lr": LR,
-                   "fields": row.get("options", {})}
-        row.update(run(Config(row["policy"], options), 0, setup, workers),
-                   label=row["policy"] + (f" r={row['rank']}" if row["rank"] else ""))
-    ddp, low_rank = next(r for r in rows if r["make"] == "ddp"), [r for r in rows if r["make"] == "low_rank_ddp"]
-    for row in rows:
-        base = next((r for r in low_rank if r["rank"] == row["rank"]), low_rank[0])
-        row["ratio_vs_ddp"] = ddp["bytes_per_worker"] / (row["bytes_per_worker"] or 1)
-        row["ratio_vs_low_rank_ddp"] = base["bytes_per_worker"] / (row["bytes_per_worker"] or 1)
-    return rows
 
 
 def main(argv=None) -> dict:

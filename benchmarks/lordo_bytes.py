@@ -16,12 +16,33 @@ from __future__ import annotations
 
 import argparse
 
+from lordo_compile.experiment import RunConfig
+
 from .common import print_table, write_json
-from .lordo import SYNC_EVERY, run_rows
+from .harness import Config
+from .lordo import LR, SYNC_EVERY, run
 
 COLUMNS = [("label", "policy", "<40"), ("bytes_per_worker", "bytes/worker", ","), ("bytes_per_step", "bytes/step", ","),
            ("ratio_vs_low_rank_ddp", "x fewer vs projected-grad lr-ddp", ".1f"),
            ("ratio_vs_ddp", "x fewer vs full-grad all-reduce", ".1f")]
+
+
+def run_rows(rows: list[dict], workers: int, steps: int, batch: int, compiler: str) -> list[dict]:
+    """One seed of each row (dicts of `policy`, `rank`, `make` and LoRDO `options`): this
+    benchmark reads bytes, which no seed changes. Ratios are against the row "ddp" and the
+    "low_rank_ddp" row at the same rank."""
+    setup = RunConfig(steps=steps, batch_size=batch, compiler=compiler)
+    for row in rows:
+        options = {"policy": row["make"], "rank": row["rank"], "sync_every": SYNC_EVERY, "lr": LR,
+                   "fields": row.get("options", {})}
+        row.update(run(Config(row["policy"], options), 0, setup, workers),
+                   label=row["policy"] + (f" r={row['rank']}" if row["rank"] else ""))
+    ddp, low_rank = next(r for r in rows if r["make"] == "ddp"), [r for r in rows if r["make"] == "low_rank_ddp"]
+    for row in rows:
+        base = next((r for r in low_rank if r["rank"] == row["rank"]), low_rank[0])
+        row["ratio_vs_ddp"] = ddp["bytes_per_worker"] / (row["bytes_per_worker"] or 1)
+        row["ratio_vs_low_rank_ddp"] = base["bytes_per_worker"] / (row["bytes_per_worker"] or 1)
+    return rows
 
 
 def _rows(ranks: list[int]) -> list[dict]:
