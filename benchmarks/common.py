@@ -51,8 +51,10 @@ def median_ms(times: list[float]) -> float:
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
-    """columns: (key, header, format spec); each column as wide as its widest cell."""
-    cells = [[format(row[key], spec) if row.get(key, "") != "" else "" for key, _, spec in columns] for row in rows]
+    """columns: (key, header, format spec); each column as wide as its widest cell, a
+    missing or None value an empty cell."""
+    cells = [[format(row[key], spec) if row.get(key) not in (None, "") else "" for key, _, spec in columns]
+             for row in rows]
     widths = [max([len(header)] + [len(line[i]) for line in cells]) for i, (_, header, _) in enumerate(columns)]
     left = [spec.startswith("<") for _, _, spec in columns]
 

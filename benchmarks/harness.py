@@ -187,8 +187,7 @@ def versus(rows: list[dict], name: str, other: str) -> dict:
 def report(rows: list[dict], header: str, extra: Sequence[tuple[str, str, str]] = ()) -> None:
     """The table every comparison prints, with the baselines' seed spread under it."""
     print(header)
-    shown = [{k: ("" if v is None else v) for k, v in row.items()} for row in rows]
-    print_table(shown, COLUMNS + list(extra))
+    print_table(rows, COLUMNS + list(extra))
     for row in rows:
         if row["baseline"] is None:
             print(f"seed spread of baseline {row['config']}: {row['seed_spread']:.4f} nats over {row['n_seeds']} seeds")

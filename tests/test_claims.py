@@ -1,0 +1,64 @@
+"""benchmarks/claims.py and the alpha-beta model of benchmarks/time_to_loss.py: figures
+against hand computation, verdicts on made-up per-seed values."""
+
+import pytest
+
+from benchmarks.claims import Claim, evaluate
+from benchmarks.time_to_loss import collective_seconds, time_to
+
+
+def _result(**values):
+    return {"header": "made up", "rows": [{"config": name, "values": v, "mean": sum(v) / len(v),
+                                           "baseline": None, "seed_spread": max(v) - min(v),
+                                           "bytes_per_worker": 1000 if name == "base" else 50}
+                                          for name, v in values.items()]}
+
+
+def test_a_within_one_percent_claim_reads_the_tolerance_off_the_baselines_mean():
+    # per-seed differences 0.01, 0.01, 0.01: interval [0.01, 0.01]; 1% of 2.0 is 0.02
+    result = _result(base=[2.0, 2.1, 1.9], new=[2.01, 2.11, 1.91])
+    claim = Claim("new within 1% of base", "x.json", "cmd", ((1, "new"), (-1, "base")), "lower", 0.01, "base")
+    row = evaluate(claim, result)
+    assert row["diff_vs_baseline"] == pytest.approx(0.01) and row["tolerance"] == pytest.approx(0.02)
+    assert row["verdict"] == "reproduced"
+    strict = Claim("new beats base", "x.json", "cmd", ((1, "new"), (-1, "base")))
+    assert evaluate(strict, result)["verdict"] == "contradicted"
+
+
+def test_a_difference_of_gaps_is_summed_per_seed_before_its_interval():
+    # gap at small batch: 0.1, 0.3; gap at large: 0.2, 0.2 -> per seed -0.1, +0.1: mean 0
+    result = _result(a=[1.1, 1.3], b=[1.0, 1.0], c=[1.2, 1.2], d=[1.0, 1.0])
+    claim = Claim("gap shrinks", "x.json", "cmd", ((1, "a"), (-1, "b"), (-1, "c"), (1, "d")))
+    row = evaluate(claim, result)
+    assert row["diff_vs_baseline"] == pytest.approx(0.0, abs=1e-12) and row["verdict"] == "inconclusive"
+    assert row["ci_low"] == pytest.approx(-12.706 * 0.1414214 / 2 ** 0.5, rel=1e-4)
+
+
+def test_a_bytes_claim_that_fails_contradicts_a_loss_claim_that_holds():
+    result = _result(base=[2.0, 2.1], new=[2.0, 2.1])
+    claim = Claim("new as good with 100x fewer bytes", "x.json", "cmd", ((1, "new"), (-1, "base")), "lower", 0.01,
+                  "base", ("new", "base", 100))
+    row = evaluate(claim, result)
+    assert row["fewer_bytes"] == pytest.approx(20.0) and row["verdict"] == "contradicted"
+
+
+def test_claims_without_per_seed_values_are_not_run():
+    old = {"rows": [{"policy": "ddp", "val_loss": 2.5}]}
+    claim = Claim("c", "x.json", "cmd", ((1, "a"), (-1, "b")))
+    assert evaluate(claim, old)["verdict"] == "not run"
+    assert evaluate(claim, None)["why"] == "no full run"
+
+
+def test_the_alpha_beta_model_of_a_ring_all_reduce_and_an_all_gather():
+    # 4 workers, 1 ms latency, 1 MB/s, 1 MB: ring 2*3*1e-3 + 2*(3/4)*1 = 1.506 s; gather 3*(1e-3 + 1) = 3.003 s
+    assert collective_seconds("all_reduce", 10 ** 6, 4, 1e-3, 1e6) == pytest.approx(1.506)
+    assert collective_seconds("all_gather_into_tensor", 10 ** 6, 4, 1e-3, 1e6) == pytest.approx(3.003)
+    with pytest.raises(NotImplementedError, match="broadcast"):
+        collective_seconds("broadcast", 1, 4, 1e-3, 1e6)
+
+
+def test_time_to_a_loss_interpolates_between_evaluations_or_marks_the_best():
+    points = [(1.0, 3.0), (2.0, 2.0), (3.0, 1.5)]
+    assert time_to(2.5, points) == (pytest.approx(1.5), 2.5, True)
+    assert time_to(3.5, points) == (1.0, 3.0, True)
+    assert time_to(1.0, points) == (3.0, 1.5, False)
