@@ -18,8 +18,8 @@ paper's claims read it against:
 - CAGE W4 against STE W4 and CAGE W4A4 against STE W4A4: CAGE beats STE at the same bits;
 - CAGE W3 against STE W4: the paper's claim, CAGE at 3 bits reaches STE at 4 (expected: lower).
 
-Every row's learning rate is tuned over the same sweep (`--lrs`, default 1.5e-3, 3e-3 and
-6e-3 around `lordo-compile train`'s 3e-3) on the tuning seeds. `step ms` is the smallest
+Every row's learning rate is tuned over the same sweep (`--lrs`, default `harness.LRS`) on
+the tuning seeds. `step ms` is the smallest
 per-seed median step time (the one least disturbed by other jobs); `step vs STE` divides a
 CAGE row's by STE's at the same bits. `--quick`: 20 steps, aot_eager, 2 seeds, no tuning.
 """
@@ -39,7 +39,7 @@ EXPECTED = {"STE W4": "higher", "STE W3": "higher", "STE W4A4": "higher",
             "CAGE W4": "lower", "CAGE W3": "lower", "CAGE W4A4": "lower"}
 
 
-def configs(sweep: tuple[dict, ...], lr: float = 3e-3) -> list[harness.Config]:
+def configs(sweep: tuple[dict, ...], lr: float = harness.LR) -> list[harness.Config]:
     def config(name, baseline=None, bits=None, activation_bits=None, cage=False):
         options = dict(lr=lr, bits=bits, activation_bits=activation_bits, cage=cage)
         return harness.Config(name, options, baseline, sweep)
@@ -67,7 +67,7 @@ def _policy(options: dict, steps: int) -> lc.Policy:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=harness.STEPS)
     parser.add_argument("--batch", type=int, default=16)
     harness.add_arguments(parser, compiler="inductor")
     args = parser.parse_args(argv)
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
         result = train_tiny_gpt(_policy(config.options, steps), setup)
         return {"val_loss": result.val_loss, "step_ms": result.median_ms()}
 
-    rows = harness.compare(configs(harness.lr_sweep(args, default=(1.5e-3, 3e-3, 6e-3))), run, seeds, tuning_seeds)
+    rows = harness.compare(configs(harness.lr_sweep(args, default=harness.LRS)), run, seeds, tuning_seeds)
     by_name = {row["config"]: row for row in rows}
     for row in rows:
         row["step_ms"] = min(r["step_ms"] for r in row["runs"])

@@ -15,7 +15,7 @@ Each row is compared, seed by seed, with one baseline: "eco <fmt>" and "naive <f
 "master <fmt>" (the gap to master weights), "master <fmt>" with fp32 (what quantizing
 costs at all). The paper's claims, per format: ECO is within 1% of master weights, and ECO
 beats naive (read off the pair "eco <fmt>" against "naive <fmt>"). Every row's peak
-learning rate is tuned over the same sweep (`--lrs`, default 1.5e-3, 3e-3 and 6e-3) on the
+learning rate is tuned over the same sweep (`--lrs`, default `harness.LRS`) on the
 tuning seeds; the JSON's per-row `tuning` holds each rate's loss, where the paper's third
 claim can be looked at (on the tuning seeds only, untested): naive's loss grows as the rate
 shrinks (its error scales as 1/lr), ECO's does not. `--quick`: int8 only, 10 steps, aot_eager, 2 seeds, no tuning.
@@ -32,7 +32,7 @@ from . import harness
 from .harness import Config
 
 FORMATS = ("fp8_e4m3", "int8", "int4")
-LR = 3e-3
+LR = harness.LR
 
 
 def configs(formats, sweep) -> list[Config]:
@@ -57,7 +57,7 @@ def run(config: Config, seed: int, args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=harness.STEPS)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=30, help="warm-up steps of the lr schedule")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     if args.quick:
         args.steps, args.compiler, args.formats = 10, "aot_eager", ["int8"]
     seeds, tuning_seeds = harness.seeds_of(args)
-    sweep = harness.lr_sweep(args, default=(1.5e-3, LR, 6e-3))
+    sweep = harness.lr_sweep(args, default=harness.LRS)
     rows = harness.compare(configs(args.formats, sweep), lambda config, seed: run(config, seed, args),
                            seeds, tuning_seeds)
     for row in rows:

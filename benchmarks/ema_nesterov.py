@@ -13,9 +13,9 @@ The loss is that on the whole held-out split.
 
 Both lookahead rows are compared, seed by seed (benchmarks/harness.py), with AdamW (their
 baseline): the claim is that the lookahead lowers the loss. Every row's learning rate is
-tuned over the same sweep (`--lrs`, default 1.5e-3, 3e-3 and 6e-3 around `lordo-compile
-train`'s 3e-3) on the tuning seeds. `step ms` is the smallest per-seed median step time (the
-one least disturbed by other jobs); `step vs AdamW` divides it by AdamW's.
+tuned over the same sweep (`--lrs`, default `harness.LRS`) on the tuning seeds. `step ms`
+is the smallest per-seed median step time (the one least disturbed by other jobs); `step
+vs AdamW` divides it by AdamW's.
 `--quick`: 40 steps, aot_eager, 2 seeds, no tuning.
 """
 
@@ -31,7 +31,7 @@ from lordo_compile.experiment import RunConfig, train_tiny_gpt
 from . import harness
 
 
-def configs(sweep: tuple[dict, ...], gamma: float, lr: float = 3e-3) -> list[harness.Config]:
+def configs(sweep: tuple[dict, ...], gamma: float, lr: float = harness.LR) -> list[harness.Config]:
     return [harness.Config("AdamW", {"lr": lr, "gamma": None}, None, sweep),
             harness.Config("EMA-Nesterov", {"lr": lr, "gamma": gamma}, "AdamW", sweep),
             harness.Config("one-step lookahead", {"lr": lr, "gamma": 0.0}, "AdamW", sweep)]
@@ -46,7 +46,7 @@ def _policy(gamma: float | None, beta: float, warmup: int, decay_start: int) -> 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=harness.STEPS)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--gamma", type=float, default=0.9, help="the EMA row's gamma")
@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
         result = train_tiny_gpt(_policy(config.options["gamma"], args.beta, warmup, decay_start), setup)
         return {"val_loss": result.val_loss, "step_ms": result.median_ms()}
 
-    rows = harness.compare(configs(harness.lr_sweep(args, default=(1.5e-3, 3e-3, 6e-3)), args.gamma), run, seeds,
+    rows = harness.compare(configs(harness.lr_sweep(args, default=harness.LRS), args.gamma), run, seeds,
                            tuning_seeds)
     for row in rows:
         row["step_ms"] = min(r["step_ms"] for r in row["runs"])

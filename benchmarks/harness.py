@@ -14,7 +14,8 @@ A configuration with a `sweep` (several sets of option values: learning rates, o
 outer learning rate and momentum) is tuned first: each set trains on the tuning seeds
 (disjoint from the reported ones), and the one with the lowest mean validation loss is
 used for the reported seeds; the row records it (`chosen`, `tuning`, and `lr` when the
-sweep sets one). Every configuration of a comparison should get the same sweep.
+sweep sets one), and `chosen_at_edge` when it is the smallest or largest value swept.
+Every configuration of a comparison should get the same sweep.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
          2.045, 2.042)
 TUNING_SEED_OFFSET = 1000
+# The regime every loss comparison runs in by default (benchmarks/RESULTS.md#regime, measured
+# by `python -m benchmarks.regime`): the tiny GPT for 640 steps of 16 sequences of 128 bytes
+# in all (640: a whole number of sync intervals of 8 and 32), peak learning rates swept around
+# dense AdamW's best.
+STEPS = 640
+LR = 1e-3
+LRS = (5e-4, 1e-3, 2e-3)
 
 
 @dataclass(frozen=True)
@@ -117,7 +125,7 @@ def compare(configs: Sequence[Config], run: Run, seeds: Sequence[int], tuning_se
             log(f"  {config.name} seed {seed}: val loss {figures['val_loss']:.4f}")
         values = [r["val_loss"] for r in runs]
         rows.append({"config": config.name, "baseline": config.baseline, "lr": config.options.get("lr"),
-                     "chosen": chosen, "tuning": tuning,
+                     "chosen": chosen, "tuning": tuning, "chosen_at_edge": _at_edge(config.sweep, chosen),
                      "mean": statistics.fmean(values), "n_seeds": len(values),
                      "seed_spread": max(values) - min(values), "values": values, "runs": runs})
     by_name = {row["config"]: row for row in rows}
@@ -140,6 +148,15 @@ def _tune(config: Config, run: Run, tuning_seeds: Sequence[int], log) -> tuple[d
         tuning.append({"chosen": choice, "mean": statistics.fmean(losses), "values": losses})
         log(f"  {config.name} {choice} (tuning seeds): val loss {tuning[-1]['mean']:.4f}")
     return min(tuning, key=lambda t: t["mean"])["chosen"], tuning
+
+
+def _at_edge(sweep: Sequence[dict], chosen: dict) -> bool:
+    """Whether tuning chose the smallest or largest value of a swept option (the best may lie beyond)."""
+    for key in chosen:
+        values = sorted({choice[key] for choice in sweep})
+        if len(values) > 2 and chosen[key] in (values[0], values[-1]):
+            return True
+    return False
 
 
 def lr_sweep(args: argparse.Namespace, default: Sequence[float]) -> tuple[dict, ...]:
@@ -191,6 +208,9 @@ def report(rows: list[dict], header: str, extra: Sequence[tuple[str, str, str]] 
     for row in rows:
         if row["baseline"] is None:
             print(f"seed spread of baseline {row['config']}: {row['seed_spread']:.4f} nats over {row['n_seeds']} seeds")
+    edge = [row["config"] for row in rows if row.get("chosen_at_edge")]
+    if edge:
+        print(f"tuning chose an end of the sweep for {edge}: their best value may lie beyond it")
 
 
 def save(path: str | None, header: str, rows: list[dict], args: argparse.Namespace, **setup) -> dict:

@@ -1,7 +1,7 @@
 """LoRDO against its baselines on paired seeds: validation loss and bytes sent, gloo workers, tiny GPT.
 
     python -m benchmarks.lordo --json benchmarks/results/lordo.json \\
-        --plot benchmarks/results/lordo.png --markdown benchmarks/RESULTS.md [--seeds 3] [--quick]
+        --plot benchmarks/results/lordo.png --markdown benchmarks/results/lordo.md [--seeds 3] [--quick]
 
 Every configuration trains the same tiny GPT for the same steps, each worker on its own
 batches of CPython's bundled help text, on the same seeds (a seed fixes the model and
@@ -53,8 +53,7 @@ from . import harness
 from .harness import Config
 
 SYNC_EVERY = 32
-LR = 3e-3
-LRS = (1e-3, 3e-3, 1e-2)
+LR, LRS = harness.LR, harness.LRS
 # DiLoCo's outer-step defaults were chosen for 500-step sync intervals; these are tuned per interval.
 DILOCO_GRID = tuple({"outer_lr": lr, "outer_momentum": m} for lr in (0.5, 0.7, 1.0) for m in (0.5, 0.9))
 TOLERANCE = 0.01  # "within 1%": a fraction of the baseline's mean loss
@@ -99,8 +98,9 @@ def worker(rank: int, world: int, options: dict, setup: RunConfig) -> dict:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8, help="sequences of 128 bytes per worker per step")
+    parser.add_argument("--steps", type=int, default=harness.STEPS)
+    parser.add_argument("--batch", type=int, default=4,
+                        help="sequences of 128 bytes per worker per step (4 workers x 4: the regime's 16)")
 
 
 def setup_of(args: argparse.Namespace, **quick) -> RunConfig:

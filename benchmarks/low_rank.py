@@ -4,9 +4,9 @@
 
 Dense AdamW ("dense", the baseline) and GaLore at two ranks ("galore r=16", "galore r=64",
 each compared with dense) train for the same steps on the same paired seeds, one process;
-every row's peak learning rate is tuned over the same sweep (`--lrs`, default 1e-3, 3e-3
-and 1e-2) on the tuning seeds (GaLore's `scale=0.25` makes its matrices take smaller steps
-than dense AdamW at the same rate, so one shared rate would favour neither fairly). The
+every row's peak learning rate is tuned over the same sweep (`--lrs`, default
+`harness.LRS`) on the tuning seeds (GaLore's `scale=0.25` makes its matrices take smaller
+steps than dense AdamW at the same rate, so one shared rate would favour neither fairly). The
 claim read off each GaLore row: its validation loss (whole held-out split) is within 1% of
 dense AdamW's. State bytes come
 from `step.memory_report()` (counted from the tensors held; the same on every seed); step
@@ -28,7 +28,6 @@ from lordo_compile.experiment import RunConfig, train_tiny_gpt
 from . import harness
 from .harness import Config
 
-LR = 3e-3
 
 
 def run(config: Config, seed: int, args: argparse.Namespace) -> dict:
@@ -55,7 +54,7 @@ def refresh_times(rank: int, compiler: str) -> dict[str, float]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=harness.STEPS)
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--gap", type=int, default=100, help="update_proj_gap of the training runs")
     harness.add_arguments(parser, compiler="inductor")
@@ -63,16 +62,16 @@ def main(argv=None) -> dict:
     if args.quick:
         args.steps, args.compiler = 10, "aot_eager"
     seeds, tuning_seeds = harness.seeds_of(args)
-    sweep = harness.lr_sweep(args, default=(1e-3, LR, 1e-2))
-    configs = [Config("dense", {"lr": LR}, sweep=sweep)]
-    configs += [Config(f"galore r={rank}", {"rank": rank, "lr": LR}, "dense", sweep) for rank in args.ranks]
+    sweep = harness.lr_sweep(args, default=harness.LRS)
+    configs = [Config("dense", {"lr": harness.LR}, sweep=sweep)]
+    configs += [Config(f"galore r={rank}", {"rank": rank, "lr": harness.LR}, "dense", sweep) for rank in args.ranks]
     rows = harness.compare(configs, lambda config, seed: run(config, seed, args), seeds, tuning_seeds)
     for row in rows:
         runs = row["runs"]  # state bytes do not depend on the seed
         row.update(state_bytes=runs[0]["state_bytes"], step_ms=statistics.median(r["step_ms"] for r in runs))
         row["state_ratio"] = row["state_bytes"] / rows[0]["state_bytes"]
         row["step_ratio"] = row["step_ms"] / rows[0]["step_ms"]
-    lr = f"peak lr tuned over {[s['lr'] for s in sweep]} on seeds {tuning_seeds}" if tuning_seeds else f"peak lr {LR:g}"
+    lr = f"peak lr tuned over {[s['lr'] for s in sweep]} on seeds {tuning_seeds}" if tuning_seeds else f"peak lr {harness.LR:g}"
     header = (f"tiny GPT, {args.steps} steps, batch 16x128, AdamW, {lr}, seeds {seeds}, {args.compiler}, "
               f"update_proj_gap {args.gap}, scale 0.25")
     harness.report(rows, header, [("state_bytes", "opt state B", ","), ("state_ratio", "vs dense", ".3f"),

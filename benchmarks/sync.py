@@ -1,6 +1,6 @@
 """Communication against loss on paired seeds: DDP, local SGD and DiLoCo, gloo workers, tiny GPT.
 
-    python -m benchmarks.sync [--workers 4] [--steps 256] [--every 8 32] [--seeds 3] [--quick] [--json PATH]
+    python -m benchmarks.sync [--workers 4] [--steps 640] [--every 8 32] [--seeds 3] [--quick] [--json PATH]
 
 Each configuration trains as `benchmarks.lordo` does (its `run`): the same tiny GPT for
 the same steps on the same seeds, every worker on its own batches. "local_sgd H=h" and

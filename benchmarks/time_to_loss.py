@@ -1,6 +1,6 @@
 """Time to a target loss on a modeled network: DDP, low-rank DDP, DiLoCo and LoRDO on gloo workers.
 
-    python -m benchmarks.time_to_loss [--workers 4] [--steps 256] [--rank 8] [--sync-every 32] [--seeds 3]
+    python -m benchmarks.time_to_loss [--workers 4] [--steps 640] [--rank 8] [--sync-every 32] [--seeds 3]
         [--latency-us 100] [--overlap] [--plot PATH] [--json PATH] [--quick]
 
 Three measurements, then the alpha-beta model of ALGORITHMS.md section 10:

@@ -62,3 +62,13 @@ def test_time_to_a_loss_interpolates_between_evaluations_or_marks_the_best():
     assert time_to(2.5, points) == (pytest.approx(1.5), 2.5, True)
     assert time_to(3.5, points) == (1.0, 3.0, True)
     assert time_to(1.0, points) == (3.0, 1.5, False)
+
+
+def test_the_committed_claims_table_is_what_the_committed_results_give():
+    from pathlib import Path
+
+    from benchmarks.claims import markdown, table
+
+    benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
+    assert (benchmarks / "CLAIMS.md").read_text() == markdown(table(str(benchmarks / "results"))), \
+        "benchmarks/CLAIMS.md is stale: python -m benchmarks.claims --markdown benchmarks/CLAIMS.md"

@@ -45,9 +45,17 @@ def test_the_learning_rate_is_chosen_on_the_tuning_seeds_only():
     sweep = ({"lr": 0.1}, {"lr": 0.2}, {"lr": 0.3})
     (row,) = compare([Config("tuned", {"lr": 0.2}, sweep=sweep)], run, seeds=[0, 1], tuning_seeds=[1000],
                      log=lambda line: None)
-    assert row["lr"] == 0.1 and row["chosen"] == {"lr": 0.1}
+    assert row["lr"] == 0.1 and row["chosen"] == {"lr": 0.1} and row["chosen_at_edge"]
     assert [t["chosen"] for t in row["tuning"]] == list(sweep)
     assert sorted(seen) == [(0, 0.1), (1, 0.1), (1000, 0.1), (1000, 0.2), (1000, 0.3)]
+
+
+def test_a_choice_inside_the_sweep_is_not_at_its_edge():
+    run = lambda config, seed: {"val_loss": abs(config.options["lr"] - 0.2)}  # noqa: E731
+    sweep = ({"lr": 0.1}, {"lr": 0.2}, {"lr": 0.3})
+    (row,) = compare([Config("tuned", {"lr": 0.1}, sweep=sweep)], run, seeds=[0, 1], tuning_seeds=[1000],
+                     log=lambda line: None)
+    assert row["chosen"] == {"lr": 0.2} and not row["chosen_at_edge"]
 
 
 def test_bad_comparisons_are_refused():
