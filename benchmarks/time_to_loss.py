@@ -15,7 +15,7 @@ Three measurements, then the alpha-beta model of ALGORITHMS.md section 10:
 3. Compute: each method's step, compiled by Inductor whatever --compiler trains with (but
    aot_eager under --quick), runs
    alone (one worker, one thread, as each training worker has one), before any training,
-   for as many steps as training; the median time of each graph, its first
+   for four sync intervals; the median time of each graph, its first
    (compiling) call left out. A graph that runs once (the first step's) is charged the
    ordinary step's time.
 
@@ -106,7 +106,8 @@ def worker(rank: int, world: int, options: dict, setup: RunConfig) -> dict:
 
 def compute_ms(options: dict, setup: RunConfig, compiler: str = "inductor") -> dict[str, float]:
     """Median ms of each graph of the method's step, one worker alone, first call of each left out."""
-    result = run_workers(_timing_worker, 1, args=(options, replace(setup, eval_every=0, compiler=compiler)))[0]
+    alone = replace(setup, eval_every=0, compiler=compiler)
+    result = run_workers(_timing_worker, 1, timeout=3600, args=(options, alone))[0]
     times: dict[str, list[float]] = {}
     for graph, seconds in zip(result["graphs"], result["step_seconds"]):
         times.setdefault(graph, []).append(seconds)
@@ -125,6 +126,9 @@ def modeled_curve(row: dict, link_bits: float, latency: float, workers: int, ove
     beta = link_bits / 8
     comm = {graph: sum(collective_seconds(op, payload, workers, latency, beta) for op, payload in found)
             for graph, found in row["collectives"].items()}
+    untimed = set(row["graphs"]) - set(row["compute_ms"])
+    if untimed:
+        raise ValueError(f"{row['config']}: graphs {sorted(untimed)} ran in training but not in the timing run")
     elapsed, clock = 0.0, []
     for graph in row["graphs"]:
         compute = row["compute_ms"][graph] / 1e3
@@ -182,8 +186,9 @@ def main(argv=None) -> dict:
                                       ("modeled_ms", "modeled ms", ".3f"), ("modeled_vs_measured", "modeled/measured", ".2f")])
     # Timed first, on an idle machine: compute time does not depend on the learning rates tuned below.
     timing_compiler = "aot_eager" if args.quick else "inductor"
-    compute = {config.name: compute_ms(config.options, replace(setup, seed=seeds[0]), timing_compiler)
-               for config in comparison}
+    # Four sync intervals run every graph of a periodic schedule at least twice.
+    timing = replace(setup, seed=seeds[0], steps=min(setup.steps, 4 * args.sync_every + 2))
+    compute = {config.name: compute_ms(config.options, timing, timing_compiler) for config in comparison}
     rows = harness.compare(comparison, lambda config, seed: run_workers(
         worker, args.workers, timeout=3600, args=(config.options, replace(setup, seed=seed, lr=config.options["lr"]))
     )[0], seeds, tuning_seeds)

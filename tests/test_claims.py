@@ -4,7 +4,7 @@ against hand computation, verdicts on made-up per-seed values."""
 import pytest
 
 from benchmarks.claims import Claim, evaluate
-from benchmarks.time_to_loss import collective_seconds, time_to
+from benchmarks.time_to_loss import collective_seconds, modeled_curve, time_to
 
 
 def _result(**values):
@@ -72,3 +72,15 @@ def test_the_committed_claims_table_is_what_the_committed_results_give():
     benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
     assert (benchmarks / "CLAIMS.md").read_text() == markdown(table(str(benchmarks / "results"))), \
         "benchmarks/CLAIMS.md is stale: python -m benchmarks.claims --markdown benchmarks/CLAIMS.md"
+
+
+def test_the_modeled_clock_adds_each_steps_compute_and_its_graphs_collectives():
+    # 2 workers, no latency, 8 Mbit/s = 1 MB/s: the sync's 1 MB all-reduce takes 2 * (1/2) * 1 s = 1 s
+    row = {"config": "made up", "graphs": ["step", "sync", "step", "sync"], "compute_ms": {"step": 10.0, "sync": 20.0},
+           "collectives": {"step": [], "sync": [("all_reduce", 10 ** 6)]}, "curve": [(2, 0, 3.0), (4, 0, 2.0)]}
+    after = modeled_curve(row, 8e6, 0.0, 2, overlap=False)
+    assert after == [(pytest.approx(1.03), 3.0), (pytest.approx(2.06), 2.0)]
+    overlapped = modeled_curve(row, 8e6, 0.0, 2, overlap=True)
+    assert overlapped == [(pytest.approx(1.01), 3.0), (pytest.approx(2.02), 2.0)]
+    with pytest.raises(ValueError, match="not in the timing run"):
+        modeled_curve({**row, "compute_ms": {"step": 10.0}}, 8e6, 0.0, 2, overlap=False)
