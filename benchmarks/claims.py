@@ -102,7 +102,9 @@ def evaluate(claim: Claim, result: dict | None) -> dict:
     rows = {r.get("config"): r for r in (result or {}).get("rows", [])}
     missing = [name for _, name in claim.terms if "values" not in rows.get(name, {})]
     if result is None or missing:
-        why = "no full run" if result is None else f"rows {missing} have no per-seed values (a run before the harness)"
+        absent = [name for name in missing if name not in rows]
+        why = ("no full run" if result is None else f"rows {absent} were not in the run" if absent else
+               f"rows {missing} have no per-seed values (a run before the harness)")
         return {**row, "verdict": "not run", "why": why}
     values = [[sign * v for v in rows[name]["values"]] for sign, name in claim.terms]
     figure = [sum(per_seed) for per_seed in zip(*values)]
