@@ -112,6 +112,20 @@ def setup_of(args: argparse.Namespace, **quick) -> RunConfig:
                      layers=1 if args.quick else RunConfig.layers)
 
 
+def compare_on_workers(comparison: list[Config], setup: RunConfig, args: argparse.Namespace,
+                       diloco: bool = False) -> tuple[list[dict], str]:
+    """`harness.compare` of configurations trained on `args.workers` gloo workers, each row's
+    figures added (`add_figures`), and the header its table prints."""
+    seeds, tuning_seeds = harness.seeds_of(args)
+    rows = harness.compare(comparison, lambda config, seed: run(config, seed, setup, args.workers), seeds,
+                           tuning_seeds)
+    add_figures(rows, comparison)
+    header = (f"tiny GPT ({rows[0]['runs'][0]['parameters']:,} parameters), {args.workers} gloo workers x "
+              f"{args.batch} sequences of 128 bytes, {args.steps} steps, sync every {args.sync_every}, seeds {seeds}, "
+              f"{tuned_over(comparison[0].sweep, tuning_seeds, diloco)}, compiler {args.compiler}")
+    return rows, header
+
+
 def tuned_over(sweep: tuple[dict, ...], tuning_seeds: list[int], diloco: bool = False) -> str:
     if not tuning_seeds:
         return f"peak lr {LR:g}"
@@ -219,15 +233,8 @@ def main(argv=None) -> dict:
         return result
     # The plot's curve: 9 points.
     setup = replace(setup_of(args, sync_every=8, ranks=args.ranks[:1]), eval_every=max(1, args.steps // 8))
-    seeds, tuning_seeds = harness.seeds_of(args)
-    sweep = harness.lr_sweep(args, LRS)
-    comparison = configs(args.ranks, args.small_batch, args.sync_every, sweep)
-    rows = harness.compare(comparison, lambda config, seed: run(config, seed, setup, args.workers), seeds,
-                           tuning_seeds)
-    add_figures(rows, comparison)
-    header = (f"tiny GPT ({rows[0]['runs'][0]['parameters']:,} parameters), {args.workers} gloo workers x "
-              f"{args.batch} sequences of 128 bytes, {args.steps} steps, sync every {args.sync_every}, seeds {seeds}, "
-              f"{tuned_over(sweep, tuning_seeds, diloco=True)}, compiler {args.compiler}")
+    comparison = configs(args.ranks, args.small_batch, args.sync_every, harness.lr_sweep(args, LRS))
+    rows, header = compare_on_workers(comparison, setup, args, diloco=True)
     harness.report(rows, header, COLUMNS)
     lines = claims(rows, args.ranks, args.small_batch)
     print("\n".join(lines))

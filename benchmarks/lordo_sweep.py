@@ -16,7 +16,7 @@ import argparse
 
 from . import harness
 from .harness import Config
-from .lordo import BYTES, LR, LRS, SYNC_EVERY, add_figures, add_run_arguments, headline, run, setup_of, tuned_over
+from .lordo import BYTES, LR, LRS, SYNC_EVERY, add_run_arguments, compare_on_workers, headline, setup_of
 
 
 def main(argv=None) -> dict:
@@ -29,7 +29,6 @@ def main(argv=None) -> dict:
     harness.add_arguments(parser)
     args = parser.parse_args(argv)
     setup = setup_of(args, sync_every=8, omegas=[0.7])
-    seeds, tuning_seeds = harness.seeds_of(args)
     sweep = harness.lr_sweep(args, LRS)
     options = {"rank": args.rank, "sync_every": args.sync_every, "lr": LR}
     base = f"low_rank_ddp r={args.rank}"
@@ -37,12 +36,7 @@ def main(argv=None) -> dict:
     comparison += [Config(f"lordo {payload} omega={omega}",
                           {"policy": "lordo", "fields": {"payload": payload, "omega": omega}, **options}, base, sweep)
                    for payload in args.payloads for omega in args.omegas]
-    rows = harness.compare(comparison, lambda config, seed: run(config, seed, setup, args.workers), seeds,
-                           tuning_seeds)
-    add_figures(rows, comparison)
-    header = (f"tiny GPT ({rows[0]['runs'][0]['parameters']:,} parameters), {args.workers} gloo workers x "
-              f"{args.batch} sequences of 128 bytes, {args.steps} steps, sync every {args.sync_every}, seeds {seeds}, "
-              f"{tuned_over(sweep, tuning_seeds)}, compiler {args.compiler}")
+    rows, header = compare_on_workers(comparison, setup, args)
     harness.report(rows, header, BYTES)
     lines = [headline(row, rows[0]) for row in rows[1:]]
     print("\n".join(lines))

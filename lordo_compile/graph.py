@@ -244,13 +244,13 @@ class TrainGraph:
         """The placeholder of parameter `name`."""
         return next(n for n in self.placeholders() if n.meta.get(ROLE) == Role.PARAMETER and n.meta.get(PARAM) == name)
 
-    def updates(self, outer: bool = False) -> list[UpdateSite]:
-        """The canonical update of each parameter, in graph order (with `outer`, also the updates
-        whose op is marked `outer`: steps taken on a kept copy of the weights, not on the weights)."""
+    def updates(self) -> list[UpdateSite]:
+        """The canonical update of each parameter, in graph order (not the updates of tensors a
+        pass keeps: ops registered with `updates_parameter=False`)."""
         sites = []
         for node in self.graph.nodes:
             op = canonical_op(node.target) if node.op == "call_function" else None
-            if op is not None and (outer or not op.outer):
+            if op is not None and op.updates_parameter:
                 sites.append(UpdateSite(node, op, node.meta[PARAM]))
         return sites
 

@@ -37,8 +37,9 @@ class CanonicalOp:
     attributes: tuple[str, ...]
     math: Callable[..., tuple[torch.Tensor, ...]]
     doc: str
-    # An outer step: it updates a sync's anchor, not a parameter (its "param" is the anchor).
-    outer: bool = False
+    # False: its "param" is a tensor a pass keeps (a copy of the weights), not a parameter, so
+    # the graph's parameter updates leave it out.
+    updates_parameter: bool = True
     # Its "grad" is already projected by its "projection" (low-rank DDP averages it so).
     projected_gradient: bool = False
 
@@ -85,7 +86,7 @@ def define_op(
     buffers: tuple[str, ...] = (),
     attributes: Mapping[str, str] | None = None,
     doc: str,
-    outer: bool = False,
+    updates_parameter: bool = True,
     projected_gradient: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Register `math` as the canonical update op `lordo.<name>`.
@@ -111,8 +112,8 @@ def define_op(
             return (torch.empty_like(param),) + tuple(torch.empty_like(t) for t in rest[: len(state)])
 
         define_aux_op(name, f"({args}) -> {returns}", math, fake)
-        op = CanonicalOp(name, state, buffers, hyperparameters, tuple(attributes), math, doc, outer,
-                         projected_gradient)
+        op = CanonicalOp(name, state, buffers, hyperparameters, tuple(attributes), math, doc,
+                         updates_parameter, projected_gradient)
         _OPS[name] = op
         _BY_OVERLOAD[op.overload] = op
         return math

@@ -12,7 +12,7 @@ import torch
 from .registry import define_aux_op, define_op
 
 
-@define_op("outer_sgd", state=(), hyperparameters=(), attributes={"lr": "float"}, outer=True,
+@define_op("outer_sgd", state=(), hyperparameters=(), attributes={"lr": "float"}, updates_parameter=False,
            doc="anchor <- anchor - lr * averaged pseudo-gradient")
 def outer_sgd(anchor, pseudo_gradient, *, lr):
     return anchor + (-lr) * pseudo_gradient
@@ -24,7 +24,7 @@ def outer_sgd(anchor, pseudo_gradient, *, lr):
     hyperparameters=(),
     attributes={"lr": "float", "momentum": "float", "nesterov": "bool"},
     doc="SGD with (Nesterov) momentum on the anchor, the pseudo-gradient as its gradient",
-    outer=True,
+    updates_parameter=False,
 )
 def outer_sgd_momentum(anchor, pseudo_gradient, momentum_buffer, *, lr, momentum, nesterov):
     buf = momentum_buffer * momentum + pseudo_gradient

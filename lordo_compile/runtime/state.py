@@ -102,9 +102,9 @@ class RuntimeState:
         if self.world_size is not None and saved_world is not None and saved_world != self.world_size:
             raise ValueError(
                 f"this checkpoint was written by a run of {saved_world} workers; this run has {self.world_size}. "
-                f"Between syncs every worker's model and state are its own, so they cannot be re-sharded. "
+                f"Each worker's model and state may be its own, so they cannot be re-sharded. "
                 f"Resume with {saved_world} workers; or, to change the number of workers, take a checkpoint "
-                "right after a sync (every worker equal there), load rank 0's model and optimizer state on "
+                "at a step after which every worker holds the same model, load rank 0's model and optimizer state on "
                 "every worker, and do not load step.state_dict() (the policy's own state restarts)."
             )
         missing = set(self.tensors) - set(state["tensors"])
