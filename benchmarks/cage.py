@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=harness.STEPS)
     parser.add_argument("--batch", type=int, default=16)
-    harness.add_arguments(parser, compiler="inductor")
+    harness.add_arguments(parser, compiler="inductor", jobs=True)
     args = parser.parse_args(argv)
     steps, compiler = (20, "aot_eager") if args.quick else (args.steps, args.compiler)
     seeds, tuning_seeds = harness.seeds_of(args)
@@ -80,7 +80,8 @@ def main(argv=None) -> dict:
         result = train_tiny_gpt(_policy(config.options, steps), setup)
         return {"val_loss": result.val_loss, "step_ms": result.median_ms()}
 
-    rows = harness.compare(configs(harness.lr_sweep(args, default=harness.LRS)), run, seeds, tuning_seeds)
+    rows = harness.compare(configs(harness.lr_sweep(args, default=harness.LRS)), run, seeds, tuning_seeds,
+                           jobs=args.jobs)
     by_name = {row["config"]: row for row in rows}
     for row in rows:
         row["step_ms"] = min(r["step_ms"] for r in row["runs"])

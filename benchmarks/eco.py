@@ -61,14 +61,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=30, help="warm-up steps of the lr schedule")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
-    harness.add_arguments(parser, compiler="inductor")
+    harness.add_arguments(parser, compiler="inductor", jobs=True)
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.compiler, args.formats = 10, "aot_eager", ["int8"]
     seeds, tuning_seeds = harness.seeds_of(args)
     sweep = harness.lr_sweep(args, default=harness.LRS)
     rows = harness.compare(configs(args.formats, sweep), lambda config, seed: run(config, seed, args),
-                           seeds, tuning_seeds)
+                           seeds, tuning_seeds, jobs=args.jobs)
     for row in rows:
         row["bytes_per_param"] = row["runs"][0]["bytes_per_param"]  # the same on every seed
     lr = f"peak lr tuned over {[s['lr'] for s in sweep]} on seeds {tuning_seeds}" if tuning_seeds else f"peak lr {LR:g}"

@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--gamma", type=float, default=0.9, help="the EMA row's gamma")
     parser.add_argument("--decay-start", type=float, default=0.8, help="beta_t = 0 from this fraction of the run on")
-    harness.add_arguments(parser, compiler="inductor")
+    harness.add_arguments(parser, compiler="inductor", jobs=True)
     args = parser.parse_args(argv)
     steps, compiler = (40, "aot_eager") if args.quick else (args.steps, args.compiler)
     seeds, tuning_seeds = harness.seeds_of(args)
@@ -65,12 +65,13 @@ def main(argv=None) -> dict:
         return {"val_loss": result.val_loss, "step_ms": result.median_ms()}
 
     rows = harness.compare(configs(harness.lr_sweep(args, default=harness.LRS), args.gamma), run, seeds,
-                           tuning_seeds)
+                           tuning_seeds, jobs=args.jobs)
     for row in rows:
         row["step_ms"] = min(r["step_ms"] for r in row["runs"])
         row["step_vs_adamw"] = row["step_ms"] / rows[0]["step_ms"]
     header = (f"tiny GPT, {steps} steps x {args.batch} sequences of 128 bytes, compiler {compiler}, "
-              f"{torch.get_num_threads()} thread(s), seeds {seeds}, lr tuned on seeds {tuning_seeds or 'none'}; "
+              f"{max(1, torch.get_num_threads() // args.jobs)} thread(s) per run, {args.jobs} at a time, "
+              f"seeds {seeds}, lr tuned on seeds {tuning_seeds or 'none'}; "
               f"lookahead beta {args.beta} for steps {warmup} to {decay_start}")
     harness.report(rows, header, [("step_ms", "step ms", ".1f"), ("step_vs_adamw", "step vs AdamW", ".2f")])
     claims = [harness.claim_line(row) for row in rows if row["baseline"]]

@@ -16,16 +16,27 @@ outer learning rate and momentum) is tuned first: each set trains on the tuning 
 used for the reported seeds; the row records it (`chosen`, `tuning`, and `lr` when the
 sweep sets one), and `chosen_at_edge` when it is the smallest or largest value swept.
 Every configuration of a comparison should get the same sweep.
+
+Runs are independent, so `compare(..., jobs=N)` (a benchmark's `--jobs N`) trains N at a
+time, each in its own forked process with 1/N of the threads: on 2 cores, two one-thread
+runs finish sooner than one two-thread run after another. `select` makes a partial run (a
+benchmark's `--only`) of the configurations named.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
+import functools
 import math
+import multiprocessing
 import statistics
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
+
+import torch
 
 from .common import print_table, write_json
 
@@ -77,14 +88,18 @@ def paired_interval(differences: Sequence[float]) -> tuple[float, float, float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, seeds: int = 3, tuning_seeds: int = 1,
-                  compiler: str = "aot_eager") -> None:
-    """The arguments every comparison takes."""
+                  compiler: str = "aot_eager", jobs: bool = False) -> None:
+    """The arguments every comparison takes; `jobs`: also `--jobs` (for a benchmark whose run is
+    one process: those that start worker processes use every core already)."""
     parser.add_argument("--seeds", type=int, default=seeds, help="paired seeds per configuration (0, 1, ...)")
     parser.add_argument("--tuning-seeds", type=int, default=tuning_seeds,
                         help=f"seeds for tuning ({TUNING_SEED_OFFSET}, ...: disjoint from the reported ones)")
     parser.add_argument("--lrs", type=float, nargs="+", default=None,
                         help="learning rates every configuration is tuned over (default: each benchmark's sweep)")
     parser.add_argument("--compiler", default=compiler, choices=["inductor", "aot_eager"])
+    if jobs:
+        parser.add_argument("--jobs", type=int, default=1,
+                            help="runs at a time, each in a forked process with its share of the threads")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, 2 seeds, no tuning")
     parser.add_argument("--json", help="write the rows and the setup here")
 
@@ -99,9 +114,11 @@ def seeds_of(args: argparse.Namespace) -> tuple[list[int], list[int]]:
 
 
 def compare(configs: Sequence[Config], run: Run, seeds: Sequence[int], tuning_seeds: Sequence[int] = (),
-            log: Callable[[str], None] = print) -> list[dict]:
+            log: Callable[[str], None] = print, jobs: int = 1) -> list[dict]:
     """Train every configuration on every seed (after tuning it where it has a sweep) and
-    return one row per configuration, baselines' differences included."""
+    return one row per configuration, baselines' differences included. `jobs` > 1 trains
+    that many runs at a time, each in a forked process with its share of the threads (a
+    run's figures do not depend on it, only the wall-clock does)."""
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"configuration names must be unique: {names}")
@@ -112,17 +129,16 @@ def compare(configs: Sequence[Config], run: Run, seeds: Sequence[int], tuning_se
         raise ValueError(f"a paired comparison needs at least 2 seeds, got {list(seeds)}")
     if set(seeds) & set(tuning_seeds):
         raise ValueError(f"tuning seeds {sorted(set(seeds) & set(tuning_seeds))} are also reported seeds")
+    with _trainer(run, jobs) as train:
+        tuned = [(config.with_options(chosen), chosen, tuning)
+                 for config, (chosen, tuning) in zip(configs, _tune(configs, train, tuning_seeds, log))]
+        reported = train([(config, seed) for config, _, _ in tuned for seed in seeds])
     rows = []
-    for config in configs:
-        chosen, tuning = _tune(config, run, tuning_seeds, log)
-        config = config.with_options(chosen)
-        runs = []
-        for seed in seeds:
-            started = time.perf_counter()
-            figures = dict(run(config, seed))
-            figures.setdefault("wall_s", time.perf_counter() - started)
-            runs.append({"seed": seed, **figures})
-            log(f"  {config.name} seed {seed}: val loss {figures['val_loss']:.4f}")
+    for index, (config, chosen, tuning) in enumerate(tuned):
+        runs = [{"seed": seed, **figures}
+                for seed, figures in zip(seeds, reported[index * len(seeds):(index + 1) * len(seeds)])]
+        for r in runs:
+            log(f"  {config.name} seed {r['seed']}: val loss {r['val_loss']:.4f}")
         values = [r["val_loss"] for r in runs]
         rows.append({"config": config.name, "baseline": config.baseline, "lr": config.options.get("lr"),
                      "chosen": chosen, "tuning": tuning, "chosen_at_edge": _at_edge(config.sweep, chosen),
@@ -139,15 +155,60 @@ def compare(configs: Sequence[Config], run: Run, seeds: Sequence[int], tuning_se
     return rows
 
 
-def _tune(config: Config, run: Run, tuning_seeds: Sequence[int], log) -> tuple[dict, list[dict]]:
-    if len(config.sweep) < 2 or not tuning_seeds:
-        return {}, []
-    tuning = []
-    for choice in config.sweep:
-        losses = [run(config.with_options(choice), seed)["val_loss"] for seed in tuning_seeds]
-        tuning.append({"chosen": choice, "mean": statistics.fmean(losses), "values": losses})
-        log(f"  {config.name} {choice} (tuning seeds): val loss {tuning[-1]['mean']:.4f}")
-    return min(tuning, key=lambda t: t["mean"])["chosen"], tuning
+Train = Callable[[Sequence[tuple[Config, int]]], list[dict]]
+# The run a forked worker calls: set before the pool forks, so `run` may be any closure.
+_forked_run: Run | None = None
+
+
+def _timed(run: Run, config: Config, seed: int) -> dict:
+    started = time.perf_counter()
+    figures = dict(run(config, seed))
+    figures.setdefault("wall_s", time.perf_counter() - started)
+    return figures
+
+
+def _in_worker(threads: int, config: Config, seed: int) -> dict:
+    torch.set_num_threads(threads)
+    return _timed(_forked_run, config, seed)
+
+
+@contextlib.contextmanager
+def _trainer(run: Run, jobs: int) -> Iterator[Train]:
+    """A function that trains a list of (configuration, seed) and returns their figures in order."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    if jobs == 1:
+        yield lambda pairs: [_timed(run, config, seed) for config, seed in pairs]
+        return
+    global _forked_run
+    _forked_run = run
+    threads = max(1, torch.get_num_threads() // jobs)
+    try:
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            yield lambda pairs: list(pool.map(functools.partial(_in_worker, threads), *zip(*pairs)))
+    finally:
+        _forked_run = None
+
+
+def _tune(configs: Sequence[Config], train: Train, tuning_seeds: Sequence[int],
+          log) -> list[tuple[dict, list[dict]]]:
+    """Each configuration's chosen option set and its sweep's losses (all trained in one batch)."""
+    swept = [c for c in configs if len(c.sweep) >= 2 and tuning_seeds]
+    pairs = [(config.with_options(choice), seed) for config in swept for choice in config.sweep
+             for seed in tuning_seeds]
+    figures = iter(train(pairs))
+    results = []
+    for config in configs:
+        if config not in swept:
+            results.append(({}, []))
+            continue
+        tuning = []
+        for choice in config.sweep:
+            losses = [next(figures)["val_loss"] for _ in tuning_seeds]
+            tuning.append({"chosen": choice, "mean": statistics.fmean(losses), "values": losses})
+            log(f"  {config.name} {choice} (tuning seeds): val loss {tuning[-1]['mean']:.4f}")
+        results.append((min(tuning, key=lambda t: t["mean"])["chosen"], tuning))
+    return results
 
 
 def _at_edge(sweep: Sequence[dict], chosen: dict) -> bool:
@@ -157,6 +218,20 @@ def _at_edge(sweep: Sequence[dict], chosen: dict) -> bool:
         if len(values) > 2 and chosen[key] in (values[0], values[-1]):
             return True
     return False
+
+
+def select(configs: Sequence[Config], names: Sequence[str] | None) -> list[Config]:
+    """The configurations `names` lists, in the benchmark's order (all of them when `names` is
+    empty): a partial run. A selected configuration whose baseline is not selected is
+    reported without one (no difference, no interval)."""
+    if not names:
+        return list(configs)
+    known = [c.name for c in configs]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"--only {unknown}: not configurations of this benchmark; it has {known}")
+    return [c if c.baseline is None or c.baseline in names else replace(c, baseline=None)
+            for c in configs if c.name in names]
 
 
 def lr_sweep(args: argparse.Namespace, default: Sequence[float]) -> tuple[dict, ...]:

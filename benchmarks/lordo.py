@@ -30,6 +30,8 @@ Bytes per worker are counted by each compiled step (`step.comm_report()`), optim
 bytes by `step.memory_report()`; neither depends on the seed, so both are the first
 seed's. The curve (validation loss against bytes sent) is the mean over the seeds.
 `--quick`: 2 workers, 16 steps of a one-layer model, sync every 8, the first rank only.
+`--only NAME ...`: a partial run of the rows named (the full run is 16 rows of 6 runs of a
+few minutes each on 2 cores); the claims table reads whichever rows the JSON holds.
 `run` (and `policy`) also train the rows of `benchmarks.sync`, `benchmarks.lordo_sweep` and
 `benchmarks.lordo_bytes`.
 """
@@ -195,23 +197,31 @@ def configs(ranks: list[int], small_batch: int, sync_every: int, sweep: tuple[di
 
 
 def claims(rows: list[dict], ranks: list[int], small_batch: int) -> list[str]:
+    """Each claim whose rows ran (all of them, unless --only chose some)."""
     by = {row["config"]: row for row in rows}
+
+    def ran(*names: str) -> bool:
+        return all(name in by for name in names)
 
     def gap(name: str) -> list[float]:
         return [a - b for a, b in zip(by[f"lordo {name}"]["values"], by[f"low_rank_ddp {name}"]["values"])]
 
     lines = []
     for rank in ranks:
-        lordo = by[f"lordo r={rank}"]
-        lines += [headline(lordo, by[f"low_rank_ddp r={rank}"]),
-                  claim(f"r={rank}: the global projection beats the local one (local - global)",
-                        harness.paired(by[f"lordo local projection r={rank}"]["values"], lordo["values"]), "higher"),
-                  claim(f"r={rank}: the full-rank term helps (omega=1 - default)",
-                        harness.paired(by[f"lordo omega=1 r={rank}"]["values"], lordo["values"]), "higher")]
-    small = f"r={ranks[0]} batch={small_batch}"
-    lines += [claim(f"LoRDO gains most at small batch (its gap to low-rank DDP at {small} - at r={ranks[0]})",
-                    harness.paired(gap(small), gap(f"r={ranks[0]}")), "lower"),
-              within(by["diloco"], by["ddp"], "DDP")]
+        lordo, low_rank = f"lordo r={rank}", f"low_rank_ddp r={rank}"
+        if ran(lordo, low_rank):
+            lines.append(headline(by[lordo], by[low_rank]))
+        for variant, text in (("local projection", "the global projection beats the local one (local - global)"),
+                              ("omega=1", "the full-rank term helps (omega=1 - default)")):
+            if ran(lordo, f"lordo {variant} r={rank}"):
+                lines.append(claim(f"r={rank}: {text}", harness.paired(by[f"lordo {variant} r={rank}"]["values"],
+                                                                       by[lordo]["values"]), "higher"))
+    small, large = f"r={ranks[0]} batch={small_batch}", f"r={ranks[0]}"
+    if ran(f"lordo {small}", f"low_rank_ddp {small}", f"lordo {large}", f"low_rank_ddp {large}"):
+        lines.append(claim(f"LoRDO gains most at small batch (its gap to low-rank DDP at {small} - at {large})",
+                           harness.paired(gap(small), gap(large)), "lower"))
+    if ran("diloco", "ddp"):
+        lines.append(within(by["diloco"], by["ddp"], "DDP"))
     return lines
 
 
@@ -224,6 +234,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--plot", help="PNG of validation loss against bytes sent (needs matplotlib)")
     parser.add_argument("--markdown", help="write a results page (table, claims, plot, command) here")
     parser.add_argument("--redraw", metavar="JSON", help="no training: redraw --plot/--markdown from a saved --json")
+    parser.add_argument("--only", nargs="+", metavar="CONFIG",
+                        help="train these rows only (e.g. --only 'lordo r=8' 'low_rank_ddp r=8'); a row whose "
+                             "baseline is left out is reported without one")
     harness.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.redraw:
@@ -233,7 +246,8 @@ def main(argv=None) -> dict:
         return result
     # The plot's curve: 9 points.
     setup = replace(setup_of(args, sync_every=8, ranks=args.ranks[:1]), eval_every=max(1, args.steps // 8))
-    comparison = configs(args.ranks, args.small_batch, args.sync_every, harness.lr_sweep(args, LRS))
+    comparison = harness.select(configs(args.ranks, args.small_batch, args.sync_every, harness.lr_sweep(args, LRS)),
+                                args.only)
     rows, header = compare_on_workers(comparison, setup, args, diloco=True)
     harness.report(rows, header, COLUMNS)
     lines = claims(rows, args.ranks, args.small_batch)

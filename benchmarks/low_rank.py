@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=harness.STEPS)
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--gap", type=int, default=100, help="update_proj_gap of the training runs")
-    harness.add_arguments(parser, compiler="inductor")
+    harness.add_arguments(parser, compiler="inductor", jobs=True)
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.compiler = 10, "aot_eager"
@@ -65,7 +65,8 @@ def main(argv=None) -> dict:
     sweep = harness.lr_sweep(args, default=harness.LRS)
     configs = [Config("dense", {"lr": harness.LR}, sweep=sweep)]
     configs += [Config(f"galore r={rank}", {"rank": rank, "lr": harness.LR}, "dense", sweep) for rank in args.ranks]
-    rows = harness.compare(configs, lambda config, seed: run(config, seed, args), seeds, tuning_seeds)
+    rows = harness.compare(configs, lambda config, seed: run(config, seed, args), seeds, tuning_seeds,
+                           jobs=args.jobs)
     for row in rows:
         runs = row["runs"]  # state bytes do not depend on the seed
         row.update(state_bytes=runs[0]["state_bytes"], step_ms=statistics.median(r["step_ms"] for r in runs))

@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--every", type=int, default=20, help="K: steps between the adaptive row's choices")
     parser.add_argument("--cage", action="store_true", help="CAGE's decoupled correction instead of plain STE")
     # aot_eager by default: on 2 CPU cores Inductor's compile time dominates a run this short.
-    harness.add_arguments(parser, compiler="aot_eager")
+    harness.add_arguments(parser, compiler="aot_eager", jobs=True)
     args = parser.parse_args(argv)
     steps, every, compiler = (20, 5, "aot_eager") if args.quick else (args.steps, args.every, args.compiler)
     seeds, tuning_seeds = harness.seeds_of(args)
@@ -91,7 +91,8 @@ def main(argv=None) -> dict:
                            choice_changes=sum(a[k] != b[k] for a, b in zip(history, history[1:]) for k in a))
         return figures
 
-    rows = harness.compare(configs(harness.lr_sweep(args, default=(1.5e-3, 3e-3, 6e-3))), run, seeds, tuning_seeds)
+    rows = harness.compare(configs(harness.lr_sweep(args, default=(1.5e-3, 3e-3, 6e-3))), run, seeds, tuning_seeds,
+                           jobs=args.jobs)
     for row in rows:
         runs = row["runs"]
         row["step_ms"] = min(r["step_ms"] for r in runs)

@@ -49,6 +49,12 @@ def test_claims_without_per_seed_values_are_not_run():
     assert evaluate(claim, None)["why"] == "no full run"
 
 
+def test_a_claim_from_a_partial_run_says_which_rows_it_ran():
+    result = {**_result(base=[2.0, 2.1], new=[2.0, 2.1]), "arguments": {"only": ["new", "base"]}}
+    row = evaluate(Claim("c", "x.json", "python -m benchmarks.x", ((1, "new"), (-1, "base"))), result)
+    assert row["command"] == "python -m benchmarks.x --only 'new' 'base'"
+
+
 def test_the_alpha_beta_model_of_a_ring_all_reduce_and_an_all_gather():
     # 4 workers, 1 ms latency, 1 MB/s, 1 MB: ring 2*3*1e-3 + 2*(3/4)*1 = 1.506 s; gather 3*(1e-3 + 1) = 3.003 s
     assert collective_seconds("all_reduce", 10 ** 6, 4, 1e-3, 1e6) == pytest.approx(1.506)

@@ -108,3 +108,40 @@ def test_a_pair_outside_the_baselines_is_paired_by_seed_too():
     row = versus(rows, "a", "b")
     assert (row["diff_vs_baseline"], row["ci_low"], row["ci_high"]) == pytest.approx((-0.5, -0.5, -0.5))
     assert claim_line(row) == "a vs b: diff -0.5000 [-0.5000, -0.5000]: reproduced"
+
+
+def test_runs_in_parallel_processes_give_the_rows_of_runs_one_after_another():
+    # A closure over local state: forked workers must call it as it is, and the rows must
+    # come back in configuration and seed order whichever run finishes first.
+    offsets = {0: 0.0, 1: 0.5, 2: -0.3, 1000: 0.2}
+
+    def run(config, seed):
+        return {"val_loss": offsets[seed] + abs(config.options["lr"] - 0.2) + config.options["extra"],
+                "threads": torch.get_num_threads()}
+
+    sweep = ({"lr": 0.1}, {"lr": 0.2}, {"lr": 0.3})
+    configs = [Config("base", {"lr": 0.1, "extra": 0.0}, sweep=sweep),
+               Config("other", {"lr": 0.1, "extra": 0.01}, "base", sweep)]
+
+    def strip(rows):
+        return [{k: v for k, v in row.items() if k != "runs"} for row in rows]
+
+    sequential = compare(configs, run, seeds=[0, 1, 2], tuning_seeds=[1000], log=lambda line: None)
+    parallel = compare(configs, run, seeds=[0, 1, 2], tuning_seeds=[1000], log=lambda line: None, jobs=2)
+    assert strip(parallel) == strip(sequential)
+    assert parallel[1]["chosen"] == {"lr": 0.2} and parallel[1]["diff_vs_baseline"] == pytest.approx(0.01)
+    assert all(r["threads"] == max(1, torch.get_num_threads() // 2) for r in parallel[0]["runs"])
+    with pytest.raises(ValueError, match="jobs"):
+        compare(configs, run, seeds=[0, 1], jobs=0)
+
+
+def test_a_partial_run_keeps_the_named_configurations_and_drops_missing_baselines():
+    from benchmarks.harness import select
+
+    configs = [Config("ddp"), Config("low_rank"), Config("lordo", baseline="low_rank"),
+               Config("diloco", baseline="ddp")]
+    assert select(configs, None) == configs
+    chosen = select(configs, ["lordo", "diloco", "low_rank"])
+    assert [(c.name, c.baseline) for c in chosen] == [("low_rank", None), ("lordo", "low_rank"), ("diloco", None)]
+    with pytest.raises(ValueError, match=r"--only \['lordo r=8'\].*it has \['ddp'"):
+        select(configs, ["lordo r=8"])
