@@ -27,6 +27,14 @@ from .policy import Policy
 from .testing import training_step
 
 
+def batch_stream_seed(seed: int, rank: int) -> int:
+    """The seed of worker `rank`'s batch order in a run seeded `seed`. Ranks are spaced 2**16
+    apart so that runs with different seeds never share a worker's batches (with seed + rank,
+    seed 1's worker 0 would read seed 0's worker 1's batches, and paired seeds would not be
+    independent draws); rank 0 reads what a single-process run of the same seed reads."""
+    return seed + rank * 2 ** 16
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     steps: int = 400
@@ -148,9 +156,9 @@ def train_tiny_gpt(policy: Policy, config: RunConfig = RunConfig(), log: Callabl
     data = ByteBatches(block_size=config.seq_len)
     val_batches = data.val_batches(config.batch_size, config.val_batches) if config.val_batches else \
         data.val_split(config.batch_size)
-    # Same model on every worker (same seed), different data on each (seed + rank).
+    # Same model on every worker (same seed), different data on each.
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    generator = torch.Generator().manual_seed(config.seed + rank)
+    generator = torch.Generator().manual_seed(batch_stream_seed(config.seed, rank))
     step = compile(training_step(model.loss, opt), policy, compiler=config.compiler)
     result = RunResult(step, model, float("nan"), float("nan"))
     for i in range(config.steps):

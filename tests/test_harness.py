@@ -145,3 +145,11 @@ def test_a_partial_run_keeps_the_named_configurations_and_drops_missing_baseline
     assert [(c.name, c.baseline) for c in chosen] == [("low_rank", None), ("lordo", "low_rank"), ("diloco", None)]
     with pytest.raises(ValueError, match=r"--only \['lordo r=8'\].*it has \['ddp'"):
         select(configs, ["lordo r=8"])
+
+
+def test_paired_seeds_of_a_multi_worker_run_read_disjoint_batches():
+    from lordo_compile.experiment import batch_stream_seed
+
+    streams = [batch_stream_seed(seed, rank) for seed in (0, 1, 2, 1000, 1001) for rank in range(8)]
+    assert len(set(streams)) == len(streams)
+    assert [batch_stream_seed(seed, 0) for seed in (0, 1, 1000)] == [0, 1, 1000]
