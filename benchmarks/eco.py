@@ -1,6 +1,7 @@
 """ECO against master weights and naive re-quantization: loss and bytes held, tiny GPT.
 
-    python -m benchmarks.eco [--formats fp8_e4m3 int8 int4] [--seeds 3] [--lrs ...] [--quick] [--json PATH]
+    python -m benchmarks.eco [--formats fp8_e4m3 int8 int4] [--only CONFIG ...] [--seeds 3] [--lrs ...]
+                             [--jobs N] [--quick] [--json PATH]
 
 Every row trains the same tiny GPT (AdamW with the warm-up and cosine schedule of
 `lordo-compile train`) on the same paired seeds, with its linear weights quantized in one
@@ -61,13 +62,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=30, help="warm-up steps of the lr schedule")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--only", nargs="+", metavar="CONFIG",
+                        help="train these rows only (e.g. --only 'master int8' 'eco int8' 'naive int8'); a row "
+                             "whose baseline is left out is reported without one")
     harness.add_arguments(parser, compiler="inductor", jobs=True)
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.compiler, args.formats = 10, "aot_eager", ["int8"]
     seeds, tuning_seeds = harness.seeds_of(args)
     sweep = harness.lr_sweep(args, default=harness.LRS)
-    rows = harness.compare(configs(args.formats, sweep), lambda config, seed: run(config, seed, args),
+    rows = harness.compare(harness.select(configs(args.formats, sweep), args.only), lambda config, seed: run(config, seed, args),
                            seeds, tuning_seeds, jobs=args.jobs)
     for row in rows:
         row["bytes_per_param"] = row["runs"][0]["bytes_per_param"]  # the same on every seed
@@ -78,6 +82,8 @@ def main(argv=None) -> dict:
     by_name = {row["config"]: row for row in rows}
     claims = []
     for fmt in args.formats:
+        if not {f"master {fmt}", f"eco {fmt}", f"naive {fmt}"} <= by_name.keys():
+            continue
         master = by_name[f"master {fmt}"]
         claims += [harness.claim_line(by_name[f"eco {fmt}"], "lower", 0.01 * master["mean"],
                                       label=f"eco {fmt} within 1% of master"),
