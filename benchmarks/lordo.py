@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 from dataclasses import replace
 
@@ -293,7 +294,7 @@ def _markdown(result: dict, path: str, plot: str | None, json_path: str | None) 
     """The results page: the command that regenerates it, the table, the claims, the plot."""
     arguments = {**result["arguments"], "json": json_path, "plot": plot, "markdown": path, "redraw": None}
     flags = [f"--{key.replace('_', '-')}" + ("" if value is True else
-                                             " " + " ".join(map(str, value if isinstance(value, list) else [value])))
+                                             " " + " ".join(shlex.quote(str(v)) for v in (value if isinstance(value, list) else [value])))
              for key, value in arguments.items() if value not in (None, False)]
     columns = harness.COLUMNS + COLUMNS
     lines = ["# LoRDO results", "", "Regenerate this page, its plot and its JSON with:", "", "```bash",
