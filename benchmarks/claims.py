@@ -99,7 +99,7 @@ CLAIMS = [
 def evaluate(claim: Claim, result: dict | None) -> dict:
     """The claim's row of the table: its paired difference, interval and verdict, or why not run."""
     only = ((result or {}).get("arguments") or {}).get("only")
-    command = claim.command + ("".join(f" '{name}'" for name in only).join([" --only", ""]) if only else "")
+    command = claim.command + (" --only " + " ".join(f"'{name}'" for name in only) if only else "")
     row = {"paper": claim.paper, "command": command, "source": claim.source}
     rows = {r.get("config"): r for r in (result or {}).get("rows", [])}
     missing = [name for _, name in claim.terms if "values" not in rows.get(name, {})]

@@ -62,17 +62,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=30, help="warm-up steps of the lr schedule")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
-    parser.add_argument("--only", nargs="+", metavar="CONFIG",
-                        help="train these rows only (e.g. --only 'master int8' 'eco int8' 'naive int8'); a row "
-                             "whose baseline is left out is reported without one")
-    harness.add_arguments(parser, compiler="inductor", jobs=True)
+    harness.add_arguments(parser, compiler="inductor", jobs=True, only=True)
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.compiler, args.formats = 10, "aot_eager", ["int8"]
     seeds, tuning_seeds = harness.seeds_of(args)
     sweep = harness.lr_sweep(args, default=harness.LRS)
-    rows = harness.compare(harness.select(configs(args.formats, sweep), args.only), lambda config, seed: run(config, seed, args),
-                           seeds, tuning_seeds, jobs=args.jobs)
+    rows = harness.compare(harness.select(configs(args.formats, sweep), args.only),
+                           lambda config, seed: run(config, seed, args), seeds, tuning_seeds, jobs=args.jobs)
     for row in rows:
         row["bytes_per_param"] = row["runs"][0]["bytes_per_param"]  # the same on every seed
     lr = f"peak lr tuned over {[s['lr'] for s in sweep]} on seeds {tuning_seeds}" if tuning_seeds else f"peak lr {LR:g}"

@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
         row["step_ms"] = min(r["step_ms"] for r in row["runs"])
         row["step_vs_adamw"] = row["step_ms"] / rows[0]["step_ms"]
     header = (f"tiny GPT, {steps} steps x {args.batch} sequences of 128 bytes, compiler {compiler}, "
-              f"{max(1, torch.get_num_threads() // args.jobs)} thread(s) per run, {args.jobs} at a time, "
+              f"{harness.threads_per_run(args.jobs)} thread(s) per run, {args.jobs} at a time, "
               f"seeds {seeds}, lr tuned on seeds {tuning_seeds or 'none'}; "
               f"lookahead beta {args.beta} for steps {warmup} to {decay_start}")
     harness.report(rows, header, [("step_ms", "step ms", ".1f"), ("step_vs_adamw", "step vs AdamW", ".2f")])

@@ -88,9 +88,10 @@ def paired_interval(differences: Sequence[float]) -> tuple[float, float, float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, seeds: int = 3, tuning_seeds: int = 1,
-                  compiler: str = "aot_eager", jobs: bool = False) -> None:
+                  compiler: str = "aot_eager", jobs: bool = False, only: bool = False) -> None:
     """The arguments every comparison takes; `jobs`: also `--jobs` (for a benchmark whose run is
-    one process: those that start worker processes use every core already)."""
+    one process: those that start worker processes use every core already); `only`: also
+    `--only` (for a benchmark that prints only the claims whose rows ran)."""
     parser.add_argument("--seeds", type=int, default=seeds, help="paired seeds per configuration (0, 1, ...)")
     parser.add_argument("--tuning-seeds", type=int, default=tuning_seeds,
                         help=f"seeds for tuning ({TUNING_SEED_OFFSET}, ...: disjoint from the reported ones)")
@@ -100,6 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, seeds: int = 3, tuning_see
     if jobs:
         parser.add_argument("--jobs", type=int, default=1,
                             help="runs at a time, each in a forked process with its share of the threads")
+    if only:
+        parser.add_argument("--only", nargs="+", metavar="CONFIG",
+                            help="train these rows only; a row whose baseline is left out is reported without one")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, 2 seeds, no tuning")
     parser.add_argument("--json", help="write the rows and the setup here")
 
@@ -167,6 +171,11 @@ def _timed(run: Run, config: Config, seed: int) -> dict:
     return figures
 
 
+def threads_per_run(jobs: int) -> int:
+    """The threads each of `jobs` runs side by side gets."""
+    return max(1, torch.get_num_threads() // jobs)
+
+
 def _in_worker(threads: int, config: Config, seed: int) -> dict:
     torch.set_num_threads(threads)
     return _timed(_forked_run, config, seed)
@@ -182,10 +191,10 @@ def _trainer(run: Run, jobs: int) -> Iterator[Train]:
         return
     global _forked_run
     _forked_run = run
-    threads = max(1, torch.get_num_threads() // jobs)
+    train_one = functools.partial(_in_worker, threads_per_run(jobs))
     try:
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            yield lambda pairs: list(pool.map(functools.partial(_in_worker, threads), *zip(*pairs)))
+            yield lambda pairs: list(pool.map(train_one, *zip(*pairs)))
     finally:
         _forked_run = None
 

@@ -235,10 +235,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--plot", help="PNG of validation loss against bytes sent (needs matplotlib)")
     parser.add_argument("--markdown", help="write a results page (table, claims, plot, command) here")
     parser.add_argument("--redraw", metavar="JSON", help="no training: redraw --plot/--markdown from a saved --json")
-    parser.add_argument("--only", nargs="+", metavar="CONFIG",
-                        help="train these rows only (e.g. --only 'lordo r=8' 'low_rank_ddp r=8'); a row whose "
-                             "baseline is left out is reported without one")
-    harness.add_arguments(parser)
+    harness.add_arguments(parser, only=True)
     args = parser.parse_args(argv)
     if args.redraw:
         with open(args.redraw) as f:
@@ -293,9 +290,11 @@ def _plot(rows: list[dict], path: str, title: str) -> None:
 def _markdown(result: dict, path: str, plot: str | None, json_path: str | None) -> None:
     """The results page: the command that regenerates it, the table, the claims, the plot."""
     arguments = {**result["arguments"], "json": json_path, "plot": plot, "markdown": path, "redraw": None}
-    flags = [f"--{key.replace('_', '-')}" + ("" if value is True else
-                                             " " + " ".join(shlex.quote(str(v)) for v in (value if isinstance(value, list) else [value])))
-             for key, value in arguments.items() if value not in (None, False)]
+    def flag(key: str, value) -> str:
+        values = value if isinstance(value, list) else [value]
+        return f"--{key.replace('_', '-')}" + ("" if value is True else " " + shlex.join(map(str, values)))
+
+    flags = [flag(key, value) for key, value in arguments.items() if value not in (None, False)]
     columns = harness.COLUMNS + COLUMNS
     lines = ["# LoRDO results", "", "Regenerate this page, its plot and its JSON with:", "", "```bash",
              " ".join(["python -m benchmarks.lordo", *flags]), "```", "",
