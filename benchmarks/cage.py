@@ -1,7 +1,7 @@
 """CAGE against plain straight-through QAT: validation loss at 4 and 3 bits, tiny GPT.
 
-    python -m benchmarks.cage [--steps N] [--batch B] [--seeds 3] [--tuning-seeds 1] [--lrs LR ...]
-                              [--compiler inductor] [--quick] [--json PATH]
+    python -m benchmarks.cage [--only CONFIG ...] [--steps N] [--batch B] [--seeds 3] [--tuning-seeds 1]
+                              [--lrs LR ...] [--compiler inductor] [--jobs N] [--quick] [--json PATH]
 
 Every row trains the same tiny GPT (per seed the same initialisation and batches, AdamW with
 the warm-up and cosine schedule of `lordo-compile train`) with its linear weights
@@ -19,9 +19,10 @@ paper's claims read it against:
 - CAGE W3 against STE W4: the paper's claim, CAGE at 3 bits reaches STE at 4 (expected: lower).
 
 Every row's learning rate is tuned over the same sweep (`--lrs`, default `harness.LRS`) on
-the tuning seeds. `step ms` is the smallest
-per-seed median step time (the one least disturbed by other jobs); `step vs STE` divides a
-CAGE row's by STE's at the same bits. `--quick`: 20 steps, aot_eager, 2 seeds, no tuning.
+the tuning seeds. `--only NAME ...`: a partial run of the rows named (a claim's two rows);
+its rows join those already in the --json of a run set up alike. Step times are not
+reported here: runs go side by side (`--jobs`), not round robin. `--quick`: 20 steps,
+aot_eager, 2 seeds, no tuning.
 """
 
 from __future__ import annotations
@@ -65,11 +66,19 @@ def _policy(options: dict, steps: int) -> lc.Policy:
     return lc.Policy(fake_quant=lc.FakeQuant(**quant))
 
 
+def claims(rows: list[dict]) -> list[str]:
+    """Each row against its baseline, where both ran (all, unless --only chose some)."""
+    ran = {row["config"] for row in rows}
+    return [harness.claim_line(harness.versus(rows, row["config"], row["baseline"]), better=EXPECTED[row["config"]],
+                               label=f"{row['config']} vs {row['baseline']} (expected {EXPECTED[row['config']]})")
+            for row in rows if row["baseline"] in ran]
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=harness.STEPS)
     parser.add_argument("--batch", type=int, default=16)
-    harness.add_arguments(parser, compiler="inductor", jobs=True)
+    harness.add_arguments(parser, compiler="inductor", jobs=True, only=True)
     args = parser.parse_args(argv)
     steps, compiler = (20, "aot_eager") if args.quick else (args.steps, args.compiler)
     seeds, tuning_seeds = harness.seeds_of(args)
@@ -78,24 +87,15 @@ def main(argv=None) -> dict:
         setup = RunConfig(steps=steps, batch_size=args.batch, lr=config.options["lr"], val_batches=0,
                           compiler=compiler, seed=seed)
         result = train_tiny_gpt(_policy(config.options, steps), setup)
-        return {"val_loss": result.val_loss, "step_ms": result.median_ms()}
+        return {"val_loss": result.val_loss}
 
-    rows = harness.compare(configs(harness.lr_sweep(args, default=harness.LRS)), run, seeds, tuning_seeds,
-                           jobs=args.jobs)
-    by_name = {row["config"]: row for row in rows}
-    for row in rows:
-        row["step_ms"] = min(r["step_ms"] for r in row["runs"])
-    for row in rows:
-        if row["config"].startswith("CAGE"):
-            row["step_vs_ste"] = row["step_ms"] / by_name[row["config"].replace("CAGE", "STE")]["step_ms"]
+    rows = harness.compare(harness.select(configs(harness.lr_sweep(args, default=harness.LRS)), args.only), run,
+                           seeds, tuning_seeds, jobs=args.jobs)
     header = (f"tiny GPT, {steps} steps x {args.batch} sequences of 128 bytes, compiler {compiler}, "
               f"seeds {seeds}, lr tuned on seeds {tuning_seeds or 'none'}")
-    harness.report(rows, header, [("step_ms", "step ms", ".1f"), ("step_vs_ste", "step vs STE", ".2f")])
-    claims = [harness.claim_line(row, better=EXPECTED[row["config"]],
-                                 label=f"{row['config']} vs {row['baseline']} (expected {EXPECTED[row['config']]})")
-              for row in rows if row["baseline"]]
-    print("\n".join(claims))
-    return harness.save(args.json, header, rows, args, steps=steps, compiler=compiler, claims=claims)
+    harness.report(rows, header)
+    print("\n".join(claims(rows)))
+    return harness.save(args.json, header, rows, args, claims=claims, steps=steps, compiler=compiler)
 
 
 if __name__ == "__main__":

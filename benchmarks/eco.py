@@ -56,6 +56,21 @@ def run(config: Config, seed: int, args: argparse.Namespace) -> dict:
     return {"val_loss": result.val_loss, "bytes_per_param": (memory.weight_bytes + memory.state_bytes_after) / params}
 
 
+def claims(rows: list[dict]) -> list[str]:
+    """Each claim whose rows ran (all, unless --only chose some)."""
+    by_name = {row["config"]: row for row in rows}
+    lines = []
+    for fmt in FORMATS:
+        master, eco, naive = (f"{mode} {fmt}" for mode in ("master", "eco", "naive"))
+        if {master, eco} <= by_name.keys():
+            lines.append(harness.claim_line(harness.versus(rows, eco, master), "lower", 0.01 * by_name[master]["mean"],
+                                            label=f"eco {fmt} within 1% of master"))
+        if {eco, naive} <= by_name.keys():
+            lines.append(harness.claim_line(harness.versus(rows, eco, naive), "lower",
+                                            label=f"eco {fmt} beats naive (eco - naive)"))
+    return lines
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=harness.STEPS)
@@ -76,18 +91,8 @@ def main(argv=None) -> dict:
     header = (f"tiny GPT, {args.steps} steps x {args.batch} sequences of 128 bytes, AdamW, {lr}, "
               f"{args.warmup} warm-up steps, seeds {seeds}, {args.compiler}")
     harness.report(rows, header, [("bytes_per_param", "bytes/param", ".2f")])
-    by_name = {row["config"]: row for row in rows}
-    claims = []
-    for fmt in args.formats:  # each claim whose rows ran (all, unless --only chose some)
-        master, eco, naive = (f"{mode} {fmt}" for mode in ("master", "eco", "naive"))
-        if {master, eco} <= by_name.keys():
-            claims.append(harness.claim_line(by_name[eco], "lower", 0.01 * by_name[master]["mean"],
-                                             label=f"eco {fmt} within 1% of master"))
-        if {eco, naive} <= by_name.keys():
-            claims.append(harness.claim_line(harness.versus(rows, eco, naive), "lower",
-                                             label=f"eco {fmt} beats naive (eco - naive)"))
-    print("\n".join(claims))
-    return harness.save(args.json, header, rows, args, claims=claims)
+    print("\n".join(claims(rows)))
+    return harness.save(args.json, header, rows, args, claims=claims, selecting=("formats",))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ import argparse
 import concurrent.futures
 import contextlib
 import functools
+import json
 import math
 import multiprocessing
+import os
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -297,10 +299,53 @@ def report(rows: list[dict], header: str, extra: Sequence[tuple[str, str, str]] 
         print(f"tuning chose an end of the sweep for {edge}: their best value may lie beyond it")
 
 
-def save(path: str | None, header: str, rows: list[dict], args: argparse.Namespace, **setup) -> dict:
-    """The JSON every comparison writes: its setup (the command's arguments) and its rows."""
+# Arguments that choose which rows run, or how many at a time, and not what a row computes:
+# runs that differ only in these can share one JSON (`save`).
+SELECTING = ("only", "jobs")
+
+
+def save(path: str | None, header: str, rows: list[dict], args: argparse.Namespace,
+         claims: Sequence[str] | Callable[[list[dict]], list[str]] = (), selecting: Sequence[str] = (),
+         **setup) -> dict:
+    """The JSON every comparison writes: its setup (the command's arguments), its rows and its
+    claim lines (`claims`: the lines, or the function of the rows that gives them).
+
+    A partial run (`--only`) adds its rows to the JSON already at `path` when that one was run
+    with the same arguments, apart from `SELECTING` and the benchmark's own `selecting` (which
+    rows run): a row trained again replaces the earlier one, and the claims are those of the
+    merged rows. Per seed a row's figures do not depend on which other rows ran, so the merged
+    JSON holds what one run of all its rows would (the "only" it records is their union)."""
     seeds, tuning_seeds = seeds_of(args)
     result = {"header": header, "arguments": {k: v for k, v in vars(args).items() if k != "json"},
               "seeds": seeds, "tuning_seeds": tuning_seeds, "rows": rows, **setup}
+    if path and getattr(args, "only", None) and os.path.exists(path):
+        with open(path) as f:
+            result = merged(json.load(f), result, (*SELECTING, *selecting), path)
+    result["claims"] = claims(result["rows"]) if callable(claims) else list(claims)
     write_json(path, result)
     return result
+
+
+def merged(earlier: dict, later: dict, selecting: Sequence[str], path: str = "the JSON") -> dict:
+    """`later`'s rows added to `earlier`'s (see `save`); a ValueError naming what differs when
+    the two were not run alike."""
+    def setup(result: dict) -> dict:
+        return {k: v for k, v in result["arguments"].items() if k not in selecting}
+
+    before, now = setup(earlier) if "arguments" in earlier else None, setup(later)
+    if before != now or earlier.get("header") != later["header"]:
+        differ = (sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+                  if before is not None else "no arguments recorded (a run before the harness)")
+        raise ValueError(f"{path} holds a run set up differently ({differ or 'its header'}): a partial run "
+                         f"(--only) adds its rows only to a JSON of the same setup; give another --json, or "
+                         f"remove {path} to start a new one")
+    names = [row["config"] for row in later["rows"]]
+    rows = [row for row in earlier["rows"] if row["config"] not in names] + later["rows"]
+    arguments = dict(later["arguments"])
+    for key in selecting:
+        first, then = earlier["arguments"].get(key), arguments.get(key)
+        if isinstance(first, list) and isinstance(then, list):
+            arguments[key] = first + [value for value in then if value not in first]
+    if earlier["arguments"].get("only") is None:
+        arguments["only"] = None  # the earlier run had every row
+    return {**earlier, **later, "arguments": arguments, "rows": rows}

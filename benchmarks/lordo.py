@@ -248,9 +248,10 @@ def main(argv=None) -> dict:
                                 args.only)
     rows, header = compare_on_workers(comparison, setup, args, diloco=True)
     harness.report(rows, header, COLUMNS)
-    lines = claims(rows, args.ranks, args.small_batch)
-    print("\n".join(lines))
-    result = harness.save(args.json, header, rows, args, claims=lines)
+    print("\n".join(claims(rows, args.ranks, args.small_batch)))
+    # The rows' names carry their rank and batch, so partial runs with other --ranks share a JSON.
+    result = harness.save(args.json, header, rows, args, selecting=("ranks", "plot", "markdown", "redraw"),
+                          claims=lambda merged: claims(merged, args.ranks, args.small_batch))
     _draw(result, args.plot, args.markdown, args.json)
     return result
 

@@ -153,3 +153,41 @@ def test_paired_seeds_of_a_multi_worker_run_read_disjoint_batches():
     streams = [batch_stream_seed(seed, rank) for seed in (0, 1, 2, 1000, 1001) for rank in range(8)]
     assert len(set(streams)) == len(streams)
     assert [batch_stream_seed(seed, 0) for seed in (0, 1, 1000)] == [0, 1, 1000]
+
+
+def test_partial_runs_of_one_setup_share_a_json_and_others_are_refused(tmp_path):
+    import argparse
+    import json
+
+    from benchmarks.harness import save
+
+    path = str(tmp_path / "run.json")
+
+    def args(only, lrs=None, formats=("int8",)):
+        return argparse.Namespace(only=only, lrs=lrs, formats=list(formats), jobs=2, seeds=3, tuning_seeds=1,
+                                  quick=False, json=path)
+
+    def row(name, *values):
+        return {"config": name, "baseline": None, "values": list(values)}
+
+    def claims(rows):
+        return [f"{r['config']}: {sum(r['values'])}" for r in rows]
+
+    save(path, "h", [row("master", 1, 2), row("eco", 3, 4)], args(["master", "eco"]), claims=claims)
+    save(path, "h", [row("naive", 5, 6), row("eco", 7, 8)], args(["naive", "eco"], formats=("fp8", "int8")),
+         claims=claims, selecting=("formats",))
+    merged = json.load(open(path))
+    assert [(r["config"], r["values"]) for r in merged["rows"]] == [("master", [1, 2]), ("naive", [5, 6]),
+                                                                     ("eco", [7, 8])]
+    assert merged["arguments"]["only"] == ["master", "eco", "naive"]
+    assert merged["arguments"]["formats"] == ["int8", "fp8"]
+    assert merged["claims"] == ["master: 3", "naive: 11", "eco: 15"]
+    with pytest.raises(ValueError, match=r"set up differently \(\['lrs'\]\).*another --json"):
+        save(path, "h", [row("naive", 0, 0)], args(["naive"], lrs=[1e-3]), claims=claims, selecting=("formats",))
+    with pytest.raises(ValueError, match="formats"):
+        save(path, "h", [row("naive", 0, 0)], args(["naive"], formats=("int4",)), claims=claims)
+    json.dump({"rows": [row("master", 1, 2)]}, open(path, "w"))
+    with pytest.raises(ValueError, match="a run before the harness"):
+        save(path, "h", [row("naive", 0, 0)], args(["naive"]), claims=claims)
+    save(path, "h", [row("naive", 0, 0)], args(None), claims=claims)
+    assert [r["config"] for r in json.load(open(path))["rows"]] == ["naive"]
