@@ -115,17 +115,18 @@ def setup_of(args: argparse.Namespace, **quick) -> RunConfig:
                      layers=1 if args.quick else RunConfig.layers)
 
 
-def compare_on_workers(comparison: list[Config], setup: RunConfig, args: argparse.Namespace,
+def compare_on_workers(comparison: list[Config], setup: RunConfig, args: argparse.Namespace, sync: str,
                        diloco: bool = False) -> tuple[list[dict], str]:
     """`harness.compare` of configurations trained on `args.workers` gloo workers, each row's
-    figures added (`add_figures`), and the header its table prints."""
+    figures added (`add_figures`), and the header its table prints (`sync`: how often the
+    rows sync, as the header says it)."""
     seeds, tuning_seeds = harness.seeds_of(args)
     rows = harness.compare(comparison, lambda config, seed: run(config, seed, setup, args.workers), seeds,
                            tuning_seeds)
     add_figures(rows, comparison)
     header = (f"tiny GPT ({rows[0]['runs'][0]['parameters']:,} parameters), {args.workers} gloo workers x "
-              f"{args.batch} sequences of 128 bytes, {args.steps} steps, sync every {args.sync_every}, seeds {seeds}, "
-              f"{tuned_over(comparison[0].sweep, tuning_seeds, diloco)}, compiler {args.compiler}")
+              f"{args.batch} sequences of 128 bytes, {args.steps} steps, {sync}, seeds {seeds}, "
+              f"{tuned_over(harness.lr_sweep(args, LRS), tuning_seeds, diloco)}, compiler {args.compiler}")
     return rows, header
 
 
@@ -246,7 +247,7 @@ def main(argv=None) -> dict:
     setup = replace(setup_of(args, sync_every=8, ranks=args.ranks[:1]), eval_every=max(1, args.steps // 8))
     comparison = harness.select(configs(args.ranks, args.small_batch, args.sync_every, harness.lr_sweep(args, LRS)),
                                 args.only)
-    rows, header = compare_on_workers(comparison, setup, args, diloco=True)
+    rows, header = compare_on_workers(comparison, setup, args, f"sync every {args.sync_every}", diloco=True)
     harness.report(rows, header, COLUMNS)
     print("\n".join(claims(rows, args.ranks, args.small_batch)))
     # The rows' names carry their rank and batch, so partial runs with other --ranks share a JSON.

@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     comparison += [Config(f"lordo {payload} omega={omega}",
                           {"policy": "lordo", "fields": {"payload": payload, "omega": omega}, **options}, base, sweep)
                    for payload in args.payloads for omega in args.omegas]
-    rows, header = compare_on_workers(comparison, setup, args)
+    rows, header = compare_on_workers(comparison, setup, args, f"sync every {args.sync_every}")
     harness.report(rows, header, BYTES)
     lines = [headline(row, rows[0]) for row in rows[1:]]
     print("\n".join(lines))

@@ -1,6 +1,7 @@
 """Communication against loss on paired seeds: DDP, local SGD and DiLoCo, gloo workers, tiny GPT.
 
-    python -m benchmarks.sync [--workers 4] [--steps 640] [--every 8 32] [--seeds 3] [--quick] [--json PATH]
+    python -m benchmarks.sync [--workers 4] [--steps 640] [--every 8 32] [--only CONFIG ...] [--seeds 3] [--quick]
+                              [--json PATH]
 
 Each configuration trains as `benchmarks.lordo` does (its `run`): the same tiny GPT for
 the same steps on the same seeds, every worker on its own batches. "local_sgd H=h" and
@@ -11,7 +12,8 @@ defaults of `Policy.diloco` were chosen for 500-step intervals. The claims, at e
 DiLoCo is within 1% of DDP, and DiLoCo beats local SGD (plain model averaging).
 
 Bytes per worker are counted by the compiled step itself (`step.comm_report()`); they do
-not depend on the seed. `--quick`: 2 workers, 16 steps of a one-layer model, H = 8 only.
+not depend on the seed. `--only NAME ...`: a partial run of the rows named (DiLoCo's tuning
+alone is 18 runs per H); its rows join those already in the --json of a run set up alike. `--quick`: 2 workers, 16 steps of a one-layer model, H = 8 only.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ import argparse
 
 from . import harness
 from .harness import Config
-from .lordo import LR, LRS, add_figures, add_run_arguments, claim, diloco_sweep, run, setup_of, tuned_over, \
-    within
+from .lordo import LR, LRS, add_run_arguments, claim, compare_on_workers, diloco_sweep, setup_of, within
 
 
 def configs(every: list[int], sweep: tuple[dict, ...]) -> list[Config]:
@@ -32,37 +33,37 @@ def configs(every: list[int], sweep: tuple[dict, ...]) -> list[Config]:
                                             "outer_momentum": 0.9}, "ddp", diloco_sweep(sweep)) for h in every]
 
 
+def claims(rows: list[dict]) -> list[str]:
+    """Each claim whose rows ran (all, unless --only chose some)."""
+    by = {row["config"]: row for row in rows}
+    lines = []
+    for h in sorted({int(name.split("H=")[1]) for name in by if "H=" in name}):
+        diloco, local = f"diloco H={h}", f"local_sgd H={h}"
+        if {diloco, "ddp"} <= by.keys():
+            lines.append(within(harness.versus(rows, diloco, "ddp"), by["ddp"], "DDP"))
+        if {diloco, local} <= by.keys():
+            lines.append(claim(f"{diloco} beats local SGD (diloco - local_sgd)",
+                               harness.versus(rows, diloco, local), "lower"))
+    return lines
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_arguments(parser)
     parser.add_argument("--every", type=int, nargs="+", default=[8, 32], help="sync intervals H")
-    harness.add_arguments(parser, compiler="inductor")
+    harness.add_arguments(parser, compiler="inductor", only=True)
     args = parser.parse_args(argv)
     setup = setup_of(args, every=[8])
-    seeds, tuning_seeds = harness.seeds_of(args)
-    sweep = harness.lr_sweep(args, LRS)
-    comparison = configs(args.every, sweep)
-    rows = harness.compare(comparison, lambda config, seed: run(config, seed, setup, args.workers), seeds,
-                           tuning_seeds)
-    add_figures(rows, comparison)
+    comparison = harness.select(configs(args.every, harness.lr_sweep(args, LRS)), args.only)
+    rows, header = compare_on_workers(comparison, setup, args, "sync every H as each row names", diloco=True)
     for row in rows:
         row.update(outer_lr=row["options"].get("outer_lr"), outer_momentum=row["options"].get("outer_momentum"))
-    header = (f"tiny GPT ({rows[0]['runs'][0]['parameters']:,} parameters), {args.workers} gloo workers x "
-              f"{args.batch} sequences of 128 bytes, {args.steps} steps, seeds {seeds}, "
-              f"{tuned_over(sweep, tuning_seeds, diloco=True)}, compiler {args.compiler}")
     harness.report(rows, header, [("bytes_per_worker", "bytes/worker", ","), ("ratio_vs_ddp", "x fewer vs ddp", ".1f"),
                                   ("relative_diff", "rel. diff", "+.2%"), ("outer_lr", "outer lr", "g"),
                                   ("outer_momentum", "outer mom.", "g")])
-    by = {row["config"]: row for row in rows}
-    lines = []
-    for h in args.every:
-        diloco, local = by[f"diloco H={h}"], by[f"local_sgd H={h}"]
-        lines += [within(diloco, by["ddp"], "DDP"),
-                  claim(f"{diloco['config']} beats local SGD (diloco - local_sgd)",
-                        harness.paired(diloco["values"], local["values"]), "lower")]
-    print("\n".join(lines))
-    return harness.save(args.json, header, rows, args, claims=lines)
-
+    print("\n".join(claims(rows)))
+    # The rows' names carry their interval, so partial runs with other --every share a JSON.
+    return harness.save(args.json, header, rows, args, claims=claims, selecting=("every",))
 
 if __name__ == "__main__":
     main()
