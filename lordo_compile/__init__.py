@@ -20,6 +20,7 @@ from .passes.gossip import Gossip
 from .passes.lordo import LoRDO
 from .passes.low_rank import LowRank
 from .passes.low_rank_ddp import LowRankDDP
+from .passes.quantized_state import QuantizedState
 from .passes.sync import Sync
 from .policy import Policy
 
@@ -40,6 +41,7 @@ __all__ = [
     "LordoBackend",
     "LowRank",
     "LowRankDDP",
+    "QuantizedState",
     "NonFiniteError",
     "PassError",
     "Policy",

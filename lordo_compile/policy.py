@@ -18,6 +18,7 @@ from .passes.gossip import Gossip
 from .passes.lordo import VARIANTS as LORDO_VARIANTS, LoRDO
 from .passes.low_rank import LowRank
 from .passes.low_rank_ddp import LowRankDDP
+from .passes.quantized_state import QuantizedState
 from .passes.sync import Sync
 
 
@@ -44,6 +45,7 @@ class Policy:
     eco: ECO | None = None
     ema_nesterov: EMANesterov | None = None
     gossip: Gossip | None = None
+    quantized_state: QuantizedState | None = None
     # "raise" (the default) or "skip" a step whose loss or gradients are not finite; None:
     # not checked (saves one host read of a flag vector per step; see docs/reliability.md).
     on_nonfinite: str | None = "raise"
@@ -53,7 +55,8 @@ class Policy:
         written = getattr(self, "_written_as", {})
         for name, kind in (("low_rank", LowRank), ("data_parallel", DataParallel), ("sync", Sync), ("lordo", LoRDO),
                            ("low_rank_ddp", LowRankDDP), ("fake_quant", FakeQuant), ("eco", ECO),
-                           ("ema_nesterov", EMANesterov), ("gossip", Gossip)):
+                           ("ema_nesterov", EMANesterov), ("gossip", Gossip),
+                           ("quantized_state", QuantizedState)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
                 raise ValueError(f"Policy.{written.get(name, name)} must be a lordo_compile.{kind.__name__}, "
@@ -192,3 +195,13 @@ def _eco(cls, format: str = "fp8_e4m3", scale: str = "per_row", rounding: str = 
 
 
 Policy.eco = classmethod(_eco)
+
+
+def _quantized_state(cls, bits: int = 8, **options) -> "Policy":
+    """Optimizer moments held in `bits` bits with per-block scales (torchao's AdamW8bit and
+    AdamW4bit at the defaults); `options` are the other `QuantizedState` fields. Combine it
+    with another rewrite as a field: `Policy(low_rank=..., quantized_state=QuantizedState())`."""
+    return cls(quantized_state=QuantizedState(bits=bits, **options))
+
+
+Policy.quantized_state = classmethod(_quantized_state)

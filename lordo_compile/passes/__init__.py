@@ -19,7 +19,7 @@ from .manager import (
     replace,
     run_passes,
 )
-from . import data_parallel, eco, ema_nesterov, fake_quant, gossip, identity, lordo, low_rank, low_rank_ddp, nonfinite, sync  # noqa: E402,F401,I001  (registers the passes, in the policy's order)
+from . import data_parallel, eco, ema_nesterov, fake_quant, gossip, identity, lordo, low_rank, low_rank_ddp, nonfinite, quantized_state, sync  # noqa: E402,F401,I001  (registers the passes, in the policy's order)
 
 __all__ = [
     "INIT",

@@ -41,6 +41,8 @@ class Stage(enum.IntEnum):
     LOOKAHEAD       the point the update is taken from (EMA-Nesterov);
     WEIGHT_STORAGE  how weights are held between steps (ECO's requantization);
     SYNC            what workers exchange of their models (local SGD, DiLoCo, LoRDO, gossip);
+    STATE_STORAGE   how state is held between steps (moments in 8 or 4 bits): after every rewrite
+                    that reads or writes state, so it holds whatever state they left;
     GUARD           checks over every write (non-finite): last, so it covers every rewrite.
     """
 
@@ -52,7 +54,8 @@ class Stage(enum.IntEnum):
     LOOKAHEAD = 6
     WEIGHT_STORAGE = 7
     SYNC = 8
-    GUARD = 9
+    STATE_STORAGE = 9
+    GUARD = 10
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,7 @@ class RegisteredPass:
     events: Callable[[Any], tuple[Event, ...]] | None = None
     runtime: type[PassRuntime] | None = None
     also: tuple[tuple[Stage, PassFn], ...] = ()
+    releases_leftover: bool = False
 
     def rewrites(self) -> list[tuple[Stage, str, PassFn]]:
         """(stage, snapshot label, rewrite) for each rewrite of the pass; the main one has the pass's name."""
@@ -225,6 +229,7 @@ def register_pass(
     events: Callable[[Any], tuple[Event, ...]] | None = None,
     runtime: type[PassRuntime] | None = None,
     also: Mapping[Stage, PassFn] | None = None,
+    releases_leftover: bool = False,
     after: object = None,
 ) -> Callable[[PassFn], PassFn]:
     """Register a pass whose main rewrite is the decorated function.
@@ -237,6 +242,8 @@ def register_pass(
       conflicts: passes it cannot run with, each mapped to the mathematical reason (shown to
         the user who enables both).
       releases: the optimizer state the pass takes over, per parameter, freed before capture.
+      releases_leftover: the pass changes how state is held, not what it is: its `releases`
+        is asked after every other pass's and takes only the keys none of them took.
       events: `option -> (Event, ...)`, the events the pass adds to the schedule.
       runtime: a `PassRuntime` subclass, created once per compiled step.
       also: further rewrites at other stages (`{Stage.COMBINE: fn}`), run in stage order.
@@ -256,7 +263,7 @@ def register_pass(
             raise ValueError(f"option type {option_type.__name__} already belongs to another registered pass")
         extra = tuple((Stage(s), f) for s, f in (also or {}).items())
         _REGISTRY[name] = RegisteredPass(name, stage, fn, option, dict(conflicts or {}), releases, option_type,
-                                         events, runtime, extra)
+                                         events, runtime, extra, releases_leftover)
         return fn
 
     return decorate
@@ -339,10 +346,13 @@ def _extra_pass(extra: Any) -> tuple[RegisteredPass, Any]:
 def released_state(policy: Any, param: ParamInfo, op_name: str) -> dict[str, str]:
     """Optimizer state keys the policy's passes take over for `param`: key -> pass name."""
     released: dict[str, str] = {}
-    for registered, option in plan_passes(policy):
+    plan = sorted(plan_passes(policy), key=lambda item: item[0].releases_leftover)
+    for registered, option in plan:
         if registered.releases is None:
             continue
         for key in registered.releases(option, param, op_name):
+            if registered.releases_leftover and key in released:
+                continue
             if key in released:
                 raise ValueError(
                     f"passes {released[key]!r} and {registered.name!r} both take over "
