@@ -52,6 +52,8 @@ POLICIES = {
     "low-rank ddp, coupled cage": (dataclasses.replace(lc.Policy.low_rank_ddp(rank=4, update_proj_gap=2),
                                                        fake_quant=COUPLED_CAGE), ADAMW),
     "docom": (lc.Policy.docom(), ADAMW),
+    "4-bit moments, galore": (lc.Policy(low_rank=GALORE, quantized_state=lc.QuantizedState(
+        bits=4, block_size=4, min_size=0)), ADAMW),
 }
 
 # A point-to-point exchange between workers: with one process there is nobody to send to.
