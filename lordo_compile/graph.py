@@ -84,8 +84,8 @@ class StateSpec:
     of a parameter, e.g. ECO's codes and scales), which the memory report counts as weights,
     or "scratch" (what the last step found, e.g. which gradients were finite: no step's
     math reads it, so a recapture over other parameters may declare it with another shape).
-    `moment` marks an optimizer moment that a policy may hold in fewer bits (the pass
-    "quantized_state"): "signed" (it takes both signs: a first moment, a momentum, an error
+    `moment` marks an optimizer moment that a state-storage rewrite may hold in fewer
+    bits: "signed" (it takes both signs: a first moment, a momentum, an error
     buffer) or "unsigned" (a second moment); None: it is always held as declared. A pass
     that marks a moment reads and writes it only through the graph, never as a tensor of
     the runtime (in which it may not exist).

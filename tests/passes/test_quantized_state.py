@@ -122,6 +122,7 @@ def test_twenty_steps_equal_torchaos_optimizer(name, bits, model):
                 differ += (held.codes.reshape(-1) != ours_state[f"quantized_state.codes.{key}.{n}"]).sum().item()
     far = sum(((mine - t).abs() > 1e-5 * t.abs().max()).sum().item()
               for mine, t in zip(ours.parameters(), reference.parameters()))
+    print(f"{name}: {differ} of {codes:,} codes differ; {far} weights further than 1e-5 of their tensor's largest")
     params = list(ours.parameters())
     assert codes == 2 * sum(p.numel() for p in params if p.numel() >= 4096) // (2 if bits == 4 else 1)
     assert differ <= 1e-4 * codes and far <= 1e-4 * sum(p.numel() for p in params)
