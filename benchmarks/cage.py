@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 
 import lordo_compile as lc
-from lordo_compile.experiment import RunConfig, train_tiny_gpt
 
 from . import harness
 
@@ -75,24 +74,10 @@ def claims(rows: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=harness.STEPS)
-    parser.add_argument("--batch", type=int, default=16)
-    harness.add_arguments(parser, compiler="inductor", jobs=True, only=True)
-    args = parser.parse_args(argv)
-    steps, compiler = (20, "aot_eager") if args.quick else (args.steps, args.compiler)
-    seeds, tuning_seeds = harness.seeds_of(args)
-
-    def run(config: harness.Config, seed: int) -> dict:
-        setup = RunConfig(steps=steps, batch_size=args.batch, lr=config.options["lr"], val_batches=0,
-                          compiler=compiler, seed=seed)
-        result = train_tiny_gpt(_policy(config.options, steps), setup)
-        return {"val_loss": result.val_loss}
-
-    rows = harness.compare(harness.select(configs(harness.lr_sweep(args, default=harness.LRS)), args.only), run,
-                           seeds, tuning_seeds, jobs=args.jobs)
-    header = (f"tiny GPT, {steps} steps x {args.batch} sequences of 128 bytes, compiler {compiler}, "
-              f"seeds {seeds}, lr tuned on seeds {tuning_seeds or 'none'}")
+    args, steps, compiler = harness.tiny_gpt_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]),
+                                                      argv)
+    rows, header = harness.compare_tiny_gpt(args, steps, compiler, configs(harness.lr_sweep(args, default=harness.LRS)),
+                                            lambda options: _policy(options, steps))
     harness.report(rows, header)
     print("\n".join(claims(rows)))
     return harness.save(args.json, header, rows, args, claims=claims, steps=steps, compiler=compiler)

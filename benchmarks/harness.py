@@ -36,7 +36,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -108,6 +108,41 @@ def add_arguments(parser: argparse.ArgumentParser, *, seeds: int = 3, tuning_see
                             help="train these rows only; a row whose baseline is left out is reported without one")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, 2 seeds, no tuning")
     parser.add_argument("--json", help="write the rows and the setup here")
+
+
+def tiny_gpt_arguments(parser: argparse.ArgumentParser, argv=None, quick_steps: int = 20
+                       ) -> tuple[argparse.Namespace, int, str]:
+    """Parse a one-process tiny GPT comparison's arguments (--steps, --batch and the common
+    ones, with --jobs and --only); returns them with the steps and compiler a run uses (a
+    quick run: `quick_steps`, aot_eager)."""
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--batch", type=int, default=16)
+    add_arguments(parser, compiler="inductor", jobs=True, only=True)
+    args = parser.parse_args(argv)
+    return args, *((quick_steps, "aot_eager") if args.quick else (args.steps, args.compiler))
+
+
+def compare_tiny_gpt(args: argparse.Namespace, steps: int, compiler: str, configs: Sequence[Config],
+                     policy_of: Callable[[dict], Any], figures: Callable[[Any], dict] | None = None
+                     ) -> tuple[list[dict], str]:
+    """`compare` of one-process tiny GPT runs (`train_tiny_gpt`, the arguments of
+    `tiny_gpt_arguments`): each configuration trains the policy `policy_of(options)` at its
+    options' lr; `figures(result)` adds a run's own figures to its validation loss. Returns
+    the rows and the header that says how they were run."""
+    from lordo_compile.experiment import RunConfig, train_tiny_gpt
+
+    seeds, tuning_seeds = seeds_of(args)
+
+    def run(config: Config, seed: int) -> dict:
+        setup = RunConfig(steps=steps, batch_size=args.batch, lr=config.options["lr"], val_batches=0,
+                          compiler=compiler, seed=seed)
+        result = train_tiny_gpt(policy_of(config.options), setup)
+        return {"val_loss": result.val_loss, **(figures(result) if figures else {})}
+
+    rows = compare(select(configs, args.only), run, seeds, tuning_seeds, jobs=args.jobs)
+    header = (f"tiny GPT, {steps} steps x {args.batch} sequences of 128 bytes, compiler {compiler}, "
+              f"seeds {seeds}, lr tuned on seeds {tuning_seeds or 'none'}")
+    return rows, header
 
 
 def seeds_of(args: argparse.Namespace) -> tuple[list[int], list[int]]:

@@ -1,59 +1,187 @@
-"""Persistent bytes per parameter of each policy on the tiny GPT, counted from the tensors held.
+"""Memory of each policy on the tiny GPT: persistent bytes per parameter and measured peaks.
 
-    python -m benchmarks.memory [--json PATH]
+    python -m benchmarks.memory [--batch 16] [--compiler inductor] [--only POLICY ...] [--quick] [--json PATH]
 
-Each policy compiles the tiny GPT's AdamW step (aot_eager: what is held between steps does
-not depend on the code generator), takes one step, and reads `step.memory_report()`: the
-weights as stored (ECO's codes and scales instead of fp32), the optimizer's state and the
-state passes declared (8- or 4-bit moments: codes, per-block scales and the two maps).
-Gradients are not counted: they do not persist between steps. `vs AdamW` divides the
-optimizer state by plain AdamW's (8 bytes of moments and a step counter per tensor).
-Peak memory during a step is not measured here yet.
+Every row runs in a fresh process (`--one`), so that no row's allocations or compiled code
+linger in another's figures: the tiny GPT's AdamW step, eagerly ("eager AdamW"), through
+`torch.compile` of the whole step (PyTorch's recipe: a graph for the forward and backward,
+one for `opt.step`), or through `lc.compile` with a policy. Each takes `WARMUP` steps, then
+one measured step.
+
+- `persistent_bytes_per_param`: what is held between steps, per parameter: the weights as
+  stored (ECO's codes and scales instead of fp32) and the optimizer's and passes' state
+  (8- or 4-bit moments: codes, per-block scales, the two maps), from `step.memory_report()`;
+  for the peers, the parameters and `opt.state`. Gradients do not persist in any row: the
+  step ends with `zero_grad()` (None), and ours frees them inside the graph.
+- `peak_bytes`: the most CPU tensor memory live at once during the measured step, as the
+  allocator saw it: the bytes of every tensor alive when the step starts (found through the
+  garbage collector, each storage once) plus the highest running sum of the allocations and
+  frees the profiler records during the step (`profile_memory=True`). It is measured, not
+  added up from shapes; `peak_vs_eager` and `peak_vs_compile` divide it by the peers'.
+- `peak_rss_bytes`: the process's resident peak (VmHWM) during the measured step, reset
+  just before it; it includes the Python interpreter, torch's libraries and the compiled
+  code (several hundred MB that no policy changes), so it is printed, not compared.
+- `gradient_bytes`: what the gradients would hold all at once (4 bytes per parameter);
+  eager AdamW holds all of them when the backward ends, before `opt.step` reads them.
+
+`--quick`: batch 1, aot_eager, the two peers and `Policy()` only.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
+import json
+import os
+import subprocess
+import sys
+import warnings
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import lordo_compile as lc
-from lordo_compile.experiment import RunConfig, train_tiny_gpt
+from lordo_compile.models import GPTConfig
 
-from .common import print_table, write_json
+from .common import batches, gpt_step, print_table, write_json
 
+WARMUP = 3
+EIGHT_BIT = lc.QuantizedState(bits=8)
+PEERS = ("eager AdamW", "torch.compile")
 POLICIES = {
-    "AdamW": lc.Policy(),
-    "AdamW 8-bit moments": lc.Policy.quantized_state(bits=8),
-    "AdamW 4-bit moments": lc.Policy.quantized_state(bits=4),
+    "Policy()": lc.Policy(),
+    "8-bit moments": lc.Policy.quantized_state(bits=8),
+    "4-bit moments": lc.Policy.quantized_state(bits=4),
     "GaLore r=16": lc.Policy.galore(16),
-    "GaLore r=16 + 8-bit moments": lc.Policy(low_rank=lc.LowRank(rank=16), quantized_state=lc.QuantizedState()),
+    "GaLore r=16 + 8-bit moments": dataclasses.replace(lc.Policy.galore(16), quantized_state=EIGHT_BIT),
     "ECO fp8": lc.Policy.eco(format="fp8_e4m3"),
-    "ECO fp8 + 8-bit moments": lc.Policy(eco=lc.ECO(format="fp8_e4m3"), quantized_state=lc.QuantizedState()),
+    "ECO fp8 + 8-bit moments": dataclasses.replace(lc.Policy.eco(format="fp8_e4m3"), quantized_state=EIGHT_BIT),
+    "LoRDO r=8": lc.Policy.lordo(8),
+    "LoRDO r=8 + 8-bit moments": dataclasses.replace(lc.Policy.lordo(8), quantized_state=EIGHT_BIT),
+    "DiLoCo H=32": lc.Policy.diloco(32),
+    "DiLoCo H=32 + 8-bit moments": dataclasses.replace(lc.Policy.diloco(32), quantized_state=EIGHT_BIT),
 }
+QUICK = (*PEERS, "Policy()")
 
 
-def measure(policy: lc.Policy) -> dict:
-    result = train_tiny_gpt(policy, RunConfig(steps=1, val_batches=0, eval_every=0, compiler="aot_eager"))
-    report = result.step.memory_report()
-    params = sum(p.numel() for p in result.model.parameters())
-    return {"weight_bytes": report.weight_bytes, "state_bytes": report.state_bytes_after, "parameters": params,
-            "persistent_bytes_per_param": (report.weight_bytes + report.state_bytes_after) / params}
+def _live_tensor_bytes() -> int:
+    """Bytes of every CPU tensor the garbage collector can reach, each storage once."""
+    gc.collect()
+    storages: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
+            continue
+        try:
+            storage = obj.untyped_storage()
+            address = storage.data_ptr()
+        except (NotImplementedError, RuntimeError):  # fake or functional tensors left by tracing
+            continue
+        if address:
+            storages[address] = max(storages.get(address, 0), storage.nbytes())
+    return sum(storages.values())
+
+
+def _peak_allocated(events) -> int:
+    """The highest running sum of the profiler's allocations and frees."""
+    live = peak = 0
+    for event in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def _rss_peak() -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM"))
+    return int(line.split()[1]) * 1024
+
+
+def measure_one(name: str, batch: int, compiler: str) -> dict:
+    """One row, in this process (which should run nothing else)."""
+    cfg = GPTConfig()
+    model, opt, train_step = gpt_step(cfg)
+    if name == "eager AdamW":
+        step = train_step
+    elif name == "torch.compile":
+        step = torch.compile(train_step, backend=compiler)
+    else:
+        with warnings.catch_warnings():  # one process is one worker: nothing to send, which is the point here
+            warnings.filterwarnings("ignore", message=".*no process group is initialized.*")
+            step = lc.compile(train_step, POLICIES[name], compiler=compiler)
+    data = batches(cfg, batch, WARMUP + 1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*no process group is initialized.*")
+        for x, y in data[:WARMUP]:
+            step(x, y)
+    params = sum(p.numel() for p in model.parameters())
+    if name in PEERS:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        state = sum(t.numel() * t.element_size() for held in opt.state.values() for t in held.values()
+                    if isinstance(t, torch.Tensor))
+    else:
+        report = step.memory_report()
+        weights, state = report.weight_bytes, report.state_bytes_after
+    x, y = data[WARMUP]
+    live = _live_tensor_bytes()
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass  # not Linux: VmHWM then covers the whole process
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(x, y)
+    return {"policy": name, "parameters": params, "weight_bytes": weights, "state_bytes": state,
+            "persistent_bytes_per_param": (weights + state) / params,
+            "live_at_start_bytes": live, "peak_bytes": live + _peak_allocated(prof.profiler.kineto_results.events()),
+            "peak_rss_bytes": _rss_peak(), "gradient_bytes": 4 * params}
+
+
+def _fresh(name: str, batch: int, compiler: str, cache: str) -> dict:
+    command = [sys.executable, "-m", "benchmarks.memory", "--one", name, "--batch", str(batch),
+               "--compiler", compiler]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"the row {name!r} failed in its process:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16, help="sequences of 128 bytes per step")
+    parser.add_argument("--compiler", default="inductor")
+    parser.add_argument("--only", nargs="+", metavar="POLICY", help="these rows (and the peers) only")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
-    rows = [{"policy": name, "describe": policy.describe(), **measure(policy)} for name, policy in POLICIES.items()]
-    adamw = rows[0]["state_bytes"]
+    if args.one:
+        print(json.dumps(measure_one(args.one, args.batch, args.compiler)))
+        return []
+    if args.quick:
+        args.batch, args.compiler = 1, "aot_eager"
+    names = list(QUICK if args.quick else (*PEERS, *POLICIES))
+    if args.only:
+        unknown = [name for name in args.only if name not in POLICIES]
+        if unknown:
+            raise ValueError(f"--only: unknown policies {unknown}; choose from {list(POLICIES)}")
+        names = [*PEERS, *args.only]
+    # One cache directory per run, empty at its start: no row reads code compiled by another run.
+    cache = os.path.abspath(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lordo_memory_{os.getpid()}"))
+    rows = [_fresh(name, args.batch, args.compiler, cache) for name in names]
+    eager, compiled = rows[0], rows[1]
     for row in rows:
-        row["state_vs_adamw"] = row["state_bytes"] / adamw
-    print(f"tiny GPT ({rows[0]['parameters']:,} parameters), AdamW, persistent bytes after one step; "
-          f"torch {torch.__version__}")
-    print_table(rows, [("policy", "policy", "<"), ("weight_bytes", "weights B", ","), ("state_bytes", "state B", ","),
-                       ("persistent_bytes_per_param", "bytes/param", ".2f"), ("state_vs_adamw", "state vs AdamW", ".3f")])
-    write_json(args.json, {"rows": rows})
+        row["peak_vs_eager"] = row["peak_bytes"] / eager["peak_bytes"]
+        row["peak_vs_compile"] = row["peak_bytes"] / compiled["peak_bytes"]
+        row["state_vs_adamw"] = row["state_bytes"] / eager["state_bytes"]
+    print(f"tiny GPT ({eager['parameters']:,} parameters), AdamW, batch {args.batch}x128, {args.compiler}, "
+          f"torch {torch.__version__}; each row in a fresh process, peak of one step after {WARMUP}")
+    print_table(rows, [("policy", "policy", "<"), ("persistent_bytes_per_param", "held B/param", ".2f"),
+                       ("state_vs_adamw", "state vs AdamW", ".3f"), ("peak_bytes", "peak B", ","),
+                       ("peak_vs_eager", "vs eager", ".3f"), ("peak_vs_compile", "vs compile", ".3f"),
+                       ("peak_rss_bytes", "peak RSS B", ",")])
+    write_json(args.json, {"batch": args.batch, "compiler": args.compiler, "warmup": WARMUP, "rows": rows})
     return rows
 
 

@@ -196,3 +196,14 @@ def new_projection(grad, previous, sketch, method, rank, power_iterations=1):
     for _ in range(max(1, power_iterations)):
         basis = _orthonormal(a @ (a.T @ basis))
     return _leading(grad, basis, rank, tall)
+
+
+def stored_in_8_bits(x: torch.Tensor, signed: bool, block: int) -> torch.Tensor:
+    """`x` as torchao's 8-bit optimizers store a moment and read it back: per-block absmax
+    scales, codes of the dynamic map (signed or unsigned). torchao's own functions, so that a
+    test of our quantized state does not check our quantizer against itself."""
+    from torchao.optim.quant_utils import create_dynamic_map, dequant_with_qmap, quantize_8bit_with_qmap, scale_tensor
+
+    levels = torch.tensor(create_dynamic_map(signed))
+    scaled, scale = scale_tensor(x.reshape(-1), block)
+    return dequant_with_qmap(quantize_8bit_with_qmap(scaled, levels), levels, scale).reshape(x.shape)

@@ -17,6 +17,10 @@ Stage order of one step k (0-based), theta the stored parameters:
     7. ECO         W^ = q(W~), e = W~ - W^, e fed into the momentum of the rule of step 4;
                    theta_W = W^. Every other parameter: theta = W~.
 
+With `held` (a QuantizedState), every moment it holds (m, v, buf; GaLore's projected ones
+too) is stored as torchao stores an 8-bit moment once the step is done (after ECO's
+injection): the next step reads it back rounded, this step used it unrounded.
+
 A parameter frozen at step k (`step(..., frozen=...)`: requires_grad False during that call)
 takes no part in stages 1 and 3-7: it is read at theta (no lookahead), has no gradient, is
 not updated, corrected or requantized, and its state (moments, Adam's step count, GaLore's
@@ -55,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import new_projection
+from common import new_projection, stored_in_8_bits
 from lordo_compile.ops.eco import quantize, uniform_noise
 from lordo_compile.ops.quant import fake_quantize_math
 
@@ -93,8 +97,10 @@ class EagerComposed:
     """
 
     def __init__(self, model: nn.Sequential, *, optimizer="adamw", lr, weight_decay, betas=(0.9, 0.999), eps=1e-8,
-                 momentum=0.9, nesterov=False, low_rank=None, sketches=None, cage=None, ema=None, eco=None):
+                 momentum=0.9, nesterov=False, low_rank=None, sketches=None, cage=None, ema=None, eco=None,
+                 held=None):
         self.model = model
+        self.held = held
         self.params = dict(model.named_parameters())
         self.optimizer, self.lr, self.wd, self.betas, self.eps = optimizer, lr, weight_decay, betas, eps
         self.momentum, self.nesterov = momentum, nesterov
@@ -191,7 +197,14 @@ class EagerComposed:
                     self._inject(name, tentative - stored)
                     tentative = stored
                 p.copy_(tentative)
+                if self.held:
+                    self._store(self.state[name])
         return loss.detach()
+
+    def _store(self, s):
+        for key, signed in (("m", True), ("v", False), ("buf", True)):
+            if key in s and self.held.holds(s[key].numel()):
+                s[key] = stored_in_8_bits(s[key], signed, self.held.block)
 
     # The update rules, from the point `w` with gradient `g`; they return W~.
 

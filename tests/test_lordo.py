@@ -4,11 +4,13 @@ Every option is varied one at a time from the defaults; each run is 12 steps wit
 every 4 (three syncs). The compiled step must match the eager one on every rank to 1e-5,
 and every rank must hold a bit-identical projection Q after each run. The authors' variant
 (`Policy.lordo(variant="authors")`) is checked against `EagerAuthors`, written as their code
-is laid out.
+is laid out. The "8-bit state" variant holds LoRDO's moments and error feedback in 8 bits
+(`QuantizedState`); its reference rounds them with torchao's quantizer after each step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lordo_compile as lc
-from common import assert_close, new_projection, singular_vectors
+from common import assert_close, new_projection, singular_vectors, stored_in_8_bits
 from lordo_compile.launch import run_workers
 from lordo_compile.testing import training_step
 
@@ -63,7 +65,11 @@ VARIANTS = {
     "payload=int8": dict(payload="int8"),
     "outer=nesterov": dict(outer_lr=0.7, outer_momentum=0.9, nesterov=True),
     "clip": dict(clip=0.05),
+    "8-bit state": {},
 }
+# Variants that hold LoRDO's moments and error feedback in 8 bits: blocks of 64 and a minimum
+# of 256 entries, so that this small model's u, v and E are held (its dense moments are not).
+QUANTIZED = {"8-bit state": lc.QuantizedState(bits=8, block_size=64, min_size=256)}
 AUTHORS = "authors"
 NAMES = ("0.weight", "2.weight")
 
@@ -96,10 +102,12 @@ def _sketch_projection(sketch, tall):
 class EagerLoRDO:
     """Section 3, one worker's view, written with plain torch ops and torch.distributed.
 
-    `tie_margin`: how close any int8 code input came to a rounding tie (x.5)."""
+    `tie_margin`: how close any int8 code input came to a rounding tie (x.5). `held`: a
+    QuantizedState whose moments (u, v, E, V, the sync error) are stored in 8 bits at the end
+    of each step, as torchao stores them (the step itself reads them back and updates in fp32)."""
 
-    def __init__(self, model, o, world, sketches, payload_sketches):
-        self.o, self.world = o, world
+    def __init__(self, model, o, world, sketches, payload_sketches, held=None):
+        self.o, self.world, self.held = o, world, held
         self.tie_margin = math.inf
         self.low = [model[0].weight, model[2].weight]
         self.params = list(model.parameters())
@@ -170,6 +178,11 @@ class EagerLoRDO:
                 w *= 1 - LR * WD
         if (k + 1) % H == 0:
             self._sync(grads)
+        if self.held:
+            for s in self.s.values():
+                for key, signed in (("u", True), ("v", False), ("E", True), ("V", False), ("Es", True)):
+                    if s[key].numel() >= self.held.min_size and s[key].numel() % self.held.block == 0:
+                        s[key] = stored_in_8_bits(s[key], signed, self.held.block)
 
     def _sync(self, grads):
         o = self.o
@@ -339,7 +352,9 @@ def _train(rank, world, policy, make_reference, data_seed=10, sizes=(64, 32, 48)
         "compiled": dict(model.named_parameters()),
         "reference": dict(reference_model.named_parameters()),
         "Q": [state[f"lordo.projection.{n}"] for n in NAMES],
-        "moments": {f"{key}.{n}": state[f"lordo.{key}.{n}"] for n in NAMES for key in ("u", "v")},
+        "moments": {f"{key}.{n}": state[f"lordo.{key}.{n}"] for n in NAMES for key in ("u", "v")
+                    if f"lordo.{key}.{n}" in state},
+        "held": sorted(name for name in state if name.startswith("quantized_state.codes.")),
         "bytes": step.comm_report().bytes_sent,
         "reference_state": reference,
     }
@@ -356,12 +371,13 @@ def lordo_worker(rank, world, variants):
         else:
             options = {**DEFAULTS, **VARIANTS[name]}
 
-            def make_reference(model, state, options=options):
+            def make_reference(model, state, options=options, held=QUANTIZED.get(name)):
                 return EagerLoRDO(model, options, world, [state.get(f"lordo.sketch.{n}") for n in NAMES],
-                                  [state.get(f"lordo.payload_sketch.{n}") for n in NAMES])
+                                  [state.get(f"lordo.payload_sketch.{n}") for n in NAMES], held)
 
-            result = _train(rank, world, lc.Policy.lordo(rank=RANK, sync_every=H, **options), make_reference,
-                            DATA_SEED.get(name, 10), SIZES.get(name, (64, 32, 48)))
+            policy = dataclasses.replace(lc.Policy.lordo(rank=RANK, sync_every=H, **options),
+                                         quantized_state=QUANTIZED.get(name))
+            result = _train(rank, world, policy, make_reference, DATA_SEED.get(name, 10), SIZES.get(name, (64, 32, 48)))
             result["tie_margin"] = result.pop("reference_state").tie_margin
         results[name] = {key: {k: v.detach().clone() for k, v in value.items()} if isinstance(value, dict) else value
                          for key, value in result.items()}
@@ -377,6 +393,11 @@ def runs():
 def test_compiled_lordo_matches_section_3(runs, variant):
     for result in runs:
         assert_close(result[variant]["compiled"], result[variant]["reference"], atol=ATOL)
+
+
+def test_8_bit_state_holds_the_moments_and_error_feedback_of_both_matrices(runs):
+    held = [f"quantized_state.codes.lordo.{key}.{n}" for key in ("error", "u", "v") for n in NAMES]
+    assert runs[0]["8-bit state"]["held"] == sorted(held)
 
 
 def test_int8_codes_are_farther_from_a_rounding_tie_than_the_noise(runs):

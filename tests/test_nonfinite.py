@@ -36,6 +36,11 @@ POLICIES = {
     "rotation+galore": lambda: lc.Policy(low_rank=lc.LowRank(rank=4, update_proj_gap=2), fake_quant=lc.FakeQuant(
         bits=4, activation_bits=4, adaptive_rotation=lc.AdaptiveRotation(every=3))),
     "docom+galore": lambda: lc.Policy(gossip=lc.Gossip(ratio=0.5), low_rank=lc.LowRank(rank=4, update_proj_gap=2)),
+    # Moments held in 8 bits (blocks of 32 from 256 entries: 0.weight's): their codes and scales
+    # are written back under the same guard; the outer momentum too.
+    "quantized_state": lambda: lc.Policy(quantized_state=lc.QuantizedState(block_size=32, min_size=256)),
+    "quantized_state+diloco": lambda: lc.Policy(quantized_state=lc.QuantizedState(block_size=32, min_size=256),
+                                                sync=lc.Sync(every=2, outer_lr=0.7, outer_momentum=0.9, nesterov=True)),
     "lordo+cage+eco+ema": lambda: lc.Policy(
         lordo=lc.LoRDO(rank=4, sync_every=2), fake_quant=lc.FakeQuant(bits=4, correction=lc.CAGE(
             total_steps=4, silence_ratio=0.0)), eco=lc.ECO(format="fp8_e4m3"),

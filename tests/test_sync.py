@@ -1,7 +1,9 @@
 """Infrequent synchronization and data parallelism in 2 gloo processes, against eager references.
 
 - local_sgd(H) against torch's PeriodicModelAverager(period=H, warmup_steps=H-1);
-- diloco(H) against DiLoCo written out below with torch.optim.SGD as the outer optimizer;
+- diloco(H) against DiLoCo written out below with torch.optim.SGD as the outer optimizer, and
+  with its inner moments and outer momentum held in 8 bits (QuantizedState) against the same
+  reference storing them as torchao does after each step;
 - ddp() on a step with no collective against eager training with an explicit all-reduce;
 plus byte accounting, resuming between syncs, and a worker that leaves during a sync.
 """
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
 import lordo_compile as lc
-from common import assert_close, named_parameters
+from common import assert_close, named_parameters, stored_in_8_bits
 from lordo_compile.launch import run_workers
 from lordo_compile.models import MLP
 from lordo_compile.testing import training_step
@@ -28,6 +30,8 @@ pytestmark = pytest.mark.distributed
 
 H, STEPS = 4, 12  # three syncs, the last on the last step
 INNER = dict(lr=1e-2, weight_decay=0.1)
+# Blocks of 32 from 256 entries: the MLP's two larger weights (512 and 1024 entries) are held.
+HELD = lc.QuantizedState(bits=8, block_size=32, min_size=256)
 
 
 def _problem(rank):
@@ -50,7 +54,15 @@ def _eager_local_sgd(rank):
     return named_parameters(model)
 
 
-def _eager_diloco(rank, world):
+def _store_in_8_bits(optimizer, held):
+    """Each moment of `optimizer` that `held` holds, as torchao stores it."""
+    for state in optimizer.state.values():
+        for key, signed in (("exp_avg", True), ("exp_avg_sq", False), ("momentum_buffer", True)):
+            if key in state and held.holds(state[key].numel()):
+                state[key].copy_(stored_in_8_bits(state[key], signed, held.block))
+
+
+def _eager_diloco(rank, world, held=None):
     model, opt, batches = _problem(rank)
     anchor = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
     outer = torch.optim.SGD(anchor, lr=0.7, momentum=0.9, nesterov=True)
@@ -58,6 +70,8 @@ def _eager_diloco(rank, world):
         F.mse_loss(model(x), y).backward()
         opt.step()
         opt.zero_grad()
+        if held:
+            _store_in_8_bits(opt, held)
         if (k + 1) % H == 0:
             with torch.no_grad():
                 for a, p in zip(anchor, model.parameters()):
@@ -66,6 +80,8 @@ def _eager_diloco(rank, world):
                     a.grad = delta / world
                 outer.step()
                 outer.zero_grad()
+                if held:
+                    _store_in_8_bits(outer, held)
                 for a, p in zip(anchor, model.parameters()):
                     p.copy_(a)
     return named_parameters(model)
@@ -113,10 +129,13 @@ def parity_worker(rank, world, case):
         return _eager_local_sgd(rank), _compiled(rank, lc.Policy.local_sgd(sync_every=H), explicit_all_reduce=True)
     if case == "diloco":
         return _eager_diloco(rank, world), _compiled(rank, lc.Policy.diloco(sync_every=H))
+    if case == "diloco_8_bit":
+        policy = lc.Policy(sync=lc.Policy.diloco(sync_every=H).sync, quantized_state=HELD)
+        return _eager_diloco(rank, world, HELD), _compiled(rank, policy)
     return _eager_ddp(rank, world), _compiled(rank, lc.Policy.ddp())
 
 
-@pytest.fixture(scope="module", params=["local_sgd", "local_sgd_explicit", "diloco", "ddp"])
+@pytest.fixture(scope="module", params=["local_sgd", "local_sgd_explicit", "diloco", "diloco_8_bit", "ddp"])
 def parity(request):
     return request.param, run_workers(parity_worker, 2, args=(request.param,))
 

@@ -212,15 +212,15 @@ def _plan(option: LoRDO, graph: TrainGraph) -> tuple[list[_Matrix], list[str]]:
         matrix = _Matrix(site.param, (m, n), tall, {})
         moment = (m, option.rank) if tall else (option.rank, n)
 
-        def spec(key, shape, dtype=info.dtype, init="zeros"):
+        def spec(key, shape, dtype=info.dtype, init="zeros", moment=None):
             matrix.specs[key] = StateSpec(name=f"lordo.{key}.{site.param}", shape=tuple(shape), dtype=dtype,
-                                          owner="lordo", param=site.param, init=init)
+                                          owner="lordo", param=site.param, init=init, moment=moment)
 
-        spec("u", moment)
-        spec("v", moment)
-        spec("error", info.shape)
+        spec("u", moment, moment="signed")
+        spec("v", moment, moment="unsigned")
+        spec("error", info.shape, moment="signed")
         if option.full_rank_normalizer == "full":
-            spec("second_moment", info.shape)
+            spec("second_moment", info.shape, moment="unsigned")
         spec("projection", (matrix.side, option.rank), torch.float32, "eye")
         if option.method == "randomized":
             spec("sketch", (matrix.other, option.rank + option.oversampling), torch.float32,
@@ -230,7 +230,7 @@ def _plan(option: LoRDO, graph: TrainGraph) -> tuple[list[_Matrix], list[str]]:
             spec("payload_sketch", (matrix.other, option.rank + option.sketch_size), torch.float32,
                  f"randn:{option.seed + 1000 + index}")
         if option.payload in ("low_rank", "int8"):
-            spec("sync_error", info.shape)
+            spec("sync_error", info.shape, moment="signed")
         matrices.append(matrix)
     return matrices, dense
 

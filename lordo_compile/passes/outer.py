@@ -94,7 +94,7 @@ def apply_outer_step(graph: TrainGraph, anchors: dict[str, Anchor], averaged: di
         buffer = None
         if outer.momentum:
             buffer = graph.state_node(StateSpec(name=f"{owner}.outer_momentum.{param}", shape=info.shape,
-                                                dtype=info.dtype, owner=owner, param=param))
+                                                dtype=info.dtype, owner=owner, param=param, moment="signed"))
         args = (anchor.value, averaged[param]) + ((buffer,) if buffer is not None else ())
         step = tag(g.call_function(op.overload, args, kwargs), Role.OPTIMIZER_UPDATE, param, name=f"{op.name}_{param}")
         tentative, new_buffer = step, None
@@ -105,7 +105,7 @@ def apply_outer_step(graph: TrainGraph, anchors: dict[str, Anchor], averaged: di
                              "momentum_buffer", name=f"new_outer_momentum_{param}")
         if anchor.storage.rounds and buffer is None and anchor.storage.keeps_outer_error:
             carried = graph.state_node(StateSpec(name=f"{owner}.outer_error.{param}", shape=info.shape,
-                                                 dtype=info.dtype, owner=owner, param=param))
+                                                 dtype=info.dtype, owner=owner, param=param, moment="signed"))
             tentative = tag(g.call_function(torch.ops.aten.add.Tensor, (tentative, carried)), Role.OPTIMIZER_UPDATE,
                             param, name=f"anchor_with_carried_error_{param}")
         stored, encoded = anchor.storage.encode(graph, tentative, param, "anchor")

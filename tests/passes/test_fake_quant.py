@@ -1,5 +1,6 @@
 """Fake quantization and CAGE against an eager implementation of ALGORITHMS.md section 4."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -256,13 +257,15 @@ def _policy(config, silence_ratio=0.25):
     return lc.Policy(fake_quant=lc.FakeQuant(correction=correction, **options))
 
 
-def _compiled_run(config, compiler="aot_eager", low_rank=None, make_model=_model, batches=_batches):
+def _compiled_run(config, compiler="aot_eager", low_rank=None, make_model=_model, batches=_batches,
+                  quantized_state=None):
     model = make_model()
     kind = config.get("optimizer", "adamw")
     opt = _optimizer("adamw" if kind == "canonical_adamw" else kind, model.parameters())
     policy = _policy(config)
     if low_rank is not None:
         policy = lc.Policy(fake_quant=policy.fake_quant, low_rank=low_rank)
+    policy = dataclasses.replace(policy, quantized_state=quantized_state)
     step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler=compiler)
     losses = [float(step(x, y)) for x, y in batches()]
     return model, step, losses
@@ -317,10 +320,15 @@ def test_composes_with_galore(form):
     assert_close(named_parameters(model), named_parameters(reference))
 
 
-@pytest.mark.parametrize("name", ["rms4 decoupled", "absmax4 g32 coupled", "w4a4 hadamard"])
+@pytest.mark.parametrize("name", ["rms4 decoupled", "absmax4 g32 coupled", "w4a4 hadamard",
+                                  "rms4 decoupled, 8-bit moments"])
 def test_export_gives_codes_and_exactly_the_forward_weights(name):
-    config = CONFIGS[name]
-    model, step, _ = _compiled_run(config)
+    held = name.endswith("8-bit moments")
+    config = CONFIGS[name.removesuffix(", 8-bit moments")]
+    # Blocks of 32 from 256 entries: the model's larger weights' Adam moments are held.
+    model, step, _ = _compiled_run(config, quantized_state=lc.QuantizedState(block_size=32, min_size=256)
+                                   if held else None)
+    assert held == any(key.startswith("quantized_state.codes.") for key in step.state_dict()["runtime"]["tensors"])
     exported = step.export_quantized()
     assert sorted(exported.tensors) == ["0.weight", "2.weight", "4.weight"]
     for key, values in exported.dequantize().items():
