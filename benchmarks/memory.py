@@ -1,6 +1,6 @@
 """Memory of each policy on the tiny GPT: persistent bytes per parameter and measured peaks.
 
-    python -m benchmarks.memory [--batch 16] [--compiler inductor] [--only POLICY ...] [--quick] [--json PATH]
+    python -m benchmarks.memory [--batch 1] [--compiler inductor] [--only POLICY ...] [--quick] [--json PATH]
 
 Every row runs in a fresh process (`--one`), so that no row's allocations or compiled code
 linger in another's figures: the tiny GPT's AdamW step, eagerly ("eager AdamW"), through
@@ -51,6 +51,7 @@ EIGHT_BIT = lc.QuantizedState(bits=8)
 PEERS = ("eager AdamW", "torch.compile")
 POLICIES = {
     "Policy()": lc.Policy(),
+    "Policy(on_nonfinite=None)": lc.Policy(on_nonfinite=None),
     "8-bit moments": lc.Policy.quantized_state(bits=8),
     "4-bit moments": lc.Policy.quantized_state(bits=4),
     "GaLore r=16": lc.Policy.galore(16),
@@ -149,7 +150,7 @@ def _fresh(name: str, batch: int, compiler: str, cache: str) -> dict:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16, help="sequences of 128 bytes per step")
+    parser.add_argument("--batch", type=int, default=1, help="sequences of 128 bytes per step")
     parser.add_argument("--compiler", default="inductor")
     parser.add_argument("--only", nargs="+", metavar="POLICY", help="these rows (and the peers) only")
     parser.add_argument("--quick", action="store_true")
