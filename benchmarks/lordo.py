@@ -198,9 +198,12 @@ def configs(ranks: list[int], small_batch: int, sync_every: int, sweep: tuple[di
                    lordo(f"lordo {small}", ranks[0], f"low_rank_ddp {small}", batch=small_batch)]
 
 
-def claims(rows: list[dict], ranks: list[int], small_batch: int) -> list[str]:
-    """Each claim whose rows ran (all of them, unless --only chose some)."""
+def claims(rows: list[dict]) -> list[str]:
+    """Each claim whose rows ran (all of them, unless --only chose some, or partial runs with
+    other --ranks were merged: the ranks and the small batch are the rows' own options)."""
     by = {row["config"]: row for row in rows}
+    ranks = sorted({row["options"]["rank"] for row in rows if "rank" in row["options"] and "batch" not in row["options"]})
+    small_batches = [row["options"] for row in rows if "batch" in row["options"] and "rank" in row["options"]]
 
     def ran(*names: str) -> bool:
         return all(name in by for name in names)
@@ -218,10 +221,11 @@ def claims(rows: list[dict], ranks: list[int], small_batch: int) -> list[str]:
             if ran(lordo, f"lordo {variant} r={rank}"):
                 lines.append(claim(f"r={rank}: {text}", harness.paired(by[f"lordo {variant} r={rank}"]["values"],
                                                                        by[lordo]["values"]), "higher"))
-    small, large = f"r={ranks[0]} batch={small_batch}", f"r={ranks[0]}"
-    if ran(f"lordo {small}", f"low_rank_ddp {small}", f"lordo {large}", f"low_rank_ddp {large}"):
-        lines.append(claim(f"LoRDO gains most at small batch (its gap to low-rank DDP at {small} - at {large})",
-                           harness.paired(gap(small), gap(large)), "lower"))
+    for options in small_batches[:1]:
+        small, large = f"r={options['rank']} batch={options['batch']}", f"r={options['rank']}"
+        if ran(f"lordo {small}", f"low_rank_ddp {small}", f"lordo {large}", f"low_rank_ddp {large}"):
+            lines.append(claim(f"LoRDO gains most at small batch (its gap to low-rank DDP at {small} - at {large})",
+                               harness.paired(gap(small), gap(large)), "lower"))
     if ran("diloco", "ddp"):
         lines.append(within(by["diloco"], by["ddp"], "DDP"))
     return lines
@@ -249,10 +253,10 @@ def main(argv=None) -> dict:
                                 args.only)
     rows, header = compare_on_workers(comparison, setup, args, f"sync every {args.sync_every}", diloco=True)
     harness.report(rows, header, COLUMNS)
-    print("\n".join(claims(rows, args.ranks, args.small_batch)))
+    print("\n".join(claims(rows)))
     # The rows' names carry their rank and batch, so partial runs with other --ranks share a JSON.
     result = harness.save(args.json, header, rows, args, selecting=("ranks", "plot", "markdown", "redraw"),
-                          claims=lambda merged: claims(merged, args.ranks, args.small_batch))
+                          claims=claims)
     _draw(result, args.plot, args.markdown, args.json)
     return result
 

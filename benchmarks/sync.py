@@ -37,7 +37,7 @@ def claims(rows: list[dict]) -> list[str]:
     """Each claim whose rows ran (all, unless --only chose some)."""
     by = {row["config"]: row for row in rows}
     lines = []
-    for h in sorted({int(name.split("H=")[1]) for name in by if "H=" in name}):
+    for h in sorted({row["options"]["sync_every"] for row in rows if "sync_every" in row["options"]}):
         diloco, local = f"diloco H={h}", f"local_sgd H={h}"
         if {diloco, "ddp"} <= by.keys():
             lines.append(within(harness.versus(rows, diloco, "ddp"), by["ddp"], "DDP"))
