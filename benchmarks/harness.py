@@ -170,7 +170,7 @@ def compare(configs: Sequence[Config], run: Run, seeds: Sequence[int], tuning_se
         raise ValueError(f"a paired comparison needs at least 2 seeds, got {list(seeds)}")
     if set(seeds) & set(tuning_seeds):
         raise ValueError(f"tuning seeds {sorted(set(seeds) & set(tuning_seeds))} are also reported seeds")
-    with _trainer(run, jobs) as train:
+    with _trainer(run, jobs, log) as train:
         tuned = [(config.with_options(chosen), chosen, tuning)
                  for config, (chosen, tuning) in zip(configs, _tune(configs, train, tuning_seeds, log))]
         reported = train([(config, seed) for config, _, _ in tuned for seed in seeds])
@@ -218,20 +218,34 @@ def _in_worker(threads: int, config: Config, seed: int) -> dict:
     return _timed(_forked_run, config, seed)
 
 
+def _logged(log, config: Config, seed: int, figures: dict) -> dict:
+    """A run's figures, once it is done, logged as it ends (a long batch is not silent)."""
+    log(f"  done: {config.name} {config.options.get('lr', '')} seed {seed}: val loss {figures['val_loss']:.4f} "
+        f"({figures['wall_s']:.0f} s)")
+    return figures
+
+
 @contextlib.contextmanager
-def _trainer(run: Run, jobs: int) -> Iterator[Train]:
+def _trainer(run: Run, jobs: int, log=print) -> Iterator[Train]:
     """A function that trains a list of (configuration, seed) and returns their figures in order."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     if jobs == 1:
-        yield lambda pairs: [_timed(run, config, seed) for config, seed in pairs]
+        yield lambda pairs: [_logged(log, config, seed, _timed(run, config, seed)) for config, seed in pairs]
         return
     global _forked_run
     _forked_run = run
     train_one = functools.partial(_in_worker, threads_per_run(jobs))
+
+    def train(pool, pairs):
+        futures = {pool.submit(train_one, config, seed): (config, seed) for config, seed in pairs}
+        for done in concurrent.futures.as_completed(futures):
+            _logged(log, *futures[done], done.result())
+        return [future.result() for future in futures]
+
     try:
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            yield lambda pairs: list(pool.map(train_one, *zip(*pairs)))
+            yield functools.partial(train, pool)
     finally:
         _forked_run = None
 

@@ -144,7 +144,11 @@ def _fresh(name: str, batch: int, compiler: str, cache: str) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
-        raise RuntimeError(f"the row {name!r} failed in its process:\n{done.stderr[-3000:]}")
+        # The row is reported as failed, with its error, and the others still run.
+        error = next((line for line in reversed(done.stderr.splitlines()) if "Error" in line), "exit code "
+                     f"{done.returncode}")
+        print(f"the row {name!r} failed in its process:\n{done.stderr[-3000:]}", file=sys.stderr)
+        return {"policy": name, "error": error.strip()}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -172,7 +176,11 @@ def main(argv=None) -> list[dict]:
     cache = os.path.abspath(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lordo_memory_{os.getpid()}"))
     rows = [_fresh(name, args.batch, args.compiler, cache) for name in names]
     eager, compiled = rows[0], rows[1]
+    if "error" in eager or "error" in compiled:
+        raise RuntimeError(f"a peer failed, so no row can be compared: {eager.get('error') or compiled.get('error')}")
     for row in rows:
+        if "error" in row:
+            continue
         row["peak_vs_eager"] = row["peak_bytes"] / eager["peak_bytes"]
         row["peak_vs_compile"] = row["peak_bytes"] / compiled["peak_bytes"]
         row["state_vs_adamw"] = row["state_bytes"] / eager["state_bytes"]
@@ -182,6 +190,9 @@ def main(argv=None) -> list[dict]:
                        ("state_vs_adamw", "state vs AdamW", ".3f"), ("peak_bytes", "peak B", ","),
                        ("peak_vs_eager", "vs eager", ".3f"), ("peak_vs_compile", "vs compile", ".3f"),
                        ("peak_rss_bytes", "peak RSS B", ",")])
+    for row in rows:
+        if "error" in row:
+            print(f"{row['policy']}: failed: {row['error']}")
     write_json(args.json, {"batch": args.batch, "compiler": args.compiler, "warmup": WARMUP, "rows": rows})
     return rows
 

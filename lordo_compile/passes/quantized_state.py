@@ -20,8 +20,10 @@ from the optimizer before capture) and every state a pass declared with
 `StateSpec(moment=...)`. It runs after every rewrite that reads or writes state
 (`Stage.STATE_STORAGE`), so it holds the moments in whatever form they left: GaLore's
 projected moments, for one. Moments of fewer than `min_size` entries, or whose size is not
-a multiple of the block, stay as they are (the references' rule), as does any moment a
-graph writes other than by one final `copy_` after its last read.
+a multiple of the block, stay as they are (the references' rule). A moment that a graph
+writes other than by copies after its last read of its value is refused with a PassError
+naming it (a `zeros_like`, which reads only the shape, may follow a write: LoRDO's reset);
+of several copies, the last is the one stored.
 """
 
 from __future__ import annotations
@@ -129,8 +131,10 @@ def _hold(graph: TrainGraph, moment: _Moment, option: QuantizedState) -> str:
     writes = [user for user in node.users if writes_into(user, node)]
     reads = [user for user in node.users if user not in writes]
     order = {n: i for i, n in enumerate(g.nodes)}
-    if any(write.target != "copy_" for write in writes) or (
-            writes and reads and max(map(order.__getitem__, reads)) > min(map(order.__getitem__, writes))):
+    # A *_like op reads only the shape (a reset to zeros): it may come after a write.
+    values_read = [read for read in reads if read.target not in _SHAPE_ONLY]
+    if any(write.target != "copy_" for write in writes) or (writes and values_read and max(
+            map(order.__getitem__, values_read)) > min(map(order.__getitem__, writes))):
         raise PassError(f"quantized_state: {moment.name} is written other than by copies after its last read "
                         f"({[w.format_node() for w in writes]}); it cannot be held quantized. Exclude it with "
                         "min_size, or report the rewrite that writes it so")
@@ -170,6 +174,10 @@ def _hold(graph: TrainGraph, moment: _Moment, option: QuantizedState) -> str:
     held_bytes = code_count(numel, option.bits) + 4 * numel // option.block
     return (f"quantized_state: {moment.name} {list(moment.shape)} ({moment.sign}) in {option.bits} bits: "
             f"{held_bytes:,} bytes instead of {numel * moment.dtype.itemsize:,}")
+
+
+_SHAPE_ONLY = (torch.ops.aten.zeros_like.default, torch.ops.aten.ones_like.default,
+               torch.ops.aten.empty_like.default, torch.ops.aten.full_like.default)
 
 
 def _map_spec(sign: str, bits: int) -> StateSpec:
