@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lordo_compile as lc
-from common import assert_close, named_parameters
+from common import assert_close, named_parameters, stored_in_8_bits
 from eager_compose import EagerComposed
 from lordo_compile.models import TinyGPT
 from lordo_compile.testing import training_step
@@ -136,7 +136,6 @@ def test_twenty_steps_equal_torchaos_optimizer(name, bits, model):
 def eager_quantized_sgd(params, grads, lr, momentum, block):
     """SGD with momentum whose buffer is read back from 8 bits each step (ALGORITHMS.md section 8),
     written here with torchao's quantizer."""
-    levels = torch.tensor(create_dynamic_map(True))
     weights = [p.detach().clone() for p in params]
     buffers = [torch.zeros_like(w) for w in weights]
     for step_grads in grads:
@@ -144,8 +143,7 @@ def eager_quantized_sgd(params, grads, lr, momentum, block):
             buf = buffers[i] * momentum + g
             w -= lr * buf
             if w.numel() >= 4096 and w.numel() % block == 0:
-                scaled, scale = scale_tensor(buf.reshape(-1), block)
-                buf = dequant_with_qmap(quantize_8bit_with_qmap(scaled, levels), levels, scale).reshape(w.shape)
+                buf = stored_in_8_bits(buf, signed=True, block=block)
             buffers[i] = buf
     return weights
 
