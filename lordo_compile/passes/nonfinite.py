@@ -115,6 +115,15 @@ def _largest_received(graph: TrainGraph, received: list[fx.Node], poison: fx.Nod
                    Role.OPTIMIZER_UPDATE, name="largest_received")
 
 
+def _select(g: fx.Graph, ok: fx.Node, new: fx.Node, target: fx.Node, dtype: torch.dtype) -> fx.Node:
+    """torch.where(ok, new, target); fp8 codes are selected as their bytes, since Inductor's C++
+    code generation cannot promote a bool with an fp8 type in a fused loop (ECO fp8, batch 1)."""
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        as_bytes = [g.call_method("view", (n, torch.uint8)) for n in (new, target)]
+        return g.call_method("view", (g.call_function(torch.where, (ok, *as_bytes)), dtype))
+    return g.call_function(torch.where, (ok, new, target))
+
+
 def _guard(graph: TrainGraph) -> None:
     g = graph.graph
     output = next(n for n in reversed(g.nodes) if n.op == "output")
@@ -156,7 +165,7 @@ def _guard(graph: TrainGraph) -> None:
                 )
             ok.append(write)
         with g.inserting_before(write):
-            kept = g.call_function(torch.where, (ok, new, target))
+            kept = _select(g, ok, new, target, graph.value(target).dtype)
         kept.meta[ROLE] = Role.OPTIMIZER_UPDATE
         if PARAM in write.meta:
             kept.meta[PARAM] = write.meta[PARAM]

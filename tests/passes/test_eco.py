@@ -286,10 +286,13 @@ def test_checkpoint_round_trip_continues_exactly():
 
 
 @pytest.mark.inductor
-def test_inductor_rebuilds_freed_weights_and_matches_eager():
-    model, step, losses = _compiled("adamw", lc.Policy.eco(format="int4", rounding="stochastic"), compiler="inductor")
+@pytest.mark.parametrize("fmt, rounding", [("int4", "stochastic"), ("fp8_e4m3", "nearest")])
+def test_inductor_rebuilds_freed_weights_and_matches_eager(fmt, rounding):
+    # fp8: the non-finite guard's select of fp8 codes failed in Inductor's C++ codegen at these
+    # shapes ("Promotion for Float8 Types is not supported"); it now selects their bytes.
+    model, step, losses = _compiled("adamw", lc.Policy.eco(format=fmt, rounding=rounding), compiler="inductor")
     reference = _model()
-    eager = EagerECO(reference, "adamw", "int4", "per_row", "stochastic", "eco")
+    eager = EagerECO(reference, "adamw", fmt, "per_row", rounding, "eco")
     expected = [float(eager.step(k, x, y)) for k, (x, y) in enumerate(_batches())]
     assert_close(named_parameters(model), named_parameters(reference))
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
