@@ -1,6 +1,7 @@
 """Memory of each policy on the tiny GPT: persistent bytes per parameter and measured peaks.
 
-    python -m benchmarks.memory [--batch 1] [--compiler inductor] [--only POLICY ...] [--quick] [--json PATH]
+    python -m benchmarks.memory [--batch 1] [--block 128] [--compiler inductor] [--only POLICY ...] [--quick]
+                                [--json PATH]
 
 Every row runs in a fresh process (`--one`), so that no row's allocations or compiled code
 linger in another's figures: the tiny GPT's AdamW step, eagerly ("eager AdamW"), through
@@ -24,6 +25,12 @@ one measured step.
 - `gradient_bytes`: what the gradients would hold all at once (4 bytes per parameter);
   eager AdamW holds all of them when the backward ends, before `opt.step` reads them.
 
+`--block`: bytes per sequence (128 by default). At a short block the activations are small
+and the gradients dominate the peak, which shows what updating each weight as soon as its
+gradient exists saves (docs/passes/quantized_state.md, "Where the peak is").
+
+`--json` merges: rows of another run of the same batch, block and compiler are kept unless
+this run measures the same policy again (each row's ratios are against its own run's peers).
 `--quick`: batch 1, aot_eager, the two peers and `Policy()` only.
 """
 
@@ -98,9 +105,9 @@ def _rss_peak() -> int:
     return int(line.split()[1]) * 1024
 
 
-def measure_one(name: str, batch: int, compiler: str) -> dict:
+def measure_one(name: str, batch: int, compiler: str, block: int = 128) -> dict:
     """One row, in this process (which should run nothing else)."""
-    cfg = GPTConfig()
+    cfg = GPTConfig(block_size=block)
     model, opt, train_step = gpt_step(cfg)
     if name == "eager AdamW":
         step = train_step
@@ -138,9 +145,9 @@ def measure_one(name: str, batch: int, compiler: str) -> dict:
             "peak_rss_bytes": _rss_peak(), "gradient_bytes": 4 * params}
 
 
-def _fresh(name: str, batch: int, compiler: str, cache: str) -> dict:
+def _fresh(name: str, batch: int, block: int, compiler: str, cache: str) -> dict:
     command = [sys.executable, "-m", "benchmarks.memory", "--one", name, "--batch", str(batch),
-               "--compiler", compiler]
+               "--block", str(block), "--compiler", compiler]
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
@@ -154,7 +161,8 @@ def _fresh(name: str, batch: int, compiler: str, cache: str) -> dict:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=1, help="sequences of 128 bytes per step")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step")
+    parser.add_argument("--block", type=int, default=128, help="bytes per sequence")
     parser.add_argument("--compiler", default="inductor")
     parser.add_argument("--only", nargs="+", metavar="POLICY", help="these rows (and the peers) only")
     parser.add_argument("--quick", action="store_true")
@@ -162,7 +170,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(measure_one(args.one, args.batch, args.compiler)))
+        print(json.dumps(measure_one(args.one, args.batch, args.compiler, args.block)))
         return []
     if args.quick:
         args.batch, args.compiler = 1, "aot_eager"
@@ -174,7 +182,7 @@ def main(argv=None) -> list[dict]:
         names = [*PEERS, *args.only]
     # One cache directory per run, empty at its start: no row reads code compiled by another run.
     cache = os.path.abspath(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lordo_memory_{os.getpid()}"))
-    rows = [_fresh(name, args.batch, args.compiler, cache) for name in names]
+    rows = [_fresh(name, args.batch, args.block, args.compiler, cache) for name in names]
     eager, compiled = rows[0], rows[1]
     if "error" in eager or "error" in compiled:
         raise RuntimeError(f"a peer failed, so no row can be compared: {eager.get('error') or compiled.get('error')}")
@@ -184,7 +192,7 @@ def main(argv=None) -> list[dict]:
         row["peak_vs_eager"] = row["peak_bytes"] / eager["peak_bytes"]
         row["peak_vs_compile"] = row["peak_bytes"] / compiled["peak_bytes"]
         row["state_vs_adamw"] = row["state_bytes"] / eager["state_bytes"]
-    print(f"tiny GPT ({eager['parameters']:,} parameters), AdamW, batch {args.batch}x128, {args.compiler}, "
+    print(f"tiny GPT ({eager['parameters']:,} parameters), AdamW, batch {args.batch}x{args.block}, {args.compiler}, "
           f"torch {torch.__version__}; each row in a fresh process, peak of one step after {WARMUP}")
     print_table(rows, [("policy", "policy", "<"), ("persistent_bytes_per_param", "held B/param", ".2f"),
                        ("state_vs_adamw", "state vs AdamW", ".3f"), ("peak_bytes", "peak B", ","),
@@ -193,8 +201,24 @@ def main(argv=None) -> list[dict]:
     for row in rows:
         if "error" in row:
             print(f"{row['policy']}: failed: {row['error']}")
-    write_json(args.json, {"batch": args.batch, "compiler": args.compiler, "warmup": WARMUP, "rows": rows})
+    run = {"batch": args.batch, "block": args.block, "compiler": args.compiler, "warmup": WARMUP}
+    write_json(args.json, {**run, "rows": _merged(args.json, run, rows)})
     return rows
+
+
+def _merged(path: str | None, run: dict, rows: list[dict]) -> list[dict]:
+    """`rows` after the rows of an earlier run in `path` with the same settings that this run
+    did not measure again."""
+    if not path or not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        earlier = json.load(f)
+    if any(earlier.get(key, 128 if key == "block" else None) != value for key, value in run.items()):
+        return rows
+    measured = {row["policy"] for row in rows}
+    kept = [row for row in earlier["rows"] if row["policy"] not in measured]
+    order = list(dict.fromkeys([*PEERS, *POLICIES]))
+    return sorted(kept + rows, key=lambda row: order.index(row["policy"]))
 
 
 if __name__ == "__main__":

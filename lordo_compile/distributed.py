@@ -46,3 +46,53 @@ def check_workers(combining: list[str]) -> None:
         f"pass(es) {combining} combine workers, but no process group is initialized: the step runs as "
         "one worker (nothing is sent). Start it with torchrun and init_process_group() to train with several.",
         UserWarning, stacklevel=4)
+
+
+def spans_every_worker(name: str) -> bool:
+    """Whether the process group named `name` (a functional collective's argument) holds
+    every worker."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return dist.get_world_size(_resolve_process_group(name)) == dist.get_world_size()
+
+
+def levels(mesh) -> tuple[object, object]:
+    """(inner, outer) process groups of a 2-D arrangement of the workers: a `DeviceMesh` of two
+    dimensions (the last is inner: neighbouring ranks, one node's fast links), or the pair
+    itself."""
+    if hasattr(mesh, "get_group") and hasattr(mesh, "ndim"):
+        if mesh.ndim != 2:
+            raise ValueError(f"mesh= must have two dimensions (outer, inner), got a DeviceMesh of {mesh.ndim}")
+        return mesh.get_group(1), mesh.get_group(0)
+    if not isinstance(mesh, (tuple, list)) or len(mesh) != 2:
+        raise ValueError(f"mesh= must be a 2-D DeviceMesh or an (inner, outer) pair of process groups, got {mesh!r}")
+    return tuple(mesh)
+
+
+def two_levels(inner, outer) -> bool:
+    """Whether `inner` (combined every step) and `outer` (combined every H steps) are the two
+    levels of one 2-D arrangement of the workers: every worker is in one group of each, and
+    a group of one level meets a group of the other in one worker.
+
+    False where both are the default group (one level); ValueError where they are set and
+    are not two levels (which would leave some workers never combined, or combined twice)."""
+    if inner is None and outer is None:
+        return False
+    if inner is None or outer is None or inner is outer:
+        raise ValueError(
+            "two passes that combine workers meet only over the two levels of a 2-D arrangement of the workers: "
+            "give the every-step pass the inner group and the periodic one the outer group (see "
+            f"docs/multi_node.md); got inner={inner!r}, outer={outer!r}"
+        )
+    if not dist.is_available() or not dist.is_initialized():
+        return True
+    me = dist.get_rank()
+    inner_ranks, outer_ranks = set(dist.get_process_group_ranks(inner)), set(dist.get_process_group_ranks(outer))
+    if inner_ranks & outer_ranks != {me} or len(inner_ranks) * len(outer_ranks) != dist.get_world_size():
+        raise ValueError(
+            f"the inner group (ranks {sorted(inner_ranks)}) and the outer group (ranks {sorted(outer_ranks)}) of "
+            f"worker {me} are not two levels of a 2-D arrangement of the {dist.get_world_size()} workers: they must "
+            "meet in this worker alone, and their sizes multiply to the world size. Build them with "
+            "torch.distributed.device_mesh.init_device_mesh(device, (outer, inner)) and pass mesh=."
+        )
+    return True

@@ -7,9 +7,11 @@ the pass "lordo"); the fields of the previous release (`low_rank_sync`,
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
+from .distributed import levels
 from .passes.data_parallel import DataParallel
 from .passes.eco import ECO
 from .passes.ema_nesterov import EMANesterov
@@ -80,16 +82,22 @@ class Policy:
         return cls(data_parallel=DataParallel(group=group))
 
     @classmethod
-    def local_sgd(cls, sync_every: int, group=None) -> "Policy":
-        """`sync_every` local steps, then average the models (periodic model averaging)."""
-        return cls(sync=Sync(every=sync_every, group=group))
+    def local_sgd(cls, sync_every: int, group=None, mesh=None) -> "Policy":
+        """`sync_every` local steps, then average the models (periodic model averaging).
+        `mesh`: see `diloco`."""
+        inner, group = _levels(group, mesh)
+        return _with_inner(cls(sync=Sync(every=sync_every, group=group)), inner)
 
     @classmethod
     def diloco(cls, sync_every: int, outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
-               group=None) -> "Policy":
-        """DiLoCo: local steps, then Nesterov SGD on the averaged pseudo-gradient."""
-        return cls(sync=Sync(every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum,
-                             nesterov=nesterov, group=group))
+               group=None, mesh=None) -> "Policy":
+        """DiLoCo: local steps, then Nesterov SGD on the averaged pseudo-gradient.
+
+        `mesh`: a 2-D `DeviceMesh` (outer, inner) or an (inner, outer) pair of process groups:
+        gradients are averaged over `inner` every step (DDP), the sync runs over `outer`."""
+        inner, group = _levels(group, mesh)
+        return _with_inner(cls(sync=Sync(every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum,
+                                         nesterov=nesterov, group=group)), inner)
 
     @classmethod
     def docom(cls, ratio: float = 0.01, gamma: float = 0.1, beta: float = 0.1, **options) -> "Policy":
@@ -166,13 +174,28 @@ for _old in _RENAMED:
 # (a classmethod does not shadow an instance attribute).
 
 
-def _lordo(cls, rank: int, sync_every: int = 32, variant: str = "default", **options) -> "Policy":
+def _levels(group, mesh) -> tuple[object, object]:
+    """(inner group or None, the sync's group) of a preset's `group=` or `mesh=`."""
+    if mesh is None:
+        return None, group
+    if group is not None:
+        raise ValueError("give a preset group= (one level) or mesh= (two levels), not both")
+    return levels(mesh)
+
+
+def _with_inner(policy: "Policy", inner) -> "Policy":
+    return policy if inner is None else dataclasses.replace(policy, data_parallel=DataParallel(group=inner))
+
+
+def _lordo(cls, rank: int, sync_every: int = 32, variant: str = "default", mesh=None, **options) -> "Policy":
     """LoRDO; `variant` "authors" sets the fields that make it the authors' public code
     (`passes.lordo.VARIANTS`, docs/passes/lordo.md); `options` are other `LoRDO` fields
-    (omega, payload, ...) and override the variant's."""
+    (omega, payload, group, ...) and override the variant's. `mesh`: see `Policy.diloco`."""
     if variant not in LORDO_VARIANTS:
         raise ValueError(f"Policy.lordo variant must be one of {tuple(LORDO_VARIANTS)}, got {variant!r}")
-    return cls(lordo=LoRDO(rank=rank, sync_every=sync_every, **{**LORDO_VARIANTS[variant], **options}))
+    inner, group = _levels(options.pop("group", None), mesh)
+    return _with_inner(cls(lordo=LoRDO(rank=rank, sync_every=sync_every, group=group,
+                                       **{**LORDO_VARIANTS[variant], **options})), inner)
 
 
 Policy.lordo = classmethod(_lordo)

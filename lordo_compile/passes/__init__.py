@@ -2,6 +2,7 @@
 
 from .manager import (
     INIT,
+    Conflict,
     Event,
     PassResult,
     PassRuntime,
@@ -23,6 +24,7 @@ from . import data_parallel, eco, ema_nesterov, fake_quant, gossip, identity, lo
 
 __all__ = [
     "INIT",
+    "Conflict",
     "Event",
     "PassResult",
     "PassRuntime",

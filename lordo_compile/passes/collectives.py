@@ -14,13 +14,23 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from ..distributed import group_name, rank, world_size  # noqa: F401  (the passes' one import for groups)
+from ..distributed import group_name, rank, spans_every_worker, two_levels, world_size  # noqa: F401  (the passes' one import for groups)
 from ..errors import user_line
-from ..graph import PARAM, ROLE, Role, TrainGraph
+from ..graph import PARAM, PROVENANCE, ROLE, Role, TrainGraph
 
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 # Why two passes that each decide how workers combine are refused together.
 WORKERS_COMBINE = "each decides how workers combine; a step has one way (use one of them)"
+# Why an every-step average (DDP) and a periodic one (local SGD, DiLoCo, LoRDO) meet only on two levels.
+EVERY_STEP_AND_PERIODIC = (
+    WORKERS_COMBINE + ": averaging every gradient every step keeps the models equal, so a periodic average changes "
+    "nothing, unless the two run over the inner and outer groups of a 2-D arrangement (mesh=)")
+
+
+def over_two_levels(every_step, periodic) -> bool:
+    """Whether the options of an every-step and a periodic pass combine workers over the inner
+    and the outer level of one 2-D arrangement (`distributed.two_levels`)."""
+    return two_levels(every_step.group, periodic.group)
 WAIT = torch.ops._c10d_functional.wait_tensor.default
 
 
@@ -57,7 +67,8 @@ def mean_all_reduce(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
 
 
 def remove_gradient_all_reduces(graph: fx.Graph, why: str) -> int:
-    """Replace every mean all-reduce in the graph by the local tensor; returns how many.
+    """Replace every mean all-reduce the step itself wrote by the local tensor; returns how
+    many. Those an earlier pass inserted stay (DDP's over the inner level of two).
 
     An all-reduce that is not a mean (a sum used as is, a max) has no local equivalent
     this can substitute, and is refused naming its line.
@@ -65,13 +76,13 @@ def remove_gradient_all_reduces(graph: fx.Graph, why: str) -> int:
     removed = 0
     for node in list(graph.nodes):
         found = mean_all_reduce(node)
-        if found is not None:
+        if found is not None and _captured(found[1]):
             local, result = found
             result.replace_all_uses_with(local)
             _erase_chain(graph, result)
             removed += 1
     for node in graph.nodes:
-        if is_all_reduce(node):
+        if is_all_reduce(node) and _captured(node):
             raise NotImplementedError(
                 f"{why} replaces the step's gradient averaging, but the all-reduce at "
                 f"{user_line(node.meta.get('stack_trace'))} is not a mean (reduce op "
@@ -79,6 +90,10 @@ def remove_gradient_all_reduces(graph: fx.Graph, why: str) -> int:
                 "(all_reduce then divide by the world size, or op 'avg'), or remove the all-reduce."
             )
     return removed
+
+
+def _captured(node: fx.Node) -> bool:
+    return node.meta.get(PROVENANCE) == "capture"
 
 
 def _erase_chain(graph: fx.Graph, node: fx.Node) -> None:

@@ -7,7 +7,13 @@
 
 Gradients are averaged where backward produced them, before any clipping or scaling the
 step does, as torch's DistributedDataParallel does during backward. A step that already
-averages its gradients keeps its own collectives. One worker: nothing is inserted.
+averages its gradients over the same group keeps its own collectives. One worker: nothing is
+inserted.
+
+Two levels: with `group=inner` and a periodic sync (local SGD, DiLoCo, LoRDO) over `outer`,
+the two groups being the levels of a 2-D arrangement of the workers (`distributed.levels`),
+gradients are averaged over `inner` every step and the models over `outer` every H steps:
+each inner group trains as one worker with the inner group's batch (ALGORITHMS.md section 9).
 """
 
 from __future__ import annotations
@@ -17,8 +23,8 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from ..graph import PARAM, ROLE, Role
-from .collectives import WORKERS_COMBINE, group_name, insert_mean_all_reduce, is_all_reduce
-from .manager import PassResult, Program, Stage, register_pass
+from .collectives import EVERY_STEP_AND_PERIODIC, group_name, insert_mean_all_reduce, is_all_reduce, over_two_levels
+from .manager import Conflict, PassResult, Program, Stage, register_pass
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,17 +39,15 @@ class DataParallel:
     group: object = None
 
 
-@register_pass("data_parallel", stage=Stage.COMBINE, option="data_parallel", option_type=DataParallel, conflicts={
-    "sync": WORKERS_COMBINE + ": averaging every gradient every step keeps the models equal, so a periodic "
-            "average changes nothing",
-})
+@register_pass("data_parallel", stage=Stage.COMBINE, option="data_parallel", option_type=DataParallel,
+               conflicts={"sync": Conflict(EVERY_STEP_AND_PERIODIC, over_two_levels)})
 def data_parallel(program: Program, option: DataParallel) -> PassResult:
     group = group_name(option.group)
     if group is None:
         return PassResult(program, ("one worker (torch.distributed not initialised or world size 1): no collective",))
     graph = program.graph
     g = graph.graph
-    if any(is_all_reduce(n) for n in g.nodes):
+    if any(is_all_reduce(n) and n.args[2] == group for n in g.nodes):
         return PassResult(program, ("the step averages its own gradients; kept as written",))
     grads = [n for n in g.nodes if n.meta.get(ROLE) == Role.GRADIENT and _is_backward_output(n)]
     averaged = insert_mean_all_reduce(graph, grads, group, Role.GRADIENT, [n.meta[PARAM] for n in grads])

@@ -35,14 +35,16 @@ from ..ops import op_named
 from ..ops.lordo import FULL_RANK_INPUTS, NORMALIZERS, WEIGHT_DECAY_AT, int8_rows, ldadam_carry
 from ..ops.low_rank import METHODS, ON_REFRESH, low_rank_carry
 from .collectives import (
+    EVERY_STEP_AND_PERIODIC,
     WORKERS_COMBINE,
     group_name,
     insert_all_gather,
     insert_mean_all_reduce,
+    over_two_levels,
     remove_gradient_all_reduces,
     world_size,
 )
-from .manager import INIT, Event, PassResult, Program, Stage, register_pass
+from .manager import INIT, Conflict, Event, PassResult, Program, Stage, register_pass
 from .outer import OuterOptimizer, apply_outer_step, end_of_updates, hold_anchors, pseudo_gradients
 from .projection import refreshed_projection, write_projection
 from .select import choose_matrix, validate_selector
@@ -527,7 +529,10 @@ _LOW_RANK_TWICE = ("LoRDO is GaLore with one global projection and infrequent sy
 
 @register_pass("lordo", stage=Stage.OPTIMIZER_STATE, option="lordo", option_type=LoRDO, releases=_releases,
                events=_events, also={Stage.COMBINE: local_steps, Stage.SYNC: synchronize},
-               conflicts={"sync": WORKERS_COMBINE, "data_parallel": WORKERS_COMBINE, "low_rank": _LOW_RANK_TWICE})
+               conflicts={"sync": WORKERS_COMBINE,
+                          "data_parallel": Conflict(EVERY_STEP_AND_PERIODIC,
+                                                    lambda lordo, every_step: over_two_levels(every_step, lordo)),
+                          "low_rank": _LOW_RANK_TWICE})
 def lordo(program: Program, option: LoRDO) -> PassResult:
     graph = program.graph
     matrices, dense = _plan(option, graph)

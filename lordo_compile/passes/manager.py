@@ -196,12 +196,22 @@ class RuntimeContext:
 
 
 @dataclass(frozen=True)
+class Conflict:
+    """A conflict that holds unless `combinable(this pass's option, the other's)` says the two
+    options meet after all (two passes that combine workers, each over its own level of a
+    2-D arrangement of them). `combinable` raises ValueError for options that are neither."""
+
+    reason: str
+    combinable: Callable[[Any, Any], bool]
+
+
+@dataclass(frozen=True)
 class RegisteredPass:
     name: str
     stage: Stage
     run: PassFn
     option: str | None
-    conflicts: dict[str, str]
+    conflicts: dict[str, str | Conflict]
     releases: ReleaseFn | None = None
     option_type: type | None = None
     events: Callable[[Any], tuple[Event, ...]] | None = None
@@ -223,7 +233,7 @@ def register_pass(
     *,
     stage: Stage,
     option: str | None = None,
-    conflicts: Mapping[str, str] | None = None,
+    conflicts: Mapping[str, str | Conflict] | None = None,
     releases: ReleaseFn | None = None,
     option_type: type | None = None,
     events: Callable[[Any], tuple[Event, ...]] | None = None,
@@ -240,7 +250,7 @@ def register_pass(
         `option_type`, the class of its options: `Policy(extra_passes=[MyOptions(...)])` runs
         it with that object (a bare name in `extra_passes` runs it with None).
       conflicts: passes it cannot run with, each mapped to the mathematical reason (shown to
-        the user who enables both).
+        the user who enables both), or to a `Conflict` whose options may make them meet.
       releases: the optimizer state the pass takes over, per parameter, freed before capture.
       releases_leftover: the pass changes how state is held, not what it is: its `releases`
         is asked after every other pass's and takes only the keys none of them took.
@@ -315,13 +325,18 @@ def plan_passes(policy: Any) -> list[tuple[RegisteredPass, Any]]:
         enabled[registered.name] = (registered, value)
     if not enabled:
         enabled["identity"] = (_REGISTRY["identity"], None)
-    for name, (registered, _) in enabled.items():
+    for name, (registered, option) in enabled.items():
         for other, reason in registered.conflicts.items():
-            if other in enabled:
-                raise ValueError(
-                    f"the policy enables passes {name!r} and {other!r}, which cannot be "
-                    f"combined{f' ({reason})' if reason else ''}; remove one of them from the Policy"
-                )
+            if other not in enabled:
+                continue
+            if isinstance(reason, Conflict):
+                if reason.combinable(option, enabled[other][1]):
+                    continue
+                reason = reason.reason
+            raise ValueError(
+                f"the policy enables passes {name!r} and {other!r}, which cannot be "
+                f"combined{f' ({reason})' if reason else ''}; remove one of them from the Policy"
+            )
     return list(enabled.values())
 
 

@@ -32,12 +32,13 @@ import warnings
 
 import networkx as nx
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 
 from ..graph import PARAM, ROLE, Role, StateSpec, TrainGraph, events_name, tag
 from ..ops.registry import define_aux_op
 from ..runtime.executor import NonFiniteError
-from .collectives import world_size
+from .collectives import WAIT, spans_every_worker, world_size
 from .manager import PassResult, PassRuntime, Program, RuntimeContext, Stage, register_pass
 
 MODES = ("raise", "skip")
@@ -64,11 +65,21 @@ finite_flags = define_aux_op(
 )
 
 
+def _over_every_worker(node: fx.Node) -> bool:
+    """A collective node that combines every worker (not one level of two); one whose group
+    is not an argument (a pass's own exchange) counts as combining every worker."""
+    collective = node.args[0] if node.target is WAIT else node
+    names = [a for a in collective.args if isinstance(a, str)] if isinstance(collective, fx.Node) else []
+    return not names or not dist.is_initialized() or spans_every_worker(names[-1])
+
+
 def _after_a_collective(node: fx.Node) -> bool:
+    """Whether `node` comes out of a collective over every worker, so that every worker sees
+    the same value (over the inner level of two, only that level's workers do)."""
     seen, stack = set(), [node]
     while stack:
         current = stack.pop()
-        if current.meta.get(ROLE) == Role.COLLECTIVE:
+        if current.meta.get(ROLE) == Role.COLLECTIVE and _over_every_worker(current):
             return True
         for source in current.all_input_nodes:
             if source not in seen:
@@ -190,7 +201,8 @@ def _check_every_worker_decides_alike(graphs: dict[str, TrainGraph]) -> None:
     for name, graph in graphs.items():
         flags = next(n for n in graph.graph.nodes if LABELS in n.meta)
         dag = graph.to_networkx()
-        collectives = {n.name for n in graph.graph.nodes if n.meta.get(ROLE) == Role.COLLECTIVE}
+        collectives = {n.name for n in graph.graph.nodes
+                       if n.meta.get(ROLE) == Role.COLLECTIVE and _over_every_worker(n)}
         for checked in flags.args[0][1:]:
             if not nx.ancestors(dag, checked.name) & collectives:
                 local.append(name)

@@ -71,6 +71,17 @@ class CommReport:
     def bytes_per_step(self) -> float:
         return self.bytes_sent / self.steps if self.steps else 0.0
 
+    def per_group(self) -> dict[str, tuple[int, int]]:
+        """(collectives, bytes sent per worker) over each process group, by its name: with two
+        levels (mesh=), what crossed the inner and what crossed the outer links."""
+        totals: dict[str, tuple[int, int]] = {}
+        for name, collectives in self.per_graph.items():
+            runs = self.calls.get(name, 0)
+            for c in collectives:
+                count, sent = totals.get(c.group, (0, 0))
+                totals[c.group] = (count + runs, sent + runs * c.payload_bytes)
+        return totals
+
     def __str__(self) -> str:
         width = max([len("graph")] + [len(name) for name in self.per_graph])
         lines = [f"{'graph':<{width}} {'runs':>6} {'collectives/run':>16} {'bytes/run':>14} {'bytes sent':>14}"]
@@ -78,6 +89,10 @@ class CommReport:
             per_run = sum(c.payload_bytes for c in collectives)
             lines.append(f"{name:<{width}} {self.calls.get(name, 0):>6} {len(collectives):>16} {per_run:>14,} "
                          f"{self.graph_bytes(name):>14,}")
+        groups = self.per_group()
+        if len(groups) > 1:
+            lines += [f"group {group}: {count} collectives, {sent:,} bytes sent per worker"
+                      for group, (count, sent) in groups.items()]
         lines.append(f"total: {self.collectives} collectives, {self.bytes_sent:,} bytes sent per worker over "
                      f"{self.steps} steps ({self.bytes_per_step:,.0f} per step)")
         return "\n".join(lines)

@@ -1,0 +1,185 @@
+"""Two levels of workers (ALGORITHMS.md section 9) in 4 gloo processes as 2 x 2, against eager references.
+
+Inner groups are ranks {0, 1} and {2, 3} (a DeviceMesh's last dimension), outer groups {0, 2}
+and {1, 3}: gradients are averaged over the inner group every step, models over the outer
+group every H steps.
+
+- local_sgd(H, mesh=) with plain SGD inside against torch's HierarchicalModelAverager
+  ({1: 2, H: 4}): averaging the parameters of an inner group after each SGD step equals
+  averaging its gradients before it, and an average over the world at a sync equals one over
+  the outer group of inner groups that agree;
+- diloco(H, mesh=) with AdamW inside against DiLoCo written out with explicit all-reduces;
+- lordo(mesh=) against test_lordo.py's Section 3 reference fed the inner group's mean gradient
+  (its averages over the world equal those over the outer group once inner groups agree);
+- bytes per level, and groups that are not two levels refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.algorithms.model_averaging.hierarchical_model_averager import HierarchicalModelAverager
+from torch.distributed.device_mesh import init_device_mesh
+
+import lordo_compile as lc
+from common import assert_close, named_parameters
+from test_lordo import ATOL as LORDO_ATOL, BETAS, DEFAULTS, EPS, LR, RANK, WD, EagerLoRDO, _problem as lordo_problem
+from lordo_compile.launch import run_workers
+from lordo_compile.models import MLP
+from lordo_compile.passes import plan_passes
+from lordo_compile.testing import training_step
+
+pytestmark = pytest.mark.distributed
+
+H, STEPS = 4, 12  # three syncs, the last on the last step
+SIZES = (16, 32, 32, 4)
+
+
+def _problem(rank, optimizer):
+    torch.manual_seed(0)
+    model = MLP(SIZES)
+    generator = torch.Generator().manual_seed(100 + rank)
+    batches = [(torch.randn(8, 16, generator=generator), torch.randn(8, 4, generator=generator))
+               for _ in range(STEPS)]
+    opt = (torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=0.1) if optimizer == "sgd"
+           else torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    return model, opt, batches
+
+
+def _eager_hierarchical_local_sgd(rank):
+    model, opt, batches = _problem(rank, "sgd")
+    averager = HierarchicalModelAverager({1: 2, H: 4})
+    averager.step = 1  # so that the world average falls after steps H, 2H, ... as the sync does
+    for x, y in batches:
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        averager.average_parameters(list(model.parameters()))  # only parameters with a gradient
+        opt.zero_grad()
+    return named_parameters(model)
+
+
+def _eager_diloco(rank, inner, outer):
+    model, opt, batches = _problem(rank, "adamw")
+    anchor = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    outer_opt = torch.optim.SGD(anchor, lr=0.7, momentum=0.9, nesterov=True)
+    for k, (x, y) in enumerate(batches):
+        F.mse_loss(model(x), y).backward()
+        for p in model.parameters():
+            dist.all_reduce(p.grad, group=inner)
+            p.grad /= dist.get_world_size(inner)
+        opt.step()
+        opt.zero_grad()
+        if (k + 1) % H == 0:
+            with torch.no_grad():
+                for a, p in zip(anchor, model.parameters()):
+                    delta = a - p  # positive along descent
+                    dist.all_reduce(delta, group=outer)
+                    a.grad = delta / dist.get_world_size(outer)
+                outer_opt.step()
+                outer_opt.zero_grad()
+                for a, p in zip(anchor, model.parameters()):
+                    p.copy_(a)
+    return named_parameters(model)
+
+
+def _lordo(rank, inner, mesh):
+    torch._dynamo.reset()
+    model, batches = lordo_problem(rank)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
+    policy = lc.Policy.lordo(rank=RANK, sync_every=H, mesh=mesh, **DEFAULTS)
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="aot_eager")
+    for x, y in batches:
+        step(x, y)
+    reference_model, batches = lordo_problem(rank)
+    reference = EagerLoRDO(reference_model, DEFAULTS, dist.get_world_size(), [None, None], [None, None])
+    for k, (x, y) in enumerate(batches):
+        F.mse_loss(reference_model(x), y).backward()
+        for p in reference_model.parameters():
+            dist.all_reduce(p.grad, group=inner)
+            p.grad /= dist.get_world_size(inner)
+        reference.step(k)
+        reference_model.zero_grad()
+    return named_parameters(reference_model), named_parameters(model), step.comm_report().per_group()
+
+
+def _compiled(rank, policy, optimizer):
+    torch._dynamo.reset()
+    model, opt, batches = _problem(rank, optimizer)
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="aot_eager")
+    for x, y in batches:
+        step(x, y)
+    return named_parameters(model), step.comm_report().per_group()
+
+
+def _refusal(policy) -> str:
+    try:
+        plan_passes(policy)
+    except ValueError as error:
+        return str(error)
+    return "accepted"
+
+
+def two_level_worker(rank, world):
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("outer", "inner"))
+    inner, outer = mesh.get_group("inner"), mesh.get_group("outer")
+    results = {
+        "local_sgd": (_eager_hierarchical_local_sgd(rank), *_compiled(rank, lc.Policy.local_sgd(H, mesh=mesh), "sgd")),
+        "diloco": (_eager_diloco(rank, inner, outer), *_compiled(rank, lc.Policy.diloco(H, mesh=mesh), "adamw")),
+        "lordo": _lordo(rank, inner, mesh),
+    }
+    names = {"inner": inner.group_name, "outer": outer.group_name}
+    refusals = {
+        "one group twice": _refusal(lc.Policy.diloco(H, mesh=(inner, inner))),
+        "not two levels": _refusal(lc.Policy.diloco(H, mesh=(inner, dist.group.WORLD))),
+        "group and mesh": _refusal_of(lambda: lc.Policy.diloco(H, group=outer, mesh=mesh)),
+    }
+    return results, names, refusals
+
+
+def _refusal_of(make) -> str:
+    try:
+        make()
+    except ValueError as error:
+        return str(error)
+    return "accepted"
+
+
+@pytest.fixture(scope="module")
+def two_levels():
+    return run_workers(two_level_worker, 4, timeout=900)
+
+
+@pytest.mark.parametrize("case", ["local_sgd", "diloco", "lordo"])
+def test_two_levels_match_the_eager_reference(two_levels, case):
+    for results, _, _ in two_levels:
+        reference, params, _ = results[case]
+        assert_close(params, reference, atol=LORDO_ATOL if case == "lordo" else 1e-6)
+
+
+def test_every_worker_holds_the_same_model_after_the_last_sync(two_levels):
+    for case in ("local_sgd", "diloco", "lordo"):
+        first = two_levels[0][0][case][1]
+        for results, _, _ in two_levels[1:]:
+            assert_close(results[case][1], first, rtol=0, atol=0)
+
+
+def test_bytes_are_reported_per_level(two_levels):
+    model_bytes = 4 * sum(p.numel() for p in MLP(SIZES).parameters())
+    for results, names, _ in two_levels:
+        for case in ("local_sgd", "diloco"):
+            per_group = results[case][2]
+            assert per_group == {names["inner"]: (STEPS, STEPS * model_bytes),
+                                 names["outer"]: (STEPS // H, STEPS // H * model_bytes)}
+        lordo_bytes = 4 * sum(p.numel() for p in lordo_problem(0)[0].parameters())
+        inner_collectives, inner_bytes = results["lordo"][2][names["inner"]]
+        assert (inner_collectives, inner_bytes) == (STEPS, STEPS * lordo_bytes)
+        assert results["lordo"][2][names["outer"]][0] > 0
+
+
+def test_groups_that_are_not_two_levels_are_refused(two_levels):
+    _, _, refusals = two_levels[0]
+    assert "meet only over the two levels" in refusals["one group twice"]
+    assert "are not two levels of a 2-D arrangement of the 4 workers" in refusals["not two levels"]
+    assert "not both" in refusals["group and mesh"]
