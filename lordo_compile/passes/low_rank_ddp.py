@@ -8,6 +8,8 @@
                       R_W projected from it, then the same update.
 
 The step's own gradient averaging is replaced: the pass decides what crosses the network.
+With `group=inner` and local SGD or DiLoCo over `outer` (two levels of a 2-D arrangement of
+the workers), each inner group trains as low-rank DDP and the groups sync every H steps.
 """
 
 from __future__ import annotations
@@ -18,9 +20,16 @@ import torch
 
 from ..graph import ROLE, STATE, Role, TrainGraph, tag
 from ..ops import op_named
-from .collectives import WORKERS_COMBINE, group_name, insert_mean_all_reduce, remove_gradient_all_reduces
+from .collectives import (
+    EVERY_STEP_AND_PERIODIC,
+    WORKERS_COMBINE,
+    group_name,
+    insert_mean_all_reduce,
+    over_two_levels,
+    remove_gradient_all_reduces,
+)
 from .low_rank import LowRank, MatrixPlan, plan_matrices
-from .manager import Event, PassResult, Program, Stage, register_pass
+from .manager import Conflict, Event, PassResult, Program, Stage, register_pass
 from .projection import refreshed_projection, write_projection
 
 
@@ -114,7 +123,8 @@ def _events(option: LowRankDDP) -> tuple[Event, ...]:
 
 @register_pass("low_rank_ddp", stage=Stage.COMBINE, option="low_rank_ddp", option_type=LowRankDDP,
                releases=_releases, events=_events, conflicts={
-                   "sync": WORKERS_COMBINE, "data_parallel": WORKERS_COMBINE, "lordo": WORKERS_COMBINE,
+                   "sync": Conflict(EVERY_STEP_AND_PERIODIC, over_two_levels),
+                   "data_parallel": WORKERS_COMBINE, "lordo": WORKERS_COMBINE,
                    "low_rank": "low-rank DDP is GaLore with its projected gradient averaged; both would own the "
                                "same projected moments (use Policy.low_rank_ddp alone)",
                })
