@@ -468,33 +468,44 @@ def low_rank_ddp_worker(rank, world):
     bytes_sent = step.comm_report().bytes_sent
 
     model, batches = _problem(rank)
-    low = [model[0].weight, model[2].weight]
-    dense = torch.optim.AdamW([p for p in model.parameters() if all(p is not w for w in low)], lr=LR,
-                              weight_decay=WD, betas=BETAS, eps=EPS)
-    state = {w: dict(t=0) for w in low}
+    written_out = EagerLowRankDDP(model, lambda t: _mean(t, world))
     for k, (x, y) in enumerate(batches):
         F.mse_loss(model(x), y).backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                if all(p is not w for w in low):
-                    p.grad = _mean(p.grad, world)
-            dense.step()
-            for w in low:
-                s, tall = state[w], w.shape[0] >= w.shape[1]
-                if k % GAP == 0:
-                    g = _mean(w.grad, world)
-                    s["P"] = new_projection(g, None, None, "svd", RANK)
-                    r = g @ s["P"] if tall else s["P"].T @ g
-                else:
-                    r = _mean(w.grad @ s["P"] if tall else s["P"].T @ w.grad, world)
-                s["t"] += 1
-                s["m"] = BETAS[0] * s.get("m", torch.zeros_like(r)) + (1 - BETAS[0]) * r
-                s["v"] = BETAS[1] * s.get("v", torch.zeros_like(r)) + (1 - BETAS[1]) * r * r
-                n = (s["m"] / (1 - BETAS[0] ** s["t"])) / ((s["v"] / (1 - BETAS[1] ** s["t"])).sqrt() + EPS)
-                w -= LR * SCALE * (n @ s["P"].T if tall else s["P"] @ n)
-                w *= 1 - LR * WD
+        written_out.step(k)
         model.zero_grad()
     return compiled, [p.detach().clone() for p in model.parameters()], bytes_sent
+
+
+class EagerLowRankDDP:
+    """Low-rank DDP's definition on `_problem`'s model: P from the averaged gradient every GAP
+    steps, the projected gradient averaged every step, Adam on it, decoupled decay after.
+    `mean` averages a tensor over the workers."""
+
+    def __init__(self, model, mean):
+        self.low, self.mean = [model[0].weight, model[2].weight], mean
+        self.others = [p for p in model.parameters() if all(p is not w for w in self.low)]
+        self.dense = torch.optim.AdamW(self.others, lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
+        self.state = {w: dict(t=0) for w in self.low}
+
+    @torch.no_grad()
+    def step(self, k):
+        for p in self.others:
+            p.grad = self.mean(p.grad)
+        self.dense.step()
+        for w in self.low:
+            s, tall = self.state[w], w.shape[0] >= w.shape[1]
+            if k % GAP == 0:
+                g = self.mean(w.grad)
+                s["P"] = new_projection(g, None, None, "svd", RANK)
+                r = g @ s["P"] if tall else s["P"].T @ g
+            else:
+                r = self.mean(w.grad @ s["P"] if tall else s["P"].T @ w.grad)
+            s["t"] += 1
+            s["m"] = BETAS[0] * s.get("m", torch.zeros_like(r)) + (1 - BETAS[0]) * r
+            s["v"] = BETAS[1] * s.get("v", torch.zeros_like(r)) + (1 - BETAS[1]) * r * r
+            n = (s["m"] / (1 - BETAS[0] ** s["t"])) / ((s["v"] / (1 - BETAS[1] ** s["t"])).sqrt() + EPS)
+            w -= LR * SCALE * (n @ s["P"].T if tall else s["P"] @ n)
+            w *= 1 - LR * WD
 
 
 def test_low_rank_ddp_matches_its_definition():

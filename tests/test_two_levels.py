@@ -25,8 +25,9 @@ from torch.distributed.algorithms.model_averaging.hierarchical_model_averager im
 from torch.distributed.device_mesh import init_device_mesh
 
 import lordo_compile as lc
-from common import assert_close, named_parameters, new_projection
-from test_lordo import ATOL as LORDO_ATOL, BETAS, DEFAULTS, EPS, LR, RANK, WD, EagerLoRDO, _problem as lordo_problem
+from common import assert_close, named_parameters
+from test_lordo import ATOL as LORDO_ATOL, BETAS, DEFAULTS, EPS, GAP, LR, RANK, SCALE, WD, EagerLoRDO, EagerLowRankDDP
+from test_lordo import _problem as lordo_problem
 from lordo_compile.launch import run_workers
 from lordo_compile.models import MLP
 from lordo_compile.passes import plan_passes
@@ -105,7 +106,6 @@ def _lordo(rank, inner, mesh):
     return named_parameters(reference_model), named_parameters(model), step.comm_report().per_group()
 
 
-GAP, SCALE = 5, 0.25
 # Floors of the difference allowed, relative to a tensor's rms. Low-rank DDP + DiLoCo: the
 # refreshes at steps 5 and 10 take an SVD of a gradient after a sync, whose spectrum near the
 # rank's cut turns float noise into 2.2e-5 of 0.weight's rms (measured; with the only refresh
@@ -127,41 +127,20 @@ def _low_rank_ddp_diloco(rank, inner, outer):
         step(x, y)
     compiled, per_group = named_parameters(model), step.comm_report().per_group()
 
-    model, batches = lordo_problem(rank)
-    low = [model[0].weight, model[2].weight]
-    dense = torch.optim.AdamW([p for p in model.parameters() if all(p is not w for w in low)], lr=LR,
-                              weight_decay=WD, betas=BETAS, eps=EPS)
-    anchor = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
-    outer_opt = torch.optim.SGD(anchor, lr=0.7, momentum=0.9, nesterov=True)
-    state = {w: dict(t=0) for w in low}
-
     def mean(t, group):
         t = t.clone()
         dist.all_reduce(t, group=group)
         return t / dist.get_world_size(group)
 
+    model, batches = lordo_problem(rank)
+    written_out = EagerLowRankDDP(model, lambda t: mean(t, inner))
+    anchor = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    outer_opt = torch.optim.SGD(anchor, lr=0.7, momentum=0.9, nesterov=True)
     for k, (x, y) in enumerate(batches):
         F.mse_loss(model(x), y).backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                if all(p is not w for w in low):
-                    p.grad = mean(p.grad, inner)
-            dense.step()
-            for w in low:
-                s, tall = state[w], w.shape[0] >= w.shape[1]
-                if k % GAP == 0:
-                    g = mean(w.grad, inner)
-                    s["P"] = new_projection(g, None, None, "svd", RANK)
-                    r = g @ s["P"] if tall else s["P"].T @ g
-                else:
-                    r = mean(w.grad @ s["P"] if tall else s["P"].T @ w.grad, inner)
-                s["t"] += 1
-                s["m"] = BETAS[0] * s.get("m", torch.zeros_like(r)) + (1 - BETAS[0]) * r
-                s["v"] = BETAS[1] * s.get("v", torch.zeros_like(r)) + (1 - BETAS[1]) * r * r
-                n = (s["m"] / (1 - BETAS[0] ** s["t"])) / ((s["v"] / (1 - BETAS[1] ** s["t"])).sqrt() + EPS)
-                w -= LR * SCALE * (n @ s["P"].T if tall else s["P"] @ n)
-                w *= 1 - LR * WD
-            if (k + 1) % H == 0:
+        written_out.step(k)
+        if (k + 1) % H == 0:
+            with torch.no_grad():
                 for a, p in zip(anchor, model.parameters()):
                     a.grad = mean(a - p, outer)
                 outer_opt.step()
