@@ -13,6 +13,7 @@ because a compiled step's own state exists only once it has been captured.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -40,36 +41,107 @@ def save_checkpoint(checkpoint_id: str, model: torch.nn.Module, optimizer: torch
 def load_checkpoint(checkpoint_id: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step) -> None:
     """Load what this worker wrote into `model`, `optimizer` and `step`.
 
+    On another number of workers than wrote it (docs/reliability.md, "Changing the number of
+    workers"), the checkpoint must have been taken right after a sync, when every worker
+    holds the same model: every worker then loads what all writers hold alike (the model,
+    anchors, outer momentum, a global projection, torch.optim's state under DDP), and state
+    that differs between the writers (each worker's own inner moments and error feedback
+    under local steps) starts afresh, named in a warning.
+
     Raises:
-      ValueError: if the checkpoint was written by another number of workers.
+      ValueError: on another number of workers, if the writers' models differ (the
+        checkpoint was taken between syncs).
     """
     rank, world = _rank_and_world()
     metadata = dcp.FileSystemReader(checkpoint_id).read_metadata()
     saved_world = 1 + max(int(path[0].removeprefix("rank")) for path in metadata.planner_data.values())
-    if saved_world != world:
-        raise ValueError(
-            f"{checkpoint_id} was written by a run of {saved_world} workers; this run has {world}. Resume with "
-            f"{saved_world} workers (see docs/reliability.md for changing the number of workers)."
-        )
-    template: dict[str, Any] = {}
-    for key, item in metadata.state_dict_metadata.items():
-        path = metadata.planner_data[key]
-        if path[0] == f"rank{rank}":
-            value = torch.empty(item.size, dtype=item.properties.dtype) if isinstance(item, TensorStorageMetadata) \
-                else None
-            _place(template, path, value)
-    dcp.load(template, checkpoint_id=checkpoint_id, no_dist=world == 1)
-    entries = template[f"rank{rank}"]
+    if saved_world == world:
+        entries = _read(checkpoint_id, metadata, [f"rank{rank}"], no_dist=world == 1)[f"rank{rank}"]
+        fresh: list[str] = []
+    else:
+        entries, own_moments, fresh = _alike(checkpoint_id, metadata, saved_world, world)
+        _warn_fresh(saved_world, world, model, optimizer, own_moments, fresh)
     # DCP writes every mapping key as a string (torch.optim and the step key their state by
     # int) and leaves out empty containers.
     optimizer_state = dict(entries["optimizer"],
                            state={int(k): v for k, v in entries["optimizer"].get("state", {}).items()})
-    runtime = {"tensors": {}, "calls": {}, **entries["step"]["runtime"]}
+    if saved_world != world:
+        # What the optimizer holds now for a parameter whose state starts afresh: a compiled
+        # step has already made it (zeros), and the capture reads it.
+        current = optimizer.state_dict()["state"]
+        optimizer_state["state"].update({k: current[k] for k in own_moments if k in current})
+    runtime = {"tensors": {}, "calls": {}, **entries["step"]["runtime"], "fresh": fresh}
+    if saved_world != world and runtime.get("world_size") is not None:
+        runtime["world_size"] = world
     adapters = [{int(k): v for k, v in (adapter or {}).items()} for adapter in entries["step"].get("optimizers", [])]
     with step.materialized():
         model.load_state_dict(entries["model"])
     optimizer.load_state_dict(optimizer_state)
     step.load_state_dict({"runtime": runtime, "optimizers": adapters, "passes": entries["step"].get("passes", {})})
+
+
+def _read(checkpoint_id: str, metadata, prefixes: list[str], no_dist: bool) -> dict[str, Any]:
+    """The entries under `prefixes` ("rank0", ...), structured as the checkpoint's metadata says."""
+    template: dict[str, Any] = {}
+    for key, item in metadata.state_dict_metadata.items():
+        path = metadata.planner_data[key]
+        if path[0] in prefixes:
+            value = torch.empty(item.size, dtype=item.properties.dtype) if isinstance(item, TensorStorageMetadata) \
+                else None
+            _place(template, path, value)
+    with warnings.catch_warnings():  # DCP says no_dist reads "in a single process": each worker reads alone
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(template, checkpoint_id=checkpoint_id, no_dist=no_dist)
+    return template
+
+
+def _alike(checkpoint_id: str, metadata, saved_world: int,
+           world: int) -> tuple[dict[str, Any], list[int], list[str]]:
+    """Rank 0's entries, less the optimizer and step state that differs between the writers;
+    the indices of the parameters whose optimizer state is left out, and the names of the
+    step's state tensors left out."""
+    # Every worker reads every writer's entries by itself: no collective, whatever the new world.
+    writers = _read(checkpoint_id, metadata, [f"rank{r}" for r in range(saved_world)], no_dist=True)
+    entries = [writers[f"rank{r}"] for r in range(saved_world)]
+    differing = [name for name, value in entries[0]["model"].items()
+                 if not all(torch.equal(value, other["model"][name]) for other in entries[1:])]
+    if differing:
+        raise ValueError(
+            f"{checkpoint_id} was written by {saved_world} workers whose models differ ({differing[0]}, ...): it "
+            f"was taken between syncs, when each worker's model is its own, so it cannot resume on {world} workers. "
+            f"Resume with {saved_world} workers, or from a checkpoint taken right after a sync step."
+        )
+    first = entries[0]
+    states = [e["optimizer"].get("state", {}) for e in entries]
+    own_moments = sorted(k for k in states[0] if not all(_equal(states[0][k], s.get(k)) for s in states[1:]))
+    tensors = [e["step"]["runtime"].get("tensors", {}) for e in entries]
+    fresh = sorted(name for name in tensors[0] if not all(_equal(tensors[0][name], t.get(name)) for t in tensors[1:]))
+    optimizer = dict(first["optimizer"], state={k: v for k, v in states[0].items() if k not in own_moments})
+    runtime = dict(first["step"]["runtime"], tensors={k: v for k, v in tensors[0].items() if k not in fresh})
+    return dict(first, optimizer=optimizer, step=dict(first["step"], runtime=runtime)), [int(k) for k in own_moments], \
+        fresh
+
+
+def _warn_fresh(saved_world: int, world: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                own_moments: list[int], fresh: list[str]) -> None:
+    if not own_moments and not fresh:
+        return
+    names = {id(p): name for name, p in model.named_parameters()}
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    params = [names.get(id(ordered[k]), f"parameter {k}") for k in own_moments]
+    warnings.warn(
+        f"resuming a checkpoint of {saved_world} workers on {world}: state that differed between the workers that "
+        f"wrote it starts afresh: torch.optim's state of {params or 'no parameter'}, and the step's "
+        f"{fresh or 'no tensor'}. Everything else (model, anchors, outer momentum, projections) is what every "
+        "worker held alike.", UserWarning, stacklevel=3)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return a == b
 
 
 def _place(tree: dict, path: tuple, value: Any) -> None:

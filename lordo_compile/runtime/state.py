@@ -102,12 +102,14 @@ class RuntimeState:
         if self.world_size is not None and saved_world is not None and saved_world != self.world_size:
             raise ValueError(
                 f"this checkpoint was written by a run of {saved_world} workers; this run has {self.world_size}. "
-                f"Each worker's model and state may be its own, so they cannot be re-sharded. "
-                f"Resume with {saved_world} workers; or, to change the number of workers, take a checkpoint "
-                "at a step after which every worker holds the same model, load rank 0's model and optimizer state on "
-                "every worker, and do not load step.state_dict() (the policy's own state restarts)."
+                f"Each worker's model and state may be its own, so they cannot be re-sharded from one worker's "
+                f"state_dict. Resume with {saved_world} workers; or, to change the number of workers, save with "
+                "lc.save_checkpoint right after a sync and load with lc.load_checkpoint, which carries over what "
+                "every worker held alike (docs/reliability.md)."
             )
-        missing = set(self.tensors) - set(state["tensors"])
+        # "fresh": tensors a checkpoint of another number of workers does not carry over
+        # (runtime/checkpoint.py), which stay as allocated.
+        missing = set(self.tensors) - set(state["tensors"]) - set(state.get("fresh", ()))
         unexpected = set(state["tensors"]) - set(self.tensors)
         if missing or unexpected:
             raise ValueError(
