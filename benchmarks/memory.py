@@ -22,6 +22,9 @@ one measured step.
 - `peak_rss_bytes`: the process's resident peak (VmHWM) during the measured step, reset
   just before it; it includes the Python interpreter, torch's libraries and the compiled
   code (several hundred MB that no policy changes), so it is printed, not compared.
+- `peak_during_step_bytes`: the peak less what was alive at the step's start; `peak_at`: when
+  it happened, as a fraction of the step; `peak_op`: the op running then (the allocation's
+  caller); `live_by_twentieths`: the running sum at each twentieth of the step.
 - `gradient_bytes`: what the gradients would hold all at once (4 bytes per parameter);
   eager AdamW holds all of them when the backward ends, before `opt.step` reads them.
 
@@ -90,13 +93,31 @@ def _live_tensor_bytes() -> int:
     return sum(storages.values())
 
 
-def _peak_allocated(events) -> int:
-    """The highest running sum of the profiler's allocations and frees."""
+def _peak_allocated(events) -> dict:
+    """The highest running sum of the profiler's allocations and frees during the step; when
+    it happened (fraction of the step's time); the innermost op running then; and the running
+    sum at each twentieth of the step."""
+    memory = sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    ops = [e for e in events if e.name() != "[memory]"]
+    start = min((e.start_ns() for e in memory), default=0)
+    end = max((e.start_ns() for e in memory), default=1)
+    marks = [start + (end - start) * k / 20 for k in range(1, 21)]
     live = peak = 0
-    for event in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+    at, by_twentieths = start, []
+    for event in memory:
+        while len(by_twentieths) < 20 and event.start_ns() > marks[len(by_twentieths)]:
+            by_twentieths.append(live)
         live += event.nbytes()
-        peak = max(peak, live)
-    return peak
+        if live > peak:
+            peak, at = live, event.start_ns()
+    by_twentieths += [live] * (20 - len(by_twentieths))
+    running = [o for o in ops if o.start_ns() <= at <= o.end_ns()]
+    innermost = min(running, key=lambda o: o.end_ns() - o.start_ns()).name() if running else None
+    # The allocation itself is an aten::empty inside the op that asked for it.
+    outer = [o.name() for o in sorted(running, key=lambda o: o.end_ns() - o.start_ns())
+             if o.name() not in ("aten::empty", "aten::empty_strided")]
+    return {"during_step": peak, "peak_at": (at - start) / max(end - start, 1),
+            "peak_op": outer[0] if outer else innermost, "live_by_twentieths": by_twentieths}
 
 
 def _rss_peak() -> int:
@@ -139,9 +160,12 @@ def measure_one(name: str, batch: int, compiler: str, block: int = 128) -> dict:
         pass  # not Linux: VmHWM then covers the whole process
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step(x, y)
+    during = _peak_allocated(prof.profiler.kineto_results.events())
     return {"policy": name, "parameters": params, "weight_bytes": weights, "state_bytes": state,
             "persistent_bytes_per_param": (weights + state) / params,
-            "live_at_start_bytes": live, "peak_bytes": live + _peak_allocated(prof.profiler.kineto_results.events()),
+            "live_at_start_bytes": live, "peak_bytes": live + during["during_step"],
+            "peak_during_step_bytes": during["during_step"], "peak_at": during["peak_at"],
+            "peak_op": during["peak_op"], "live_by_twentieths": during["live_by_twentieths"],
             "peak_rss_bytes": _rss_peak(), "gradient_bytes": 4 * params}
 
 
