@@ -117,7 +117,8 @@ def evaluate(claim: Claim, result: dict | None) -> dict:
     tolerance = claim.tolerance * rows[claim.relative_to]["mean"] if claim.relative_to else 0.0
     verdict = harness.verdict(paired, claim.better, tolerance)
     row.update(paired, n_seeds=len(figure), tolerance=tolerance, verdict=verdict, header=result.get("header", ""),
-               seed_spread=max(r.get("seed_spread", 0.0) for r in rows.values() if r.get("baseline") is None))
+               # The spread of what the claim compares against, not of another partial run's first row.
+               seed_spread=max(rows[name].get("seed_spread", 0.0) for sign, name in claim.terms if sign < 0))
     edge = [name for _, name in claim.terms if rows[name].get("chosen_at_edge")]
     if edge:
         row["why"] = f"tuned lr at the sweep's end for {edge}"
