@@ -82,22 +82,23 @@ class Policy:
         return cls(data_parallel=DataParallel(group=group))
 
     @classmethod
-    def local_sgd(cls, sync_every: int, group=None, mesh=None) -> "Policy":
+    def local_sgd(cls, sync_every: int, group=None, mesh=None, fragments: int = 1) -> "Policy":
         """`sync_every` local steps, then average the models (periodic model averaging).
-        `mesh`: see `diloco`."""
+        `mesh`, `fragments`: see `diloco`."""
         inner, group = _levels(group, mesh)
-        return _with_inner(cls(sync=Sync(every=sync_every, group=group)), inner)
+        return _with_inner(cls(sync=Sync(every=sync_every, group=group, fragments=fragments)), inner)
 
     @classmethod
     def diloco(cls, sync_every: int, outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
-               group=None, mesh=None) -> "Policy":
+               group=None, mesh=None, fragments: int = 1) -> "Policy":
         """DiLoCo: local steps, then Nesterov SGD on the averaged pseudo-gradient.
 
         `mesh`: a 2-D `DeviceMesh` (outer, inner) or an (inner, outer) pair of process groups:
-        gradients are averaged over `inner` every step (DDP), the sync runs over `outer`."""
+        gradients are averaged over `inner` every step (DDP), the sync runs over `outer`.
+        `fragments`: sync the model in this many fragments at staggered steps (streaming)."""
         inner, group = _levels(group, mesh)
         return _with_inner(cls(sync=Sync(every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum,
-                                         nesterov=nesterov, group=group)), inner)
+                                         nesterov=nesterov, group=group, fragments=fragments)), inner)
 
     @classmethod
     def docom(cls, ratio: float = 0.01, gamma: float = 0.1, beta: float = 0.1, **options) -> "Policy":

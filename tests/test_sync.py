@@ -165,6 +165,51 @@ def test_bytes_sent_match_the_analytic_count(parity):
         assert (report["collectives"], report["bytes"]) == (STEPS // H, STEPS // H * numel * 4)
 
 
+def _eager_streaming_diloco(rank, world, fragments):
+    """DiLoCo whose fragments (lists of parameter names) each sync alone, fragment f after
+    steps (f + 1) H / F - 1, then every H steps."""
+    model, opt, batches = _problem(rank)
+    params = dict(model.named_parameters())
+    anchor = {name: p.detach().clone().requires_grad_(True) for name, p in params.items()}
+    outer = torch.optim.SGD(anchor.values(), lr=0.7, momentum=0.9, nesterov=True)
+    for k, (x, y) in enumerate(batches):
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        for f, names in enumerate(fragments):
+            first = (f + 1) * H // len(fragments) - 1
+            if k < first or (k - first) % H:
+                continue
+            with torch.no_grad():
+                for name in names:
+                    delta = anchor[name] - params[name]
+                    dist.all_reduce(delta)
+                    anchor[name].grad = delta / world
+                outer.step()  # only the fragment's anchors have a gradient
+                outer.zero_grad()
+                for name in names:
+                    params[name].copy_(anchor[name])
+    return named_parameters(model)
+
+
+def streaming_worker(rank, world):
+    fragments = [["net.0.weight", "net.0.bias"], ["net.2.weight", "net.2.bias", "net.4.weight", "net.4.bias"]]
+    return _eager_streaming_diloco(rank, world, fragments), _compiled(rank, lc.Policy.diloco(H, fragments=2))
+
+
+def test_streaming_syncs_each_fragment_alone_at_its_offset():
+    results = run_workers(streaming_worker, 2)
+    for reference, (params, report) in results:
+        assert_close(params, reference)
+        # Fragment 0 (544 parameters) syncs after steps 1, 5, 9; fragment 1 (1,188) after 3, 7, 11.
+        assert report["graphs"] == ["step", "sync.0", "sync.1"]
+        assert report["calls"] == {"step": STEPS - 6, "sync.0": 3, "sync.1": 3}
+        assert (report["collectives"], report["bytes"]) == (6, 3 * (544 + 1188) * 4)
+    # Fragment 1 synced at the last step; fragment 0 has taken two local steps since.
+    synced = [name for name in results[0][1][0] if not name.startswith("net.0.")]
+    assert_close({n: results[1][1][0][n] for n in synced}, {n: results[0][1][0][n] for n in synced}, rtol=0, atol=0)
+
+
 def resume_worker(rank, world):
     """Stop between syncs (after step 6 of 12), save, rebuild everything, load, finish."""
     policy = lc.Policy.diloco(sync_every=H)

@@ -14,6 +14,12 @@ The outer step is `outer.py`'s: the anchors are held as the weights are (full pr
 or a weight-storage pass's form, whose rounding error goes into the outer momentum).
 W' is what the local step writes into W, after every earlier rewrite (a CAGE correction,
 a lookahead, a requantization).
+
+Streaming (`fragments=F`, Streaming DiLoCo without overlap; ALGORITHMS.md section 9): the
+parameters, in the step's order, are cut into F contiguous fragments of about equal size;
+fragment f syncs alone, as above, after steps o_f, o_f + H, ... with o_f = (f + 1) H / F - 1
+(event "sync.f"), so each sync sends about 1/F of the model and the last fragment syncs
+when the whole model would.
 """
 
 from __future__ import annotations
@@ -35,10 +41,11 @@ class Sync:
     `outer_lr=1` without momentum is plain model averaging (local SGD); DiLoCo uses
     `outer_lr=0.7, outer_momentum=0.9, nesterov=True`. `group` is the process group (None:
     the default group); its timeout bounds how long a worker waits for a dead peer.
+    `fragments`: sync the model in this many fragments at staggered steps (streaming).
 
     Raises:
-      ValueError: if `every` < 1, `outer_lr` <= 0, `outer_momentum` is outside [0, 1), or
-        `nesterov` is set without momentum.
+      ValueError: if `every` < 1, `outer_lr` <= 0, `outer_momentum` is outside [0, 1),
+        `nesterov` is set without momentum, or `fragments` is not in [1, every].
     """
 
     every: int
@@ -46,6 +53,7 @@ class Sync:
     outer_momentum: float = 0.0
     nesterov: bool = False
     group: object = None
+    fragments: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
@@ -56,6 +64,13 @@ class Sync:
             raise ValueError(f"Sync.outer_momentum must be in [0, 1), got {self.outer_momentum!r}")
         if self.nesterov and self.outer_momentum == 0:
             raise ValueError("Sync.nesterov=True needs outer_momentum > 0")
+        if isinstance(self.fragments, bool) or not isinstance(self.fragments, int) or \
+                not 1 <= self.fragments <= self.every:
+            raise ValueError(f"Sync.fragments must be an int in [1, every={self.every}] (one fragment syncs per "
+                             f"step at most), got {self.fragments!r}")
+
+    def event(self, fragment: int) -> str:
+        return "sync" if self.fragments == 1 else f"sync.{fragment}"
 
     @property
     def outer(self) -> OuterOptimizer:
@@ -63,7 +78,24 @@ class Sync:
 
 
 def _events(option: Sync) -> tuple[Event, ...]:
-    return (Event("sync", every=option.every, first=option.every - 1),)
+    return tuple(Event(option.event(f), every=option.every, first=(f + 1) * option.every // option.fragments - 1)
+                 for f in range(option.fragments))
+
+
+def fragments_of(names: list[str], sizes: list[int], count: int) -> list[list[str]]:
+    """`names` in order, cut into `count` contiguous runs of about equal total size, none empty."""
+    if count > len(names):
+        raise ValueError(f"Sync.fragments={count} is more than the {len(names)} parameters the step updates")
+    total, running, fragments = sum(sizes), 0, [[]]
+    for i, (name, size) in enumerate(zip(names, sizes)):
+        to_start = count - len(fragments)
+        # A parameter goes with the fragment its middle falls in.
+        if fragments[-1] and to_start and (running + size / 2 >= total * len(fragments) / count
+                                           or len(names) - i == to_start):
+            fragments.append([])
+        fragments[-1].append(name)
+        running += size
+    return fragments
 
 
 def local_steps(program: Program, option: Sync) -> PassResult:
@@ -78,12 +110,17 @@ def local_steps(program: Program, option: Sync) -> PassResult:
 def sync(program: Program, option: Sync) -> PassResult:
     notes = (f"sync after every {option.every} steps; outer SGD: lr {option.outer_lr}, momentum "
              f"{option.outer_momentum}, nesterov {option.nesterov}",)
-    if "sync" not in program.events:
-        return PassResult(program, notes)
     graph = program.graph
+    everything = [site.param for site in graph.updates()]
+    fragments = fragments_of(everything, [math.prod(graph.params[n].shape) for n in everything], option.fragments)
+    if option.fragments > 1:
+        notes += tuple(f"fragment {f} (syncs at event {option.event(f)!r}): {', '.join(names)}"
+                       for f, names in enumerate(fragments))
+    names = [n for f, fragment in enumerate(fragments) if option.event(f) in program.events for n in fragment]
+    if not names:
+        return PassResult(program, notes)
     g = graph.graph
     group = group_name(option.group)
-    names = [site.param for site in graph.updates()]
     # Inserting before one fixed node keeps creation order: anchors, deltas, their average, the outer step.
     point = end_of_updates(graph)
     with g.inserting_before(point):

@@ -82,6 +82,8 @@ def test_local_sgd_with_outer_lr_one_and_one_worker_is_the_inner_optimizer():
         (dict(every=2, outer_lr=0), r"Sync.outer_lr must be > 0"),
         (dict(every=2, outer_momentum=1.0), r"outer_momentum must be in \[0, 1\)"),
         (dict(every=2, nesterov=True), r"nesterov=True needs outer_momentum > 0"),
+        (dict(every=2, fragments=3), r"Sync.fragments must be an int in \[1, every=2\]"),
+        (dict(every=2, fragments=0), r"Sync.fragments must be an int in \[1, every=2\]"),
     ],
 )
 def test_bad_sync_options(kwargs, message):
