@@ -42,15 +42,13 @@ def load_checkpoint(checkpoint_id: str, model: torch.nn.Module, optimizer: torch
     """Load what this worker wrote into `model`, `optimizer` and `step`.
 
     On another number of workers than wrote it (docs/reliability.md, "Changing the number of
-    workers"), the checkpoint must have been taken right after a sync, when every worker
-    holds the same model: every worker then loads what all writers hold alike (the model,
-    anchors, outer momentum, a global projection, torch.optim's state under DDP), and state
-    that differs between the writers (each worker's own inner moments and error feedback
-    under local steps) starts afresh, named in a warning.
+    workers"), the checkpoint must have been taken when every worker held the same model:
+    every worker then loads what all writers held alike (the model, replicated optimizer
+    and policy state), and state that differed between the writers (each worker's own)
+    starts afresh, named in a warning.
 
     Raises:
-      ValueError: on another number of workers, if the writers' models differ (the
-        checkpoint was taken between syncs).
+      ValueError: on another number of workers, if the writers' models differ.
     """
     rank, world = _rank_and_world()
     metadata = dcp.FileSystemReader(checkpoint_id).read_metadata()
@@ -108,8 +106,9 @@ def _alike(checkpoint_id: str, metadata, saved_world: int,
     if differing:
         raise ValueError(
             f"{checkpoint_id} was written by {saved_world} workers whose models differ ({differing[0]}, ...): it "
-            f"was taken between syncs, when each worker's model is its own, so it cannot resume on {world} workers. "
-            f"Resume with {saved_world} workers, or from a checkpoint taken right after a sync step."
+            f"was taken while each worker's model was its own, so it cannot resume on {world} workers. Resume with "
+            f"{saved_world} workers, or from a checkpoint taken when every worker held the same model (right after "
+            "the step that exchanges models)."
         )
     first = entries[0]
     states = [e["optimizer"].get("state", {}) for e in entries]
@@ -132,8 +131,7 @@ def _warn_fresh(saved_world: int, world: int, model: torch.nn.Module, optimizer:
     warnings.warn(
         f"resuming a checkpoint of {saved_world} workers on {world}: state that differed between the workers that "
         f"wrote it starts afresh: torch.optim's state of {params or 'no parameter'}, and the step's "
-        f"{fresh or 'no tensor'}. Everything else (model, anchors, outer momentum, projections) is what every "
-        "worker held alike.", UserWarning, stacklevel=3)
+        f"{fresh or 'no tensor'}. Everything else is what every worker held alike.", UserWarning, stacklevel=3)
 
 
 def _equal(a: Any, b: Any) -> bool:

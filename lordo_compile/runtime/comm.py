@@ -72,8 +72,8 @@ class CommReport:
         return self.bytes_sent / self.steps if self.steps else 0.0
 
     def per_group(self) -> dict[str, tuple[int, int]]:
-        """(collectives, bytes sent per worker) over each process group, by its name: with two
-        levels (mesh=), what crossed the inner and what crossed the outer links."""
+        """(collectives, bytes sent per worker) over each process group, by its name: where
+        workers combine over two groups, what crossed each one's links."""
         totals: dict[str, tuple[int, int]] = {}
         for name, collectives in self.per_graph.items():
             runs = self.calls.get(name, 0)
