@@ -289,10 +289,14 @@ class LordoBackend:
 
     def state_dict(self) -> dict:
         """What the compiled step adds to the model's and optimizers' own state dicts."""
+        for hook in self.pass_runtimes:
+            hook.settle()
         return {"runtime": self.runtime.state_dict(), "optimizers": [a.state_dict() for a in self._known_adapters],
                 "passes": {hook.context.owner: hook.state_dict() for hook in self.pass_runtimes}}
 
     def load_state_dict(self, state: dict) -> None:
+        for hook in self.pass_runtimes:
+            hook.settle()
         self.runtime.load_state_dict(state["runtime"])
         for adapter, adapter_state in zip(self._known_adapters, state["optimizers"]):
             adapter.load_state_dict(adapter_state)

@@ -52,6 +52,10 @@ class Role(str, enum.Enum):
     BACKWARD = "backward"
     GRADIENT = "gradient"
     COLLECTIVE = "collective"
+    # A value the runtime sends after the graph has run (an all-reduce that overlaps later
+    # steps), written into a state buffer; and what such a collective brought, read back.
+    SENT = "sent"
+    RECEIVED = "received"
     OPTIMIZER_UPDATE = "optimizer_update"
     WRITEBACK = "writeback"
     OUTPUT = "output"

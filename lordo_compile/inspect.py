@@ -125,7 +125,8 @@ def to_dot(graph: fx.Graph | fx.GraphModule | TrainGraph, name: str = "step") ->
     colours = {
         Role.PARAMETER: "lightblue", Role.OPTIMIZER_STATE: "khaki", Role.BATCH_INPUT: "palegreen",
         Role.HYPERPARAMETER: "lightgrey", Role.LOSS: "salmon", Role.BACKWARD: "orange",
-        Role.GRADIENT: "moccasin", Role.COLLECTIVE: "violet", Role.OPTIMIZER_UPDATE: "gold",
+        Role.GRADIENT: "moccasin", Role.COLLECTIVE: "violet", Role.SENT: "violet",
+        Role.RECEIVED: "violet", Role.OPTIMIZER_UPDATE: "gold",
         Role.WRITEBACK: "wheat",
     }
     lines = [f'digraph "{name}" {{', "  node [shape=box, style=filled, fontname=monospace];"]

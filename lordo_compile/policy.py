@@ -82,23 +82,31 @@ class Policy:
         return cls(data_parallel=DataParallel(group=group))
 
     @classmethod
-    def local_sgd(cls, sync_every: int, group=None, mesh=None, fragments: int = 1) -> "Policy":
+    def local_sgd(cls, sync_every: int, group=None, mesh=None, fragments: int = 1, delay: int = 0,
+                  local_weight: float = 0.0, payload: str = "full") -> "Policy":
         """`sync_every` local steps, then average the models (periodic model averaging).
-        `mesh`, `fragments`: see `diloco`."""
+        `mesh`, `fragments`, `delay`, `local_weight`, `payload`: see `diloco`."""
         inner, group = _levels(group, mesh)
-        return _with_inner(cls(sync=Sync(every=sync_every, group=group, fragments=fragments)), inner)
+        return _with_inner(cls(sync=Sync(every=sync_every, group=group, fragments=fragments, delay=delay,
+                                         local_weight=local_weight, payload=payload)), inner)
 
     @classmethod
     def diloco(cls, sync_every: int, outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
-               group=None, mesh=None, fragments: int = 1) -> "Policy":
+               group=None, mesh=None, fragments: int = 1, delay: int = 0, local_weight: float = 0.0,
+               payload: str = "full") -> "Policy":
         """DiLoCo: local steps, then Nesterov SGD on the averaged pseudo-gradient.
 
         `mesh`: a 2-D `DeviceMesh` (outer, inner) or an (inner, outer) pair of process groups:
         gradients are averaged over `inner` every step (DDP), the sync runs over `outer`.
-        `fragments`: sync the model in this many fragments at staggered steps (streaming)."""
+        `fragments`: sync the model in this many fragments at staggered steps (streaming).
+        `delay`: let each sync's all-reduce overlap this many local steps before its result is
+        merged, keeping `local_weight` of the local parameters then (Streaming DiLoCo's tau, alpha).
+        `payload="int8"`: send int8 codes with a scale per row instead of the pseudo-gradients,
+        what they drop fed back into the next sync's."""
         inner, group = _levels(group, mesh)
         return _with_inner(cls(sync=Sync(every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum,
-                                         nesterov=nesterov, group=group, fragments=fragments)), inner)
+                                         nesterov=nesterov, group=group, fragments=fragments, delay=delay,
+                                         local_weight=local_weight, payload=payload)), inner)
 
     @classmethod
     def docom(cls, ratio: float = 0.01, gamma: float = 0.1, beta: float = 0.1, **options) -> "Policy":

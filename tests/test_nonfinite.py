@@ -19,6 +19,9 @@ POLICIES = {
     "ddp": lambda: lc.Policy.ddp(),
     "local_sgd": lambda: lc.Policy.local_sgd(sync_every=2),
     "diloco": lambda: lc.Policy.diloco(sync_every=2),
+    # The average of step 1's sync is merged after step 2 (sync 1, 3, ...; merge 2, 4, ...); its
+    # int8 codes are sent unpoisoned, its float scales poisoned.
+    "overlapped_diloco": lambda: lc.Policy.diloco(sync_every=2, delay=1, local_weight=0.5, payload="int8"),
     "low_rank_ddp": lambda: lc.Policy.low_rank_ddp(rank=4, update_proj_gap=2),
     "lordo": lambda: lc.Policy.lordo(rank=4, sync_every=2),
     "cage": lambda: lc.Policy.cage(bits=4, total_steps=4, silence_ratio=0.0),
@@ -172,16 +175,20 @@ def _poisoned_run(rank, name, bad_step):
             warned += [(k, str(w.message)) for w in caught if "not finite" in str(w.message)]
         except lc.NonFiniteError as error:
             after, state_after = _snapshot(model, step)
+            # A payload received (overlapped sync) may hold the NaN the step raised on.
             unchanged = all(torch.equal(a, b) for a, b in zip(before, after)) and all(
-                torch.equal(t, state_after["runtime"]["tensors"][key])
+                torch.equal(t, state_after["runtime"]["tensors"][key]) or torch.equal(
+                    t.nan_to_num(), state_after["runtime"]["tensors"][key].nan_to_num())
                 for key, t in state["runtime"]["tensors"].items() if not key.startswith("nonfinite."))
             return {"raised_at": k, "message": str(error), "unchanged": unchanged, "warned": warned}
     return {"raised_at": None, "warned": warned}
 
 
-LOCAL_STEPS = ["local_sgd", "diloco", "lordo"]
-# With sync every 2 steps, step 2 is a local step and step 3 a sync for all three.
+LOCAL_STEPS = ["local_sgd", "diloco", "lordo", "overlapped_diloco"]
+# With sync every 2 steps, step 2 is a local step and step 3 a sync for all of them (overlapped:
+# step 2 merges step 1's average, and step 3's payload is merged, and found bad, after step 4).
 BAD_STEPS = {"local": 2, "sync": 3}
+RAISED_AT = {"overlapped_diloco": (4, "merge")}
 
 
 def local_steps_worker(rank, world):
@@ -200,10 +207,11 @@ def local_steps_runs():
 @pytest.mark.parametrize("where", list(BAD_STEPS))
 def test_no_worker_receives_anothers_nonfinite_values(local_steps_runs, name, where):
     first, second = (runs[(name, where)] for runs, _ in local_steps_runs)
-    # Both stop at the sync, with one message, before applying it.
-    assert first["raised_at"] == second["raised_at"] == 3
+    # Both stop where the sync's payload is received, with one message, before applying it.
+    step, graph = RAISED_AT.get(name, (3, "sync"))
+    assert first["raised_at"] == second["raised_at"] == step
     assert first["message"] == second["message"]
-    assert "step 3 (graph 'sync'): the payload received at the sync is not finite" in first["message"]
+    assert f"step {step} (graph '{graph}'): the payload received at the sync is not finite" in first["message"]
     assert first["unchanged"] and second["unchanged"]
     assert first["warned"] == []
     if where == "local":

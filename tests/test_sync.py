@@ -4,8 +4,11 @@
 - diloco(H) against DiLoCo written out below with torch.optim.SGD as the outer optimizer, and
   with its inner moments and outer momentum held in 8 bits (QuantizedState) against the same
   reference storing them as torchao does after each step;
+- streaming diloco(H, fragments=2), with and without overlap (delay, local_weight; 2 and
+  4 workers), against the same reference synced and merged per fragment;
 - ddp() on a step with no collective against eager training with an explicit all-reduce;
-plus byte accounting, resuming between syncs, and a worker that leaves during a sync.
+plus byte accounting, resuming between syncs (an overlapped all-reduce in flight included),
+and a worker that leaves during a sync.
 """
 
 from __future__ import annotations
@@ -62,28 +65,57 @@ def _store_in_8_bits(optimizer, held):
                 state[key].copy_(stored_in_8_bits(state[key], signed, held.block))
 
 
-def _eager_diloco(rank, world, held=None):
+def _int8_sent(y):
+    """What an int8 payload says of y: symmetric codes with one absmax scale per row."""
+    rows = y.reshape(y.shape[0] if y.dim() >= 2 else 1, -1)
+    scale = rows.abs().amax(dim=1, keepdim=True) / 127
+    codes = torch.clamp(torch.round(rows / torch.where(scale > 0, scale, 1.0)), -127, 127)
+    return (codes * scale).reshape(y.shape)
+
+
+def _eager_diloco(rank, world, held=None, fragments=None, delay=0, local_weight=0.0, payload="full"):
+    """DiLoCo whose fragments (lists of parameter names; default one, the whole model) each
+    sync alone, fragment f after steps (f + 1) H / F - 1, then every H steps; with `delay`,
+    its average is applied `delay` steps after it was taken, keeping `local_weight` of the
+    local parameters; with the int8 payload, each worker sends `_int8_sent(delta + error)` and
+    keeps the rest as its error."""
     model, opt, batches = _problem(rank)
-    anchor = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
-    outer = torch.optim.SGD(anchor, lr=0.7, momentum=0.9, nesterov=True)
+    params = dict(model.named_parameters())
+    fragments = fragments or [list(params)]
+    anchor = {name: p.detach().clone().requires_grad_(True) for name, p in params.items()}
+    outer = torch.optim.SGD(anchor.values(), lr=0.7, momentum=0.9, nesterov=True)
+    averages, errors = {}, {name: torch.zeros_like(p) for name, p in params.items()}
     for k, (x, y) in enumerate(batches):
         F.mse_loss(model(x), y).backward()
         opt.step()
         opt.zero_grad()
         if held:
             _store_in_8_bits(opt, held)
-        if (k + 1) % H == 0:
+        for f, names in enumerate(fragments):
+            first = (f + 1) * H // len(fragments) - 1
             with torch.no_grad():
-                for a, p in zip(anchor, model.parameters()):
-                    delta = a - p  # positive along descent
-                    dist.all_reduce(delta)
-                    a.grad = delta / world
-                outer.step()
-                outer.zero_grad()
-                if held:
-                    _store_in_8_bits(outer, held)
-                for a, p in zip(anchor, model.parameters()):
-                    p.copy_(a)
+                if k >= first and (k - first) % H == 0:
+                    averages[f] = {}
+                    for name in names:
+                        delta = anchor[name] - params[name]  # positive along descent
+                        if payload == "int8":
+                            sent = _int8_sent(delta + errors[name])
+                            errors[name] = delta + errors[name] - sent
+                            every = [torch.empty_like(sent) for _ in range(world)]
+                            dist.all_gather(every, sent)
+                            averages[f][name] = torch.stack(every).mean(0)
+                        else:
+                            dist.all_reduce(delta)
+                            averages[f][name] = delta / world
+                if k >= first + delay and (k - first - delay) % H == 0:
+                    for name in names:
+                        anchor[name].grad = averages[f][name]
+                    outer.step()  # only the fragment's anchors have a gradient
+                    outer.zero_grad()
+                    if held:
+                        _store_in_8_bits(outer, held)
+                    for name in names:
+                        params[name].copy_((1 - local_weight) * anchor[name] + local_weight * params[name])
     return named_parameters(model)
 
 
@@ -165,36 +197,16 @@ def test_bytes_sent_match_the_analytic_count(parity):
         assert (report["collectives"], report["bytes"]) == (STEPS // H, STEPS // H * numel * 4)
 
 
-def _eager_streaming_diloco(rank, world, fragments):
-    """DiLoCo whose fragments (lists of parameter names) each sync alone, fragment f after
-    steps (f + 1) H / F - 1, then every H steps."""
-    model, opt, batches = _problem(rank)
-    params = dict(model.named_parameters())
-    anchor = {name: p.detach().clone().requires_grad_(True) for name, p in params.items()}
-    outer = torch.optim.SGD(anchor.values(), lr=0.7, momentum=0.9, nesterov=True)
-    for k, (x, y) in enumerate(batches):
-        F.mse_loss(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        for f, names in enumerate(fragments):
-            first = (f + 1) * H // len(fragments) - 1
-            if k < first or (k - first) % H:
-                continue
-            with torch.no_grad():
-                for name in names:
-                    delta = anchor[name] - params[name]
-                    dist.all_reduce(delta)
-                    anchor[name].grad = delta / world
-                outer.step()  # only the fragment's anchors have a gradient
-                outer.zero_grad()
-                for name in names:
-                    params[name].copy_(anchor[name])
-    return named_parameters(model)
+FRAGMENTS = [["net.0.weight", "net.0.bias"], ["net.2.weight", "net.2.bias", "net.4.weight", "net.4.bias"]]
 
 
-def streaming_worker(rank, world):
-    fragments = [["net.0.weight", "net.0.bias"], ["net.2.weight", "net.2.bias", "net.4.weight", "net.4.bias"]]
-    return _eager_streaming_diloco(rank, world, fragments), _compiled(rank, lc.Policy.diloco(H, fragments=2))
+def streaming_worker(rank, world, delay=0, local_weight=0.0, payload="full"):
+    return (_eager_diloco(rank, world, fragments=FRAGMENTS, delay=delay, local_weight=local_weight, payload=payload),
+            _compiled(rank, lc.Policy.diloco(H, fragments=2, delay=delay, local_weight=local_weight, payload=payload)))
+
+
+# Bytes one sync of each fragment sends: fp32 pseudo-gradients, or int8 codes and fp32 row scales.
+FRAGMENT_BYTES = {"full": (544 * 4, 1188 * 4), "int8": (544 + 33 * 4, 1188 + 38 * 4)}
 
 
 def test_streaming_syncs_each_fragment_alone_at_its_offset():
@@ -210,9 +222,36 @@ def test_streaming_syncs_each_fragment_alone_at_its_offset():
     assert_close({n: results[1][1][0][n] for n in synced}, {n: results[0][1][0][n] for n in synced}, rtol=0, atol=0)
 
 
-def resume_worker(rank, world):
-    """Stop between syncs (after step 6 of 12), save, rebuild everything, load, finish."""
-    policy = lc.Policy.diloco(sync_every=H)
+@pytest.mark.parametrize("payload", ["full", "int8"])
+def test_overlapped_fragments_merge_their_average_delay_steps_later(payload):
+    for reference, (params, report) in run_workers(streaming_worker, 2, args=(1, 0.5, payload)):
+        assert_close(params, reference)
+        # Fragment 0 is sent after steps 1, 5, 9 and merged after 2, 6, 10; fragment 1 sent
+        # after 3, 7, 11 and merged after 4, 8 (its last collective is still in flight).
+        assert report["graphs"] == ["merge.0", "merge.1", "step", "sync.0", "sync.1"]
+        assert report["calls"] == {"step": 1, "sync.0": 3, "merge.0": 3, "sync.1": 3, "merge.1": 2}
+        collectives = 6 if payload == "full" else 12  # int8: codes and scales
+        assert (report["collectives"], report["bytes"]) == (collectives, 3 * sum(FRAGMENT_BYTES[payload]))
+
+
+def test_an_int8_payload_in_the_sync_step_is_gathered_and_its_error_fed_back():
+    for reference, (params, report) in run_workers(streaming_worker, 2, args=(0, 0.0, "int8")):
+        assert_close(params, reference)
+        # Per sync, two all-gathers: the codes' and the scales'.
+        assert (report["collectives"], report["bytes"]) == (12, 3 * sum(FRAGMENT_BYTES["int8"]))
+
+
+def test_overlapped_fragments_in_four_workers():
+    # delay 2: fragment 0 merges after steps 3, 7, 11, where fragment 1 is sent.
+    for reference, (params, report) in run_workers(streaming_worker, 4, args=(2, 0.0)):
+        assert_close(params, reference)
+        assert "merge.0+sync.1" in report["graphs"]
+
+
+def resume_worker(rank, world, delay):
+    """Stop between syncs (after step 6 of 12), save, rebuild everything, load, finish; with
+    `delay` 3, the all-reduce of step 4's sync is in flight when the checkpoint is taken."""
+    policy = lc.Policy.diloco(sync_every=H, delay=delay, local_weight=0.5 if delay else 0.0)
     model, opt, batches = _problem(rank)
     step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="aot_eager")
     saved = None
@@ -236,10 +275,12 @@ def resume_worker(rank, world):
     return uninterrupted, named_parameters(model), step.comm_report().calls
 
 
-def test_resuming_between_syncs_reproduces_the_run_bit_for_bit():
-    for uninterrupted, resumed, calls in run_workers(resume_worker, 2):
+@pytest.mark.parametrize("delay", [0, 3])
+def test_resuming_between_syncs_reproduces_the_run_bit_for_bit(delay):
+    for uninterrupted, resumed, calls in run_workers(resume_worker, 2, args=(delay,)):
         assert_close(resumed, uninterrupted, rtol=0, atol=0)
-        assert calls == {"step": STEPS - STEPS // H, "sync": STEPS // H}
+        expected = {"step": 7, "sync": 3, "merge": 2} if delay else {"step": STEPS - STEPS // H, "sync": STEPS // H}
+        assert calls == expected
 
 
 def leaving_worker(rank, world):

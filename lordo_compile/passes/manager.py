@@ -159,6 +159,10 @@ class PassRuntime:
         """After each call; False: the step was not applied (its counter does not advance)."""
         return True
 
+    def settle(self) -> None:
+        """Finish what the pass started outside its graphs (a collective still in flight), so
+        that the runtime's tensors hold their values: before a checkpoint is read or loaded."""
+
     def materialized(self):
         """A context manager in which weights held in another form are readable (None: nothing)."""
         return None

@@ -12,6 +12,8 @@ a bad gradient is one worker's own, and its values must not reach the others:
 
     local step:  poison.copy_(torch.where(ok, poison, nan))            # remembered until the sync
     sync step:   every float payload p sent becomes p + poison         # NaN everywhere if any worker was bad
+                 (a payload the runtime sends after the graph, Role.SENT, is written unguarded,
+                 and what it brought, Role.RECEIVED, is checked where a later graph reads it)
                  flags = lordo.finite_flags([received..., loss, grads...])
 
 so a worker with a bad local step does not apply it, warns, and trains on; at the next sync
@@ -103,13 +105,20 @@ def _poison_payloads(graph: TrainGraph, poison: fx.Node) -> list[fx.Node]:
             poisoned = tag(g.call_function(torch.ops.aten.add.Tensor, (sent, poison)), sent.meta.get(ROLE, Role.OTHER),
                            name=f"poisoned_{sent.name}")
         node.args = (poisoned, *node.args[1:])
+    # What the runtime sends after the graph: poisoned where it is written.
+    for sent in [n for n in g.nodes if n.meta.get(ROLE) == Role.SENT and graph.value(n).dtype.is_floating_point]:
+        with g.inserting_after(sent):
+            poisoned = tag(g.call_function(torch.ops.aten.add.Tensor, (sent, poison)), Role.SENT,
+                           name=f"poisoned_{sent.name}")
+        sent.replace_all_uses_with(poisoned, delete_user_cb=lambda user: user is not poisoned)
     received = []
     for node in collectives:
         value = node.meta.get("val")
         if isinstance(value, torch.Tensor) and value.dtype.is_floating_point and \
                 not any(user.meta.get(ROLE) == Role.COLLECTIVE for user in node.users):
             received.append(node)
-    return received
+    return received + [n for n in g.nodes
+                       if n.meta.get(ROLE) == Role.RECEIVED and graph.value(n).dtype.is_floating_point]
 
 
 def _largest_received(graph: TrainGraph, received: list[fx.Node], poison: fx.Node) -> fx.Node:
@@ -146,7 +155,10 @@ def _guard(graph: TrainGraph) -> None:
     if local:
         poison = graph.add_state(POISON)
         payloads = _poison_payloads(graph, poison)
-        receives = bool(payloads)
+        # A graph that sends and receives in itself: a bad step of one worker spoils what every
+        # worker receives here, so all raise at once. Where the payload arrived from an earlier
+        # step (RECEIVED), a bad step here is this worker's alone, found at its next sync.
+        receives = any(n.meta.get(ROLE) == Role.COLLECTIVE for n in payloads)
         received = [_largest_received(graph, payloads, poison)]
     labels = (RECEIVED,) * len(received) + ("loss",) + tuple(f"gradient of {s.param}" for s in sites)
     flags_state = graph.add_state(StateSpec(name=FLAGS.name, shape=(len(labels),), dtype=torch.bool,
@@ -165,6 +177,10 @@ def _guard(graph: TrainGraph) -> None:
     order = {n: i for i, n in enumerate(g.nodes)}
     for write in writebacks:
         target, new = write.args
+        if poison is not None and new.meta.get(ROLE) == Role.SENT:
+            # Every worker sends after every graph that writes a payload, a bad step's too: its
+            # NaN is what stops the others at the merge.
+            continue
         if order[write] < order[ok]:
             # A write before the check (a projection refreshed before the gradient is
             # reduced) moves after it, unless something in between reads what it wrote.
@@ -192,10 +208,14 @@ def _guard(graph: TrainGraph) -> None:
             tag(g.call_method("copy_", (poison, kept)), Role.WRITEBACK, state=POISON.name, name="remember_poison")
 
 
+def _communicates(graph: TrainGraph) -> bool:
+    return any(n.meta.get(ROLE) in (Role.COLLECTIVE, Role.SENT, Role.RECEIVED) for n in graph.graph.nodes)
+
+
 def _check_every_worker_decides_alike(graphs: dict[str, TrainGraph]) -> None:
     """With "skip" every worker must skip the same steps: where the step communicates, every
     gradient the guard checks must come out of a collective (as DDP's averaged gradients do)."""
-    if not any(n.meta.get(ROLE) == Role.COLLECTIVE for graph in graphs.values() for n in graph.graph.nodes):
+    if not any(_communicates(graph) for graph in graphs.values()):
         return
     local = []
     for name, graph in graphs.items():
@@ -228,8 +248,7 @@ class NonFiniteGuard(PassRuntime):
             _check_every_worker_decides_alike(context.graphs)
         self.labels = {name: next(n.meta[LABELS] for n in graph.graph.nodes if LABELS in n.meta)
                        for name, graph in context.graphs.items()}
-        communicates = any(n.meta.get(ROLE) == Role.COLLECTIVE for graph in context.graphs.values()
-                           for n in graph.graph.nodes)
+        communicates = any(_communicates(graph) for graph in context.graphs.values())
         self.local = {name: communicates and next(n.meta[LOCAL] for n in graph.graph.nodes if LABELS in n.meta)
                       for name, graph in context.graphs.items()}
         self.warned = False
@@ -247,7 +266,7 @@ class NonFiniteGuard(PassRuntime):
             return True
         name = events_name(events)
         first = self.labels[name][int((~flags).nonzero()[0])]
-        if self.local[name]:
+        if self.local[name] and first != RECEIVED:
             warnings.warn(f"step {runtime.step}: the {first} is not finite on this worker; the step was not "
                           "applied here, and every worker will raise at the next sync, whose values this worker "
                           "spoils on purpose so that none of its own reach the others. Restart every worker from "

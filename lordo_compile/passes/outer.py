@@ -80,9 +80,10 @@ def pseudo_gradients(graph: TrainGraph, anchors: dict[str, Anchor]) -> dict[str,
 
 
 def apply_outer_step(graph: TrainGraph, anchors: dict[str, Anchor], averaged: dict[str, fx.Node],
-                     outer: OuterOptimizer, owner: str) -> dict[str, fx.Node]:
+                     outer: OuterOptimizer, owner: str, local_weight: float = 0.0) -> dict[str, fx.Node]:
     """The outer step on every anchor from its averaged pseudo-gradient, the anchor and outer
-    momentum written, every parameter reset to its anchor; returns the new anchors' values."""
+    momentum written, every parameter reset to its anchor (or, with `local_weight` a > 0, to
+    a W' + (1 - a) anchor, for weights held in full precision); returns the new anchors' values."""
     g = graph.graph
     op = op_named("outer_sgd_momentum" if outer.momentum else "outer_sgd")
     kwargs = {"lr": float(outer.lr)}
@@ -122,6 +123,12 @@ def apply_outer_step(graph: TrainGraph, anchors: dict[str, Anchor], averaged: di
             tag(g.call_method("copy_", (buffer, new_buffer)), Role.WRITEBACK, param, "outer_momentum",
                 name=f"write_outer_momentum_{param}")
         anchor.storage.write(graph, anchor.held, encoded, param, "anchor")
-        anchor.storage.assign(graph, param, stored, encoded)
+        if local_weight:
+            local = graph.final_write(param).args[1]
+            mixed = tag(g.call_function(torch.lerp, (stored, local, float(local_weight))), Role.OPTIMIZER_UPDATE,
+                        param, name=f"merged_with_local_{param}")
+            anchor.storage.assign(graph, param, mixed, {})
+        else:
+            anchor.storage.assign(graph, param, stored, encoded)
         new_anchors[param] = stored
     return new_anchors

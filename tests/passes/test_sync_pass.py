@@ -1,7 +1,9 @@
 """The sync and data-parallel passes in one process: sign, schedule, options, refusals."""
 
+import difflib
 import tempfile
 
+import expecttest
 import pytest
 import torch
 import torch.distributed as dist
@@ -55,7 +57,7 @@ def test_schedule_syncs_after_every_h_steps():
     assert [step.backend.schedule.name_at(k) for k in range(7)] == ["step", "step", "sync"] * 2 + ["step"]
     assert step.comm_report().calls == {"step": 5, "sync": 2}
     assert step.comm_report().bytes_sent == 0  # one worker: no collective
-    assert "one worker: no all-reduce" in step.explain()
+    assert "one worker: nothing sent" in step.explain()
 
 
 def test_local_sgd_with_outer_lr_one_and_one_worker_is_the_inner_optimizer():
@@ -84,6 +86,10 @@ def test_local_sgd_with_outer_lr_one_and_one_worker_is_the_inner_optimizer():
         (dict(every=2, nesterov=True), r"nesterov=True needs outer_momentum > 0"),
         (dict(every=2, fragments=3), r"Sync.fragments must be an int in \[1, every=2\]"),
         (dict(every=2, fragments=0), r"Sync.fragments must be an int in \[1, every=2\]"),
+        (dict(every=2, delay=2), r"Sync.delay must be an int in \[0, every - 1 = 1\]"),
+        (dict(every=2, delay=-1), r"Sync.delay must be an int in \[0, every - 1 = 1\]"),
+        (dict(every=2, delay=1, local_weight=1.0), r"Sync.local_weight must be in \[0, 1\)"),
+        (dict(every=2, payload="int4"), r"Sync.payload must be one of \('full', 'int8'\), got 'int4'"),
     ],
 )
 def test_bad_sync_options(kwargs, message):
@@ -148,3 +154,70 @@ def test_the_steps_own_mean_all_reduce_is_removed_from_local_steps(one_worker_gr
     diff = stage_diff(step, "captured", "sync", events="step")
     assert diff.count("-tensor") + diff.count("-wait_tensor") >= 4 and "_c10d_functional.all_reduce" in diff
     assert "all_reduce" not in step.graphs["step"]["sync"].text
+
+
+def test_local_weight_is_refused_where_weights_are_rounded():
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters())
+    policy = lc.Policy(sync=lc.Sync(every=2, delay=1, local_weight=0.5), eco=lc.ECO(format="int8"))
+    with pytest.raises(NotImplementedError, match=r"Sync.local_weight=0.5 with parameter 'net.0.weight' held in a "
+                                                  r"rounded form \(ECO\).*Use local_weight=0"):
+        lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy)(*_batches(1)[0])
+
+
+class TestOverlappedSyncGraphs(expecttest.TestCase):
+    """One process: nothing is sent (with several, the payload is divided by their number and
+    tagged `sent`, its average `received`), but the graphs are every worker's."""
+
+    def setUp(self):
+        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+        self.addCleanup(dist.destroy_process_group)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2, bias=False)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        train_step = training_step(lambda x, y: F.mse_loss(model(x), y), opt)
+        self.step = capture(train_step, torch.randn(4, 3), torch.randn(4, 2),
+                            policy=lc.Policy.local_sgd(sync_every=4, delay=2, local_weight=0.25))
+
+    def test_the_sync_step_writes_the_payload_the_runtime_sends(self):
+        self.assertExpectedInline(stage_diff(self.step, "captured", "sync", events="sync"), """\
+--- captured
++++ sync
+@@ -4,2 +4,4 @@
+ group0_hyperparameters: f64[2]  hyperparameter
++sync_anchor_weight: f32[2, 3]  optimizer_state  [sync.anchor.weight]  <sync>
++sync_payload_0: f32[6]  optimizer_state  [sync.payload.0]  <sync>
+ linear = torch._C._nn.linear(x, weight, None)  # f32[4, 2]  forward
+@@ -13,2 +15,7 @@
+ write_param_weight = weight.copy_(sgd_weight)  # f32[2, 3]  writeback  [param]
++pseudo_gradient_weight = aten.sub.Tensor(sync_anchor_weight, sgd_weight)  # f32[2, 3]  gradient  <sync>
++reshape = pseudo_gradient_weight.reshape(-1)  # f32[6]  <sync>
++cat = torch._VariableFunctionsClass.cat([reshape])  # f32[6]  <sync>
++payload_0 = aten.div.Tensor(cat, 1.0)  # f32[6]  optimizer_update  <sync>
++write_sync_payload_0 = sync_payload_0.copy_(payload_0)  # f32[6]  writeback  [sync.payload.0]  <sync>
+ _set_grad_enabled_3 = torch._C._set_grad_enabled(True)  # other
+""")
+
+    def test_the_merge_reads_the_average_and_mixes_in_the_local_weights(self):
+        # The merge graph against the sync graph, both after the sync pass.
+        sent, merged = (self.step.graphs[events]["sync"].text.splitlines() for events in ("sync", "merge"))
+        self.assertExpectedInline("\n".join(difflib.unified_diff(sent, merged, "sync", "merge", n=0, lineterm="")),
+                                  """\
+--- sync
++++ merge
+@@ -1 +1 @@
+-# graph "sync" after sync
++# graph "merge" after sync
+@@ -17,5 +17,7 @@
+-pseudo_gradient_weight = aten.sub.Tensor(sync_anchor_weight, sgd_weight)  # f32[2, 3]  gradient  <sync>
+-reshape = pseudo_gradient_weight.reshape(-1)  # f32[6]  <sync>
+-cat = torch._VariableFunctionsClass.cat([reshape])  # f32[6]  <sync>
+-payload_0 = aten.div.Tensor(cat, 1.0)  # f32[6]  optimizer_update  <sync>
+-write_sync_payload_0 = sync_payload_0.copy_(payload_0)  # f32[6]  writeback  [sync.payload.0]  <sync>
++split = torch.functional.split(sync_payload_0, [6])  # (f32[6])  <sync>
++getitem = split[0]  # f32[6]  <sync>
++received_weight = getitem.view((2, 3))  # f32[2, 3]  optimizer_update  <sync>
++outer_sgd_weight = lordo.outer_sgd(sync_anchor_weight, received_weight, lr=1.0)  # f32[2, 3]  optimizer_update  <sync>
++write_anchor_weight = sync_anchor_weight.copy_(outer_sgd_weight)  # f32[2, 3]  writeback  [anchor]  <sync>
++merged_with_local_weight = torch._VariableFunctionsClass.lerp(outer_sgd_weight, sgd_weight, 0.25)  # f32[2, 3]  optimizer_update  <sync>
++assign_weight = weight.copy_(merged_with_local_weight)  # f32[2, 3]  writeback  [param]  <sync>""")
