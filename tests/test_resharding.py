@@ -38,7 +38,7 @@ def _problem(rank):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt),
                       lc.Policy.diloco(H, outer_lr=OUTER["lr"], outer_momentum=OUTER["momentum"]),
-                      compiler="aot_eager")
+                      compiler="eager")
     return model, opt, step, batches
 
 

@@ -146,7 +146,7 @@ def _compiled(rank, policy, explicit_all_reduce=False):
         return loss
 
     train_step = averaged_step if explicit_all_reduce else training_step(lambda x, y: F.mse_loss(model(x), y), opt)
-    step = lc.compile(train_step, policy, compiler="aot_eager")
+    step = lc.compile(train_step, policy, compiler="eager")
     for x, y in batches:
         step(x, y)
     report = step.comm_report()
@@ -253,7 +253,7 @@ def resume_worker(rank, world, delay):
     `delay` 3, the all-reduce of step 4's sync is in flight when the checkpoint is taken."""
     policy = lc.Policy.diloco(sync_every=H, delay=delay, local_weight=0.5 if delay else 0.0)
     model, opt, batches = _problem(rank)
-    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="aot_eager")
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="eager")
     saved = None
     for k, (x, y) in enumerate(batches):
         step(x, y)
@@ -265,7 +265,7 @@ def resume_worker(rank, world, delay):
 
     torch._dynamo.reset()
     model, opt, batches = _problem(rank)
-    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="aot_eager")
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="eager")
     checkpoint = torch.load(io.BytesIO(saved), weights_only=True)
     model.load_state_dict(checkpoint["model"])
     opt.load_state_dict(checkpoint["opt"])
@@ -287,7 +287,7 @@ def leaving_worker(rank, world):
     """Rank 1 leaves before the first sync; rank 0 must fail there, not wait forever."""
     model, opt, batches = _problem(rank)
     step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), lc.Policy.local_sgd(sync_every=H),
-                      compiler="aot_eager")
+                      compiler="eager")
     for k, (x, y) in enumerate(batches[: H - 1]):
         step(x, y)
     if rank == 1:

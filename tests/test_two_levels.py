@@ -91,7 +91,7 @@ def _lordo(rank, inner, mesh):
     model, batches = lordo_problem(rank)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
     policy = lc.Policy.lordo(rank=RANK, sync_every=H, mesh=mesh, **DEFAULTS)
-    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="aot_eager")
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="eager")
     for x, y in batches:
         step(x, y)
     reference_model, batches = lordo_problem(rank)
@@ -122,7 +122,7 @@ def _low_rank_ddp_diloco(rank, inner, outer):
     low_rank = lc.LowRank(rank=RANK, update_proj_gap=GAP, scale=SCALE)
     policy = lc.Policy(low_rank_ddp=lc.LowRankDDP(low_rank=low_rank, group=inner),
                        sync=lc.Sync(every=H, outer_lr=0.7, outer_momentum=0.9, nesterov=True, group=outer))
-    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="aot_eager")
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="eager")
     for x, y in batches:
         step(x, y)
     compiled, per_group = named_parameters(model), step.comm_report().per_group()
@@ -154,7 +154,7 @@ def _low_rank_ddp_diloco(rank, inner, outer):
 def _compiled(rank, policy, optimizer):
     torch._dynamo.reset()
     model, opt, batches = _problem(rank, optimizer)
-    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="aot_eager")
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="eager")
     for x, y in batches:
         step(x, y)
     return named_parameters(model), step.comm_report().per_group()
