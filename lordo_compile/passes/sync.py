@@ -15,7 +15,7 @@ or a weight-storage pass's form, whose rounding error goes into the outer moment
 W' is what the local step writes into W, after every earlier rewrite (a CAGE correction,
 a lookahead, a requantization).
 
-Streaming (`fragments=F`, Streaming DiLoCo without overlap; ALGORITHMS.md section 9): the
+Streaming (`fragments=F`, Streaming DiLoCo; ALGORITHMS.md section 9): the
 parameters, in the step's order, are cut into F contiguous fragments of about equal size;
 fragment f syncs alone, as above, after steps o_f, o_f + H, ... with o_f = (f + 1) H / F - 1
 (event "sync.f"), so each sync sends about 1/F of the model and the last fragment syncs
@@ -35,6 +35,11 @@ outer step above, each parameter then set to
 
 so the local steps of those tau steps are kept in proportion a. A checkpoint waits for what
 is in flight first.
+
+int8 payload (`payload="int8"`): each worker sends int8 codes of y_W = delta_W + e_W with an
+absmax scale per row (`lordo.int8_rows`) and keeps e_W <- y_W - codes * scale; every worker
+gathers every worker's codes and scales and averages what they decode to (two all-gathers:
+in the sync graph, or, with tau >= 1, started by the runtime into `sync.received.f.*`).
 """
 
 from __future__ import annotations
