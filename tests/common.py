@@ -207,3 +207,37 @@ def stored_in_8_bits(x: torch.Tensor, signed: bool, block: int) -> torch.Tensor:
     levels = torch.tensor(create_dynamic_map(signed))
     scaled, scale = scale_tensor(x.reshape(-1), block)
     return dequant_with_qmap(quantize_8bit_with_qmap(scaled, levels), levels, scale).reshape(x.shape)
+
+
+class EagerOuterStep:
+    """DiLoCo's outer step written out with torch.optim.SGD (lr 0.7, momentum 0.9, Nesterov) on
+    anchors: `step(averages)` moves each named anchor along its averaged pseudo-gradient and sets
+    the parameter to it (or, with `local_weight` a, to a W + (1 - a) anchor)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = dict(model.named_parameters())
+        self.anchor = {name: p.detach().clone().requires_grad_(True) for name, p in self.params.items()}
+        self.optimizer = torch.optim.SGD(self.anchor.values(), lr=0.7, momentum=0.9, nesterov=True)
+
+    @torch.no_grad()
+    def pseudo_gradient(self, name: str) -> torch.Tensor:
+        """anchor - W: positive along descent."""
+        return self.anchor[name] - self.params[name]
+
+    @torch.no_grad()
+    def step(self, averages: dict[str, torch.Tensor], local_weight: float = 0.0) -> None:
+        for name, average in averages.items():
+            self.anchor[name].grad = average
+        self.optimizer.step()  # only the anchors given an average have a gradient
+        self.optimizer.zero_grad()
+        for name in averages:
+            self.params[name].copy_((1 - local_weight) * self.anchor[name] + local_weight * self.params[name])
+
+
+def int8_sent(y: torch.Tensor) -> torch.Tensor:
+    """What an int8 payload says of y: symmetric codes with one absmax scale per row (the
+    first dimension; a vector is one row)."""
+    rows = y.reshape(y.shape[0] if y.dim() >= 2 else 1, -1)
+    scale = rows.abs().amax(dim=1, keepdim=True) / 127
+    codes = torch.clamp(torch.round(rows / torch.where(scale > 0, scale, 1.0)), -127, 127)
+    return (codes * scale).reshape(y.shape)

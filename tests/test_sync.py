@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
 import lordo_compile as lc
-from common import assert_close, named_parameters, stored_in_8_bits
+from common import EagerOuterStep, assert_close, int8_sent, named_parameters, stored_in_8_bits
 from lordo_compile.launch import run_workers
 from lordo_compile.models import MLP
 from lordo_compile.testing import training_step
@@ -65,26 +65,16 @@ def _store_in_8_bits(optimizer, held):
                 state[key].copy_(stored_in_8_bits(state[key], signed, held.block))
 
 
-def _int8_sent(y):
-    """What an int8 payload says of y: symmetric codes with one absmax scale per row."""
-    rows = y.reshape(y.shape[0] if y.dim() >= 2 else 1, -1)
-    scale = rows.abs().amax(dim=1, keepdim=True) / 127
-    codes = torch.clamp(torch.round(rows / torch.where(scale > 0, scale, 1.0)), -127, 127)
-    return (codes * scale).reshape(y.shape)
-
-
 def _eager_diloco(rank, world, held=None, fragments=None, delay=0, local_weight=0.0, payload="full"):
     """DiLoCo whose fragments (lists of parameter names; default one, the whole model) each
     sync alone, fragment f after steps (f + 1) H / F - 1, then every H steps; with `delay`,
     its average is applied `delay` steps after it was taken, keeping `local_weight` of the
-    local parameters; with the int8 payload, each worker sends `_int8_sent(delta + error)` and
+    local parameters; with the int8 payload, each worker sends `int8_sent(delta + error)` and
     keeps the rest as its error."""
     model, opt, batches = _problem(rank)
-    params = dict(model.named_parameters())
-    fragments = fragments or [list(params)]
-    anchor = {name: p.detach().clone().requires_grad_(True) for name, p in params.items()}
-    outer = torch.optim.SGD(anchor.values(), lr=0.7, momentum=0.9, nesterov=True)
-    averages, errors = {}, {name: torch.zeros_like(p) for name, p in params.items()}
+    outer = EagerOuterStep(model)
+    fragments = fragments or [list(outer.params)]
+    averages, errors = {}, {name: torch.zeros_like(p) for name, p in outer.params.items()}
     for k, (x, y) in enumerate(batches):
         F.mse_loss(model(x), y).backward()
         opt.step()
@@ -93,29 +83,23 @@ def _eager_diloco(rank, world, held=None, fragments=None, delay=0, local_weight=
             _store_in_8_bits(opt, held)
         for f, names in enumerate(fragments):
             first = (f + 1) * H // len(fragments) - 1
-            with torch.no_grad():
-                if k >= first and (k - first) % H == 0:
-                    averages[f] = {}
-                    for name in names:
-                        delta = anchor[name] - params[name]  # positive along descent
-                        if payload == "int8":
-                            sent = _int8_sent(delta + errors[name])
-                            errors[name] = delta + errors[name] - sent
-                            every = [torch.empty_like(sent) for _ in range(world)]
-                            dist.all_gather(every, sent)
-                            averages[f][name] = torch.stack(every).mean(0)
-                        else:
-                            dist.all_reduce(delta)
-                            averages[f][name] = delta / world
-                if k >= first + delay and (k - first - delay) % H == 0:
-                    for name in names:
-                        anchor[name].grad = averages[f][name]
-                    outer.step()  # only the fragment's anchors have a gradient
-                    outer.zero_grad()
-                    if held:
-                        _store_in_8_bits(outer, held)
-                    for name in names:
-                        params[name].copy_((1 - local_weight) * anchor[name] + local_weight * params[name])
+            if k >= first and (k - first) % H == 0:
+                averages[f] = {}
+                for name in names:
+                    delta = outer.pseudo_gradient(name)
+                    if payload == "int8":
+                        sent = int8_sent(delta + errors[name])
+                        errors[name] = delta + errors[name] - sent
+                        every = [torch.empty_like(sent) for _ in range(world)]
+                        dist.all_gather(every, sent)
+                        averages[f][name] = torch.stack(every).mean(0)
+                    else:
+                        dist.all_reduce(delta)
+                        averages[f][name] = delta / world
+            if k >= first + delay and (k - first - delay) % H == 0:
+                outer.step(averages[f], local_weight)
+                if held:
+                    _store_in_8_bits(outer.optimizer, held)
     return named_parameters(model)
 
 

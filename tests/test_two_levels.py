@@ -25,7 +25,7 @@ from torch.distributed.algorithms.model_averaging.hierarchical_model_averager im
 from torch.distributed.device_mesh import init_device_mesh
 
 import lordo_compile as lc
-from common import assert_close, named_parameters
+from common import EagerOuterStep, assert_close, named_parameters
 from test_lordo import ATOL as LORDO_ATOL, BETAS, DEFAULTS, EPS, GAP, LR, RANK, SCALE, WD, EagerLoRDO, EagerLowRankDDP
 from test_lordo import _problem as lordo_problem
 from lordo_compile.launch import run_workers
@@ -64,26 +64,22 @@ def _eager_hierarchical_local_sgd(rank):
 
 def _eager_diloco(rank, inner, outer):
     model, opt, batches = _problem(rank, "adamw")
-    anchor = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
-    outer_opt = torch.optim.SGD(anchor, lr=0.7, momentum=0.9, nesterov=True)
+    outer_step = EagerOuterStep(model)
     for k, (x, y) in enumerate(batches):
         F.mse_loss(model(x), y).backward()
         for p in model.parameters():
-            dist.all_reduce(p.grad, group=inner)
-            p.grad /= dist.get_world_size(inner)
+            p.grad.copy_(_mean(p.grad, inner))
         opt.step()
         opt.zero_grad()
         if (k + 1) % H == 0:
-            with torch.no_grad():
-                for a, p in zip(anchor, model.parameters()):
-                    delta = a - p  # positive along descent
-                    dist.all_reduce(delta, group=outer)
-                    a.grad = delta / dist.get_world_size(outer)
-                outer_opt.step()
-                outer_opt.zero_grad()
-                for a, p in zip(anchor, model.parameters()):
-                    p.copy_(a)
+            outer_step.step({name: _mean(outer_step.pseudo_gradient(name), outer) for name in outer_step.params})
     return named_parameters(model)
+
+
+def _mean(t, group):
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t / dist.get_world_size(group)
 
 
 def _lordo(rank, inner, mesh):
@@ -127,26 +123,14 @@ def _low_rank_ddp_diloco(rank, inner, outer):
         step(x, y)
     compiled, per_group = named_parameters(model), step.comm_report().per_group()
 
-    def mean(t, group):
-        t = t.clone()
-        dist.all_reduce(t, group=group)
-        return t / dist.get_world_size(group)
-
     model, batches = lordo_problem(rank)
-    written_out = EagerLowRankDDP(model, lambda t: mean(t, inner))
-    anchor = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
-    outer_opt = torch.optim.SGD(anchor, lr=0.7, momentum=0.9, nesterov=True)
+    written_out = EagerLowRankDDP(model, lambda t: _mean(t, inner))
+    outer_step = EagerOuterStep(model)
     for k, (x, y) in enumerate(batches):
         F.mse_loss(model(x), y).backward()
         written_out.step(k)
         if (k + 1) % H == 0:
-            with torch.no_grad():
-                for a, p in zip(anchor, model.parameters()):
-                    a.grad = mean(a - p, outer)
-                outer_opt.step()
-                outer_opt.zero_grad()
-                for a, p in zip(anchor, model.parameters()):
-                    p.copy_(a)
+            outer_step.step({name: _mean(outer_step.pseudo_gradient(name), outer) for name in outer_step.params})
         model.zero_grad()
     return named_parameters(model), compiled, per_group
 

@@ -281,6 +281,10 @@ def _send(graph: TrainGraph, option: Sync, fragment: int, names: list[str], grou
         if group:
             op = "all_reduce" if received is target else "all_gather_into_tensor"
             write.meta[SENT_OVER] = Transfer(state, received.meta[STATE], op, group)
+        elif received is not target:
+            # One worker: what it would gather is its own payload.
+            tag(g.call_method("copy_", (received, value)), Role.WRITEBACK, state=received.meta[STATE],
+                name=f"write_{received.name}")
         sent += graph.value(target).numel() * graph.value(target).element_size()
     return sent
 
@@ -310,10 +314,10 @@ def _merge(graph: TrainGraph, option: Sync, fragment: int, names: list[str], gro
         scales = g.call_function(torch.split, (g.call_method("view", (buffers["received_scales"], workers, -1)),
                                                [r for r, _ in shapes], 1))
         for k, (name, (rows, cols)) in enumerate(zip(names, shapes)):
-            mine = [tag(g.call_function(operator.getitem, (parts, k)), role, name, name=f"received_{part}_{name}")
-                    for parts, part in ((codes, "codes"), (scales, "scales"))]
-            averaged[name] = _int8_mean(graph, name, g.call_method("reshape", (mine[0], -1, rows, cols)),
-                                        g.call_method("reshape", (mine[1], -1, rows, 1)))
+            received = [tag(g.call_function(operator.getitem, (parts, k)), role, name, name=f"received_{part}_{name}")
+                        for parts, part in ((codes, "codes"), (scales, "scales"))]
+            averaged[name] = _int8_mean(graph, name, g.call_method("reshape", (received[0], -1, rows, cols)),
+                                        g.call_method("reshape", (received[1], -1, rows, 1)))
     apply_outer_step(graph, anchors, averaged, option.outer, "sync", option.local_weight)
 
 

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import lordo_compile as lc
+from common import int8_sent
 from lordo_compile.models import MLP
 from lordo_compile.testing import capture, stage_diff, training_step
 
@@ -163,6 +164,28 @@ def test_local_weight_is_refused_where_weights_are_rounded():
     with pytest.raises(NotImplementedError, match=r"Sync.local_weight=0.5 with parameter 'net.0.weight' held in a "
                                                   r"rounded form \(ECO\).*Use local_weight=0"):
         lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy)(*_batches(1)[0])
+
+
+def test_one_worker_merges_what_its_int8_payload_says():
+    """H = 2, tau = 1, local SGD: the merge after step 2 sets W to W0 - int8(W0 - W1), whatever
+    step 2 did locally (W1: after steps 0 and 1)."""
+    model = _mlp()
+    initial = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt),
+                      lc.Policy.local_sgd(sync_every=2, delay=1, payload="int8"), compiler="eager")
+    reference = _mlp()
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    batches = _batches(3)
+    for x, y in batches[:2]:
+        F.mse_loss(reference(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    for x, y in batches:
+        step(x, y)
+    for w0, w1, w in zip(initial, reference.parameters(), model.parameters()):
+        torch.testing.assert_close(w, w0 - int8_sent(w0 - w1.detach()), rtol=1e-6, atol=1e-7)
+    assert step.comm_report().calls == {"step": 1, "sync": 1, "merge": 1}
 
 
 class TestOverlappedSyncGraphs(expecttest.TestCase):
