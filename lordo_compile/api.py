@@ -148,7 +148,8 @@ class LordoBackend:
             views.add(GraphView(name, "lowered", lowered))
             self.graphs[name] = views
             state_names = list(graph.state)
-            entry = CompiledGraph(name, state_names, len(collectives_in(graph, self.pass_runtimes)),
+            in_graph = sum(c.in_graph for c in collectives_in(graph, self.pass_runtimes))
+            entry = CompiledGraph(name, state_names, in_graph,
                                   self._builder(lowered, views, state_names))
             if symbolic:
                 # Symbolic sizes live in dynamo's shape environment, which exists only now.

@@ -395,7 +395,8 @@ class Overlap(PassRuntime):
     def collectives(self, graph: TrainGraph) -> list[Collective]:
         return [Collective(node.meta[SENT_OVER].op, "sum" if node.meta[SENT_OVER].op == "all_reduce" else "",
                            node.meta[SENT_OVER].group,
-                           graph.value(node.args[0]).numel() * graph.value(node.args[0]).element_size())
+                           graph.value(node.args[0]).numel() * graph.value(node.args[0]).element_size(),
+                           in_graph=False)
                 for node in graph.nodes() if SENT_OVER in node.meta]
 
 

@@ -25,6 +25,9 @@ class Collective:
     reduce: str
     group: str
     payload_bytes: int
+    # False for one the runtime issues after the graph (an overlapped sync's): the graph's own
+    # failures are then not a collective's.
+    in_graph: bool = True
 
 
 def collectives_in(graph: TrainGraph, hooks: Sequence = ()) -> list[Collective]:
