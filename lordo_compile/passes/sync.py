@@ -218,9 +218,10 @@ def _check_mixable(graph: TrainGraph, option: Sync, names: list[str]) -> None:
 
 @dataclass(frozen=True)
 class Transfer:
-    """One buffer the runtime sends after a graph: `sent` (state name) by collective `op` over
-    `group`, into `received` (the same buffer for an all-reduce)."""
+    """One buffer of fragment `fragment` the runtime sends after a graph: `sent` (state name)
+    by collective `op` over `group`, into `received` (the same buffer for an all-reduce)."""
 
+    fragment: int
     sent: str
     received: str
     op: str
@@ -280,7 +281,7 @@ def _send(graph: TrainGraph, option: Sync, fragment: int, names: list[str], grou
         write = tag(g.call_method("copy_", (target, value)), Role.WRITEBACK, state=state, name=f"write_{target.name}")
         if group:
             op = "all_reduce" if received is target else "all_gather_into_tensor"
-            write.meta[SENT_OVER] = Transfer(state, received.meta[STATE], op, group)
+            write.meta[SENT_OVER] = Transfer(fragment, state, received.meta[STATE], op, group)
         elif received is not target:
             # One worker: what it would gather is its own payload.
             tag(g.call_method("copy_", (received, value)), Role.WRITEBACK, state=received.meta[STATE],
@@ -348,33 +349,27 @@ class Overlap(PassRuntime):
 
     def __init__(self, option: Sync, context) -> None:
         super().__init__(option, context)
+        # Per graph, fixed at capture: what it sends, and which fragments it merges.
         self.transfers = {name: [n.meta[SENT_OVER] for n in graph.nodes() if SENT_OVER in n.meta]
                           for name, graph in context.graphs.items()}
+        self.merges = {name: [f for f in range(option.fragments) if option.merge_event(f) in graph.events]
+                       for name, graph in context.graphs.items()}
         self.pending: dict[int, list[dist.Work]] = {}
 
     def after_call(self, events: frozenset[str]) -> bool:
         tensors = self.context.runtime.tensors
-        transfers = self.transfers.get(events_name(events), [])
-        for f in range(self.option.fragments):
-            if self.option.event(f) not in events:
-                continue
-            works = []
-            for transfer in transfers:
-                if not transfer.sent.startswith(f"sync.payload.{f}"):
-                    continue
-                sent, received = tensors[transfer.sent], tensors[transfer.received]
-                if transfer.op == "all_reduce":
-                    works.append(dist.all_reduce(sent, group=self.option.group, async_op=True))
-                else:
-                    works.append(dist.all_gather_single(received, sent, group=self.option.group, async_op=True))
-            if works:
-                self.pending[f] = works
+        for transfer in self.transfers[events_name(events)]:
+            sent, received = tensors[transfer.sent], tensors[transfer.received]
+            if transfer.op == "all_reduce":
+                work = dist.all_reduce(sent, group=self.option.group, async_op=True)
+            else:
+                work = dist.all_gather_single(received, sent, group=self.option.group, async_op=True)
+            self.pending.setdefault(transfer.fragment, []).append(work)
         return True
 
     def around_call(self, events: frozenset[str]):
-        for f in range(self.option.fragments):
-            if self.option.merge_event(f) in events:
-                self._wait(f)
+        for f in self.merges[events_name(events)]:
+            self._wait(f)
         return None
 
     def settle(self) -> None:
@@ -433,7 +428,7 @@ def sync(program: Program, option: Sync) -> PassResult:
         sent = sum(math.prod(graph.params[n].shape) * graph.params[n].dtype.itemsize for n in names)
     with g.inserting_before(point):
         apply_outer_step(graph, anchors, averaged, option.outer, "sync", option.local_weight)
-    how = "one all-reduce (mean)" if option.payload == "full" else "one all-gather of int8 codes and row scales"
+    how = "one all-reduce (mean)" if option.payload == "full" else "all-gathers of int8 codes and row scales"
     return PassResult(program, notes + (
         f"sync: {len(names)} pseudo-gradients, " + (f"{how}, {sent:,} bytes" if group else "one worker: nothing sent"),))
 

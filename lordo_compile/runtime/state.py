@@ -104,8 +104,8 @@ class RuntimeState:
                 f"this checkpoint was written by a run of {saved_world} workers; this run has {self.world_size}. "
                 f"Each worker's model and state may be its own, so they cannot be re-sharded from one worker's "
                 f"state_dict. Resume with {saved_world} workers; or, to change the number of workers, save with "
-                "lc.save_checkpoint right after a sync and load with lc.load_checkpoint, which carries over what "
-                "every worker held alike (docs/reliability.md)."
+                "lc.save_checkpoint at a step where every worker holds the same model and load with "
+                "lc.load_checkpoint, which carries over what every worker held alike (docs/reliability.md)."
             )
         # "fresh": tensors a checkpoint of another number of workers does not carry over
         # (runtime/checkpoint.py), which stay as allocated.
