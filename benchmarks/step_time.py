@@ -1,99 +1,285 @@
-"""Step time of the tiny GPT: eager torch.optim vs plain torch.compile vs lordo_compile.
+"""Step time of the tiny GPT: lordo_compile against the strongest peers and the machine's matmul peak.
 
-    python -m benchmarks.step_time [--steps 40] [--json PATH]
+    python -m benchmarks.step_time [--steps 40] [--batch-sizes 16 1] [--modes default ...]
+                                   [--device cpu|cuda] [--json PATH]
 
-Every variant runs in one process on the same batches, and the timed steps go round
-robin (one step of each variant in turn), so a change in the machine's load hits all of
-them alike; ratios to plain torch.compile are what to read. The lordo rows: `Policy()`
-with the defaults (deterministic kernels, the non-finite check), then with
-`deterministic=False`, then with `on_nonfinite=None` (no check). `capture_fraction` is the share
-of lordo's first call spent in dynamo tracing, role annotation and passes (the rest is
-AOTAutograd + Inductor).
+Peers, each a fresh model with the same initialisation on the same batches:
+- "eager AdamW": torch.optim.AdamW as it comes (for-loop on CPU, foreach on CUDA);
+- "eager fused AdamW": `AdamW(fused=True)`; its `opt.step()` is also timed on its own,
+  which gives `update_share`, the optimizer's share of a step;
+- "torch.compile recipe": PyTorch's: `torch.compile(model.loss)`, an eager
+  `loss.backward()` (AOTAutograd's compiled backward), and a compiled `opt.step()`;
+- "compiled autograd": the recipe with the backward traced by compiled autograd
+  (`torch._dynamo.compiled_autograd`), where it runs; where it fails, the error is in the
+  JSON (`compiled_autograd_error`) and the row is left out.
+lordo rows: `Policy()` (deterministic kernels, the non-finite check), and at the first
+batch size also `deterministic=False` and `on_nonfinite=None`. `--modes` adds, for each mode
+other than "default", the recipe and `Policy()` compiled with that mode.
+
+Per batch size every variant's timed steps go round robin (one step of each in turn, the
+device synchronised around each), so a change in the machine's load hits all alike; ratios
+are what to read. `best_peer` is the fastest peer, `ratio_vs_best_peer` lordo `Policy()`'s
+time over its. Each variant's first call runs in a fresh Inductor cache (cold, dynamo
+included): `first_call_ratio_vs_torch_compile` is lordo's over the recipe's.
+`capture_fraction` is the share of lordo's first call spent in dynamo, role annotation and
+passes (the rest is AOTAutograd + Inductor).
+
+GFLOP/s: one step's model FLOPs (matmuls and attention, forward and backward, counted by
+`torch.utils.flop_counter` on an eager step) over its time, against the machine's peak
+measured in the same run: the best of 10 timed fp32 n x n matmuls (n = 1024 on CPU, 8192
+on CUDA) with the same threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from typing import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import lordo_compile as lc
-from lordo_compile.models import GPTConfig
+from lordo_compile.lowering import MODES
+from lordo_compile.models import GPTConfig, TinyGPT
+from lordo_compile.testing import fresh_inductor_cache, training_step
 
-from .common import batches, gpt_step, median_ms, print_table, write_json
+from .common import batches, median_ms, print_table, write_json
+
+PEERS = ("eager AdamW", "eager fused AdamW", "torch.compile recipe", "compiled autograd")
+LORDO = "lordo Policy()"
+
+
+class Clock:
+    """Wall time that waits for the device first (a CUDA step returns before it has run)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def model_and_optimizer(cfg: GPTConfig, device: torch.device, **adamw):
+    torch.manual_seed(0)
+    model = TinyGPT(cfg).to(device)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, **adamw)
+
+
+def eager_fused(cfg: GPTConfig, device: torch.device, clock: Clock, update_times: list[float]) -> Callable:
+    model, opt = model_and_optimizer(cfg, device, fused=True)
+
+    def step(x, y):
+        loss = model.loss(x, y)
+        loss.backward()
+        started = clock()
+        opt.step()
+        update_times.append(clock() - started)
+        opt.zero_grad()
+        return loss.detach()
+
+    return step
+
+
+def recipe(cfg: GPTConfig, device: torch.device, mode: str | None = None, compiled_autograd: bool = False) -> Callable:
+    """PyTorch's way of compiling a training step: the model and `opt.step()` compiled apart."""
+    model, opt = model_and_optimizer(cfg, device)
+    loss_fn = torch.compile(model.loss, mode=mode)
+
+    @torch.compile(mode=mode)
+    def update():
+        opt.step()
+
+    def backward(loss):
+        if not compiled_autograd:
+            loss.backward()
+            return
+        from torch._dynamo import compiled_autograd as ca
+
+        with ca._enable(torch.compile(mode=mode)):
+            loss.backward()
+
+    def step(x, y):
+        loss = loss_fn(x, y)
+        backward(loss)
+        update()
+        opt.zero_grad()
+        return loss.detach()
+
+    return step
+
+
+def lordo(cfg: GPTConfig, device: torch.device, policy: lc.Policy, **options) -> Callable:
+    model, opt = model_and_optimizer(cfg, device)
+    return lc.compile(training_step(model.loss, opt), policy, **options)
+
+
+def step_flops(cfg: GPTConfig, device: torch.device, batch: tuple) -> int:
+    model, _ = model_and_optimizer(cfg, device)
+    with FlopCounterMode(display=False) as counter:
+        model.loss(*batch).backward()
+    return counter.get_total_flops()
+
+
+def matmul_peak_gflops(device: torch.device, clock: Clock) -> float:
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(10):
+        started = clock()
+        a @ b
+        best = min(best, clock() - started)
+    return 2 * n**3 / best / 1e9
+
+
+def eager(cfg: GPTConfig, device: torch.device) -> Callable:
+    model, opt = model_and_optimizer(cfg, device)
+    return training_step(model.loss, opt)
+
+
+def variants_at(cfg: GPTConfig, device: torch.device, clock: Clock, first_section: bool, modes: list[str],
+                update_times: list[float]) -> dict[str, Callable]:
+    variants = {
+        "eager AdamW": eager(cfg, device),
+        "eager fused AdamW": eager_fused(cfg, device, clock, update_times),
+        "torch.compile recipe": recipe(cfg, device),
+        "compiled autograd": recipe(cfg, device, compiled_autograd=True),
+        LORDO: lordo(cfg, device, lc.Policy()),
+    }
+    if first_section:
+        variants["lordo deterministic=False"] = lordo(cfg, device, lc.Policy(), deterministic=False)
+        variants["lordo on_nonfinite=None"] = lordo(cfg, device, lc.Policy(on_nonfinite=None))
+        for mode in modes:
+            if mode != "default":
+                variants[f"torch.compile recipe [{mode}]"] = recipe(cfg, device, mode=mode)
+                variants[f"{LORDO} [{mode}]"] = lordo(cfg, device, lc.Policy(), mode=mode)
+    return variants
+
+
+def section(cfg: GPTConfig, device: torch.device, clock: Clock, batch_size: int, args, first_section: bool,
+            peak: float) -> tuple[dict, list[dict]]:
+    """One batch size: first calls (cold), then round-robin timed steps; its figures and rows."""
+    torch._dynamo.reset()
+    data = [tuple(t.to(device) for t in batch)
+            for batch in batches(cfg, batch_size, args.steps + args.warmup + 1)]
+    update_times: list[float] = []
+    variants = variants_at(cfg, device, clock, first_section, args.modes, update_times)
+    first: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    for name, step in list(variants.items()):
+        called = clock()
+        try:
+            with fresh_inductor_cache():
+                step(*data[0])
+        except Exception as error:  # a peer that does not run here is reported, not fatal
+            if name in (LORDO, "eager AdamW"):
+                raise
+            errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            del variants[name]
+            continue
+        first[name] = clock() - called
+        if name == LORDO:
+            backend = step.backend
+            timings = dict(backend.timings, dynamo_s=backend.timings["backend_entered"] - called)
+    update_times.clear()
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for i, batch in enumerate(data[1:]):
+        for name, step in variants.items():
+            started = clock()
+            step(*batch)
+            if i >= args.warmup:
+                times[name].append(clock() - started)
+    ms = {name: median_ms(t) for name, t in times.items()}
+    peers = {name: ms[name] for name in PEERS if name in ms}
+    best_peer = min(peers, key=peers.get)
+    flops = step_flops(cfg, device, data[0])
+    capture_s = timings["dynamo_s"] + timings["capture_and_passes_s"]
+    figures = {
+        "batch": [batch_size, cfg.block_size],
+        "ms": ms,
+        "first_call_s": first,
+        "best_peer": best_peer,
+        "best_peer_ms": peers[best_peer],
+        "ratio_vs_best_peer": ms[LORDO] / peers[best_peer],
+        "ratio_vs_torch_compile": ms[LORDO] / ms["torch.compile recipe"],
+        "ratio_vs_eager": ms[LORDO] / ms["eager AdamW"],
+        "first_call_ratio_vs_torch_compile": first[LORDO] / first["torch.compile recipe"],
+        "update_share": median_ms(update_times) / ms["eager fused AdamW"],
+        "fused_update_ms": median_ms(update_times),
+        "step_gflop": flops / 1e9,
+        "lordo_gflops": flops / ms[LORDO] / 1e6,
+        "best_peer_gflops": flops / peers[best_peer] / 1e6,
+        "fraction_of_matmul_peak": flops / ms[LORDO] / 1e6 / peak,
+        "lordo_dynamo_s": timings["dynamo_s"],
+        "lordo_roles_and_passes_s": timings["capture_and_passes_s"],
+        "lordo_codegen_s": timings["codegen_s"],
+        "capture_fraction": capture_s / first[LORDO],
+        "errors": errors,
+    }
+    if "lordo deterministic=False" in ms:
+        figures["deterministic_cost"] = ms[LORDO] / ms["lordo deterministic=False"]
+        figures["nonfinite_check_cost"] = ms[LORDO] / ms["lordo on_nonfinite=None"]
+    for mode in args.modes:
+        if f"{LORDO} [{mode}]" in ms:
+            figures.setdefault("modes", {})[mode] = {
+                "lordo_vs_default": ms[f"{LORDO} [{mode}]"] / ms[LORDO],
+                "recipe_vs_default": ms[f"torch.compile recipe [{mode}]"] / ms["torch.compile recipe"]}
+    rows = [{"variant": name, "ms": ms[name], "ratio": ms[name] / peers[best_peer], "first": first[name],
+             "gflops": flops / ms[name] / 1e6} for name in variants]
+    return figures, rows
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 1])
+    parser.add_argument("--modes", nargs="+", default=["default"], choices=MODES,
+                        help="Inductor modes to time the recipe and Policy() with, besides the default")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    clock = Clock(device)
     cfg = GPTConfig()
-    data = batches(cfg, args.batch_size, args.steps + args.warmup + 1)
-
-    variants: dict[str, object] = {"eager torch.optim": gpt_step(cfg)[2],
-                                   "torch.compile": torch.compile(gpt_step(cfg)[2])}
-    lordo = {
-        "lordo Policy()": dict(policy=lc.Policy()),
-        "deterministic=False": dict(policy=lc.Policy(), deterministic=False),
-        "on_nonfinite=None": dict(policy=lc.Policy(on_nonfinite=None)),
-    }
-    for name, options in lordo.items():
-        variants[name] = lc.compile(gpt_step(cfg)[2], options.pop("policy"), **options)
-
-    first: dict[str, float] = {}
-    timings = {}
-    for name, step in variants.items():
-        called = time.perf_counter()
-        step(*data[0])
-        first[name] = time.perf_counter() - called
-        if name == "lordo Policy()":
-            backend = step.backend
-            timings = dict(backend.timings, dynamo_s=backend.timings["backend_entered"] - called)
-
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for i, batch in enumerate(data[1:]):
-        for name, step in variants.items():
-            t0 = time.perf_counter()
-            step(*batch)
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-
-    ms = {name: median_ms(t) for name, t in times.items()}
-    capture_s = timings["dynamo_s"] + timings["capture_and_passes_s"]
+    peak = matmul_peak_gflops(device, clock)
+    sections = []
+    for i, batch_size in enumerate(args.batch_sizes):
+        figures, rows = section(cfg, device, clock, batch_size, args, i == 0, peak)
+        sections.append(figures)
+        print(f"\ntiny GPT, batch {batch_size}x{cfg.block_size}, {device}, {torch.get_num_threads()} threads, "
+              f"median of {args.steps} round-robin steps; {figures['step_gflop']:.2f} GFLOP per step")
+        print_table(rows, [("variant", "variant", "<40"), ("ms", "ms/step", ".2f"),
+                           ("ratio", "vs best peer", ".3f"), ("first", "1st call s", ".1f"),
+                           ("gflops", "GFLOP/s", ".1f")])
+        print(f"best peer: {figures['best_peer']}; lordo Policy() {figures['ratio_vs_best_peer']:.3f}x its step time, "
+              f"first call {figures['first_call_ratio_vs_torch_compile']:.2f}x the recipe's; the fused update is "
+              f"{figures['update_share']:.1%} of an eager fused step; lordo at {figures['fraction_of_matmul_peak']:.0%} "
+              f"of the {peak:.0f} GFLOP/s matmul peak")
+        for name, error in figures["errors"].items():
+            print(f"{name}: did not run here: {error}")
+    main_section = sections[0]
+    print(f"lordo first call: dynamo {main_section['lordo_dynamo_s']:.1f} s + roles/passes "
+          f"{main_section['lordo_roles_and_passes_s']:.2f} s + AOT/Inductor {main_section['lordo_codegen_s']:.1f} s")
     result = {
-        "eager_ms": ms["eager torch.optim"],
-        "torch_compile_ms": ms["torch.compile"],
-        "lordo_ms": ms["lordo Policy()"],
-        "lordo_nondeterministic_ms": ms["deterministic=False"],
-        "lordo_unchecked_ms": ms["on_nonfinite=None"],
-        "ratio_vs_torch_compile": ms["lordo Policy()"] / ms["torch.compile"],
-        "ratio_vs_eager": ms["lordo Policy()"] / ms["eager torch.optim"],
-        "deterministic_cost": ms["lordo Policy()"] / ms["deterministic=False"],
-        "nonfinite_check_cost": ms["lordo Policy()"] / ms["on_nonfinite=None"],
-        "torch_compile_first_call_s": first["torch.compile"],
-        "lordo_first_call_s": first["lordo Policy()"],
-        "lordo_dynamo_s": timings["dynamo_s"],
-        "lordo_roles_and_passes_s": timings["capture_and_passes_s"],
-        "lordo_codegen_s": timings["codegen_s"],
-        "capture_fraction": capture_s / first["lordo Policy()"],
-        "params": sum(p.numel() for p in gpt_step(cfg)[0].parameters()),
-        "batch": [args.batch_size, cfg.block_size],
+        **{key: main_section[key] for key in ("best_peer", "best_peer_ms", "ratio_vs_best_peer",
+                                              "first_call_ratio_vs_torch_compile", "ratio_vs_torch_compile",
+                                              "ratio_vs_eager", "update_share", "deterministic_cost",
+                                              "nonfinite_check_cost", "capture_fraction")},
+        "lordo_ms": main_section["ms"][LORDO],
+        "matmul_peak_gflops": peak,
+        "sections": sections,
+        "params": sum(p.numel() for p in TinyGPT(cfg).parameters()),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    rows = [{"variant": name, "ms": ms[name], "ratio": ms[name] / ms["torch.compile"], "first": first[name]}
-            for name in variants]
-    print(f"tiny GPT, {result['params']:,} parameters, batch {args.batch_size}x{cfg.block_size}, "
-          f"{torch.get_num_threads()} threads, median of {args.steps} round-robin steps")
-    print_table(rows, [("variant", "variant", "<20"), ("ms", "ms/step", ".1f"),
-                       ("ratio", "vs compile", ".3f"), ("first", "1st call s", ".1f")])
-    print(f"lordo first call: dynamo {timings['dynamo_s']:.1f} s + roles/passes {timings['capture_and_passes_s']:.2f} s + "
-          f"AOT/Inductor {timings['codegen_s']:.1f} s; capture_fraction {result['capture_fraction']:.3f}")
-    print(f"deterministic kernels cost {result['deterministic_cost']:.3f}x; "
-          f"the non-finite check costs {result['nonfinite_check_cost']:.3f}x")
     write_json(args.json, result)
     return result
 

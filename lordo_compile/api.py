@@ -14,6 +14,7 @@ import re
 import sys
 import time
 import types
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -31,7 +32,7 @@ from .distributed import check_workers, world_size
 from .errors import CaptureError
 from .graph import ROLE, ParamInfo, Role, TrainGraph
 from .inspect import GraphView, GraphStages, describe_stage_change, role_counts, update_counts
-from .lowering import COMPILERS, compile_phase, lower
+from .lowering import COMPILERS, checked_mode, compile_phase, lower, require_deterministic_cublas
 from .passes import Pipeline, RuntimeContext, Schedule, Stage, released_state, run_passes
 from .policy import Policy
 from .runtime.comm import CommReport, collectives_in
@@ -66,6 +67,7 @@ class LordoBackend:
         arg_names: Sequence[str] = (),
         adapters: Sequence[OptimizerAdapter] | None = None,
         deterministic: bool = True,
+        mode: str | None = None,
     ) -> None:
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be a lordo_compile.Policy, got {type(policy).__name__}")
@@ -73,6 +75,7 @@ class LordoBackend:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
         self.policy = policy
         self.compiler = compiler
+        self.mode = checked_mode(mode, compiler)
         self.deterministic = _checked_deterministic(deterministic)
         self.names = names or Names()
         self.arg_names = list(arg_names)
@@ -118,6 +121,10 @@ class LordoBackend:
         catalog = InputCatalog.build(self.names, self.arg_names, adapters)
         captured = build_train_graph(gm, list(example_inputs), catalog)
         captured.lint()
+        if self.deterministic:
+            note = require_deterministic_cublas(captured.device)
+            if note is not None:
+                warnings.warn(note, UserWarning, stacklevel=2)
         pipeline = self.pipeline = run_passes(captured, self.policy)
         final = pipeline.final()
         check_workers([registered.name for registered, _ in pipeline.plan
@@ -135,7 +142,7 @@ class LordoBackend:
         communicates = any(collectives_in(graph, self.pass_runtimes) for graph in final.values())
         self.runtime.world_size = world_size(None) if communicates else None
         self.runtime.allocate(pipeline.state(), params,
-                              lambda fresh: [hook.setup(fresh) for hook in self.pass_runtimes])
+                              lambda fresh: [hook.setup(fresh) for hook in self.pass_runtimes], device=captured.device)
         self._load_passes_state()
         self.timings["capture_and_passes_s"] = time.perf_counter() - started
         self.timings["codegen_s"] = 0.0
@@ -168,7 +175,7 @@ class LordoBackend:
             inputs = list(args) + (state if state is not None else self.runtime.inputs(state_names))
             fn = compile_phase(lowered, inputs, self.compiler,
                                lambda aten: views.add(GraphView(views.events, "aten", aten)),
-                               deterministic=self.deterministic)
+                               deterministic=self.deterministic, mode=self.mode)
             self.timings["codegen_s"] = self.timings.get("codegen_s", 0.0) + time.perf_counter() - started
             return fn
 
@@ -363,6 +370,7 @@ class CompiledStep:
         optimizers: Sequence[torch.optim.Optimizer] | None = None,
         compiler: str = "inductor",
         deterministic: bool = True,
+        mode: str | None = None,
     ) -> None:
         if not callable(step):
             raise TypeError(f"compile() takes the training step function, got {type(step).__name__}")
@@ -386,7 +394,7 @@ class CompiledStep:
             arg_names = []
         self.backend = LordoBackend(
             policy, compiler=compiler, names=names, arg_names=arg_names, adapters=self.adapters,
-            deterministic=deterministic,
+            deterministic=deterministic, mode=mode,
         )
         self._compiled = torch.compile(_entry_for(step), backend=self.backend, fullgraph=True)
 
@@ -488,6 +496,7 @@ def compile(
     optimizers: Sequence[torch.optim.Optimizer] | None = None,
     compiler: str = "inductor",
     deterministic: bool = True,
+    mode: str | None = None,
 ) -> CompiledStep:
     """Capture `step` (forward, backward, optimizer step) as one graph and compile it.
 
@@ -500,10 +509,14 @@ def compile(
       deterministic: compile and run with `torch.use_deterministic_algorithms(True)`, so two
         runs with the same seed, inputs and thread count give bit-identical results. False
         lets Inductor use atomic scatter-adds (an embedding's backward), which are faster
-        with several threads and round differently from run to run.
+        with several threads and round differently from run to run. On a CUDA device it
+        needs cuBLAS's deterministic workspace: CUBLAS_WORKSPACE_CONFIG is set to ":4096:8"
+        when unset, and a different value is refused.
+      mode: torch.compile's mode for Inductor ("default", "reduce-overhead", "max-autotune",
+        "max-autotune-no-cudagraphs"): its code generation options, as torch.compile applies them.
     """
     return CompiledStep(step, policy if policy is not None else Policy(), optimizers=optimizers, compiler=compiler,
-                        deterministic=deterministic)
+                        deterministic=deterministic, mode=mode)
 
 
 def backend(
@@ -512,6 +525,7 @@ def backend(
     optimizers: Sequence[torch.optim.Optimizer] | None = None,
     compiler: str = "inductor",
     deterministic: bool = True,
+    mode: str | None = None,
 ) -> LordoBackend:
     """A backend for `torch.compile(step, backend=..., fullgraph=True)`.
 
@@ -531,7 +545,8 @@ def backend(
     adapters = prepare(*optimizers)
     names = Names.of_frame(caller)
     release_state(policy, adapters, names)
-    return LordoBackend(policy, compiler=compiler, names=names, adapters=adapters, deterministic=deterministic)
+    return LordoBackend(policy, compiler=compiler, names=names, adapters=adapters, deterministic=deterministic,
+                        mode=mode)
 
 
 def _checked_deterministic(value: object) -> bool:
@@ -552,7 +567,8 @@ def release_state(policy: Policy, adapters: Sequence[OptimizerAdapter], names: N
 
 
 def dynamo_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None) -> Callable:
-    """The `backend="lordo"` entry point: `options={"policy": ..., "compiler": ..., "deterministic": ...}`.
+    """The `backend="lordo"` entry point: `options={"policy": ..., "compiler": ..., "deterministic": ...,
+    "mode": ...}`.
 
     Optimizers must be prepared before the first call (`lordo_compile.prepare(opt)`).
     """
@@ -560,6 +576,8 @@ def dynamo_backend(gm: fx.GraphModule, example_inputs: list, options: dict | Non
     policy = options.pop("policy", None) or Policy()
     compiler = options.pop("compiler", "inductor")
     deterministic = options.pop("deterministic", True)
+    mode = options.pop("mode", None)
     if options:
-        raise ValueError(f"unknown lordo backend options {sorted(options)}; known: policy, compiler, deterministic")
-    return LordoBackend(policy, compiler=compiler, deterministic=deterministic)(gm, example_inputs)
+        raise ValueError(f"unknown lordo backend options {sorted(options)}; known: policy, compiler, deterministic, "
+                         "mode")
+    return LordoBackend(policy, compiler=compiler, deterministic=deterministic, mode=mode)(gm, example_inputs)

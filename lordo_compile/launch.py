@@ -1,4 +1,4 @@
-"""Run a function in N fresh gloo processes on this machine and collect their results.
+"""Run a function in N fresh processes on this machine and collect their results.
 
 Used by the tests and benchmarks that need several workers; scripts run by users start
 their workers with `torchrun` instead.
@@ -7,11 +7,11 @@ their workers with `torchrun` instead.
 
 `worker(rank, world_size, *args)` must be a module-level function (spawned processes
 import it by name) and return something `torch.save` can write (tensors, lists, ints).
-Each process starts with `torch.distributed` initialised (gloo, a FileStore in a
-temporary directory, loopback only) and destroys the process group when `worker`
-returns. A worker that raises fails the caller with the worker's traceback; workers
-that are still running at `timeout` are killed and fail the caller, so a hung
-collective never hangs the caller.
+Each process starts with `torch.distributed` initialised (gloo by default, or NCCL with
+`backend="nccl"`, worker i on GPU i; a FileStore in a temporary directory, loopback only)
+and destroys the process group when `worker` returns. A worker that raises fails the
+caller with the worker's traceback; workers that are still running at `timeout` are
+killed and fail the caller, so a hung collective never hangs the caller.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def _worker_main(
     timeout: float,
     threads: int,
     pg_timeout: datetime.timedelta | None,
+    backend: str,
 ) -> None:
     out = Path(workdir)
     phase = out / f"phase_{rank}.txt"
@@ -57,8 +58,10 @@ def _worker_main(
         torch.set_num_threads(threads)
         import torch.distributed as dist
 
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"file://{out / 'store'}",
             rank=rank,
             world_size=world_size,
@@ -95,6 +98,7 @@ def run_workers(
     args: Sequence[Any] = (),
     threads: int = 1,
     pg_timeout: datetime.timedelta | None = None,
+    backend: str = "gloo",
 ) -> list[Any]:
     """`[fn(rank, world_size, *args) for rank in range(world_size)]`, each in its own process.
 
@@ -102,11 +106,17 @@ def run_workers(
     workers do not oversubscribe a small machine). `pg_timeout` is the process group's
     collective timeout (default: 0.8 x `timeout`). Raises `WorkerError` with the
     worker's traceback if one raises or dies, and after killing every worker if they
-    are not all done within `timeout` seconds.
+    are not all done within `timeout` seconds. `backend` is "gloo" or "nccl" (one GPU per
+    worker: worker i uses cuda:i).
     """
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        raise ValueError(f"backend='nccl' runs one worker per GPU: {world_size} workers need {world_size} GPUs, "
+                         f"this machine has {torch.cuda.device_count()}")
     env = {
         key: os.environ[key]
-        for key in ("TORCHINDUCTOR_CACHE_DIR", "GLOO_SOCKET_IFNAME")
+        for key in ("TORCHINDUCTOR_CACHE_DIR", "GLOO_SOCKET_IFNAME", "CUBLAS_WORKSPACE_CONFIG")
         if key in os.environ
     }
     ctx = mp.get_context("spawn")
@@ -115,7 +125,7 @@ def run_workers(
         procs = [
             ctx.Process(
                 target=_worker_main,
-                args=(rank, world_size, fn, tuple(args), workdir, env, timeout, threads, pg_timeout),
+                args=(rank, world_size, fn, tuple(args), workdir, env, timeout, threads, pg_timeout, backend),
                 name=f"{getattr(fn, '__name__', 'worker')}-rank{rank}",
                 daemon=True,
             )

@@ -10,6 +10,7 @@ traces that function into aten ops, so Inductor sees the whole update and fuses 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -19,6 +20,46 @@ from .graph import TrainGraph
 from .ops import math_for
 
 COMPILERS = ("inductor", "aot_eager", "eager")
+# torch.compile's modes; each is a set of Inductor config patches (`torch._inductor.list_mode_options`).
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# The two cuBLAS workspace settings under which cuBLAS gives the same bits on every run.
+DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
+
+
+def checked_mode(mode: str | None, compiler: str) -> str | None:
+    """`mode` if it is one of torch.compile's and the compiler is Inductor; else a ValueError."""
+    if mode is None:
+        return None
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} (torch.compile's) or None, got {mode!r}")
+    if compiler != "inductor":
+        raise ValueError(f"mode={mode!r} chooses Inductor's options, but compiler={compiler!r}; "
+                         "use compiler='inductor' or leave mode out")
+    return mode
+
+
+def require_deterministic_cublas(device: torch.device) -> str | None:
+    """Before a deterministic step runs on a CUDA device: cuBLAS must have a fixed workspace.
+
+    `torch.use_deterministic_algorithms(True)` makes every CUDA matmul raise unless
+    CUBLAS_WORKSPACE_CONFIG is one of `DETERMINISTIC_CUBLAS`. Unset, it is set here (returns
+    a note saying so), since PyTorch reads it at each matmul; set to anything else, the user
+    chose another workspace on purpose, and a ValueError says what to change."""
+    if device.type != "cuda":
+        return None
+    current = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if current in DETERMINISTIC_CUBLAS:
+        return None
+    if current is not None:
+        raise ValueError(
+            f"deterministic=True on {device} needs CUBLAS_WORKSPACE_CONFIG set to one of {DETERMINISTIC_CUBLAS} "
+            f"(cuBLAS is otherwise free to round differently from run to run), but it is {current!r}. Set it to "
+            f"{DETERMINISTIC_CUBLAS[0]!r} before starting Python, or compile with deterministic=False."
+        )
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = DETERMINISTIC_CUBLAS[0]
+    return (f"deterministic=True on {device}: set CUBLAS_WORKSPACE_CONFIG={DETERMINISTIC_CUBLAS[0]} "
+            "(cuBLAS's deterministic workspace; PyTorch refuses CUDA matmuls under deterministic algorithms "
+            "without it)")
 
 
 def lower(train_graph: TrainGraph) -> fx.GraphModule:
@@ -59,16 +100,17 @@ def compile_phase(
     compiler: str,
     on_aten_graph: Callable[[fx.GraphModule], None],
     deterministic: bool = True,
+    mode: str | None = None,
 ) -> Callable:
     """Compile a lowered phase; `on_aten_graph` receives the graph AOTAutograd produced.
 
     With `deterministic`, code generation picks kernels whose result does not depend on
-    thread timing (see `deterministic_algorithms`)."""
+    thread timing (see `deterministic_algorithms`). `mode` is torch.compile's (Inductor only)."""
     with deterministic_algorithms(deterministic):
-        return _compile_phase(module, example_inputs, compiler, on_aten_graph)
+        return _compile_phase(module, example_inputs, compiler, on_aten_graph, mode)
 
 
-def _compile_phase(module, example_inputs, compiler, on_aten_graph) -> Callable:
+def _compile_phase(module, example_inputs, compiler, on_aten_graph, mode) -> Callable:
     if compiler == "eager":
         return module.forward
     if compiler == "aot_eager":
@@ -87,5 +129,8 @@ def _compile_phase(module, example_inputs, compiler, on_aten_graph) -> Callable:
             on_aten_graph(graph)
             return compile_fx_inner(graph, inputs, **kwargs)
 
-        return compile_fx(module, list(example_inputs), inner_compile=inner)
+        from torch._inductor import list_mode_options
+
+        patches = list_mode_options(mode) if mode is not None else None
+        return compile_fx(module, list(example_inputs), inner_compile=inner, config_patches=patches)
     raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")

@@ -10,6 +10,9 @@ Compile with Inductor inside `fresh_inductor_cache()` when a test inspects gener
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
+import sys
 from typing import Callable, Sequence
 
 import torch
@@ -61,3 +64,15 @@ def training_step(loss_fn: Callable, optimizer: torch.optim.Optimizer) -> Callab
         return loss
 
     return train_step
+
+
+def galore_torch_adamw() -> type:
+    """galore-torch's `GaLoreAdamW` (galore_torch.adamw.AdamW), the reference GaLore is tested
+    and timed against, loaded without the package's __init__, which imports bitsandbytes
+    (not a dependency here) for its 8-bit optimizer."""
+    if "galore_torch" not in sys.modules:
+        spec = importlib.util.find_spec("galore_torch")
+        if spec is None:
+            raise ImportError("galore-torch is not installed: scripts/setup.sh installs it with --no-deps")
+        sys.modules["galore_torch"] = importlib.util.module_from_spec(spec)
+    return importlib.import_module("galore_torch.adamw").AdamW

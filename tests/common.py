@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, Union
 
@@ -14,6 +15,9 @@ from lordo_compile.models import MLP, GPTConfig, TinyGPT
 from lordo_compile.testing import training_step
 
 SMALL_GPT = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32)
+# Where the `gpu`-marked tests put their models and data (conftest.py checks it is usable).
+# Data is drawn on the CPU and moved, so every device trains on the same numbers.
+DEVICE = torch.device(os.environ.get("LORDO_TEST_DEVICE", "cpu"))
 
 
 Tensors = Union[torch.Tensor, Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
@@ -113,11 +117,12 @@ def named_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def mlp_problem(seed: int = 0):
+def mlp_problem(seed: int = 0, device: torch.device = DEVICE):
     torch.manual_seed(seed)
-    model = MLP((16, 32, 32, 4))
+    model = MLP((16, 32, 32, 4)).to(device)
     generator = torch.Generator().manual_seed(seed + 1)
-    batches = [(torch.randn(8, 16, generator=generator), torch.randn(8, 4, generator=generator)) for _ in range(20)]
+    batches = [(torch.randn(8, 16, generator=generator).to(device), torch.randn(8, 4, generator=generator).to(device))
+               for _ in range(20)]
 
     def loss_fn(x, y):
         return F.mse_loss(model(x), y)
@@ -125,13 +130,13 @@ def mlp_problem(seed: int = 0):
     return model, loss_fn, batches
 
 
-def gpt_problem(seed: int = 0, cfg: GPTConfig = SMALL_GPT):
+def gpt_problem(seed: int = 0, cfg: GPTConfig = SMALL_GPT, device: torch.device = DEVICE):
     torch.manual_seed(seed)
-    model = TinyGPT(cfg)
+    model = TinyGPT(cfg).to(device)
     generator = torch.Generator().manual_seed(seed + 1)
     batches = []
     for _ in range(20):
-        idx = torch.randint(0, cfg.vocab_size, (4, cfg.block_size + 1), generator=generator)
+        idx = torch.randint(0, cfg.vocab_size, (4, cfg.block_size + 1), generator=generator).to(device)
         batches.append((idx[:, :-1], idx[:, 1:]))
     return model, model.loss, batches
 

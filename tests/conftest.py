@@ -14,3 +14,11 @@ def _fresh_dynamo():
     torch.manual_seed(0)
     yield
     torch._dynamo.reset()
+
+
+def pytest_configure(config):
+    device = os.environ.get("LORDO_TEST_DEVICE", "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise pytest.UsageError(f"LORDO_TEST_DEVICE={device!r} is not usable here: {error}") from error

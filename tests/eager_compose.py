@@ -122,13 +122,13 @@ class EagerComposed:
                 m, n = p.shape
                 tall = m >= n
                 shape = (m, low_rank["rank"]) if tall else (low_rank["rank"], n)
-                s = dict(tall=tall, P=torch.eye(n if tall else m, low_rank["rank"]))
+                s = dict(tall=tall, P=torch.eye(n if tall else m, low_rank["rank"], device=p.device))
             else:
                 shape, s = p.shape, {}
             if optimizer == "adamw":
-                s.update(m=torch.zeros(shape), v=torch.zeros(shape), t=0)
+                s.update(m=torch.zeros(shape, device=p.device), v=torch.zeros(shape, device=p.device), t=0)
             else:
-                s.update(buf=torch.zeros(shape))
+                s.update(buf=torch.zeros(shape, device=p.device))
             self.state[name] = s
         self.d = {name: torch.zeros_like(p) for name, p in self.params.items()}
         with torch.no_grad():
@@ -139,8 +139,8 @@ class EagerComposed:
 
     def eco_quantize(self, x, k, rounding, salt):
         eco = self.eco
-        noise = (uniform_noise(x, torch.tensor(k), eco["seed"] * 1_000_003 + salt) if rounding == "stochastic"
-                 else None)
+        step = torch.tensor(k, device=x.device)
+        noise = uniform_noise(x, step, eco["seed"] * 1_000_003 + salt) if rounding == "stochastic" else None
         return quantize(x.detach(), format=eco["format"], scale=eco["scale"], group_size=eco["group_size"],
                         rounding=rounding, noise=noise)
 
@@ -164,7 +164,8 @@ class EagerComposed:
         theta = {name: p.detach().clone() for name, p in self.params.items()}
         point = dict(theta)
         if self.ema:
-            beta = torch.tensor(ema_beta(k, self.ema["beta"], self.ema["warmup_steps"], self.ema["decay_start"]))
+            beta = torch.tensor(ema_beta(k, self.ema["beta"], self.ema["warmup_steps"], self.ema["decay_start"]),
+                                device=x.device)
             point = {name: theta[name] if name in frozen else torch.addcmul(theta[name], self.d[name], beta)
                      for name in theta}
         leaves = {name: t.clone().requires_grad_(name not in frozen) for name, t in point.items()}
@@ -230,7 +231,7 @@ class EagerComposed:
         if first or (k % o["gap"] == 0 and (o["method"] != "subspace" or k > 0)):
             # The refresh: P from this step's gradient (for "subspace", an exact SVD at step 0,
             # then warm-started iterations), the moments carried to it unless kept.
-            sigma = torch.cat([torch.linalg.svdvals(g), torch.zeros(1)])[: rank + 1]
+            sigma = torch.cat([torch.linalg.svdvals(g), torch.zeros(1, device=g.device)])[: rank + 1]
             self.spectral_gaps.append(float((sigma[:-1] - sigma[1:]).min() / sigma[0]))
             new = new_projection(g, s["P"], self.sketches.get(name), "svd" if first else o["method"], rank,
                                  o.get("power_iterations", 1))

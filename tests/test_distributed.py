@@ -27,11 +27,12 @@ STEPS = 20
 ALL_REDUCE_TARGETS = (torch.ops._c10d_functional.all_reduce, torch.ops._c10d_functional.all_reduce.default)
 
 
-def _mlp_problem(rank: int):
+def _mlp_problem(rank: int, device: torch.device):
     torch.manual_seed(0)
-    model = MLP((16, 32, 32, 4))
+    model = MLP((16, 32, 32, 4)).to(device)
     generator = torch.Generator().manual_seed(1000 + rank)
-    batches = [(torch.randn(8, 16, generator=generator), torch.randn(8, 4, generator=generator)) for _ in range(STEPS)]
+    batches = [(torch.randn(8, 16, generator=generator).to(device), torch.randn(8, 4, generator=generator).to(device))
+               for _ in range(STEPS)]
 
     def loss_fn(x, y):
         return F.mse_loss(model(x), y)
@@ -39,13 +40,13 @@ def _mlp_problem(rank: int):
     return model, loss_fn, batches
 
 
-def _gpt_problem(rank: int):
+def _gpt_problem(rank: int, device: torch.device):
     torch.manual_seed(0)
-    model = TinyGPT(SMALL_GPT)
+    model = TinyGPT(SMALL_GPT).to(device)
     generator = torch.Generator().manual_seed(1000 + rank)
     batches = []
     for _ in range(STEPS):
-        idx = torch.randint(0, SMALL_GPT.vocab_size, (4, SMALL_GPT.block_size + 1), generator=generator)
+        idx = torch.randint(0, SMALL_GPT.vocab_size, (4, SMALL_GPT.block_size + 1), generator=generator).to(device)
         batches.append((idx[:, :-1], idx[:, 1:]))
     return model, model.loss, batches
 
@@ -64,8 +65,9 @@ CASES = {
 }
 
 
-def _train(rank: int, world_size: int, problem: str, optimizer: str, sync: str, compiler: str | None):
-    model, loss_fn, batches = PROBLEMS[problem](rank)
+def _train(rank: int, world_size: int, problem: str, optimizer: str, sync: str, compiler: str | None,
+           device: torch.device):
+    model, loss_fn, batches = PROBLEMS[problem](rank, device)
     opt = OPTIMIZERS[optimizer](model)
 
     if sync == "all_reduce":
@@ -96,10 +98,13 @@ def _train(rank: int, world_size: int, problem: str, optimizer: str, sync: str, 
     return model, step, named_parameters(model), losses
 
 
-def train_worker(rank: int, world_size: int, problem: str, optimizer: str, sync: str) -> dict:
-    """Eager, then compiled; returns both runs' parameters and losses and what was captured."""
-    _, _, eager_params, eager_losses = _train(rank, world_size, problem, optimizer, sync, None)
-    model, step, params, losses = _train(rank, world_size, problem, optimizer, sync, "aot_eager")
+def train_worker(rank: int, world_size: int, problem: str, optimizer: str, sync: str, device: str = "cpu") -> dict:
+    """Eager, then compiled; returns both runs' parameters (on the CPU) and losses and what
+    was captured. `device` "cuda": this rank's GPU (over NCCL)."""
+    where = torch.device("cuda", rank) if device == "cuda" else torch.device(device)
+    _, _, eager_params, eager_losses = _train(rank, world_size, problem, optimizer, sync, None, where)
+    model, step, params, losses = _train(rank, world_size, problem, optimizer, sync, "aot_eager", where)
+    eager_params, params = ({name: p.cpu() for name, p in named.items()} for named in (eager_params, params))
     captured = step.graphs["step"]["captured"].train_graph
     all_reduces = [n for n in captured.graph.nodes if n.op == "call_function" and n.target in ALL_REDUCE_TARGETS]
     return {
@@ -147,3 +152,16 @@ def test_all_reduces_have_collective_role(run):
     for result in run:
         assert result["all_reduce_roles"] == [str(Role.COLLECTIVE)]
         assert result["collective_nodes"] >= 2 * result["num_params"]  # all_reduce + wait_tensor
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="NCCL runs one worker per GPU: needs 2 GPUs")
+def test_compiled_matches_eager_over_nccl():
+    """The same check with each rank on its own GPU and the gradients all-reduced by NCCL."""
+    results = run_workers(train_worker, WORLD_SIZE, timeout=600, args=("gpt", "adam", "all_reduce", "cuda"),
+                          backend="nccl")
+    for rank, result in enumerate(results):
+        assert_close(result["params"], result["eager_params"], atol=ADAM_ATOL, msg=f"rank {rank}")
+        assert result["captures"] == 1 and result["all_reduces"] == result["num_params"]
+    assert_close(results[1]["params"], results[0]["params"], rtol=0, atol=0, msg="ranks differ after averaging")

@@ -1,5 +1,6 @@
 """Every way a user can get it wrong gives a clear exception; nothing falls back to eager."""
 
+import os
 import re
 
 import pytest
@@ -139,6 +140,25 @@ def test_bad_arguments():
         lc.backend({"rank": 4}, optimizers=[opt])
     with pytest.raises(ValueError, match="extra_passes"):
         lc.Policy(extra_passes="identity")
+    with pytest.raises(ValueError, match="mode must be one of .*'max-autotune'.*got 'fast'"):
+        lc.compile(lambda x: x, lc.Policy(), optimizers=[opt], mode="fast")
+    with pytest.raises(ValueError, match="mode='max-autotune' chooses Inductor's options, but compiler='aot_eager'"):
+        lc.compile(lambda x: x, lc.Policy(), optimizers=[opt], compiler="aot_eager", mode="max-autotune")
+
+
+def test_deterministic_on_cuda_sets_or_requires_cublas_workspace(monkeypatch):
+    # No GPU is needed: the rule is read before anything runs on the device.
+    from lordo_compile.lowering import require_deterministic_cublas
+
+    assert require_deterministic_cublas(torch.device("cpu")) is None
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert "set CUBLAS_WORKSPACE_CONFIG=:4096:8" in require_deterministic_cublas(torch.device("cuda", 0))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    assert require_deterministic_cublas(torch.device("cuda", 0)) is None
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    with pytest.raises(ValueError, match="CUBLAS_WORKSPACE_CONFIG set to one of .* but it is ':0:0'.*deterministic=False"):
+        require_deterministic_cublas(torch.device("cuda", 0))
 
 
 def test_unknown_extra_pass_is_named():

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import lordo_compile as lc
+from common import DEVICE
 from lordo_compile.launch import run_workers
+from lordo_compile.passes import nonfinite
 from lordo_compile.testing import training_step
 
 POLICIES = {
@@ -53,12 +55,13 @@ POLICIES = {
 
 def _model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(DEVICE)
 
 
 def _batches():
     generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 16, generator=generator), torch.randn(8, 4, generator=generator)) for _ in range(4)]
+    return [(torch.randn(8, 16, generator=generator).to(DEVICE), torch.randn(8, 4, generator=generator).to(DEVICE))
+            for _ in range(4)]
 
 
 def _compile(name, mode):
@@ -76,20 +79,48 @@ def _snapshot(model, step):
 
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_raise_names_the_step_and_leaves_state_as_it_was(name):
+    def bad_step(step, x, y):
+        with pytest.raises(lc.NonFiniteError, match=r"step 3 \(graph '[\w+]+'\): the loss is not finite"):
+            step(x, y)
+
+    _bad_fourth_step_leaves_state_as_it_was(name, bad_step)
+
+
+def _bad_fourth_step_leaves_state_as_it_was(name, bad_step):
+    """Three good steps, then `bad_step` with a NaN target: parameters, state and the step
+    counter are as after the third; returns the step and the last batch."""
     model, opt, step = _compile(name, "raise")
     batches = _batches()
     for x, y in batches[:3]:
         step(x, y)
     before, state = _snapshot(model, step)
     x, y = batches[3]
-    with pytest.raises(lc.NonFiniteError, match=r"step 3 \(graph '[\w+]+'\): the loss is not finite"):
-        step(x, y.clone().fill_(float("nan")))
+    bad_step(step, x, y.clone().fill_(float("nan")))
     after, state_after = _snapshot(model, step)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     for key, tensor in state["runtime"]["tensors"].items():
         if not key.startswith("nonfinite."):
             assert torch.equal(tensor, state_after["runtime"]["tensors"][key]), key
     assert state_after["runtime"]["step"] == 3
+    return step, x, y
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["identity", "diloco", "eco"])
+def test_read_one_call_late_the_next_call_raises_and_state_is_as_before_the_bad_step(name, monkeypatch):
+    # What the check does on a GPU (nonfinite.reads_later): the flags are read when the next
+    # call starts, or when a checkpoint is taken.
+    monkeypatch.setattr(nonfinite, "reads_later", lambda flags: True)
+    # The bad call returns; the checkpoint (_snapshot's state_dict) reads its flags.
+    step, x, y = _bad_fourth_step_leaves_state_as_it_was(name, lambda step, x, y: step(x, y))
+    late = r"step {} \(graph '[\w+]+'\): the loss is not finite.*read when the next call started"
+    with pytest.raises(lc.NonFiniteError, match=late.format(3)):
+        step(x, y)
+    step(x, y)
+    step(x, y.clone().fill_(float("nan")))
+    with pytest.raises(lc.NonFiniteError, match=late.format(4)):
+        step(x, y)
+    assert step.state_dict()["runtime"]["step"] == 4
 
 
 def test_raise_names_the_first_bad_gradient():

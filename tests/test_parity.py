@@ -41,6 +41,7 @@ OPTIMIZERS["adamw_groups"] = grouped_adamw
 OPTIMIZERS["sgd_groups"] = grouped_sgd
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_identity_matches_torch_optim_on_mlp(name):
     reference, ref_opt, _, ref_losses = train(mlp_problem, OPTIMIZERS[name])
@@ -58,6 +59,7 @@ def _state(opt):
 # The attention's query and key gradients are sums that nearly cancel at this initialisation;
 # their last bits differ between eager and the captured graph, and Adam carries that into the
 # weights (in float64 the two runs agree to 1e-15).
+@pytest.mark.gpu
 @pytest.mark.parametrize("name, atol", [("sgd_nesterov", 1e-6), ("adam", ADAM_ATOL), ("adamw_groups", ADAM_ATOL)])
 def test_identity_matches_torch_optim_on_gpt(name, atol):
     reference, *_ = train(gpt_problem, OPTIMIZERS[name])

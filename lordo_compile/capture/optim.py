@@ -208,7 +208,11 @@ class OptimizerAdapter:
                 return False
             values = [_READERS[key](group) for key in plan.op.hyperparameters]
             if values != plan.values:
-                plan.hyperparameters.copy_(torch.tensor(values, dtype=torch.float64))
+                fresh = torch.tensor(values, dtype=torch.float64)
+                if plan.hyperparameters.is_cuda:
+                    # A copy from pageable memory waits for the GPU; from pinned memory it queues.
+                    fresh = fresh.pin_memory()
+                plan.hyperparameters.copy_(fresh, non_blocking=True)
                 plan.values = values
         # The LR scheduler warns unless it sees the optimizer was stepped.
         self.optimizer._opt_called = True  # type: ignore[attr-defined]

@@ -22,7 +22,8 @@ at the same step (the received payload is checked first), each with its state as
 that sync; restart them from the last checkpoint. "skip" is refused there: a worker that
 skipped alone would fall out of step with the others.
 
-The runtime reads the flags after each call (one small host read per step).
+The runtime reads the flags after each call (one small host read per step; on a GPU, with
+"raise", when the next call starts, so that the host never waits for the device).
 `on_nonfinite="raise"` raises `NonFiniteError` naming the step and the first bad tensor;
 the state is as it was before the step. `"skip"` counts the step in `nonfinite.skipped`,
 leaves the step counter (and so the schedule) where it was, warns once, and training goes on.
@@ -238,9 +239,22 @@ def _check_every_worker_decides_alike(graphs: dict[str, TrainGraph]) -> None:
         )
 
 
+def reads_later(flags: torch.Tensor) -> bool:
+    """Whether the flags are read one call late: on a GPU a read right after the call would
+    wait for the device to finish the step, every step, and leave it idle while the host
+    queues the next one."""
+    return flags.is_cuda
+
+
 class NonFiniteGuard(PassRuntime):
     """Reads the flags after every call (one small host read): raises `NonFiniteError` naming
-    the first bad tensor, or, with "skip", says the step was not applied and warns once."""
+    the first bad tensor, or, with "skip", says the step was not applied and warns once.
+
+    Where `reads_later` (a GPU), "raise" copies the flags to the host without waiting and
+    reads them when the next call starts (or at a checkpoint, `settle`): a bad step is still
+    not applied (its writes are guarded in the graph), its counter is taken back, and the
+    next call raises before it runs. "skip" must know at once whether the step counts, so
+    it reads at once everywhere."""
 
     def __init__(self, mode: str, context: RuntimeContext) -> None:
         super().__init__(mode, context)
@@ -253,42 +267,83 @@ class NonFiniteGuard(PassRuntime):
                       for name, graph in context.graphs.items()}
         self.warned = False
         self.flags: torch.Tensor | None = None
+        self.late = False
+        self.host: torch.Tensor | None = None
+        self.copied = None
+        self.pending: tuple[frozenset[str], int] | None = None
+        self.failed: NonFiniteError | None = None
 
     def setup(self, fresh: set[str]) -> None:
         # This capture's own flags: a capture over other parameters (a layer frozen since)
         # allocates a vector of another length, and this capture's graphs keep writing this one.
         self.flags = self.context.runtime.tensors[FLAGS.name]
+        self.late = self.option == "raise" and reads_later(self.flags)
+        if self.late:
+            self.host = torch.empty(self.flags.shape, dtype=self.flags.dtype, pin_memory=self.flags.is_cuda)
+            self.copied = torch.cuda.Event() if self.flags.is_cuda else None
+
+    def around_call(self, events: frozenset[str]):
+        self.settle()
+        if self.failed is not None:
+            error, self.failed = self.failed, None
+            raise error
+        return None
 
     def after_call(self, events: frozenset[str]) -> bool:
-        runtime = self.context.runtime
-        flags = self.flags
+        if not self.late:
+            return self._judge(self.flags, events, self.context.runtime.step)
+        self.host.copy_(self.flags, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        self.pending = (events, self.context.runtime.step)
+        return True
+
+    def settle(self) -> None:
+        if self.pending is None:
+            return
+        (events, step), self.pending = self.pending, None
+        if self.copied is not None:
+            self.copied.synchronize()
+        try:
+            self._judge(self.host, events, step)
+        except NonFiniteError as error:
+            self.context.runtime.step = step
+            self.failed = error
+
+    def load_state_dict(self, state) -> None:
+        # A checkpoint loaded over a bad step that was read late replaces what it spoilt.
+        self.pending = self.failed = None
+
+    def _judge(self, flags: torch.Tensor, events: frozenset[str], step: int) -> bool:
         if bool(flags.all()):
             return True
         name = events_name(events)
         first = self.labels[name][int((~flags).nonzero()[0])]
+        late = (" (read when the next call started: on a GPU the check is read one call late, so that the host "
+                "does not wait for the device every step; that call did not run)" if self.late else "")
         if self.local[name] and first != RECEIVED:
-            warnings.warn(f"step {runtime.step}: the {first} is not finite on this worker; the step was not "
+            warnings.warn(f"step {step}: the {first} is not finite on this worker; the step was not "
                           "applied here, and every worker will raise at the next sync, whose values this worker "
                           "spoils on purpose so that none of its own reach the others. Restart every worker from "
-                          "the last checkpoint then.", RuntimeWarning, stacklevel=3)
+                          "the last checkpoint then.", RuntimeWarning, stacklevel=4)
             return True
         if self.option == "skip":
             if not self.warned:
                 self.warned = True
-                warnings.warn(f"step {runtime.step}: the {first} is not finite; the step was skipped "
-                              "(counted in nonfinite.skipped; warned once)", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"step {step}: the {first} is not finite; the step was skipped "
+                              "(counted in nonfinite.skipped; warned once)", RuntimeWarning, stacklevel=4)
             return False
         if first == RECEIVED:
             raise NonFiniteError(
-                f"step {runtime.step} (graph {name!r}): the {first} is not finite: a worker's own values were "
+                f"step {step} (graph {name!r}): the {first} is not finite: a worker's own values were "
                 "not, at this step or at a local step since the last sync (that worker warned then). Every "
                 "worker raises here; none applied this step, so each one's parameters and optimizer state are "
-                "as before it. Restart every worker from the last checkpoint."
+                f"as before it. Restart every worker from the last checkpoint.{late}"
             )
         raise NonFiniteError(
-            f"step {runtime.step} (graph {name!r}): the {first} is not finite (NaN or inf); the step "
+            f"step {step} (graph {name!r}): the {first} is not finite (NaN or inf); the step "
             "was not applied, so parameters and optimizer state are as before it. Lower the learning rate, "
-            "check the batch, or use Policy(on_nonfinite='skip') to skip such steps and count them."
+            f"check the batch, or use Policy(on_nonfinite='skip') to skip such steps and count them.{late}"
         )
 
 

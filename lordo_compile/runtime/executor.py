@@ -91,6 +91,8 @@ class StepExecutor:
                         stack.enter_context(context)
                 stack.enter_context(deterministic_algorithms(self.deterministic))
                 out = compiled.fn(*args, *self.state_inputs[events])
+        except NonFiniteError:
+            raise
         except Exception as error:
             if not compiled.collectives:
                 raise

@@ -25,10 +25,12 @@ class RuntimeState:
         self.world_size: int | None = None
 
     def allocate(self, specs: Mapping[str, StateSpec], params: Mapping[str, torch.Tensor],
-                 setup: Callable[[set[str]], None] = lambda fresh: None) -> None:
+                 setup: Callable[[set[str]], None] = lambda fresh: None,
+                 device: torch.device | None = None) -> None:
         """Create the tensors of specs not yet held (a spec seen again must not change), run
         `setup` with the names just created (the passes' own initialisation), then make the
-        "same:" copies."""
+        "same:" copies. State of no one parameter (flags, payloads, counters) goes on `device`,
+        the graph's: on a GPU a CPU tensor in the graph would cost a copy and a wait per step."""
         fresh = {name: spec for name, spec in specs.items() if name not in self.specs or self.specs[name] != spec}
         for name, spec in fresh.items():
             held = self.specs.get(name)
@@ -41,7 +43,7 @@ class RuntimeState:
                 )
         for name, spec in fresh.items():
             if not spec.init.startswith("same:"):
-                self._create(name, spec, params)
+                self._create(name, spec, params, device)
         setup(set(fresh))
         for name, spec in fresh.items():
             if spec.init.startswith("same:"):
@@ -55,8 +57,12 @@ class RuntimeState:
             pending, self._pending = self._pending, None
             self.load_state_dict(pending)
 
-    def _create(self, name: str, spec: StateSpec, params: Mapping[str, torch.Tensor]) -> None:
-        device = params[spec.param].device if spec.param in params else torch.device("cpu")
+    def _create(self, name: str, spec: StateSpec, params: Mapping[str, torch.Tensor],
+                device: torch.device | None) -> None:
+        if spec.param in params:
+            device = params[spec.param].device
+        elif device is None:
+            device = next(iter(params.values())).device if params else torch.device("cpu")
         if spec.init == "zeros":
             tensor = torch.zeros(spec.shape, dtype=spec.dtype, device=device)
         elif spec.init == "ones":

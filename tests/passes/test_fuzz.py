@@ -47,7 +47,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lordo_compile as lc
-from common import assert_close, named_parameters
+from common import DEVICE, assert_close, named_parameters
 from eager_compose import EagerComposed
 from lordo_compile.testing import training_step
 
@@ -107,13 +107,13 @@ def _model(widths):
     layers = []
     for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:])):
         layers += [nn.Linear(fan_in, fan_out)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers).to(DEVICE)
 
 
 def _batches(widths):
     generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, widths[0], generator=generator), torch.randn(8, widths[-1], generator=generator))
-            for _ in range(STEPS)]
+    return [(torch.randn(8, widths[0], generator=generator).to(DEVICE),
+             torch.randn(8, widths[-1], generator=generator).to(DEVICE)) for _ in range(STEPS)]
 
 
 def _optimizer(case, params):
@@ -212,6 +212,7 @@ def _outcome(counter, case, outcome):
           phases=(Phase.explicit, Phase.generate),
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=cases())
+@pytest.mark.gpu
 def test_a_random_composition_matches_its_eager_reference_or_is_refused(outcomes, case):
     torch._dynamo.reset()
     model = _model(case["widths"])

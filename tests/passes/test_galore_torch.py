@@ -11,9 +11,6 @@ as on their span.
 """
 
 import copy
-import importlib
-import importlib.util
-import sys
 
 import pytest
 import torch
@@ -21,24 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import lordo_compile as lc
-from lordo_compile.testing import training_step
+from lordo_compile.testing import galore_torch_adamw, training_step
 
 RANK, GAP = 4, 5
 # Refreshes at steps 0, 5, 10 and 15: three after the first, then a gap's worth of steps.
 STEPS = 4 * GAP
 # EPS is galore-torch's default; a larger eps would hide less of where it is added.
 LR, WD, EPS, SCALE = 1e-2, 0.1, 1e-6, 0.25
-
-
-def _galore_adamw():
-    """galore_torch.adamw.AdamW without running the package's __init__, which imports
-    bitsandbytes (not installed) for its 8-bit optimizer."""
-    if "galore_torch" not in sys.modules:
-        spec = importlib.util.find_spec("galore_torch")
-        if spec is None:
-            raise ImportError("galore-torch is not installed: scripts/setup.sh installs it with --no-deps")
-        sys.modules["galore_torch"] = importlib.util.module_from_spec(spec)
-    return importlib.import_module("galore_torch.adamw").AdamW
 
 
 @pytest.mark.parametrize("preset", [lc.Policy.galore, lc.Policy.low_rank_ddp], ids=["galore", "low_rank_ddp"])
@@ -56,7 +42,7 @@ def test_trains_as_galore_torch(shape, preset):
     policy = preset(rank=RANK, update_proj_gap=GAP, scale=SCALE, params="weight", numerics="galore_torch")
     step = lc.compile(training_step(lambda x, y: F.mse_loss(torch.tanh(model(x)), y), opt), policy,
                       compiler="aot_eager")
-    galore = _galore_adamw()([{"params": [reference.weight], "rank": RANK, "update_proj_gap": GAP, "scale": SCALE,
+    galore = galore_torch_adamw()([{"params": [reference.weight], "rank": RANK, "update_proj_gap": GAP, "scale": SCALE,
                                "proj_type": "std"}], lr=LR, weight_decay=WD, eps=EPS, no_deprecation_warning=True)
 
     tensors = step.backend.runtime.tensors
