@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from ..graph import STATE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, tag
 from ..ops import op_named
-from ..ops.lordo import FULL_RANK_INPUTS, NORMALIZERS, WEIGHT_DECAY_AT, int8_rows, ldadam_carry
+from ..ops.lordo import FULL_RANK_INPUTS, NORMALIZERS, WEIGHT_DECAY_AT, ldadam_carry
 from ..ops.low_rank import METHODS, ON_REFRESH, low_rank_carry
 from .collectives import (
     EVERY_STEP_AND_PERIODIC,
@@ -45,7 +45,8 @@ from .collectives import (
     world_size,
 )
 from .manager import INIT, Conflict, Event, PassResult, Program, Stage, register_pass
-from .outer import OuterOptimizer, apply_outer_step, end_of_updates, hold_anchors, pseudo_gradients
+from .outer import (OuterOptimizer, apply_outer_step, end_of_updates, hold_anchors, int8_decoded, int8_encoded,
+                    pseudo_gradients)
 from .projection import refreshed_projection, write_projection
 from .select import choose_matrix, validate_selector
 
@@ -390,10 +391,7 @@ def _int8_payload(graph, option, names, selected, state, deltas) -> _Payload:
             continue
         nodes = state[p]
         a = _error_fed(g, m, nodes, deltas[p])
-        codes_scales = g.call_function(int8_rows, (a,))
-        codes = tag(g.call_function(operator.getitem, (codes_scales, 0)), Role.GRADIENT, p, name=f"int8_codes_{p}")
-        scales = tag(g.call_function(operator.getitem, (codes_scales, 1)), Role.GRADIENT, p, name=f"int8_scales_{p}")
-        dequantized = g.call_function(torch.mul, (g.call_method("float", (codes,)), scales))
+        codes, scales, dequantized = int8_encoded(g, a, p)
         _keep_residual(g, m, nodes, a, dequantized)
         local[p] = dequantized
         gathers += [(p, codes), (p, scales)]
@@ -404,8 +402,7 @@ def _int8_payload(graph, option, names, selected, state, deltas) -> _Payload:
             return averaged[p][0], averaged[p][0]
         if gathered:
             codes, scales = gathered[p]
-            values = g.call_function(torch.mul, (g.call_method("float", (codes,)), scales))
-            mean_a = g.call_method("mean", (values, 0))
+            mean_a = g.call_method("mean", (int8_decoded(g, codes, scales), 0))
         else:
             mean_a = local[p]
         mean = g.call_method("t", (mean_a,)) if m.tall else mean_a

@@ -11,6 +11,9 @@
     anchor_W <- held; buf_W <- buf'; W <- stored   every worker resets to the same anchor
 
 Every worker computes the same anchor from the same average, so nothing is broadcast.
+
+Both passes' int8 payloads are the same code: `int8_encoded` (codes and row scales of a
+matrix, `lordo.int8_rows`, and what they decode to) and `int8_decoded` (codes times scales).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.fx as fx
 
 from ..graph import ROLE, Role, StateSpec, TrainGraph, WeightStorage, tag
 from ..ops import op_named
+from ..ops.lordo import int8_rows
 from ..ops.sync import outer_error_feedback
 
 
@@ -132,3 +136,17 @@ def apply_outer_step(graph: TrainGraph, anchors: dict[str, Anchor], averaged: di
             anchor.storage.assign(graph, param, stored, encoded)
         new_anchors[param] = stored
     return new_anchors
+
+
+def int8_decoded(g: fx.Graph, codes: fx.Node, scales: fx.Node) -> fx.Node:
+    """What int8 codes say: codes * their row scales, in float32."""
+    return g.call_function(torch.mul, (g.call_method("float", (codes,)), scales))
+
+
+def int8_encoded(g: fx.Graph, matrix: fx.Node, param: str) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """Int8 codes (rows, cols) and absmax row scales (rows, 1) of `matrix`, tagged as the
+    parameter's gradient payload, and what they decode to (the sender keeps the difference)."""
+    pair = g.call_function(int8_rows, (matrix,))
+    codes = tag(g.call_function(operator.getitem, (pair, 0)), Role.GRADIENT, param, name=f"int8_codes_{param}")
+    scales = tag(g.call_function(operator.getitem, (pair, 1)), Role.GRADIENT, param, name=f"int8_scales_{param}")
+    return codes, scales, int8_decoded(g, codes, scales)

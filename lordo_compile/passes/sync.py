@@ -54,13 +54,13 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from ..graph import STATE, Role, StateSpec, TrainGraph, events_name, tag
-from ..ops.lordo import int8_rows
 from ..runtime.comm import Collective
 from ..runtime.executor import CollectiveError
 from .collectives import (group_name, insert_all_gather, insert_mean_all_reduce, remove_gradient_all_reduces,
                           world_size)
 from .manager import Event, PassResult, PassRuntime, Program, Stage, register_pass
-from .outer import OuterOptimizer, apply_outer_step, end_of_updates, hold_anchors, pseudo_gradients
+from .outer import (OuterOptimizer, apply_outer_step, end_of_updates, hold_anchors, int8_decoded, int8_encoded,
+                    pseudo_gradients)
 
 
 # What a sync sends: the pseudo-gradients, or their int8 codes and row scales (error fed back).
@@ -186,25 +186,19 @@ def _int8_codes(graph: TrainGraph, names: list[str], deltas: dict[str, fx.Node])
                                            owner="sync", param=name, moment="signed"))
         y = tag(g.call_function(torch.ops.aten.add.Tensor, (deltas[name], error)), Role.GRADIENT, name,
                 name=f"payload_input_{name}")
-        pair = g.call_function(int8_rows, (g.call_method("reshape", (y, *_rows(info.shape))),))
-        codes = tag(g.call_function(operator.getitem, (pair, 0)), Role.GRADIENT, name, name=f"int8_codes_{name}")
-        scales = tag(g.call_function(operator.getitem, (pair, 1)), Role.GRADIENT, name, name=f"int8_scales_{name}")
-        sent = g.call_method("reshape", (_decoded(g, codes, scales), info.shape))
+        codes, scales, decoded = int8_encoded(g, g.call_method("reshape", (y, *_rows(info.shape))), name)
+        sent = g.call_method("reshape", (decoded, info.shape))
         tag(g.call_method("copy_", (error, g.call_function(torch.ops.aten.sub.Tensor, (y, sent)))), Role.WRITEBACK,
             name, "payload_error", name=f"write_payload_error_{name}")
         encoded[name] = codes, scales
     return encoded
 
 
-def _decoded(g: fx.Graph, codes: fx.Node, scales: fx.Node) -> fx.Node:
-    return g.call_function(torch.mul, (g.call_method("float", (codes,)), scales))
-
-
 def _int8_mean(graph: TrainGraph, name: str, codes: fx.Node, scales: fx.Node) -> fx.Node:
     """The mean over workers of what their codes (workers, rows, cols) and scales (workers, rows, 1) say."""
     g = graph.graph
     info = graph.params[name]
-    mean = g.call_method("mean", (_decoded(g, codes, scales), 0))
+    mean = g.call_method("mean", (int8_decoded(g, codes, scales), 0))
     return g.call_method("to", (g.call_method("reshape", (mean, info.shape)), info.dtype))
 
 
