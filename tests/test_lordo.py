@@ -74,7 +74,7 @@ AUTHORS = "authors"
 NAMES = ("0.weight", "2.weight")
 
 
-def _problem(rank, data_seed=10, sizes=(64, 32, 48)):
+def lordo_problem(rank, data_seed=10, sizes=(64, 32, 48)):
     torch.manual_seed(0)
     # By default 0.weight is 32x64 (wide), 2.weight 48x32 (tall), 4.weight stays dense (4 <= rank).
     inputs, first, second = sizes
@@ -336,13 +336,13 @@ class EagerAuthors:
 
 def _train(rank, world, policy, make_reference, data_seed=10, sizes=(64, 32, 48)):
     """The compiled run, then the reference on the same batches; both models' parameters."""
-    model, batches = _problem(rank, data_seed, sizes)
+    model, batches = lordo_problem(rank, data_seed, sizes)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
     step = lc.compile(training_step(lambda x, y, m=model: F.mse_loss(m(x), y), opt), policy, compiler="eager")
     for x, y in batches:
         step(x, y)
     state = step.state_dict()["runtime"]["tensors"]
-    reference_model, batches = _problem(rank, data_seed, sizes)
+    reference_model, batches = lordo_problem(rank, data_seed, sizes)
     reference = make_reference(reference_model, state)
     for k, (x, y) in enumerate(batches):
         F.mse_loss(reference_model(x), y).backward()
@@ -458,7 +458,7 @@ GAP, SCALE = 5, 0.25
 def low_rank_ddp_worker(rank, world):
     """Low-rank DDP compiled, and written out: P from the averaged gradient every GAP steps,
     the projected gradient averaged every step, Adam on it, decoupled decay after."""
-    model, batches = _problem(rank)
+    model, batches = lordo_problem(rank)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
     step = lc.compile(training_step(lambda x, y, m=model: F.mse_loss(m(x), y), opt),
                       lc.Policy.low_rank_ddp(rank=RANK, update_proj_gap=GAP, scale=SCALE), compiler="eager")
@@ -467,7 +467,7 @@ def low_rank_ddp_worker(rank, world):
     compiled = [p.detach().clone() for p in model.parameters()]
     bytes_sent = step.comm_report().bytes_sent
 
-    model, batches = _problem(rank)
+    model, batches = lordo_problem(rank)
     written_out = EagerLowRankDDP(model, lambda t: _mean(t, world))
     for k, (x, y) in enumerate(batches):
         F.mse_loss(model(x), y).backward()

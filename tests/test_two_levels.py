@@ -27,7 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh
 import lordo_compile as lc
 from common import EagerOuterStep, assert_close, named_parameters
 from test_lordo import ATOL as LORDO_ATOL, BETAS, DEFAULTS, EPS, GAP, LR, RANK, SCALE, WD, EagerLoRDO, EagerLowRankDDP
-from test_lordo import _problem as lordo_problem
+from test_lordo import lordo_problem
 from lordo_compile.launch import run_workers
 from lordo_compile.models import MLP
 from lordo_compile.passes import plan_passes
