@@ -15,6 +15,10 @@ from lordo_compile.models import GPTConfig, TinyGPT
 from lordo_compile.testing import training_step
 
 
+# The model of every benchmark's --quick smoke run: compiles in seconds.
+QUICK_GPT = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, d_model=32)
+
+
 def gpt_step(cfg: GPTConfig = GPTConfig(), seed: int = 0):
     """A fresh tiny GPT, its AdamW, and an ordinary training step over them."""
     torch.manual_seed(seed)

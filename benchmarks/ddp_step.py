@@ -1,6 +1,6 @@
 """Step time of `Policy.ddp()` against torch's DistributedDataParallel: tiny GPT, gloo workers.
 
-    python -m benchmarks.ddp_step [--workers 2] [--steps 30] [--warmup 5] [--batch 8] [--json PATH]
+    python -m benchmarks.ddp_step [--workers 2] [--steps 30] [--warmup 5] [--batch 8] [--quick] [--json PATH]
 
 Every worker builds the same model (seed 0) three times and trains each on its own
 batches (seeded by rank), with AdamW:
@@ -15,6 +15,7 @@ The timed steps go round robin (one step of each in turn) after `--warmup` untim
 rounds, each call after a barrier so that both workers start it together; rank 0's
 times. `ratio_vs_ddp` is lordo's median over DDP's; `ratio_vs_best_ddp` over the faster DDP
 row. One thread per worker (they share this machine's cores with gloo's threads).
+`--quick`: a smoke run (a 2-layer GPT of width 32, 4 steps of 2 sequences).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from lordo_compile.launch import run_workers
 from lordo_compile.models import GPTConfig, TinyGPT
 from lordo_compile.testing import training_step
 
-from .common import batches, print_table, write_json
+from .common import QUICK_GPT, batches, print_table, write_json
 
 DDP = "DDP"
 COMPILED_DDP = "DDP + torch.compile"
@@ -77,8 +78,7 @@ def variants(cfg: GPTConfig) -> dict:
     return {DDP: ddp_step, COMPILED_DDP: compiled_ddp_step, LORDO: lordo}
 
 
-def worker(rank: int, world: int, steps: int, warmup: int, batch: int) -> dict:
-    cfg = GPTConfig()
+def worker(rank: int, world: int, steps: int, warmup: int, batch: int, cfg: GPTConfig) -> dict:
     data = batches(cfg, batch, steps + warmup + 1, seed=rank)
     steps_of = variants(cfg)
     first = {}
@@ -104,19 +104,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8, help="sequences per worker")
+    parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    results = run_workers(worker, args.workers, timeout=3600, args=(args.steps, args.warmup, args.batch))
+    cfg = GPTConfig()
+    if args.quick:
+        cfg = QUICK_GPT
+        args.steps, args.warmup, args.batch = 4, 1, 2
+    results = run_workers(worker, args.workers, timeout=3600, args=(args.steps, args.warmup, args.batch, cfg))
     ms, first = results[0]["ms"], results[0]["first_call_s"]
     best = min((DDP, COMPILED_DDP), key=ms.get)
     rows = [{"variant": name, "ms": ms[name], "ratio": ms[name] / ms[DDP], "first": first[name]} for name in ms]
-    print(f"tiny GPT, {args.workers} gloo workers x {args.batch} sequences of {GPTConfig().block_size}, "
+    print(f"tiny GPT, {args.workers} gloo workers x {args.batch} sequences of {cfg.block_size}, "
           f"1 thread each, median of {args.steps} round-robin steps (rank 0)")
     print_table(rows, [("variant", "variant", "<22"), ("ms", "ms/step", ".1f"), ("ratio", "vs DDP", ".3f"),
                        ("first", "1st call s", ".1f")])
     result = {"ratio_vs_ddp": ms[LORDO] / ms[DDP], "ratio_vs_best_ddp": ms[LORDO] / ms[best], "best_ddp": best,
               "ms": ms, "first_call_s": first, "per_rank_ms": [r["ms"] for r in results],
-              "workers": args.workers, "batch_per_worker": [args.batch, GPTConfig().block_size]}
+              "workers": args.workers, "batch_per_worker": [args.batch, cfg.block_size]}
     print(f"lordo Policy.ddp(): {result['ratio_vs_ddp']:.3f}x DDP's step time, "
           f"{result['ratio_vs_best_ddp']:.3f}x the faster DDP ({best})")
     write_json(args.json, result)

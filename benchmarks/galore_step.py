@@ -1,6 +1,6 @@
 """Step time of GaLore on the tiny GPT: ours against dense AdamW and galore-torch's GaLoreAdamW.
 
-    python -m benchmarks.galore_step [--rank 16] [--gap 10] [--steps 40] [--batch 16] [--json PATH]
+    python -m benchmarks.galore_step [--rank 16] [--gap 10] [--steps 40] [--batch 16] [--quick] [--json PATH]
 
 Four variants, each a fresh model with the same initialisation, on the same batches, timed
 round robin (one step of each in turn) after `--warmup` untimed rounds:
@@ -14,6 +14,7 @@ one's refresh steps are timed apart from its ordinary steps. `ordinary_vs_dense`
 ordinary GaLore step over our dense step (the target is <= 1.0); `amortized_vs_dense`
 adds the refresh's extra time spread over `--amortize-gap` steps (200, the preset's
 default gap); `ratio_vs_galore_torch`: ours over galore-torch's, ordinary steps.
+`--quick`: a smoke run (a 2-layer GPT of width 32, rank 4, 6 steps, refresh every 3).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import lordo_compile as lc
 from lordo_compile.models import GPTConfig, TinyGPT
 from lordo_compile.testing import galore_torch_adamw, training_step
 
-from .common import batches, print_table, write_json
+from .common import QUICK_GPT, batches, print_table, write_json
 
 LR, WD, SCALE = 1e-3, 0.1, 0.25
 
@@ -79,9 +80,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds after the first call")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     cfg = GPTConfig()
+    if args.quick:
+        cfg = QUICK_GPT
+        args.rank, args.gap, args.steps, args.warmup, args.batch = 4, 3, 6, 1, 2
     data = batches(cfg, args.batch, args.steps + args.warmup + 1)
     steps_of = variants(cfg, args.rank, args.gap)
     first = {}

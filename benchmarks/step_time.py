@@ -1,7 +1,7 @@
 """Step time of the tiny GPT: lordo_compile against the strongest peers and the machine's matmul peak.
 
     python -m benchmarks.step_time [--steps 40] [--batch-sizes 16 1] [--modes default ...]
-                                   [--device cpu|cuda] [--json PATH]
+                                   [--device cpu|cuda] [--quick] [--json PATH]
 
 Peers, each a fresh model with the same initialisation on the same batches:
 - "eager AdamW": torch.optim.AdamW as it comes (for-loop on CPU, foreach on CUDA);
@@ -28,6 +28,8 @@ GFLOP/s: one step's model FLOPs (matmuls and attention, forward and backward, co
 `torch.utils.flop_counter` on an eager step) over its time, against the machine's peak
 measured in the same run: the best of 10 timed fp32 n x n matmuls (n = 1024 on CPU, 8192
 on CUDA) with the same threads.
+
+`--quick`: a smoke run (a 2-layer GPT of width 32, 4 steps, batch sizes 2 and 1).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from lordo_compile.lowering import MODES
 from lordo_compile.models import GPTConfig, TinyGPT
 from lordo_compile.testing import fresh_inductor_cache, training_step
 
-from .common import batches, median_ms, print_table, write_json
+from .common import QUICK_GPT, batches, median_ms, print_table, write_json
 
 PEERS = ("eager AdamW", "eager fused AdamW", "torch.compile recipe", "compiled autograd")
 LORDO = "lordo Policy()"
@@ -68,15 +70,26 @@ def model_and_optimizer(cfg: GPTConfig, device: torch.device, **adamw):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, **adamw)
 
 
-def eager_fused(cfg: GPTConfig, device: torch.device, clock: Clock, update_times: list[float]) -> Callable:
+def eager_fused(cfg: GPTConfig, device: torch.device, update_times: list[Callable[[], float]]) -> Callable:
+    """Eager fused AdamW; each step appends a function giving its `opt.step()`'s seconds (on a
+    GPU from CUDA events, read after the timed loop: a synchronisation inside the step would
+    slow this peer down)."""
     model, opt = model_and_optimizer(cfg, device, fused=True)
 
     def step(x, y):
         loss = model.loss(x, y)
         loss.backward()
-        started = clock()
-        opt.step()
-        update_times.append(clock() - started)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            opt.step()
+            end.record()
+            update_times.append(lambda: start.elapsed_time(end) / 1e3)
+        else:
+            started = time.perf_counter()
+            opt.step()
+            elapsed = time.perf_counter() - started
+            update_times.append(lambda: elapsed)
         opt.zero_grad()
         return loss.detach()
 
@@ -141,11 +154,11 @@ def eager(cfg: GPTConfig, device: torch.device) -> Callable:
     return training_step(model.loss, opt)
 
 
-def variants_at(cfg: GPTConfig, device: torch.device, clock: Clock, first_section: bool, modes: list[str],
-                update_times: list[float]) -> dict[str, Callable]:
+def variants_at(cfg: GPTConfig, device: torch.device, first_section: bool, modes: list[str],
+                update_times: list[Callable[[], float]]) -> dict[str, Callable]:
     variants = {
         "eager AdamW": eager(cfg, device),
-        "eager fused AdamW": eager_fused(cfg, device, clock, update_times),
+        "eager fused AdamW": eager_fused(cfg, device, update_times),
         "torch.compile recipe": recipe(cfg, device),
         "compiled autograd": recipe(cfg, device, compiled_autograd=True),
         LORDO: lordo(cfg, device, lc.Policy()),
@@ -166,8 +179,8 @@ def section(cfg: GPTConfig, device: torch.device, clock: Clock, batch_size: int,
     torch._dynamo.reset()
     data = [tuple(t.to(device) for t in batch)
             for batch in batches(cfg, batch_size, args.steps + args.warmup + 1)]
-    update_times: list[float] = []
-    variants = variants_at(cfg, device, clock, first_section, args.modes, update_times)
+    update_times: list[Callable[[], float]] = []
+    variants = variants_at(cfg, device, first_section, args.modes, update_times)
     first: dict[str, float] = {}
     errors: dict[str, str] = {}
     timings: dict[str, float] = {}
@@ -196,6 +209,8 @@ def section(cfg: GPTConfig, device: torch.device, clock: Clock, batch_size: int,
             if i >= args.warmup:
                 times[name].append(clock() - started)
     ms = {name: median_ms(t) for name, t in times.items()}
+    clock()
+    update_ms = median_ms([seconds() for seconds in update_times])
     peers = {name: ms[name] for name in PEERS if name in ms}
     best_peer = min(peers, key=peers.get)
     flops = step_flops(cfg, device, data[0])
@@ -210,8 +225,8 @@ def section(cfg: GPTConfig, device: torch.device, clock: Clock, batch_size: int,
         "ratio_vs_torch_compile": ms[LORDO] / ms["torch.compile recipe"],
         "ratio_vs_eager": ms[LORDO] / ms["eager AdamW"],
         "first_call_ratio_vs_torch_compile": first[LORDO] / first["torch.compile recipe"],
-        "update_share": median_ms(update_times) / ms["eager fused AdamW"],
-        "fused_update_ms": median_ms(update_times),
+        "update_share": update_ms / ms["eager fused AdamW"],
+        "fused_update_ms": update_ms,
         "step_gflop": flops / 1e9,
         "lordo_gflops": flops / ms[LORDO] / 1e6,
         "best_peer_gflops": flops / peers[best_peer] / 1e6,
@@ -243,11 +258,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--modes", nargs="+", default=["default"], choices=MODES,
                         help="Inductor modes to time the recipe and Policy() with, besides the default")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    cfg = GPTConfig()
+    if args.quick:
+        cfg, args.steps, args.warmup, args.batch_sizes = QUICK_GPT, 4, 1, [2, 1]
     device = torch.device(args.device)
     clock = Clock(device)
-    cfg = GPTConfig()
     peak = matmul_peak_gflops(device, clock)
     sections = []
     for i, batch_size in enumerate(args.batch_sizes):
