@@ -477,7 +477,7 @@ def low_rank_ddp_worker(rank, world):
 
 
 class EagerLowRankDDP:
-    """Low-rank DDP's definition on `_problem`'s model: P from the averaged gradient every GAP
+    """Low-rank DDP's definition on `lordo_problem`'s model: P from the averaged gradient every GAP
     steps, the projected gradient averaged every step, Adam on it, decoupled decay after.
     `mean` averages a tensor over the workers."""
 
