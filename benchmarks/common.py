@@ -19,6 +19,14 @@ from lordo_compile.testing import training_step
 QUICK_GPT = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, d_model=32)
 
 
+def timing_arguments(parser, steps: int, warmup: int) -> None:
+    """The arguments every step-time benchmark takes: timed and untimed rounds, --quick, --json."""
+    parser.add_argument("--steps", type=int, default=steps, help="timed round-robin rounds")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed rounds after the first call")
+    parser.add_argument("--quick", action="store_true", help="a smoke run on QUICK_GPT")
+    parser.add_argument("--json")
+
+
 def gpt_step(cfg: GPTConfig = GPTConfig(), seed: int = 0):
     """A fresh tiny GPT, its AdamW, and an ordinary training step over them."""
     torch.manual_seed(seed)

@@ -33,7 +33,7 @@ from lordo_compile.launch import run_workers
 from lordo_compile.models import GPTConfig, TinyGPT
 from lordo_compile.testing import training_step
 
-from .common import QUICK_GPT, batches, print_table, write_json
+from .common import QUICK_GPT, batches, print_table, timing_arguments, write_json
 
 DDP = "DDP"
 COMPILED_DDP = "DDP + torch.compile"
@@ -101,11 +101,8 @@ def worker(rank: int, world: int, steps: int, warmup: int, batch: int, cfg: GPTC
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8, help="sequences per worker")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json")
+    timing_arguments(parser, steps=30, warmup=5)
     args = parser.parse_args(argv)
     cfg = GPTConfig()
     if args.quick:

@@ -29,7 +29,7 @@ import lordo_compile as lc
 from lordo_compile.models import GPTConfig, TinyGPT
 from lordo_compile.testing import galore_torch_adamw, training_step
 
-from .common import QUICK_GPT, batches, print_table, write_json
+from .common import QUICK_GPT, batches, print_table, timing_arguments, write_json
 
 LR, WD, SCALE = 1e-3, 0.1, 0.25
 
@@ -77,11 +77,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--gap", type=int, default=10, help="update_proj_gap while timing (refreshes to time)")
     parser.add_argument("--amortize-gap", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds after the first call")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json")
+    timing_arguments(parser, steps=40, warmup=2)
     args = parser.parse_args(argv)
     cfg = GPTConfig()
     if args.quick:

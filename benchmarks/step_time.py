@@ -46,7 +46,7 @@ from lordo_compile.lowering import MODES
 from lordo_compile.models import GPTConfig, TinyGPT
 from lordo_compile.testing import fresh_inductor_cache, training_step
 
-from .common import QUICK_GPT, batches, median_ms, print_table, write_json
+from .common import QUICK_GPT, batches, median_ms, print_table, timing_arguments, write_json
 
 PEERS = ("eager AdamW", "eager fused AdamW", "torch.compile recipe", "compiled autograd")
 LORDO = "lordo Policy()"
@@ -252,14 +252,11 @@ def section(cfg: GPTConfig, device: torch.device, clock: Clock, batch_size: int,
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 1])
     parser.add_argument("--modes", nargs="+", default=["default"], choices=MODES,
                         help="Inductor modes to time the recipe and Policy() with, besides the default")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json")
+    timing_arguments(parser, steps=40, warmup=5)
     args = parser.parse_args(argv)
     cfg = GPTConfig()
     if args.quick:

@@ -345,8 +345,8 @@ class StoredWeights(PassRuntime):
                 if f"eco.codes.{name}" not in fresh:
                     continue
                 value, codes, scales = requantize_math(
-                    weight.detach().float(), torch.zeros((), dtype=torch.int64, device=weight.device), **self.option.quantizer(),
-                    rounding="nearest", seed=0, salt=0)
+                    weight.detach().float(), torch.zeros((), dtype=torch.int64, device=weight.device),
+                    **self.option.quantizer(), rounding="nearest", seed=0, salt=0)
                 tensors[f"eco.codes.{name}"].copy_(codes)
                 tensors[f"eco.scales.{name}"].copy_(scales)
                 weight.copy_(value)

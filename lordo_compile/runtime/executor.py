@@ -83,26 +83,27 @@ class StepExecutor:
                                "built; this is a bug in lordo_compile's schedule, please report it")
         if compiled.fn is None:
             compiled.fn = compiled.build(args)
-        try:
-            with contextlib.ExitStack() as stack:
-                for hook in self.pass_runtimes:
-                    context = hook.around_call(events)
-                    if context is not None:
-                        stack.enter_context(context)
-                stack.enter_context(deterministic_algorithms(self.deterministic))
+        # The hooks raise their own errors (a runtime-issued collective its CollectiveError, the
+        # non-finite check read one call late its NonFiniteError); only the graph's are wrapped.
+        with contextlib.ExitStack() as stack:
+            for hook in self.pass_runtimes:
+                context = hook.around_call(events)
+                if context is not None:
+                    stack.enter_context(context)
+            stack.enter_context(deterministic_algorithms(self.deterministic))
+            try:
                 out = compiled.fn(*args, *self.state_inputs[events])
-        except NonFiniteError:
-            raise
-        except Exception as error:
-            if not compiled.collectives:
-                raise
-            raise CollectiveError(
-                f"graph {compiled.name!r} at step {self.runtime.step} failed in one of its {compiled.collectives} "
-                f"collective(s): {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. "
-                "A worker has probably died, hung past the process group's timeout, or lost its connection; "
-                "this worker's state may be partly updated. Restart every worker from the last checkpoint "
-                "(model, optimizer and step.state_dict())."
-            ) from error
+            except Exception as error:
+                if not compiled.collectives:
+                    raise
+                raise CollectiveError(
+                    f"graph {compiled.name!r} at step {self.runtime.step} failed in one of its "
+                    f"{compiled.collectives} collective(s): {type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''}. A worker has probably died, hung past "
+                    "the process group's timeout, or lost its connection; this worker's state may be partly "
+                    "updated. Restart every worker from the last checkpoint (model, optimizer and "
+                    "step.state_dict())."
+                ) from error
         name = events_name(events)
         self.runtime.calls[name] = self.runtime.calls.get(name, 0) + 1
         applied = [hook.after_call(events) for hook in self.pass_runtimes]

@@ -25,8 +25,7 @@ class RuntimeState:
         self.world_size: int | None = None
 
     def allocate(self, specs: Mapping[str, StateSpec], params: Mapping[str, torch.Tensor],
-                 setup: Callable[[set[str]], None] = lambda fresh: None,
-                 device: torch.device | None = None) -> None:
+                 setup: Callable[[set[str]], None], device: torch.device) -> None:
         """Create the tensors of specs not yet held (a spec seen again must not change), run
         `setup` with the names just created (the passes' own initialisation), then make the
         "same:" copies. State of no one parameter (flags, payloads, counters) goes on `device`,
@@ -57,12 +56,9 @@ class RuntimeState:
             pending, self._pending = self._pending, None
             self.load_state_dict(pending)
 
-    def _create(self, name: str, spec: StateSpec, params: Mapping[str, torch.Tensor],
-                device: torch.device | None) -> None:
+    def _create(self, name: str, spec: StateSpec, params: Mapping[str, torch.Tensor], device: torch.device) -> None:
         if spec.param in params:
             device = params[spec.param].device
-        elif device is None:
-            device = next(iter(params.values())).device if params else torch.device("cpu")
         if spec.init == "zeros":
             tensor = torch.zeros(spec.shape, dtype=spec.dtype, device=device)
         elif spec.init == "ones":
