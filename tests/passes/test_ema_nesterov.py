@@ -176,7 +176,7 @@ def test_composes_with_lordos_inner_step(monkeypatch):
 
     monkeypatch.setattr(lordo, "_mean", lambda t, world: t.clone())
     options = {**lordo.DEFAULTS, **lordo.VARIANTS["outer=nesterov"]}
-    model, batches = lordo._problem(0)
+    model, batches = lordo.lordo_problem(0)
     opt = torch.optim.AdamW(model.parameters(), lr=lordo.LR, weight_decay=lordo.WD, betas=lordo.BETAS,
                             eps=lordo.EPS)
     policy = lc.Policy(lordo=lc.LoRDO(rank=lordo.RANK, sync_every=lordo.H, **options),
@@ -186,7 +186,7 @@ def test_composes_with_lordos_inner_step(monkeypatch):
         step(x, y)
     assert step.backend.runtime.calls == {"init": 1, "step": 8, "sync": 3}
 
-    reference, batches = lordo._problem(0)
+    reference, batches = lordo.lordo_problem(0)
     base = lordo.EagerLoRDO(reference, options, 1, [None, None], [None, None])
     lookahead = EagerLookahead(reference.parameters(), **SCHEDULED)
     local = {}
