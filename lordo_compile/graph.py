@@ -93,6 +93,10 @@ class StateSpec:
     buffer) or "unsigned" (a second moment); None: it is always held as declared. A pass
     that marks a moment reads and writes it only through the graph, never as a tensor of
     the runtime (in which it may not exist).
+    `counted_by_optimizer` marks a moment whose first steps torch.optim's state of `param`
+    counts (Adam's bias correction by `step`, SGD's first momentum step): a checkpoint that
+    starts the moment afresh (resuming on another number of workers) must start that state
+    afresh with it.
     """
 
     name: str
@@ -103,6 +107,7 @@ class StateSpec:
     init: str = "zeros"
     holds: str = "state"
     moment: str | None = None
+    counted_by_optimizer: bool = False
 
     @property
     def nbytes(self) -> int:

@@ -1,10 +1,14 @@
 """Resuming on another number of workers (docs/reliability.md), 4 -> 2 and 2 -> 4 gloo processes.
 
-DiLoCo saves a checkpoint right after its first sync (`lc.save_checkpoint`); a run with
-another number of workers loads it and trains to the next sync. Expected, written out: every
-new worker starts from the writers' common model and outer momentum, with fresh inner AdamW
-moments (each writer's own, so not carried over, and named in a warning), and DiLoCo goes on
-over the new workers.
+DiLoCo and LoRDO save a checkpoint right after their first sync (`lc.save_checkpoint`); a run
+with another number of workers loads it and trains to the next sync. Expected, written out:
+
+- DiLoCo: every new worker starts from the writers' common model and outer momentum, with
+  fresh inner AdamW moments (each writer's own, so not carried over, and named in a
+  warning), and DiLoCo goes on over the new workers;
+- LoRDO: test_lordo.py's section 3 reference from the common model, outer momentum and
+  global projection, with fresh low-rank moments (bias correction restarting with them),
+  error feedback and dense AdamW moments.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from common import assert_close, named_parameters
 from lordo_compile.launch import run_workers
 from lordo_compile.models import MLP
 from lordo_compile.testing import training_step
+from test_lordo import BETAS, DEFAULTS, EPS, LR as LORDO_LR, NAMES, RANK, VARIANTS, WD, EagerLoRDO, lordo_problem
 
 pytestmark = pytest.mark.distributed
 
@@ -42,29 +47,52 @@ def _problem(rank):
     return model, opt, step, batches
 
 
+# LoRDO with an outer momentum, so that the checkpoint carries one.
+LORDO = {**DEFAULTS, **VARIANTS["outer=nesterov"]}
+
+
+def _lordo_problem(rank):
+    model, batches = lordo_problem(rank)
+    opt = torch.optim.AdamW(model.parameters(), lr=LORDO_LR, weight_decay=WD, betas=BETAS, eps=EPS)
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt),
+                      lc.Policy.lordo(rank=RANK, sync_every=H, **LORDO), compiler="eager")
+    return model, opt, step, batches[:2 * H]
+
+
+PROBLEMS = {"diloco": _problem, "lordo": _lordo_problem}
+
+
 def writer(rank, world, directory):
-    model, opt, step, batches = _problem(rank)
-    for x, y in batches[:H]:
-        step(x, y)
-    lc.save_checkpoint(directory, model, opt, step)
-    tensors = step.state_dict()["runtime"]["tensors"]
-    return {name.removeprefix("sync.outer_momentum."): t for name, t in tensors.items()
-            if name.startswith("sync.outer_momentum.")}
+    """Each policy to its first sync, checkpointed; the state every writer holds alike."""
+    carried = {}
+    for policy, problem in PROBLEMS.items():
+        torch._dynamo.reset()
+        model, opt, step, batches = problem(rank)
+        for x, y in batches[:H]:
+            step(x, y)
+        lc.save_checkpoint(f"{directory}/{policy}", model, opt, step)
+        carried[policy] = {name: t for name, t in step.state_dict()["runtime"]["tensors"].items()
+                           if ".outer_momentum." in name or ".projection." in name}
+    return carried
 
 
-def reader(rank, world, directory, outer_momentum):
-    model, opt, step, batches = _problem(rank)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        lc.load_checkpoint(directory, model, opt, step)
-    loaded = named_parameters(model)
-    for x, y in batches[H:]:
-        step(x, y)
-    return [str(w.message) for w in caught], loaded, named_parameters(model), _written_out(rank, world, loaded,
-                                                                                          outer_momentum)
+def reader(rank, world, directory, carried):
+    results = {}
+    for policy, problem in PROBLEMS.items():
+        torch._dynamo.reset()
+        model, opt, step, batches = problem(rank)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lc.load_checkpoint(f"{directory}/{policy}", model, opt, step)
+        loaded = named_parameters(model)
+        for x, y in batches[H:]:
+            step(x, y)
+        expected = (_written_out if policy == "diloco" else _lordo_written_out)(rank, world, loaded, carried[policy])
+        results[policy] = [str(w.message) for w in caught], loaded, named_parameters(model), expected
+    return results
 
 
-def _written_out(rank, world, loaded, outer_momentum):
+def _written_out(rank, world, loaded, carried):
     """DiLoCo from the loaded model and outer momentum, with fresh AdamW moments, to the next sync."""
     model = MLP((16, 32, 32, 4))
     model.load_state_dict(loaded)
@@ -72,7 +100,7 @@ def _written_out(rank, world, loaded, outer_momentum):
     anchor = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
     outer = torch.optim.SGD(anchor, **OUTER)
     for a, (name, _) in zip(anchor, model.named_parameters()):
-        outer.state[a]["momentum_buffer"] = outer_momentum[name].clone()
+        outer.state[a]["momentum_buffer"] = carried[f"sync.outer_momentum.{name}"].clone()
     _, _, _, batches = _problem(rank)
     for x, y in batches[H:]:
         F.mse_loss(model(x), y).backward()
@@ -89,21 +117,42 @@ def _written_out(rank, world, loaded, outer_momentum):
     return named_parameters(model)
 
 
+def _lordo_written_out(rank, world, loaded, carried):
+    """Section 3 from the loaded model, outer momentum and projections, everything each writer
+    held for itself (moments, error feedback, dense AdamW moments) from zero, to the next sync."""
+    model, batches = lordo_problem(rank)
+    model.load_state_dict(loaded)
+    reference = EagerLoRDO(model, LORDO, world, [None, None], [None, None])
+    for a, (name, _) in zip(reference.anchor, model.named_parameters()):
+        reference.outer.state[a]["momentum_buffer"] = carried[f"lordo.outer_momentum.{name}"].clone()
+    for w, name in zip(reference.low, NAMES):
+        reference.s[w]["Q"] = carried[f"lordo.projection.{name}"].clone()
+    for k, (x, y) in enumerate(batches[H:2 * H], start=H):
+        F.mse_loss(model(x), y).backward()
+        reference.step(k)
+        model.zero_grad()
+    return named_parameters(model)
+
+
+# The state each policy's writers held for themselves, which the warning must name.
+OWN = {"diloco": ("'net.0.weight'", "torch.optim's state"), "lordo": ("'lordo.u.0.weight'", "'lordo.error.2.weight'")}
+
+
 @pytest.mark.parametrize("before, after", [(4, 2), (2, 4)])
 def test_a_checkpoint_after_a_sync_resumes_on_another_number_of_workers(before, after, tmp_path):
     written = run_workers(writer, before, timeout=600, args=(str(tmp_path),))
-    outer_momentum = written[0]
-    assert all(torch.equal(m[name], outer_momentum[name]) for m in written for name in outer_momentum)
-    for messages, loaded, resumed, expected in run_workers(reader, after, timeout=600,
-                                                            args=(str(tmp_path), outer_momentum)):
-        assert any(f"checkpoint of {before} workers on {after}" in m and "'net.0.weight'" in m
-                   and "torch.optim's state" in m for m in messages), messages
-        assert_close(resumed, expected)
-    assert_close(loaded, _writers_model(tmp_path), rtol=0, atol=0)
+    carried = written[0]
+    assert all(torch.equal(w[policy][name], t) for w in written for policy in carried
+               for name, t in carried[policy].items())
+    for results in run_workers(reader, after, timeout=600, args=(str(tmp_path), carried)):
+        for policy, (messages, loaded, resumed, expected) in results.items():
+            assert any(f"checkpoint of {before} workers on {after}" in m and all(own in m for own in OWN[policy])
+                       for m in messages), (policy, messages)
+            assert_close(resumed, expected, atol=1e-5 if policy == "lordo" else 1e-6)
+            assert_close(loaded, _writers_model(tmp_path / policy, MLP((16, 32, 32, 4)) if policy == "diloco" else lordo_problem(0)[0]), rtol=0, atol=0)
 
 
-def _writers_model(directory):
-    model = MLP((16, 32, 32, 4))
+def _writers_model(directory, model):
     entries = {"rank0": {"model": model.state_dict()}}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

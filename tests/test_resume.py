@@ -8,7 +8,10 @@ rebuilds model, optimizer and compiled step, loads, and finishes. Every end stat
 optimizer state, the step's own state) must equal the first run's bit for bit. Policies
 that communicate run on 2 workers, the others on 1 (a second worker would only repeat the
 first); the compositions among them carry several events on one step (a refresh on a sync
-step). Every policy of one worker count runs in the same two sets of processes.
+step). Every pass runs, alone or in a composition: GaLore, DiLoCo, CAGE, EMA-Nesterov and
+DoCoM only in one (each alone added a minute to the suite and checked no state that the
+composition does not hold). Every policy of one worker count runs in the same two sets of
+processes.
 
 Also: a checkpoint is refused by a run with another number of workers, and a worker that
 leaves or hangs in a sync fails the others within the process group's timeout, after
@@ -42,15 +45,10 @@ OFTEN = 2
 POLICIES = {
     "identity": lambda: lc.Policy(),
     "ddp": lambda: lc.Policy.ddp(),
-    "galore": lambda: lc.Policy.galore(rank=4, update_proj_gap=EVERY),
     "local_sgd": lambda: lc.Policy.local_sgd(sync_every=EVERY),
-    "diloco": lambda: lc.Policy.diloco(sync_every=EVERY),
     "low_rank_ddp": lambda: lc.Policy.low_rank_ddp(rank=4, update_proj_gap=EVERY),
     "lordo": lambda: lc.Policy.lordo(rank=4, sync_every=EVERY),
-    "cage": lambda: lc.Policy.cage(bits=4, total_steps=STEPS, silence_ratio=0.3),
     "eco": lambda: lc.Policy.eco(format="int8", rounding="stochastic", seed=3),
-    "ema_nesterov": lambda: lc.Policy(ema_nesterov=lc.EMANesterov(beta=0.5, warmup_steps=3)),
-    "docom": lambda: lc.Policy.docom(ratio=0.1),
     "adaptive_rotation": lambda: lc.Policy(fake_quant=lc.FakeQuant(bits=4, activation_bits=4,
                                                                    adaptive_rotation=lc.AdaptiveRotation(every=EVERY))),
     "galore+diloco": lambda: lc.Policy(low_rank=lc.LowRank(rank=4, update_proj_gap=OFTEN),
@@ -64,7 +62,7 @@ POLICIES = {
         ema_nesterov=lc.EMANesterov(beta=0.5, warmup_steps=OFTEN)),
 }
 # The workers each policy runs on: those that never communicate on one.
-LOCAL = {"identity", "galore", "cage", "eco", "ema_nesterov", "adaptive_rotation"}
+LOCAL = {"identity", "eco", "adaptive_rotation"}
 WORLD = {name: 1 if name in LOCAL else 2 for name in POLICIES}
 
 
@@ -229,20 +227,23 @@ def resumed_run(rank, world, name, directory):
     return _resume(rank, world, name, directory, STOPS[1])
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_lordo(tmp_path_factory):
+    return run_workers(first_run, 2, args=("lordo", str(tmp_path_factory.mktemp("uninterrupted"))))
+
+
 @pytest.mark.parametrize("fault", ["exits", "hangs"])
-def test_a_fault_in_a_sync_raises_within_the_timeout_and_the_run_resumes_exactly(fault, tmp_path):
-    name = "lordo"
-    faulty, uninterrupted = tmp_path / "faulty", tmp_path / "uninterrupted"
-    faulty.mkdir(), uninterrupted.mkdir()
+def test_a_fault_in_a_sync_raises_within_the_timeout_and_the_run_resumes_exactly(fault, tmp_path,
+                                                                                  uninterrupted_lordo):
+    name, faulty = "lordo", tmp_path
     message, elapsed = run_workers(faulty_run, 2, timeout=120, args=(name, str(faulty), fault),
                                    pg_timeout=datetime.timedelta(seconds=FAULT_TIMEOUT_S))[0]
     assert f"graph 'sync' at step {STOPS[1] + 1} failed" in message
     assert "Restart every worker from the last checkpoint" in message
     assert elapsed < FAULT_TIMEOUT_S + 10
-    expected = run_workers(first_run, 2, args=(name, str(uninterrupted)))
     resumed = run_workers(resumed_run, 2, args=(name, str(faulty)))
     for rank in range(2):
-        assert _differences(expected[rank], resumed[rank]) == [], f"rank {rank}"
+        assert _differences(uninterrupted_lordo[rank], resumed[rank]) == [], f"rank {rank}"
 
 
 def dcp_first_run(rank, world, name, directory):

@@ -215,15 +215,16 @@ def _plan(option: LoRDO, graph: TrainGraph) -> tuple[list[_Matrix], list[str]]:
         matrix = _Matrix(site.param, (m, n), tall, {})
         moment = (m, option.rank) if tall else (option.rank, n)
 
-        def spec(key, shape, dtype=info.dtype, init="zeros", moment=None):
+        def spec(key, shape, dtype=info.dtype, init="zeros", moment=None, counted=False):
             matrix.specs[key] = StateSpec(name=f"lordo.{key}.{site.param}", shape=tuple(shape), dtype=dtype,
-                                          owner="lordo", param=site.param, init=init, moment=moment)
+                                          owner="lordo", param=site.param, init=init, moment=moment,
+                                          counted_by_optimizer=counted)
 
-        spec("u", moment, moment="signed")
-        spec("v", moment, moment="unsigned")
+        spec("u", moment, moment="signed", counted=True)
+        spec("v", moment, moment="unsigned", counted=True)
         spec("error", info.shape, moment="signed")
         if option.full_rank_normalizer == "full":
-            spec("second_moment", info.shape, moment="unsigned")
+            spec("second_moment", info.shape, moment="unsigned", counted=True)
         spec("projection", (matrix.side, option.rank), torch.float32, "eye")
         if option.method == "randomized":
             spec("sketch", (matrix.other, option.rank + option.oversampling), torch.float32,

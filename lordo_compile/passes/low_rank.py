@@ -139,7 +139,8 @@ def plan_matrices(option: LowRank, graph: TrainGraph) -> tuple[list[MatrixPlan],
         replacement, keys = _REPLACES[site.op.name]
         specs = {
             key: StateSpec(name=f"low_rank.{key}.{site.param}", shape=moment_shape, dtype=info.dtype,
-                           owner="low_rank", param=site.param, moment="unsigned" if key in _SQUARED else "signed")
+                           owner="low_rank", param=site.param, moment="unsigned" if key in _SQUARED else "signed",
+                           counted_by_optimizer=True)
             for key in keys
         }
         specs["projection"] = StateSpec(name=f"low_rank.projection.{site.param}", shape=(side, option.rank),

@@ -100,6 +100,7 @@ class _Moment:
     dtype: torch.dtype
     sign: str
     declared: bool  # by a pass (a StateSpec), not by the optimizer
+    counted_by_optimizer: bool
 
 
 def _moments(graph: TrainGraph, option: QuantizedState) -> list[_Moment]:
@@ -110,7 +111,8 @@ def _moments(graph: TrainGraph, option: QuantizedState) -> list[_Moment]:
         source = node.meta.get(INPUT) or ()
         if source[:1] == ("state",):
             spec = graph.state[source[1]]
-            moment = _Moment(node, spec.name, spec.param, spec.shape, spec.dtype, spec.moment, True)
+            moment = _Moment(node, spec.name, spec.param, spec.shape, spec.dtype, spec.moment, True,
+                             spec.counted_by_optimizer)
         else:
             key, param = node.meta.get(STATE), node.meta.get(PARAM)
             info = graph.params.get(param)
@@ -118,7 +120,8 @@ def _moments(graph: TrainGraph, option: QuantizedState) -> list[_Moment]:
             if key not in OPTIMIZER_MOMENTS or info is None or not any(
                     not writes_into(user, node) for user in node.users):
                 continue
-            moment = _Moment(node, f"{key}.{param}", param, info.shape, info.dtype, OPTIMIZER_MOMENTS[key], False)
+            moment = _Moment(node, f"{key}.{param}", param, info.shape, info.dtype, OPTIMIZER_MOMENTS[key], False,
+                             True)
         if moment.sign is not None and option.holds(math.prod(moment.shape)):
             found.append(moment)
     return found
@@ -142,7 +145,8 @@ def _hold(graph: TrainGraph, moment: _Moment, option: QuantizedState) -> str:
     levels = graph.state_node(_map_spec(moment.sign, option.bits))
     attributes = {"bits": option.bits}
     held = [graph.add_state(StateSpec(name=f"quantized_state.{part}.{moment.name}", shape=(size,), dtype=dtype,
-                                      owner="quantized_state", param=moment.param))
+                                      owner="quantized_state", param=moment.param,
+                                      counted_by_optimizer=moment.counted_by_optimizer))
             for part, size, dtype in (("codes", code_count(numel, option.bits), torch.uint8),
                                       ("scales", numel // option.block, torch.float32))]
     label = moment.name.replace(".", "_")

@@ -58,6 +58,7 @@ def load_checkpoint(checkpoint_id: str, model: torch.nn.Module, optimizer: torch
         fresh: list[str] = []
     else:
         entries, own_moments, fresh = _alike(checkpoint_id, metadata, saved_world, world)
+        own_moments = sorted(set(own_moments) | _counting(entries["step"]["runtime"], fresh, model, optimizer))
         _warn_fresh(saved_world, world, model, optimizer, own_moments, fresh)
     # DCP writes every mapping key as a string (torch.optim and the step key their state by
     # int) and leaves out empty containers.
@@ -119,6 +120,22 @@ def _alike(checkpoint_id: str, metadata, saved_world: int,
     runtime = dict(first["step"]["runtime"], tensors={k: v for k, v in tensors[0].items() if k not in fresh})
     return dict(first, optimizer=optimizer, step=dict(first["step"], runtime=runtime)), [int(k) for k in own_moments], \
         fresh
+
+
+def _counting(runtime: dict, fresh: list[str], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> set[int]:
+    """The optimizer indices of parameters whose torch.optim state counts the steps of a moment
+    in `fresh` (StateSpec.counted_by_optimizer): a moment that starts afresh with its count
+    carried over would be bias-corrected as if it had run all along."""
+    counted = runtime.get("counted_by_optimizer", {})
+    names = {id(p): name for name, p in model.named_parameters()}
+    index = {names.get(id(p)): k for k, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    params = {counted[name] for name in fresh if name in counted}
+    unknown = sorted(params - index.keys())
+    if unknown:
+        raise ValueError(f"the checkpoint's step state counts moments of {unknown}, which are not parameters of both "
+                         "the model and the optimizer passed to load_checkpoint: pass the ones the step was compiled "
+                         "with")
+    return {index[name] for name in params}
 
 
 def _warn_fresh(saved_world: int, world: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

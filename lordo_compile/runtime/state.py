@@ -88,6 +88,10 @@ class RuntimeState:
             "world_size": self.world_size,
             "calls": dict(self.calls),
             "tensors": {k: v.detach().clone() for k, v in self.tensors.items()},
+            # Which parameter's torch.optim state counts each moment's steps (StateSpec), for a
+            # checkpoint that starts moments afresh.
+            "counted_by_optimizer": {name: spec.param for name, spec in self.specs.items()
+                                     if spec.counted_by_optimizer and name in self.tensors},
         }
 
     def load_state_dict(self, state: Mapping) -> None:
