@@ -15,6 +15,9 @@ from lordo_compile.models import MLP, GPTConfig, TinyGPT
 from lordo_compile.testing import training_step
 
 SMALL_GPT = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32)
+# For tests whose cost is the capture or code generation and whose check does not depend on
+# depth (state kept across a resume, run-to-run determinism): half the graph to build.
+ONE_LAYER_GPT = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, d_model=32)
 # Where the `gpu`-marked tests put their models and data (conftest.py checks it is usable).
 # Data is drawn on the CPU and moved, so every device trains on the same numbers.
 DEVICE = torch.device(os.environ.get("LORDO_TEST_DEVICE", "cpu"))

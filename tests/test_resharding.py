@@ -5,7 +5,8 @@ with another number of workers loads it and trains to the next sync. Expected, w
 
 - DiLoCo: every new worker starts from the writers' common model and outer momentum, with
   fresh inner AdamW moments (each writer's own, so not carried over, and named in a
-  warning), and DiLoCo goes on over the new workers;
+  warning), and DiLoCo goes on over the new workers; the same for its two-level form
+  (`mesh=`: 4 workers as 2 x 2, 2 as 2 x 1);
 - LoRDO: test_lordo.py's section 3 reference from the common model, outer momentum and
   global projection, with fresh low-rank moments (bias correction restarting with them),
   error feedback and dense AdamW moments.
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
 
 import lordo_compile as lc
 from common import assert_close, named_parameters
@@ -34,7 +36,7 @@ H = 4
 OUTER = dict(lr=0.7, momentum=0.9, nesterov=True)
 
 
-def _problem(rank):
+def _problem(rank, mesh=None):
     torch.manual_seed(0)
     model = MLP((16, 32, 32, 4))
     generator = torch.Generator().manual_seed(100 + rank)
@@ -42,16 +44,21 @@ def _problem(rank):
                for _ in range(2 * H)]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt),
-                      lc.Policy.diloco(H, outer_lr=OUTER["lr"], outer_momentum=OUTER["momentum"]),
+                      lc.Policy.diloco(H, outer_lr=OUTER["lr"], outer_momentum=OUTER["momentum"], mesh=mesh),
                       compiler="eager")
     return model, opt, step, batches
+
+
+def _mesh(world):
+    """Two levels: 2 groups of world / 2 workers (4 workers as 2 x 2, 2 as 2 x 1)."""
+    return init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("outer", "inner"))
 
 
 # LoRDO with an outer momentum, so that the checkpoint carries one.
 LORDO = {**DEFAULTS, **VARIANTS["outer=nesterov"]}
 
 
-def _lordo_problem(rank):
+def _lordo_problem(rank, mesh=None):
     model, batches = lordo_problem(rank)
     opt = torch.optim.AdamW(model.parameters(), lr=LORDO_LR, weight_decay=WD, betas=BETAS, eps=EPS)
     step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt),
@@ -59,7 +66,7 @@ def _lordo_problem(rank):
     return model, opt, step, batches[:2 * H]
 
 
-PROBLEMS = {"diloco": _problem, "lordo": _lordo_problem}
+PROBLEMS = {"diloco": _problem, "two-level diloco": _problem, "lordo": _lordo_problem}
 
 
 def writer(rank, world, directory):
@@ -67,7 +74,7 @@ def writer(rank, world, directory):
     carried = {}
     for policy, problem in PROBLEMS.items():
         torch._dynamo.reset()
-        model, opt, step, batches = problem(rank)
+        model, opt, step, batches = problem(rank, _mesh(world) if policy == "two-level diloco" else None)
         for x, y in batches[:H]:
             step(x, y)
         lc.save_checkpoint(f"{directory}/{policy}", model, opt, step)
@@ -80,20 +87,26 @@ def reader(rank, world, directory, carried):
     results = {}
     for policy, problem in PROBLEMS.items():
         torch._dynamo.reset()
-        model, opt, step, batches = problem(rank)
+        mesh = _mesh(world) if policy == "two-level diloco" else None
+        model, opt, step, batches = problem(rank, mesh)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             lc.load_checkpoint(f"{directory}/{policy}", model, opt, step)
         loaded = named_parameters(model)
         for x, y in batches[H:]:
             step(x, y)
-        expected = (_written_out if policy == "diloco" else _lordo_written_out)(rank, world, loaded, carried[policy])
+        if policy == "lordo":
+            expected = _lordo_written_out(rank, world, loaded, carried[policy])
+        else:
+            expected = _written_out(rank, world, loaded, carried[policy], mesh.get_group("inner") if mesh else None)
         results[policy] = [str(w.message) for w in caught], loaded, named_parameters(model), expected
     return results
 
 
-def _written_out(rank, world, loaded, carried):
-    """DiLoCo from the loaded model and outer momentum, with fresh AdamW moments, to the next sync."""
+def _written_out(rank, world, loaded, carried, inner=None):
+    """DiLoCo from the loaded model and outer momentum, with fresh AdamW moments, to the next
+    sync; gradients averaged over `inner` first where there are two levels (inner groups then
+    agree, so the average over every worker at the sync is the outer group's)."""
     model = MLP((16, 32, 32, 4))
     model.load_state_dict(loaded)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -104,6 +117,10 @@ def _written_out(rank, world, loaded, carried):
     _, _, _, batches = _problem(rank)
     for x, y in batches[H:]:
         F.mse_loss(model(x), y).backward()
+        if inner is not None:
+            for p in model.parameters():
+                dist.all_reduce(p.grad, group=inner)
+                p.grad /= dist.get_world_size(inner)
         opt.step()
         opt.zero_grad()
     with torch.no_grad():
@@ -135,7 +152,8 @@ def _lordo_written_out(rank, world, loaded, carried):
 
 
 # The state each policy's writers held for themselves, which the warning must name.
-OWN = {"diloco": ("'net.0.weight'", "torch.optim's state"), "lordo": ("'lordo.u.0.weight'", "'lordo.error.2.weight'")}
+DILOCO_OWN = ("'net.0.weight'", "torch.optim's state")
+OWN = {"diloco": DILOCO_OWN, "two-level diloco": DILOCO_OWN, "lordo": ("'lordo.u.0.weight'", "'lordo.error.2.weight'")}
 
 
 @pytest.mark.parametrize("before, after", [(4, 2), (2, 4)])
@@ -149,7 +167,9 @@ def test_a_checkpoint_after_a_sync_resumes_on_another_number_of_workers(before, 
             assert any(f"checkpoint of {before} workers on {after}" in m and all(own in m for own in OWN[policy])
                        for m in messages), (policy, messages)
             assert_close(resumed, expected, atol=1e-5 if policy == "lordo" else 1e-6)
-            assert_close(loaded, _writers_model(tmp_path / policy, MLP((16, 32, 32, 4)) if policy == "diloco" else lordo_problem(0)[0]), rtol=0, atol=0)
+            writers_model = _writers_model(tmp_path / policy,
+                                           lordo_problem(0)[0] if policy == "lordo" else MLP((16, 32, 32, 4)))
+            assert_close(loaded, writers_model, rtol=0, atol=0)
 
 
 def _writers_model(directory, model):

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import lordo_compile as lc
-from common import SMALL_GPT
+from common import ONE_LAYER_GPT
 from lordo_compile.launch import WorkerError, run_workers
 from lordo_compile.models import TinyGPT
 from lordo_compile.testing import training_step
@@ -68,7 +68,7 @@ WORLD = {name: 1 if name in LOCAL else 2 for name in POLICIES}
 
 def _build(name: str):
     torch.manual_seed(0)
-    model = TinyGPT(SMALL_GPT)
+    model = TinyGPT(ONE_LAYER_GPT)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     # The rewritten graph run as it is: what is checked is the state it keeps, not code generation.
     step = lc.compile(training_step(model.loss, opt), POLICIES[name](), compiler="eager")
@@ -77,7 +77,7 @@ def _build(name: str):
 
 def _batches(rank: int):
     generator = torch.Generator().manual_seed(10 + rank)
-    idx = torch.randint(0, SMALL_GPT.vocab_size, (STEPS, 4, SMALL_GPT.block_size + 1), generator=generator)
+    idx = torch.randint(0, ONE_LAYER_GPT.vocab_size, (STEPS, 4, ONE_LAYER_GPT.block_size + 1), generator=generator)
     return [(row[:, :-1], row[:, 1:]) for row in idx]
 
 
