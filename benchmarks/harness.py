@@ -154,8 +154,14 @@ def seeds_of(args: argparse.Namespace) -> tuple[list[int], list[int]]:
     return list(range(args.seeds)), [TUNING_SEED_OFFSET + i for i in range(args.tuning_seeds)]
 
 
+def progress(line: str) -> None:
+    """A line of a run's progress, written at once: full runs take hours, mostly with their
+    output sent to a file, which Python would otherwise flush only at exit."""
+    print(line, flush=True)
+
+
 def compare(configs: Sequence[Config], run: Run, seeds: Sequence[int], tuning_seeds: Sequence[int] = (),
-            log: Callable[[str], None] = print, jobs: int = 1) -> list[dict]:
+            log: Callable[[str], None] = progress, jobs: int = 1) -> list[dict]:
     """Train every configuration on every seed (after tuning it where it has a sweep) and
     return one row per configuration, baselines' differences included. `jobs` > 1 trains
     that many runs at a time, each in a forked process with its share of the threads (a
@@ -226,7 +232,7 @@ def _logged(log, config: Config, seed: int, figures: dict) -> dict:
 
 
 @contextlib.contextmanager
-def _trainer(run: Run, jobs: int, log=print) -> Iterator[Train]:
+def _trainer(run: Run, jobs: int, log=progress) -> Iterator[Train]:
     """A function that trains a list of (configuration, seed) and returns their figures in order."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")

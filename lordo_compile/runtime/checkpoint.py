@@ -45,7 +45,8 @@ def load_checkpoint(checkpoint_id: str, model: torch.nn.Module, optimizer: torch
     workers"), the checkpoint must have been taken when every worker held the same model:
     every worker then loads what all writers held alike (the model, replicated optimizer
     and policy state), and state that differed between the writers (each worker's own)
-    starts afresh, named in a warning.
+    starts afresh, named in a warning, with the torch.optim state that counts the steps of
+    a moment starting afresh.
 
     Raises:
       ValueError: on another number of workers, if the writers' models differ.
