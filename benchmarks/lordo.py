@@ -280,6 +280,8 @@ def _plot(rows: list[dict], path: str, title: str) -> None:
     colors = plt.get_cmap("tab20").colors
     ranks = sorted({row["options"]["rank"] for row in rows if "rank" in row["options"]})
     for i, row in enumerate(rows):
+        if "curve" not in row:  # rows rebuilt from a run's printed log ("source") have none
+            continue
         curve = [(sent, loss) for _, sent, loss in row["curve"] if sent > 0]
         rank = row["options"].get("rank")
         style = ":" if "batch" in row["options"] else "--" if rank not in (None, ranks[0]) else "-"
