@@ -1,7 +1,8 @@
 """Resuming on another number of workers (docs/reliability.md), 4 -> 2 and 2 -> 4 gloo processes.
 
 DiLoCo and LoRDO save a checkpoint right after their first sync (`lc.save_checkpoint`); a run
-with another number of workers loads it and trains to the next sync. Expected, written out:
+with another number of workers loads it and trains to the next sync (every policy syncs every
+`test_lordo.H` steps, EagerLoRDO's interval). Expected, written out:
 
 - DiLoCo: every new worker starts from the writers' common model and outer momentum, with
   fresh inner AdamW moments (each writer's own, so not carried over, and named in a
@@ -28,11 +29,10 @@ from common import assert_close, named_parameters
 from lordo_compile.launch import run_workers
 from lordo_compile.models import MLP
 from lordo_compile.testing import training_step
-from test_lordo import BETAS, DEFAULTS, EPS, LR as LORDO_LR, NAMES, RANK, VARIANTS, WD, EagerLoRDO, lordo_problem
+from test_lordo import BETAS, DEFAULTS, EPS, H, LR as LORDO_LR, NAMES, RANK, VARIANTS, WD, EagerLoRDO, lordo_problem
 
 pytestmark = pytest.mark.distributed
 
-H = 4
 OUTER = dict(lr=0.7, momentum=0.9, nesterov=True)
 
 
@@ -62,7 +62,7 @@ def _lordo_problem(rank, mesh=None):
     model, batches = lordo_problem(rank)
     opt = torch.optim.AdamW(model.parameters(), lr=LORDO_LR, weight_decay=WD, betas=BETAS, eps=EPS)
     step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt),
-                      lc.Policy.lordo(rank=RANK, sync_every=H, **LORDO), compiler="eager")
+                      lc.Policy.lordo(rank=RANK, sync_every=H, mesh=mesh, **LORDO), compiler="eager")
     return model, opt, step, batches[:2 * H]
 
 
