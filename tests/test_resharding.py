@@ -10,7 +10,7 @@ with another number of workers loads it and trains to the next sync (every polic
   (`mesh=`: 4 workers as 2 x 2, 2 as 2 x 1);
 - LoRDO: test_lordo.py's section 3 reference from the common model, outer momentum and
   global projection, with fresh low-rank moments (bias correction restarting with them),
-  error feedback and dense AdamW moments.
+  error feedback and dense AdamW moments; the same for its two-level form.
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ def _lordo_problem(rank, mesh=None):
     return model, opt, step, batches[:2 * H]
 
 
-PROBLEMS = {"diloco": _problem, "two-level diloco": _problem, "lordo": _lordo_problem}
+PROBLEMS = {"diloco": _problem, "two-level diloco": _problem, "lordo": _lordo_problem,
+            "two-level lordo": _lordo_problem}
+TWO_LEVELS = {"two-level diloco", "two-level lordo"}
 
 
 def writer(rank, world, directory):
@@ -74,7 +76,7 @@ def writer(rank, world, directory):
     carried = {}
     for policy, problem in PROBLEMS.items():
         torch._dynamo.reset()
-        model, opt, step, batches = problem(rank, _mesh(world) if policy == "two-level diloco" else None)
+        model, opt, step, batches = problem(rank, _mesh(world) if policy in TWO_LEVELS else None)
         for x, y in batches[:H]:
             step(x, y)
         lc.save_checkpoint(f"{directory}/{policy}", model, opt, step)
@@ -87,7 +89,7 @@ def reader(rank, world, directory, carried):
     results = {}
     for policy, problem in PROBLEMS.items():
         torch._dynamo.reset()
-        mesh = _mesh(world) if policy == "two-level diloco" else None
+        mesh = _mesh(world) if policy in TWO_LEVELS else None
         model, opt, step, batches = problem(rank, mesh)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -95,10 +97,9 @@ def reader(rank, world, directory, carried):
         loaded = named_parameters(model)
         for x, y in batches[H:]:
             step(x, y)
-        if policy == "lordo":
-            expected = _lordo_written_out(rank, world, loaded, carried[policy])
-        else:
-            expected = _written_out(rank, world, loaded, carried[policy], mesh.get_group("inner") if mesh else None)
+        inner = mesh.get_group("inner") if mesh else None
+        written_out = _lordo_written_out if "lordo" in policy else _written_out
+        expected = written_out(rank, world, loaded, carried[policy], inner)
         results[policy] = [str(w.message) for w in caught], loaded, named_parameters(model), expected
     return results
 
@@ -134,9 +135,10 @@ def _written_out(rank, world, loaded, carried, inner=None):
     return named_parameters(model)
 
 
-def _lordo_written_out(rank, world, loaded, carried):
+def _lordo_written_out(rank, world, loaded, carried, inner=None):
     """Section 3 from the loaded model, outer momentum and projections, everything each writer
-    held for itself (moments, error feedback, dense AdamW moments) from zero, to the next sync."""
+    held for itself (moments, error feedback, dense AdamW moments) from zero, to the next sync;
+    fed the inner group's mean gradient where there are two levels (as in test_two_levels.py)."""
     model, batches = lordo_problem(rank)
     model.load_state_dict(loaded)
     reference = EagerLoRDO(model, LORDO, world, [None, None], [None, None])
@@ -146,6 +148,10 @@ def _lordo_written_out(rank, world, loaded, carried):
         reference.s[w]["Q"] = carried[f"lordo.projection.{name}"].clone()
     for k, (x, y) in enumerate(batches[H:2 * H], start=H):
         F.mse_loss(model(x), y).backward()
+        if inner is not None:
+            for p in model.parameters():
+                dist.all_reduce(p.grad, group=inner)
+                p.grad /= dist.get_world_size(inner)
         reference.step(k)
         model.zero_grad()
     return named_parameters(model)
@@ -153,7 +159,8 @@ def _lordo_written_out(rank, world, loaded, carried):
 
 # The state each policy's writers held for themselves, which the warning must name.
 DILOCO_OWN = ("'net.0.weight'", "torch.optim's state")
-OWN = {"diloco": DILOCO_OWN, "two-level diloco": DILOCO_OWN, "lordo": ("'lordo.u.0.weight'", "'lordo.error.2.weight'")}
+LORDO_OWN = ("'lordo.u.0.weight'", "'lordo.error.2.weight'")
+OWN = {"diloco": DILOCO_OWN, "two-level diloco": DILOCO_OWN, "lordo": LORDO_OWN, "two-level lordo": LORDO_OWN}
 
 
 @pytest.mark.parametrize("before, after", [(4, 2), (2, 4)])
@@ -166,9 +173,9 @@ def test_a_checkpoint_after_a_sync_resumes_on_another_number_of_workers(before, 
         for policy, (messages, loaded, resumed, expected) in results.items():
             assert any(f"checkpoint of {before} workers on {after}" in m and all(own in m for own in OWN[policy])
                        for m in messages), (policy, messages)
-            assert_close(resumed, expected, atol=1e-5 if policy == "lordo" else 1e-6)
+            assert_close(resumed, expected, atol=1e-5 if "lordo" in policy else 1e-6)
             writers_model = _writers_model(tmp_path / policy,
-                                           lordo_problem(0)[0] if policy == "lordo" else MLP((16, 32, 32, 4)))
+                                           lordo_problem(0)[0] if "lordo" in policy else MLP((16, 32, 32, 4)))
             assert_close(loaded, writers_model, rtol=0, atol=0)
 
 
