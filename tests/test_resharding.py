@@ -1,9 +1,11 @@
 """Resuming on another number of workers (docs/reliability.md), 4 -> 2 and 2 -> 4 gloo processes.
 
-DiLoCo and LoRDO save a checkpoint right after their first sync (`lc.save_checkpoint`); a run
-with another number of workers loads it and trains to the next sync (every policy syncs every
-`test_lordo.H` steps, EagerLoRDO's interval). Expected, written out:
+DDP, DiLoCo and LoRDO save a checkpoint after H steps (`lc.save_checkpoint`; for DiLoCo and
+LoRDO right after their first sync); a run with another number of workers loads it and trains
+H steps more, to the next sync (H is `test_lordo.H`, EagerLoRDO's interval). Expected, written out:
 
+- DDP: every new worker starts from the writers' model and AdamW state, all carried over
+  (every writer held the same), and averages gradients over the new workers;
 - DiLoCo: every new worker starts from the writers' common model and outer momentum, with
   fresh inner AdamW moments (each writer's own, so not carried over, and named in a
   warning), and DiLoCo goes on over the new workers; the same for its two-level form
@@ -36,17 +38,24 @@ pytestmark = pytest.mark.distributed
 OUTER = dict(lr=0.7, momentum=0.9, nesterov=True)
 
 
-def _problem(rank, mesh=None):
+def _mlp_problem(rank, policy):
     torch.manual_seed(0)
     model = MLP((16, 32, 32, 4))
     generator = torch.Generator().manual_seed(100 + rank)
     batches = [(torch.randn(8, 16, generator=generator), torch.randn(8, 4, generator=generator))
                for _ in range(2 * H)]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt),
-                      lc.Policy.diloco(H, outer_lr=OUTER["lr"], outer_momentum=OUTER["momentum"], mesh=mesh),
-                      compiler="eager")
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="eager")
     return model, opt, step, batches
+
+
+def _problem(rank, mesh=None):
+    return _mlp_problem(rank, lc.Policy.diloco(H, outer_lr=OUTER["lr"], outer_momentum=OUTER["momentum"], mesh=mesh))
+
+
+def _ddp_problem(rank, mesh=None):
+    """DDP has one level: `mesh` is always None here."""
+    return _mlp_problem(rank, lc.Policy.ddp())
 
 
 def _mesh(world):
@@ -66,7 +75,7 @@ def _lordo_problem(rank, mesh=None):
     return model, opt, step, batches[:2 * H]
 
 
-PROBLEMS = {"diloco": _problem, "two-level diloco": _problem, "lordo": _lordo_problem,
+PROBLEMS = {"ddp": _ddp_problem, "diloco": _problem, "two-level diloco": _problem, "lordo": _lordo_problem,
             "two-level lordo": _lordo_problem}
 TWO_LEVELS = {"two-level diloco", "two-level lordo"}
 
@@ -82,6 +91,9 @@ def writer(rank, world, directory):
         lc.save_checkpoint(f"{directory}/{policy}", model, opt, step)
         carried[policy] = {name: t for name, t in step.state_dict()["runtime"]["tensors"].items()
                            if ".outer_momentum." in name or ".projection." in name}
+        if policy == "ddp":
+            carried[policy] = {f"{index}.{key}": t for index, state in opt.state_dict()["state"].items()
+                               for key, t in state.items()}
     return carried
 
 
@@ -98,7 +110,7 @@ def reader(rank, world, directory, carried):
         for x, y in batches[H:]:
             step(x, y)
         inner = mesh.get_group("inner") if mesh else None
-        written_out = _lordo_written_out if "lordo" in policy else _written_out
+        written_out = _ddp_written_out if policy == "ddp" else _lordo_written_out if "lordo" in policy else _written_out
         expected = written_out(rank, world, loaded, carried[policy], inner)
         results[policy] = [str(w.message) for w in caught], loaded, named_parameters(model), expected
     return results
@@ -132,6 +144,27 @@ def _written_out(rank, world, loaded, carried, inner=None):
         outer.step()
         for a, p in zip(anchor, model.parameters()):
             p.copy_(a)
+    return named_parameters(model)
+
+
+def _ddp_written_out(rank, world, loaded, carried, inner=None):
+    """DDP from the loaded model and AdamW state (every writer held the same), to the end."""
+    model = MLP((16, 32, 32, 4))
+    model.load_state_dict(loaded)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    state = {}
+    for name, t in carried.items():
+        index, key = name.split(".")
+        state.setdefault(int(index), {})[key] = t.clone()
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    _, _, _, batches = _mlp_problem(rank, lc.Policy.ddp())
+    for x, y in batches[H:]:
+        F.mse_loss(model(x), y).backward()
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        opt.step()
+        opt.zero_grad()
     return named_parameters(model)
 
 
@@ -171,8 +204,11 @@ def test_a_checkpoint_after_a_sync_resumes_on_another_number_of_workers(before, 
                for name, t in carried[policy].items())
     for results in run_workers(reader, after, timeout=600, args=(str(tmp_path), carried)):
         for policy, (messages, loaded, resumed, expected) in results.items():
-            assert any(f"checkpoint of {before} workers on {after}" in m and all(own in m for own in OWN[policy])
-                       for m in messages), (policy, messages)
+            if policy == "ddp":  # every writer held the same state: all of it is carried over
+                assert not any("starts afresh" in m for m in messages), messages
+            else:
+                assert any(f"checkpoint of {before} workers on {after}" in m and all(own in m for own in OWN[policy])
+                           for m in messages), (policy, messages)
             assert_close(resumed, expected, atol=1e-5 if "lordo" in policy else 1e-6)
             writers_model = _writers_model(tmp_path / policy,
                                            lordo_problem(0)[0] if "lordo" in policy else MLP((16, 32, 32, 4)))
