@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import lordo_compile as lc
@@ -114,6 +115,14 @@ def assert_close(actual: Tensors, expected: Tensors, *, rtol: float = 1e-5, atol
     """`compare` (see there), failing with the worst tensor and element."""
     comparison = compare(actual, expected, rtol=rtol, atol=atol)
     assert comparison.ok, f"{msg}: {comparison}" if msg else str(comparison)
+
+
+def average_gradients(model: torch.nn.Module, group=None) -> None:
+    """Each parameter's gradient replaced by its mean over `group` (None: every worker), with
+    torch.distributed's own all-reduce: what DDP computes, written out."""
+    for p in model.parameters():
+        dist.all_reduce(p.grad, group=group)
+        p.grad /= dist.get_world_size(group)
 
 
 def named_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
 import lordo_compile as lc
-from common import assert_close, named_parameters
+from common import assert_close, average_gradients, named_parameters
 from lordo_compile.launch import run_workers
 from lordo_compile.models import MLP
 from lordo_compile.testing import training_step
@@ -131,9 +131,7 @@ def _written_out(rank, world, loaded, carried, inner=None):
     for x, y in batches[H:]:
         F.mse_loss(model(x), y).backward()
         if inner is not None:
-            for p in model.parameters():
-                dist.all_reduce(p.grad, group=inner)
-                p.grad /= dist.get_world_size(inner)
+            average_gradients(model, inner)
         opt.step()
         opt.zero_grad()
     with torch.no_grad():
@@ -160,9 +158,7 @@ def _ddp_written_out(rank, world, loaded, carried, inner=None):
     _, _, _, batches = _mlp_problem(rank, lc.Policy.ddp())
     for x, y in batches[H:]:
         F.mse_loss(model(x), y).backward()
-        for p in model.parameters():
-            dist.all_reduce(p.grad)
-            p.grad /= world
+        average_gradients(model)
         opt.step()
         opt.zero_grad()
     return named_parameters(model)
@@ -182,9 +178,7 @@ def _lordo_written_out(rank, world, loaded, carried, inner=None):
     for k, (x, y) in enumerate(batches[H:2 * H], start=H):
         F.mse_loss(model(x), y).backward()
         if inner is not None:
-            for p in model.parameters():
-                dist.all_reduce(p.grad, group=inner)
-                p.grad /= dist.get_world_size(inner)
+            average_gradients(model, inner)
         reference.step(k)
         model.zero_grad()
     return named_parameters(model)

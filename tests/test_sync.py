@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
 import lordo_compile as lc
-from common import EagerOuterStep, assert_close, int8_sent, named_parameters, stored_in_8_bits
+from common import EagerOuterStep, assert_close, average_gradients, int8_sent, named_parameters, stored_in_8_bits
 from lordo_compile.launch import run_workers
 from lordo_compile.models import MLP
 from lordo_compile.testing import training_step
@@ -107,9 +107,7 @@ def _eager_ddp(rank, world):
     model, opt, batches = _problem(rank)
     for x, y in batches:
         F.mse_loss(model(x), y).backward()
-        for p in model.parameters():
-            dist.all_reduce(p.grad)
-            p.grad /= world
+        average_gradients(model)
         opt.step()
         opt.zero_grad()
     return named_parameters(model)
