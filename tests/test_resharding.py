@@ -38,12 +38,15 @@ pytestmark = pytest.mark.distributed
 OUTER = dict(lr=0.7, momentum=0.9, nesterov=True)
 
 
+def _mlp_batches(rank):
+    generator = torch.Generator().manual_seed(100 + rank)
+    return [(torch.randn(8, 16, generator=generator), torch.randn(8, 4, generator=generator)) for _ in range(2 * H)]
+
+
 def _mlp_problem(rank, policy):
     torch.manual_seed(0)
     model = MLP((16, 32, 32, 4))
-    generator = torch.Generator().manual_seed(100 + rank)
-    batches = [(torch.randn(8, 16, generator=generator), torch.randn(8, 4, generator=generator))
-               for _ in range(2 * H)]
+    batches = _mlp_batches(rank)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="eager")
     return model, opt, step, batches
@@ -110,8 +113,11 @@ def reader(rank, world, directory, carried):
         for x, y in batches[H:]:
             step(x, y)
         inner = mesh.get_group("inner") if mesh else None
-        written_out = _ddp_written_out if policy == "ddp" else _lordo_written_out if "lordo" in policy else _written_out
-        expected = written_out(rank, world, loaded, carried[policy], inner)
+        if policy == "ddp":
+            expected = _ddp_written_out(rank, world, loaded, carried[policy])
+        else:
+            written_out = _lordo_written_out if "lordo" in policy else _written_out
+            expected = written_out(rank, world, loaded, carried[policy], inner)
         results[policy] = [str(w.message) for w in caught], loaded, named_parameters(model), expected
     return results
 
@@ -127,7 +133,7 @@ def _written_out(rank, world, loaded, carried, inner=None):
     outer = torch.optim.SGD(anchor, **OUTER)
     for a, (name, _) in zip(anchor, model.named_parameters()):
         outer.state[a]["momentum_buffer"] = carried[f"sync.outer_momentum.{name}"].clone()
-    _, _, _, batches = _problem(rank)
+    batches = _mlp_batches(rank)
     for x, y in batches[H:]:
         F.mse_loss(model(x), y).backward()
         if inner is not None:
@@ -145,7 +151,7 @@ def _written_out(rank, world, loaded, carried, inner=None):
     return named_parameters(model)
 
 
-def _ddp_written_out(rank, world, loaded, carried, inner=None):
+def _ddp_written_out(rank, world, loaded, carried):
     """DDP from the loaded model and AdamW state (every writer held the same), to the end."""
     model = MLP((16, 32, 32, 4))
     model.load_state_dict(loaded)
@@ -155,7 +161,7 @@ def _ddp_written_out(rank, world, loaded, carried, inner=None):
         index, key = name.split(".")
         state.setdefault(int(index), {})[key] = t.clone()
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-    _, _, _, batches = _mlp_problem(rank, lc.Policy.ddp())
+    batches = _mlp_batches(rank)
     for x, y in batches[H:]:
         F.mse_loss(model(x), y).backward()
         average_gradients(model)

@@ -59,7 +59,8 @@ def load_checkpoint(checkpoint_id: str, model: torch.nn.Module, optimizer: torch
         fresh: list[str] = []
     else:
         entries, own_moments, fresh = _alike(checkpoint_id, metadata, saved_world, world)
-        own_moments = sorted(set(own_moments) | _counting(entries["step"]["runtime"], fresh, model, optimizer))
+        own_moments = sorted(set(own_moments) | _counting(entries["step"]["runtime"], fresh,
+                                                          _optimizer_names(model, optimizer)))
         _warn_fresh(saved_world, world, model, optimizer, own_moments, fresh)
     # DCP writes every mapping key as a string (torch.optim and the step key their state by
     # int) and leaves out empty containers.
@@ -123,13 +124,19 @@ def _alike(checkpoint_id: str, metadata, saved_world: int,
         fresh
 
 
-def _counting(runtime: dict, fresh: list[str], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> set[int]:
+def _optimizer_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str | None]:
+    """The model's name of each parameter in the optimizer's order (the index its state is
+    keyed by); None for one the model does not hold."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
+
+
+def _counting(runtime: dict, fresh: list[str], names: list[str | None]) -> set[int]:
     """The optimizer indices of parameters whose torch.optim state counts the steps of a moment
     in `fresh` (StateSpec.counted_by_optimizer): a moment that starts afresh with its count
     carried over would be bias-corrected as if it had run all along."""
     counted = runtime.get("counted_by_optimizer", {})
-    names = {id(p): name for name, p in model.named_parameters()}
-    index = {names.get(id(p)): k for k, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    index = {name: k for k, name in enumerate(names)}
     params = {counted[name] for name in fresh if name in counted}
     unknown = sorted(params - index.keys())
     if unknown:
@@ -143,9 +150,8 @@ def _warn_fresh(saved_world: int, world: int, model: torch.nn.Module, optimizer:
                 own_moments: list[int], fresh: list[str]) -> None:
     if not own_moments and not fresh:
         return
-    names = {id(p): name for name, p in model.named_parameters()}
-    ordered = [p for group in optimizer.param_groups for p in group["params"]]
-    params = [names.get(id(ordered[k]), f"parameter {k}") for k in own_moments]
+    names = _optimizer_names(model, optimizer)
+    params = [names[k] or f"parameter {k}" for k in own_moments]
     warnings.warn(
         f"resuming a checkpoint of {saved_world} workers on {world}: state that differed between the workers that "
         f"wrote it starts afresh: torch.optim's state of {params or 'no parameter'}, and the step's "
