@@ -15,7 +15,11 @@ outer learning rate and momentum) is tuned first: each set trains on the tuning 
 (disjoint from the reported ones), and the one with the lowest mean validation loss is
 used for the reported seeds; the row records it (`chosen`, `tuning`, and `lr` when the
 sweep sets one), and `chosen_at_edge` when it is the smallest or largest value swept.
-Every configuration of a comparison should get the same sweep.
+Every configuration of a comparison should get the same sweep. A configuration `tuned_after`
+another starts from the options tuning chose for that one and sweeps only its own: DiLoCo's
+inner steps are local SGD's (an outer step of lr 1 without momentum is plain averaging), so
+its inner lr is local SGD's and its own sweep is the outer step's, 6 runs where the product
+of the two sweeps would be 18.
 
 Runs are independent, so `compare(..., jobs=N)` (a benchmark's `--jobs N`) trains N at a
 time, each in its own forked process with 1/N of the threads: on 2 cores, two one-thread
@@ -61,12 +65,14 @@ class Config:
     """One configuration of a comparison. `options` is what the benchmark's run function
     reads (policy knobs, `lr`, batch size, ...); `baseline` names the configuration it is
     compared with (None: it is a baseline itself); `sweep` lists option sets to tune over
-    (each merged into `options`; without tuning seeds, `options` is used as it is)."""
+    (each merged into `options`; without tuning seeds, `options` is used as it is);
+    `tuned_after` names the configuration whose chosen options it starts from, tuned first."""
 
     name: str
     options: dict = field(default_factory=dict)
     baseline: str | None = None
     sweep: tuple[dict, ...] = ()
+    tuned_after: str | None = None
 
     def with_options(self, choice: dict) -> "Config":
         return replace(self, options={**self.options, **choice})
@@ -172,23 +178,24 @@ def compare(configs: Sequence[Config], run: Run, seeds: Sequence[int], tuning_se
     unknown = [c.baseline for c in configs if c.baseline is not None and c.baseline not in names]
     if unknown:
         raise ValueError(f"baseline(s) {unknown} are not configurations of this comparison ({names})")
+    _check_tuned_after(configs)
     if len(seeds) < 2:
         raise ValueError(f"a paired comparison needs at least 2 seeds, got {list(seeds)}")
     if set(seeds) & set(tuning_seeds):
         raise ValueError(f"tuning seeds {sorted(set(seeds) & set(tuning_seeds))} are also reported seeds")
     with _trainer(run, jobs, log) as train:
-        tuned = [(config.with_options(chosen), chosen, tuning)
-                 for config, (chosen, tuning) in zip(configs, _tune(configs, train, tuning_seeds, log))]
-        reported = train([(config, seed) for config, _, _ in tuned for seed in seeds])
+        tuned = [(config.with_options(chosen), chosen, tuning, at_edge)
+                 for config, (chosen, tuning, at_edge) in zip(configs, _tune(configs, train, tuning_seeds, log))]
+        reported = train([(config, seed) for config, *_ in tuned for seed in seeds])
     rows = []
-    for index, (config, chosen, tuning) in enumerate(tuned):
+    for index, (config, chosen, tuning, at_edge) in enumerate(tuned):
         runs = [{"seed": seed, **figures}
                 for seed, figures in zip(seeds, reported[index * len(seeds):(index + 1) * len(seeds)])]
         for r in runs:
             log(f"  {config.name} seed {r['seed']}: val loss {r['val_loss']:.4f}")
         values = [r["val_loss"] for r in runs]
         rows.append({"config": config.name, "baseline": config.baseline, "lr": config.options.get("lr"),
-                     "chosen": chosen, "tuning": tuning, "chosen_at_edge": _at_edge(config.sweep, chosen),
+                     "chosen": chosen, "tuning": tuning, "chosen_at_edge": at_edge,
                      "mean": statistics.fmean(values), "n_seeds": len(values),
                      "seed_spread": max(values) - min(values), "values": values, "runs": runs})
     by_name = {row["config"]: row for row in rows}
@@ -256,30 +263,51 @@ def _trainer(run: Run, jobs: int, log=progress) -> Iterator[Train]:
         _forked_run = None
 
 
-def _tune(configs: Sequence[Config], train: Train, tuning_seeds: Sequence[int],
-          log) -> list[tuple[dict, list[dict]]]:
-    """Each configuration's chosen option set and its sweep's losses (all trained in one batch)."""
-    swept = [c for c in configs if len(c.sweep) >= 2 and tuning_seeds]
-    pairs = [(config.with_options(choice), seed) for config in swept for choice in config.sweep
-             for seed in tuning_seeds]
-    figures = iter(train(pairs))
-    results = []
+def _check_tuned_after(configs: Sequence[Config]) -> None:
+    names = {c.name: c for c in configs}
     for config in configs:
-        if config not in swept:
-            results.append(({}, []))
-            continue
-        tuning = []
-        for choice in config.sweep:
-            losses = [next(figures)["val_loss"] for _ in tuning_seeds]
-            tuning.append({"chosen": choice, "mean": statistics.fmean(losses), "values": losses})
-            log(f"  {config.name} {choice} (tuning seeds): val loss {tuning[-1]['mean']:.4f}")
-        results.append((min(tuning, key=lambda t: t["mean"])["chosen"], tuning))
-    return results
+        first = names.get(config.tuned_after) if config.tuned_after else None
+        if config.tuned_after and first is None:
+            raise ValueError(f"{config.name!r} is tuned after {config.tuned_after!r}, which is not a configuration "
+                             f"of this comparison ({list(names)}): run the two together")
+        if first is not None and first.tuned_after:
+            raise ValueError(f"{config.name!r} is tuned after {first.name!r}, which is itself tuned after "
+                             f"{first.tuned_after!r}: one stage is supported")
+
+
+def _tune(configs: Sequence[Config], train: Train, tuning_seeds: Sequence[int],
+          log) -> list[tuple[dict, list[dict], bool]]:
+    """Each configuration's chosen option set, its sweep's losses and whether the choice is at
+    the sweep's edge. Configurations tuned after another train in a second batch."""
+    found: dict[str, tuple[dict, list[dict], bool]] = {}
+    for stage in ([c for c in configs if not c.tuned_after], [c for c in configs if c.tuned_after]):
+        sweeps = {}
+        for config in stage:
+            start, _, start_at_edge = found.get(config.tuned_after, ({}, [], False))
+            if len(config.sweep) >= 2 and tuning_seeds:
+                sweeps[config.name] = [{**start, **choice} for choice in config.sweep]
+            else:
+                found[config.name] = (start, [], start_at_edge)
+        pairs = [(config.with_options(choice), seed) for config in stage if config.name in sweeps
+                 for choice in sweeps[config.name] for seed in tuning_seeds]
+        figures = iter(train(pairs))
+        for config in stage:
+            if config.name not in sweeps:
+                continue
+            tuning = []
+            for choice in sweeps[config.name]:
+                losses = [next(figures)["val_loss"] for _ in tuning_seeds]
+                tuning.append({"chosen": choice, "mean": statistics.fmean(losses), "values": losses})
+                log(f"  {config.name} {choice} (tuning seeds): val loss {tuning[-1]['mean']:.4f}")
+            chosen = min(tuning, key=lambda t: t["mean"])["chosen"]
+            start_at_edge = found[config.tuned_after][2] if config.tuned_after else False
+            found[config.name] = (chosen, tuning, start_at_edge or _at_edge(config.sweep, chosen))
+    return [found[config.name] for config in configs]
 
 
 def _at_edge(sweep: Sequence[dict], chosen: dict) -> bool:
     """Whether tuning chose the smallest or largest value of a swept option (the best may lie beyond)."""
-    for key in chosen:
+    for key in sweep[0]:
         values = sorted({choice[key] for choice in sweep})
         if len(values) > 2 and chosen[key] in (values[0], values[-1]):
             return True
@@ -296,6 +324,10 @@ def select(configs: Sequence[Config], names: Sequence[str] | None) -> list[Confi
     unknown = [name for name in names if name not in known]
     if unknown:
         raise ValueError(f"--only {unknown}: not configurations of this benchmark; it has {known}")
+    missing = {c.name: c.tuned_after for c in configs if c.name in names and c.tuned_after
+               and c.tuned_after not in names}
+    if missing:
+        raise ValueError(f"--only: {missing} (row: the row it is tuned after) need those rows too; add them")
     return [c if c.baseline is None or c.baseline in names else replace(c, baseline=None)
             for c in configs if c.name in names]
 

@@ -116,10 +116,10 @@ def setup_of(args: argparse.Namespace, **quick) -> RunConfig:
 
 
 def compare_on_workers(comparison: list[Config], setup: RunConfig, args: argparse.Namespace, sync: str,
-                       diloco: bool = False) -> tuple[list[dict], str]:
+                       diloco: str = "") -> tuple[list[dict], str]:
     """`harness.compare` of configurations trained on `args.workers` gloo workers, each row's
     figures added (`add_figures`), and the header its table prints (`sync`: how often the
-    rows sync, as the header says it)."""
+    rows sync, `diloco`: how DiLoCo's outer step was tuned, as the header says them)."""
     seeds, tuning_seeds = harness.seeds_of(args)
     rows = harness.compare(comparison, lambda config, seed: run(config, seed, setup, args.workers), seeds,
                            tuning_seeds)
@@ -130,10 +130,14 @@ def compare_on_workers(comparison: list[Config], setup: RunConfig, args: argpars
     return rows, header
 
 
-def tuned_over(sweep: tuple[dict, ...], tuning_seeds: list[int], diloco: bool = False) -> str:
+WITH_OUTER_STEP = "DiLoCo's with its outer lr and momentum"
+
+
+def tuned_over(sweep: tuple[dict, ...], tuning_seeds: list[int], diloco: str = "") -> str:
+    """The header's words for the tuning; `diloco`: how DiLoCo's outer step was tuned."""
     if not tuning_seeds:
         return f"peak lr {LR:g}"
-    also = " (DiLoCo's with its outer lr and momentum)" if diloco else ""
+    also = f" ({diloco})" if diloco else ""
     return f"peak lr tuned over {[s['lr'] for s in sweep]}{also} on seeds {tuning_seeds}"
 
 
@@ -251,7 +255,8 @@ def main(argv=None) -> dict:
     setup = replace(setup_of(args, sync_every=8, ranks=args.ranks[:1]), eval_every=max(1, args.steps // 8))
     comparison = harness.select(configs(args.ranks, args.small_batch, args.sync_every, harness.lr_sweep(args, LRS)),
                                 args.only)
-    rows, header = compare_on_workers(comparison, setup, args, f"sync every {args.sync_every}", diloco=True)
+    rows, header = compare_on_workers(comparison, setup, args, f"sync every {args.sync_every}",
+                                      diloco=WITH_OUTER_STEP)
     harness.report(rows, header, COLUMNS)
     print("\n".join(claims(rows)))
     # The rows' names carry their rank and batch, so partial runs with other --ranks share a JSON.

@@ -6,14 +6,16 @@
 Each configuration trains as `benchmarks.lordo` does (its `run`): the same tiny GPT for
 the same steps on the same seeds, every worker on its own batches. "local_sgd H=h" and
 "diloco H=h" sync every h steps (--every); both are compared with "ddp". Every
-configuration's peak learning rate is tuned on the tuning seeds, and DiLoCo's outer
-learning rate and momentum with it, per sync interval (`lordo.DILOCO_GRID`): the
-defaults of `Policy.diloco` were chosen for 500-step intervals. The claims, at each H:
-DiLoCo is within 1% of DDP, and DiLoCo beats local SGD (plain model averaging).
+configuration's peak learning rate is tuned on the tuning seeds. DiLoCo's inner steps are
+local SGD's, so it takes the peak learning rate tuned for "local_sgd H=h" and tunes its
+outer learning rate and momentum per sync interval (`lordo.DILOCO_GRID`; the defaults of
+`Policy.diloco` were chosen for 500-step intervals): `harness.Config.tuned_after`. The
+claims, at each H: DiLoCo is within 1% of DDP, and DiLoCo beats local SGD (plain model
+averaging).
 
 Bytes per worker are counted by the compiled step itself (`step.comm_report()`); they do
-not depend on the seed. `--only NAME ...`: a partial run of the rows named (DiLoCo's tuning
-alone is 18 runs per H); its rows join those already in the --json of a run set up alike. `--quick`: 2 workers, 16 steps of a one-layer model, H = 8 only.
+not depend on the seed. `--only NAME ...`: a partial run of the rows named (a DiLoCo row
+needs its local SGD row); its rows join those already in the --json of a run set up alike. `--quick`: 2 workers, 16 steps of a one-layer model, H = 8 only.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import argparse
 
 from . import harness
 from .harness import Config
-from .lordo import LR, LRS, add_run_arguments, claim, compare_on_workers, diloco_sweep, setup_of, within
+from .lordo import DILOCO_GRID, LR, LRS, add_run_arguments, claim, compare_on_workers, setup_of, within
 
 
 def configs(every: list[int], sweep: tuple[dict, ...]) -> list[Config]:
@@ -30,7 +32,8 @@ def configs(every: list[int], sweep: tuple[dict, ...]) -> list[Config]:
     rows += [Config(f"local_sgd H={h}", {"policy": "local_sgd", "sync_every": h, "lr": LR}, "ddp", sweep)
              for h in every]
     return rows + [Config(f"diloco H={h}", {"policy": "diloco", "sync_every": h, "lr": LR, "outer_lr": 0.7,
-                                            "outer_momentum": 0.9}, "ddp", diloco_sweep(sweep)) for h in every]
+                                            "outer_momentum": 0.9}, "ddp", DILOCO_GRID, f"local_sgd H={h}")
+                   for h in every]
 
 
 def claims(rows: list[dict]) -> list[str]:
@@ -55,7 +58,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     setup = setup_of(args, every=[8])
     comparison = harness.select(configs(args.every, harness.lr_sweep(args, LRS)), args.only)
-    rows, header = compare_on_workers(comparison, setup, args, "sync every H as each row names", diloco=True)
+    rows, header = compare_on_workers(comparison, setup, args, "sync every H as each row names",
+                                      diloco="DiLoCo's outer lr and momentum at local SGD's")
     for row in rows:
         row.update(outer_lr=row["options"].get("outer_lr"), outer_momentum=row["options"].get("outer_momentum"))
     harness.report(rows, header, [("bytes_per_worker", "bytes/worker", ","), ("ratio_vs_ddp", "x fewer vs ddp", ".1f"),

@@ -5,7 +5,8 @@ import argparse
 import pytest
 import torch
 
-from benchmarks.harness import Config, add_arguments, claim_line, compare, paired_interval, seeds_of, verdict, versus
+from benchmarks.harness import (Config, add_arguments, claim_line, compare, paired_interval, seeds_of, select, verdict,
+                                versus)
 
 
 def test_the_interval_is_students_t_on_the_paired_differences():
@@ -56,6 +57,38 @@ def test_a_choice_inside_the_sweep_is_not_at_its_edge():
     (row,) = compare([Config("tuned", {"lr": 0.1}, sweep=sweep)], run, seeds=[0, 1], tuning_seeds=[1000],
                      log=lambda line: None)
     assert row["chosen"] == {"lr": 0.2} and not row["chosen_at_edge"]
+
+
+def test_a_configuration_tuned_after_another_sweeps_only_its_own_options_from_that_ones_choice():
+    seen = []
+
+    def run(config, seed):
+        lr, outer = config.options["lr"], config.options.get("outer", 1.0)
+        seen.append((config.name, seed, lr, outer))
+        return {"val_loss": abs(lr - 0.2) + abs(outer - 0.5)}
+
+    lrs = ({"lr": 0.1}, {"lr": 0.2}, {"lr": 0.3})
+    outer = ({"outer": 0.5}, {"outer": 0.7}, {"outer": 1.0})
+    first, second = compare([Config("inner", {"lr": 0.1}, sweep=lrs),
+                             Config("outer", {"lr": 0.1, "outer": 1.0}, "inner", outer, tuned_after="inner")],
+                            run, seeds=[0, 1], tuning_seeds=[1000], log=lambda line: None)
+    assert first["chosen"] == {"lr": 0.2} and second["chosen"] == {"lr": 0.2, "outer": 0.5}
+    assert [t["chosen"] for t in second["tuning"]] == [{"lr": 0.2, **o} for o in outer]
+    # 0.5 is the smallest outer value swept; lr 0.2 is inside the inner sweep.
+    assert second["lr"] == 0.2 and second["chosen_at_edge"] and not first["chosen_at_edge"]
+    tuning = [s for s in seen if s[1] == 1000]
+    assert [s[0] for s in tuning] == ["inner"] * 3 + ["outer"] * 3  # the second stage waits for the first
+    assert [s for s in seen if s[0] == "outer" and s[1] < 1000] == [("outer", 0, 0.2, 0.5), ("outer", 1, 0.2, 0.5)]
+
+
+def test_tuning_after_a_missing_or_twice_tuned_configuration_is_refused():
+    run = lambda config, seed: {"val_loss": 1.0}  # noqa: E731
+    with pytest.raises(ValueError, match="'b' is tuned after 'a', which is not a configuration"):
+        compare([Config("b", tuned_after="a")], run, seeds=[0, 1])
+    with pytest.raises(ValueError, match="one stage"):
+        compare([Config("a"), Config("b", tuned_after="a"), Config("c", tuned_after="b")], run, seeds=[0, 1])
+    with pytest.raises(ValueError, match="need those rows too"):
+        select([Config("a"), Config("b", tuned_after="a")], ["b"])
 
 
 def test_bad_comparisons_are_refused():
