@@ -1,19 +1,24 @@
-"""Bytes per sync of streaming DiLoCo (fragments) on the tiny GPT, 2 gloo workers; with
---timing, the time of sync steps against local steps, without and with overlap.
+"""Bytes per sync of streaming DiLoCo or LoRDO (fragments) on the tiny GPT, 2 gloo workers;
+with --timing, the time of sync steps against local steps, without and with overlap.
 
-    python -m benchmarks.streaming [--fragments 1 2 4 8] [--payloads full int8] [--every 8] [--json PATH]
-    python -m benchmarks.streaming --timing [--fragments 1 4] [--delays 0 1] [--rounds 4]
-        [--batch 16] [--compiler aot_eager] [--json PATH]
+    python -m benchmarks.streaming [--policy diloco|lordo] [--fragments 1 2 4 8] [--payloads full int8]
+        [--every 8] [--json PATH]
+    python -m benchmarks.streaming --timing [--policy diloco|lordo] [--fragments 1 4] [--delays 0 1]
+        [--rounds 4] [--batch 16] [--compiler aot_eager] [--json PATH]
 
 For each payload (fp32 pseudo-gradients, or int8 codes with a scale per row) and fragment
-count F: DiLoCo with `fragments=F` runs one period of H steps (every fragment syncs once),
-and `step.comm_report()` gives the bytes each sync graph sends per worker.
+count F: DiLoCo (or, with --policy lordo, LoRDO at rank --rank) with `fragments=F` runs two
+periods of H steps (every fragment syncs twice), and `step.comm_report()` gives the bytes
+each sync graph sends per worker and call. A graph that also computes LoRDO's first
+projection (step 0, where a fragment syncs at once) is left out: its sync is counted where
+it runs alone, in the second period.
 `peak_sync_bytes` is the largest of them, `peak_vs_whole` its ratio to the full payload's
 F = 1 single sync (the target is about 1/F: fragments are cut at parameter boundaries, so the largest
 parameter bounds how even they can be). Measured from the compiled graphs' collectives, not
 computed from shapes. aot_eager: bytes do not depend on the code generator.
 
---timing: each worker compiles DiLoCo for every (fragments F, delay tau) pair and runs them
+--timing: each worker compiles DiLoCo (or LoRDO at rank --rank, its default int8 payload)
+for every (fragments F, delay tau) pair and runs them
 round robin, one period of H steps each per round (after two untimed periods, in which
 every graph compiles, and a barrier), timing every call. Per configuration, against the
 median local step ('step' graph) of all of them (with F = 4 and tau = 1 every step of a
@@ -22,8 +27,8 @@ all-reduce; with tau >= 1 it only writes the payload and the runtime sends it) a
 tau >= 1, the median step that merges (`merge_vs_local`: it waits for what is still in
 flight). Rank 0's times; both workers share this machine's cores, the all-reduce's thread
 included. `exposed_at_1gbit`: the alpha-beta model of `benchmarks.time_to_loss` for each
-sync's measured bytes over a 1 Gbit/s link (latency 100 us, these 2 workers), minus the
-tau local steps it overlaps, over the period's compute (H local steps).
+sync's measured collectives over a 1 Gbit/s link (latency 100 us, these 2 workers), minus
+the tau local steps it overlaps, over the period's compute (H local steps).
 """
 
 from __future__ import annotations
@@ -43,19 +48,27 @@ from .common import batches, gpt_step, print_table, write_json
 from .time_to_loss import collective_seconds
 
 
-def one_period(rank: int, world: int, fragments: list[int], payloads: list[str], every: int) -> list[dict]:
+def streaming_policy(policy: str, every: int, fragments: int, rank: int, **options) -> lc.Policy:
+    if policy == "lordo":
+        return lc.Policy.lordo(rank, every, fragments=fragments, **options)
+    return lc.Policy.diloco(every, fragments=fragments, **options)
+
+
+def one_period(rank: int, world: int, policy: str, fragments: list[int], payloads: list[str], every: int,
+               low_rank: int) -> list[dict]:
     cfg = GPTConfig()
     rows = []
     for payload in payloads:
         for count in fragments:
             torch._dynamo.reset()
             _, _, train_step = gpt_step(cfg)
-            step = lc.compile(train_step, lc.Policy.diloco(every, fragments=count, payload=payload),
+            step = lc.compile(train_step, streaming_policy(policy, every, count, low_rank, payload=payload),
                               compiler="aot_eager")
-            for x, y in batches(cfg, 2, every, seed=rank):
+            for x, y in batches(cfg, 2, 2 * every, seed=rank):
                 step(x, y)
             report = step.comm_report()
-            syncs = {name: report.graph_bytes(name) for name in report.per_graph if name != "step"}
+            syncs = {name: report.graph_bytes(name) // report.calls[name] for name in report.per_graph
+                     if "sync" in name and "init" not in name and report.calls.get(name)}
             rows.append({"payload": payload, "fragments": count, "syncs": len(syncs),
                          "peak_sync_bytes": max(syncs.values()), "total_bytes": sum(syncs.values())})
     return rows
@@ -65,13 +78,13 @@ def one_period(rank: int, world: int, fragments: list[int], payloads: list[str],
 WARMUP_PERIODS = 2
 
 
-def round_robin(rank: int, world: int, pairs: list[tuple[int, int]], every: int, rounds: int, batch: int,
-                compiler: str) -> list[dict]:
+def round_robin(rank: int, world: int, policy: str, low_rank: int, pairs: list[tuple[int, int]], every: int,
+                rounds: int, batch: int, compiler: str) -> list[dict]:
     cfg = GPTConfig()
     steps, times = [], {pair: {} for pair in pairs}
     for fragments, delay in pairs:
         _, _, train_step = gpt_step(cfg)
-        steps.append(lc.compile(train_step, lc.Policy.diloco(every, fragments=fragments, delay=delay),
+        steps.append(lc.compile(train_step, streaming_policy(policy, every, fragments, low_rank, delay=delay),
                                 compiler=compiler))
     data = batches(cfg, batch, every, seed=rank)
     for round_ in range(-WARMUP_PERIODS, rounds):
@@ -88,9 +101,11 @@ def round_robin(rank: int, world: int, pairs: list[tuple[int, int]], every: int,
     rows = []
     for (fragments, delay), step in zip(pairs, steps):
         report = step.comm_report()
+        # Per sync graph, its collectives (LoRDO's first projection, at step 0, is not a sync's).
         rows.append({"fragments": fragments, "delay": delay, "times_s": times[(fragments, delay)],
-                     "sync_bytes": [report.graph_bytes(name) // report.calls[name] for name in report.per_graph
-                                    if report.per_graph[name] and report.calls.get(name)]})
+                     "sync_collectives": [[(c.op, c.payload_bytes) for c in report.per_graph[name]]
+                                          for name in report.per_graph
+                                          if report.per_graph[name] and report.calls.get(name) and "init" not in name]})
     return rows
 
 
@@ -103,8 +118,8 @@ def timing_rows(results: list[dict], every: int, workers: int) -> list[dict]:
         times = result.pop("times_s")
         syncs = [t for name, ts in times.items() if "sync" in name for t in ts]
         merges = [t for name, ts in times.items() if "merge" in name and "sync" not in name for t in ts]
-        exposed = sum(max(0.0, collective_seconds("all_reduce", size, workers, 100e-6, 1e9 / 8)
-                          - result["delay"] * local) for size in result.pop("sync_bytes"))
+        exposed = sum(max(0.0, sum(collective_seconds(op, size, workers, 100e-6, 1e9 / 8) for op, size in sync)
+                          - result["delay"] * local) for sync in result.pop("sync_collectives"))
         rows.append({**result, "local_ms": local * 1e3, "sync_ms": statistics.median(syncs) * 1e3,
                      "sync_vs_local": statistics.median(syncs) / local,
                      "merge_ms": statistics.median(merges) * 1e3 if merges else None,
@@ -115,9 +130,11 @@ def timing_rows(results: list[dict], every: int, workers: int) -> list[dict]:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", default="diloco", choices=["diloco", "lordo"], help="what streams")
+    parser.add_argument("--rank", type=int, default=8, help="--policy lordo: its rank")
     parser.add_argument("--fragments", type=int, nargs="+")
     parser.add_argument("--every", type=int, default=8, help="H, steps between syncs of one fragment")
-    parser.add_argument("--payloads", nargs="+", default=["full", "int8"], choices=["full", "int8"],
+    parser.add_argument("--payloads", nargs="+", default=["full", "int8"], choices=["full", "int8", "low_rank"],
                         help="what a sync sends; ratios are to the first's F = 1")
     parser.add_argument("--timing", action="store_true", help="time sync steps against local steps")
     parser.add_argument("--delays", type=int, nargs="+", default=[0, 1], help="--timing: overlaps tau to time")
@@ -128,34 +145,41 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.timing:
         return timing(args)
+    if args.policy == "diloco" and "low_rank" in args.payloads:
+        parser.error("--payloads low_rank is LoRDO's (--policy lordo)")
     args.fragments = args.fragments or [1, 2, 4, 8]
     if 1 not in args.fragments:
         args.fragments = [1, *args.fragments]
-    rows = run_workers(one_period, 2, timeout=1800, args=(args.fragments, args.payloads, args.every))[0]
+    rows = run_workers(one_period, 2, timeout=1800,
+                       args=(args.policy, args.fragments, args.payloads, args.every, args.rank))[0]
     whole = next(r for r in rows if r["fragments"] == 1 and r["payload"] == args.payloads[0])["peak_sync_bytes"]
     for row in rows:
         row["peak_vs_whole"] = row["peak_sync_bytes"] / whole
         row["one_over_fragments"] = 1 / row["fragments"]
-    print(f"tiny GPT, DiLoCo every {args.every} steps, 2 gloo workers; bytes sent per worker over one period")
+    what = f"LoRDO r={args.rank}" if args.policy == "lordo" else "DiLoCo"
+    print(f"tiny GPT, {what} every {args.every} steps, 2 gloo workers; bytes sent per worker over one period")
     print_table(rows, [("payload", "payload", "<"), ("fragments", "F", "d"), ("syncs", "syncs", "d"),
                        ("peak_sync_bytes", "peak B/sync", ","), ("peak_vs_whole", f"vs {args.payloads[0]} F=1", ".3f"), ("one_over_fragments", "1/F", ".3f"),
                        ("total_bytes", "B/period", ",")])
-    write_json(args.json, {"every": args.every, "rows": rows})
+    write_json(args.json, {"policy": args.policy, "rank": args.rank if args.policy == "lordo" else None,
+                           "every": args.every, "rows": rows})
     return rows
 
 
 def timing(args) -> list[dict]:
     pairs = [(f, d) for f in args.fragments or [1, 4] for d in args.delays]
     results = run_workers(round_robin, 2, timeout=3600,
-                          args=(pairs, args.every, args.rounds, args.batch, args.compiler))[0]
+                          args=(args.policy, args.rank, pairs, args.every, args.rounds, args.batch, args.compiler))[0]
     rows = timing_rows(results, args.every, 2)
-    print(f"tiny GPT, batch {args.batch}x128, DiLoCo every {args.every} steps, 2 gloo workers, {args.compiler}; "
+    what = f"LoRDO r={args.rank} (int8 payload)" if args.policy == "lordo" else "DiLoCo"
+    print(f"tiny GPT, batch {args.batch}x128, {what} every {args.every} steps, 2 gloo workers, {args.compiler}; "
           f"{args.rounds} timed periods per configuration, round robin (rank 0)")
     print_table(rows, [("fragments", "F", "d"), ("delay", "tau", "d"), ("local_ms", "local ms", ".1f"),
                        ("sync_ms", "sync ms", ".1f"), ("sync_vs_local", "sync/local", ".3f"),
                        ("merge_ms", "merge ms", ".1f"), ("merge_vs_local", "merge/local", ".3f"),
                        ("exposed_at_1gbit", "exposed @1Gb/s", ".4f")])
-    write_json(args.json, {"every": args.every, "batch": args.batch, "compiler": args.compiler,
+    write_json(args.json, {"policy": args.policy, "rank": args.rank if args.policy == "lordo" else None,
+                           "every": args.every, "batch": args.batch, "compiler": args.compiler,
                            "rounds": args.rounds, "rows": rows})
     return rows
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -127,6 +128,22 @@ def average_gradients(model: torch.nn.Module, group=None) -> None:
 
 def named_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def checkpoint_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer, step) -> bytes:
+    """Model, optimizer and compiled step saved with torch.save, as a user would."""
+    buffer = io.BytesIO()
+    with step.materialized():
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step.state_dict()}, buffer)
+    return buffer.getvalue()
+
+
+def load_checkpoint_bytes(saved: bytes, model: torch.nn.Module, opt: torch.optim.Optimizer, step) -> None:
+    """What `checkpoint_bytes` saved, loaded with weights_only=True into a rebuilt run."""
+    checkpoint = torch.load(io.BytesIO(saved), weights_only=True)
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    step.load_state_dict(checkpoint["step"])
 
 
 def mlp_problem(seed: int = 0, device: torch.device = DEVICE):

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lordo_compile as lc
-from common import assert_close, new_projection, singular_vectors, stored_in_8_bits
+from common import (assert_close, checkpoint_bytes, load_checkpoint_bytes, named_parameters, new_projection,
+                    singular_vectors, stored_in_8_bits)
 from lordo_compile.launch import run_workers
 from lordo_compile.testing import training_step
 
@@ -38,12 +39,13 @@ TIE = 1e-3
 # Batches are drawn from seed DATA_SEED + rank. The int8 variant trains a smaller model (SIZES:
 # input, first and second widths), so that few values are coded, on a seed where every int8 code
 # input of both ranks at every sync is farther than TIE from a tie (asserted below).
-DATA_SEED = {"payload=int8": 130}
-SIZES = {"payload=int8": (16, 10, 12)}
+DATA_SEED = {"payload=int8": 130, "fragments=2, delay=1, int8": 137}
+SIZES = {"payload=int8": (16, 10, 12), "fragments=2, delay=1, int8": (16, 10, 12)}
 DEFAULTS = dict(omega=0.9, mu=1.0, full_rank_normalizer="column", full_rank_input="gradient",
                 weight_decay_at="before", projection="global", method="svd", on_refresh="reproject",
                 sync_optimizer_state=False, first_projection="gradient", payload="full", sketch_size=8,
-                oversampling=8, power_iterations=1, outer_lr=1.0, outer_momentum=0.0, nesterov=False, clip=None)
+                oversampling=8, power_iterations=1, outer_lr=1.0, outer_momentum=0.0, nesterov=False, clip=None,
+                fragments=1, delay=0)
 VARIANTS = {
     "defaults": {},
     "omega=1": dict(omega=1.0),
@@ -65,8 +67,19 @@ VARIANTS = {
     "payload=int8": dict(payload="int8"),
     "outer=nesterov": dict(outer_lr=0.7, outer_momentum=0.9, nesterov=True),
     "clip": dict(clip=0.05),
+    "fragments=2": dict(fragments=2),
+    "delay=1": dict(delay=1),
+    "fragments=2, delay=1": dict(fragments=2, delay=1, outer_lr=0.7, outer_momentum=0.9, nesterov=True),
+    "fragments=2, delay=1, low_rank": dict(fragments=2, delay=1, payload="low_rank"),
+    "fragments=2, delay=1, int8": dict(fragments=2, delay=1, payload="int8"),
     "8-bit state": {},
 }
+# Streaming: the parameters in order, cut where the running size passes each 1/F of the whole
+# (a parameter goes with the fragment its middle falls in). Per model (SIZES): 0.weight holds 2048
+# of 3860 entries; in the int8 model 0.weight and 0.bias hold 170 of 354.
+LAYERS = ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+FRAGMENTS = {((64, 32, 48), 1): [LAYERS], ((64, 32, 48), 2): [LAYERS[:1], LAYERS[1:]],
+             ((16, 10, 12), 1): [LAYERS], ((16, 10, 12), 2): [LAYERS[:2], LAYERS[2:]]}
 # Variants that hold LoRDO's moments and error feedback in 8 bits: blocks of 64 and a minimum
 # of 256 entries, so that this small model's u, v and E are held (its dense moments are not).
 QUANTIZED = {"8-bit state": lc.QuantizedState(bits=8, block_size=64, min_size=256)}
@@ -106,11 +119,14 @@ class EagerLoRDO:
     QuantizedState whose moments (u, v, E, V, the sync error) are stored in 8 bits at the end
     of each step, as torchao stores them (the step itself reads them back and updates in fp32)."""
 
-    def __init__(self, model, o, world, sketches, payload_sketches, held=None):
+    def __init__(self, model, o, world, sketches, payload_sketches, held=None, sizes=(64, 32, 48)):
         self.o, self.world, self.held = o, world, held
         self.tie_margin = math.inf
         self.low = [model[0].weight, model[2].weight]
         self.params = list(model.parameters())
+        named = dict(model.named_parameters())
+        self.fragments = [[named[n] for n in names] for names in FRAGMENTS[sizes, o["fragments"]]]
+        self.pending = {}
         self.dense = torch.optim.AdamW([p for p in self.params if all(p is not w for w in self.low)], lr=LR,
                                        weight_decay=WD, betas=BETAS, eps=EPS)
         self.anchor = [p.detach().clone().requires_grad_(True) for p in self.params]
@@ -176,25 +192,33 @@ class EagerLoRDO:
             w -= LR * (o["omega"] * back + (1 - o["omega"]) * full_rank / (o["mu"] * d))
             if o["weight_decay_at"] == "after":
                 w *= 1 - LR * WD
-        if (k + 1) % H == 0:
-            self._sync(grads)
+        for f, fragment in enumerate(self.fragments):
+            # Fragment f first syncs after step (f + 1) H / F - 1 (ALGORITHMS.md section 9) and,
+            # with a delay, merges the average `delay` steps later.
+            offset = (f + 1) * H // len(self.fragments) - 1
+            if (k - offset) % H == 0:
+                self.pending[f] = self._send(grads, fragment)
+            if k >= offset + o["delay"] and (k - offset - o["delay"]) % H == 0:
+                self._merge(grads, fragment, self.pending.pop(f))
         if self.held:
             for s in self.s.values():
                 for key, signed in (("u", True), ("v", False), ("E", True), ("V", False), ("Es", True)):
                     if s[key].numel() >= self.held.min_size and s[key].numel() % self.held.block == 0:
                         s[key] = stored_in_8_bits(s[key], signed, self.held.block)
 
-    def _sync(self, grads):
+    def _send(self, grads, fragment):
+        """Each parameter of `fragment`: its averaged pseudo-gradient, and what its new Q comes
+        from (a matrix to project, or, for the low-rank payload, Q itself)."""
         o = self.o
-        new_q = {}
+        sent = {}
         for a, p in zip(self.anchor, self.params):
+            if all(p is not q for q in fragment):
+                continue
             delta = a.detach() - p
             s = self.s.get(p)
             if s is None or o["payload"] == "full":
                 avg = _mean(delta, self.world)
-                if s is not None:
-                    source = avg if o["projection"] == "global" else grads[p]
-                    new_q[p] = self._project_q(source, s, o["method"])
+                sent[p] = avg, avg
             elif o["payload"] == "low_rank":
                 y = delta + s["Es"]
                 mat = y.T if s["tall"] else y
@@ -204,8 +228,7 @@ class EagerLoRDO:
                 coords = _mean(coords, self.world)
                 sketch = _mean(mat @ s["omega_sketch"], self.world)
                 avg = s["Q"] @ coords
-                avg = avg.T if s["tall"] else avg
-                new_q[p] = _sketch_projection(sketch, s["tall"])
+                sent[p] = avg.T if s["tall"] else avg, ("Q", _sketch_projection(sketch, s["tall"]))
             else:
                 y = delta + s["Es"]
                 mat = y.T if s["tall"] else y
@@ -221,14 +244,30 @@ class EagerLoRDO:
                 dist.all_gather(all_scales, scale)
                 avg = torch.stack([c.float() * sc for c, sc in zip(all_codes, all_scales)]).mean(0)
                 avg = avg.T if s["tall"] else avg
-                source = avg if o["projection"] == "global" else grads[p]
-                new_q[p] = self._project_q(source, s, o["method"])
-            a.grad = avg
+                sent[p] = avg, avg
+        return sent
+
+    def _merge(self, grads, fragment, sent):
+        """The outer step on what `_send` averaged (now, or `delay` steps after it was sent):
+        new Q, anchors, every parameter of the fragment reset, moments carried."""
+        o = self.o
+        new_q = {}
+        for a, p in zip(self.anchor, self.params):
+            if p not in sent:
+                continue
+            a.grad, source = sent[p]
+            if p in self.s:
+                source = grads[p] if o["projection"] == "local" else source
+                new_q[p] = source[1] if isinstance(source, tuple) else self._project_q(source, self.s[p], o["method"])
+        # Anchors outside the fragment have no gradient: SGD leaves them and their momentum as they are.
         self.outer.step()
         self.outer.zero_grad()
         for a, p in zip(self.anchor, self.params):
-            p.copy_(a)
+            if any(p is q for q in fragment):
+                p.copy_(a)
         for w in self.low:
+            if all(w is not q for q in fragment):
+                continue
             s = self.s[w]
             if o["sync_optimizer_state"]:
                 s["u"], s["v"] = _mean(s["u"], self.world), _mean(s["v"], self.world)
@@ -356,6 +395,8 @@ def _train(rank, world, policy, make_reference, data_seed=10, sizes=(64, 32, 48)
                     if f"lordo.{key}.{n}" in state},
         "held": sorted(name for name in state if name.startswith("quantized_state.codes.")),
         "bytes": step.comm_report().bytes_sent,
+        "bytes_per_graph": {name: sum(c.payload_bytes for c in collectives)
+                            for name, collectives in step.comm_report().per_graph.items()},
         "reference_state": reference,
     }
 
@@ -371,16 +412,17 @@ def lordo_worker(rank, world, variants):
         else:
             options = {**DEFAULTS, **VARIANTS[name]}
 
-            def make_reference(model, state, options=options, held=QUANTIZED.get(name)):
+            def make_reference(model, state, options=options, held=QUANTIZED.get(name),
+                               sizes=SIZES.get(name, (64, 32, 48))):
                 return EagerLoRDO(model, options, world, [state.get(f"lordo.sketch.{n}") for n in NAMES],
-                                  [state.get(f"lordo.payload_sketch.{n}") for n in NAMES], held)
+                                  [state.get(f"lordo.payload_sketch.{n}") for n in NAMES], held, sizes)
 
             policy = dataclasses.replace(lc.Policy.lordo(rank=RANK, sync_every=H, **options),
                                          quantized_state=QUANTIZED.get(name))
             result = _train(rank, world, policy, make_reference, DATA_SEED.get(name, 10), SIZES.get(name, (64, 32, 48)))
             result["tie_margin"] = result.pop("reference_state").tie_margin
-        results[name] = {key: {k: v.detach().clone() for k, v in value.items()} if isinstance(value, dict) else value
-                         for key, value in result.items()}
+        results[name] = {key: {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in value.items()}
+                         if isinstance(value, dict) else value for key, value in result.items()}
     return results
 
 
@@ -402,7 +444,8 @@ def test_8_bit_state_holds_the_moments_and_error_feedback_of_both_matrices(runs)
 
 def test_int8_codes_are_farther_from_a_rounding_tie_than_the_noise(runs):
     """Else the two runs could round one code differently and part for a reason that is not a bug."""
-    assert min(result["payload=int8"]["tie_margin"] for result in runs) > TIE
+    for variant in ("payload=int8", "fragments=2, delay=1, int8"):
+        assert min(result[variant]["tie_margin"] for result in runs) > TIE, variant
 
 
 def test_authors_variant_matches_their_code(runs):
@@ -421,9 +464,13 @@ def test_synced_moments_are_identical_on_every_rank(runs):
 @pytest.mark.parametrize("variant", [*VARIANTS, AUTHORS])
 def test_every_rank_holds_the_same_projection_and_parameters(runs, variant):
     first, second = runs[0][variant], runs[1][variant]
-    if VARIANTS.get(variant, {}).get("projection") != "local":
+    options = VARIANTS.get(variant, {})
+    if options.get("projection") != "local":
         assert all(torch.equal(a, b) for a, b in zip(first["Q"], second["Q"]))
-    assert all(torch.equal(first["compiled"][k], second["compiled"][k]) for k in first["compiled"])
+    # The last step syncs the last fragment; the others have taken local steps since theirs. With a
+    # delay the last step's sync is not merged yet: every parameter has taken a local step since its last merge.
+    synced = [] if options.get("delay") else FRAGMENTS[SIZES.get(variant, (64, 32, 48)), options.get("fragments", 1)][-1]
+    assert all(torch.equal(first["compiled"][k], second["compiled"][k]) for k in synced)
 
 
 def test_payload_bytes(runs):
@@ -450,6 +497,47 @@ def test_payload_bytes(runs):
     assert result["sync_optimizer_state"]["bytes"] == syncs * (full + moments) + init
     assert result["first_projection=identity"]["bytes"] == syncs * full
     assert result[AUTHORS]["bytes"] == syncs * (full + moments)
+    # Two fragments send the same bytes over H steps, half the model at a time.
+    assert result["fragments=2"]["bytes"] == syncs * full + init
+    fragment_bytes = {"sync.0": 32 * 64 * 4, "sync.1": full - 32 * 64 * 4}
+    assert {name: sent for name, sent in result["fragments=2"]["bytes_per_graph"].items()
+            if name.startswith("sync")} == fragment_bytes
+    assert result["defaults"]["bytes_per_graph"]["sync"] == full
+    # Overlapped, the same payloads leave after the sync step, sent by the runtime.
+    assert result["delay=1"]["bytes"] == result["fragments=2, delay=1"]["bytes"] == syncs * full + init
+
+
+def overlapped_resume_worker(rank, world):
+    """Two fragments, delay 1: stop after step 5 (fragment 0's int8 payload of that step in
+    flight), save, rebuild everything, load, finish."""
+    policy = lc.Policy.lordo(rank=RANK, sync_every=H, fragments=2, delay=1)
+
+    def compiled():
+        torch._dynamo.reset()
+        model, batches = lordo_problem(rank)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
+        return model, opt, lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy,
+                                      compiler="eager"), batches
+
+    model, opt, step, batches = compiled()
+    for k, (x, y) in enumerate(batches):
+        step(x, y)
+        if k == 5:
+            saved = checkpoint_bytes(model, opt, step)
+    uninterrupted = named_parameters(model)
+    model, opt, step, batches = compiled()
+    load_checkpoint_bytes(saved, model, opt, step)
+    for x, y in batches[6:]:
+        step(x, y)
+    return uninterrupted, named_parameters(model), step.comm_report().calls
+
+
+def test_resuming_with_a_payload_in_flight_reproduces_the_run_bit_for_bit():
+    for uninterrupted, resumed, calls in run_workers(overlapped_resume_worker, 2):
+        assert_close(resumed, uninterrupted, rtol=0, atol=0)
+        # Counted over the whole run (the checkpoint carries the counts): every step syncs or merges a
+        # fragment (H = 4, F = 2: syncs after 1, 5, 9 and 3, 7, 11, merged a step later; 11's after the end).
+        assert calls == {"init": 1, "sync.0": 3, "merge.0": 3, "sync.1": 3, "merge.1": 2}
 
 
 GAP, SCALE = 5, 0.25

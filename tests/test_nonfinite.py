@@ -26,6 +26,8 @@ POLICIES = {
     "overlapped_diloco": lambda: lc.Policy.diloco(sync_every=2, delay=1, local_weight=0.5, payload="int8"),
     "low_rank_ddp": lambda: lc.Policy.low_rank_ddp(rank=4, update_proj_gap=2),
     "lordo": lambda: lc.Policy.lordo(rank=4, sync_every=2),
+    # As overlapped_diloco, with LoRDO's int8 payload: codes and scales gathered, dense deltas summed.
+    "overlapped_lordo": lambda: lc.Policy.lordo(rank=4, sync_every=2, delay=1),
     "cage": lambda: lc.Policy.cage(bits=4, total_steps=4, silence_ratio=0.0),
     "eco": lambda: lc.Policy.eco(format="int8"),
     "ema_nesterov": lambda: lc.Policy(ema_nesterov=lc.EMANesterov(beta=0.5, gamma=0.9, warmup_steps=1)),
@@ -215,11 +217,11 @@ def _poisoned_run(rank, name, bad_step):
     return {"raised_at": None, "warned": warned}
 
 
-LOCAL_STEPS = ["local_sgd", "diloco", "lordo", "overlapped_diloco"]
+LOCAL_STEPS = ["local_sgd", "diloco", "lordo", "overlapped_diloco", "overlapped_lordo"]
 # With sync every 2 steps, step 2 is a local step and step 3 a sync for all of them (overlapped:
 # step 2 merges step 1's average, and step 3's payload is merged, and found bad, after step 4).
 BAD_STEPS = {"local": 2, "sync": 3}
-RAISED_AT = {"overlapped_diloco": (4, "merge")}
+RAISED_AT = {"overlapped_diloco": (4, "merge"), "overlapped_lordo": (4, "merge")}
 
 
 def local_steps_worker(rank, world):

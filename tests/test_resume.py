@@ -21,7 +21,6 @@ which the run resumes from the last checkpoint exactly.
 from __future__ import annotations
 
 import datetime
-import io
 import time
 import traceback
 from pathlib import Path
@@ -30,7 +29,7 @@ import pytest
 import torch
 
 import lordo_compile as lc
-from common import ONE_LAYER_GPT
+from common import ONE_LAYER_GPT, checkpoint_bytes, load_checkpoint_bytes
 from lordo_compile.launch import WorkerError, run_workers
 from lordo_compile.models import TinyGPT
 from lordo_compile.testing import training_step
@@ -81,13 +80,6 @@ def _batches(rank: int):
     return [(row[:, :-1], row[:, 1:]) for row in idx]
 
 
-def _checkpoint(model, opt, step) -> bytes:
-    buffer = io.BytesIO()
-    with step.materialized():
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step.state_dict()}, buffer)
-    return buffer.getvalue()
-
-
 def _end_state(model, opt, step) -> dict:
     with step.materialized():
         params = [p.detach().clone() for p in model.parameters()]
@@ -99,7 +91,7 @@ def first_run(rank, world, name, directory):
     for k, batch in enumerate(_batches(rank)):
         step(*batch)
         if k in STOPS:
-            Path(directory, f"{name}-{world}-{rank}-{k}.pt").write_bytes(_checkpoint(model, opt, step))
+            Path(directory, f"{name}-{world}-{rank}-{k}.pt").write_bytes(checkpoint_bytes(model, opt, step))
     return _end_state(model, opt, step)
 
 
@@ -118,10 +110,7 @@ def _resume(rank, world, name, directory, stop):
     """Rebuild everything, load the checkpoint taken after step `stop`, and finish the run."""
     torch._dynamo.reset()
     model, opt, step = _build(name)
-    saved = torch.load(Path(directory, f"{name}-{world}-{rank}-{stop}.pt"), weights_only=True)
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
-    step.load_state_dict(saved["step"])
+    load_checkpoint_bytes(Path(directory, f"{name}-{world}-{rank}-{stop}.pt").read_bytes(), model, opt, step)
     for batch in _batches(rank)[stop + 1:]:
         step(*batch)
     return _end_state(model, opt, step)
@@ -210,7 +199,7 @@ def faulty_run(rank, world, name, directory, fault):
     batches = _batches(rank)
     for k, batch in enumerate(batches[: STOPS[1] + 1]):
         step(*batch)
-    Path(directory, f"{name}-{world}-{rank}-{STOPS[1]}.pt").write_bytes(_checkpoint(model, opt, step))
+    Path(directory, f"{name}-{world}-{rank}-{STOPS[1]}.pt").write_bytes(checkpoint_bytes(model, opt, step))
     if rank == 1:
         if fault == "hangs":
             time.sleep(FAULT_TIMEOUT_S + 15)

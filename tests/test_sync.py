@@ -14,7 +14,6 @@ and a worker that leaves during a sync.
 from __future__ import annotations
 
 import datetime
-import io
 import time
 
 import pytest
@@ -24,7 +23,8 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
 import lordo_compile as lc
-from common import EagerOuterStep, assert_close, average_gradients, int8_sent, named_parameters, stored_in_8_bits
+from common import (EagerOuterStep, assert_close, average_gradients, checkpoint_bytes, int8_sent, load_checkpoint_bytes,
+                    named_parameters, stored_in_8_bits)
 from lordo_compile.launch import run_workers
 from lordo_compile.models import MLP
 from lordo_compile.testing import training_step
@@ -236,22 +236,16 @@ def resume_worker(rank, world, delay):
     policy = lc.Policy.diloco(sync_every=H, delay=delay, local_weight=0.5 if delay else 0.0)
     model, opt, batches = _problem(rank)
     step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="eager")
-    saved = None
     for k, (x, y) in enumerate(batches):
         step(x, y)
         if k == 5:
-            buffer = io.BytesIO()
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step.state_dict()}, buffer)
-            saved = buffer.getvalue()
+            saved = checkpoint_bytes(model, opt, step)
     uninterrupted = named_parameters(model)
 
     torch._dynamo.reset()
     model, opt, batches = _problem(rank)
     step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), policy, compiler="eager")
-    checkpoint = torch.load(io.BytesIO(saved), weights_only=True)
-    model.load_state_dict(checkpoint["model"])
-    opt.load_state_dict(checkpoint["opt"])
-    step.load_state_dict(checkpoint["step"])
+    load_checkpoint_bytes(saved, model, opt, step)
     for x, y in batches[6:]:
         step(x, y)
     return uninterrupted, named_parameters(model), step.comm_report().calls

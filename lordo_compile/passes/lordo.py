@@ -16,12 +16,30 @@
         the outer step of `outer.py` on the anchor; every worker reset to the anchor;
         u, v (E) carried to Q' (on_refresh).
 
+Streaming (`fragments=F`, ALGORITHMS.md section 9, as `sync`'s): the updated parameters
+are cut into F fragments (`outer.fragments_of_step`); fragment f runs the sync above for its
+own parameters alone after steps o_f, o_f + H, ... (event "sync.f"): its pseudo-gradients,
+payload, new Q for its matrices, outer step and reset. Each sync sends about 1/F of the
+model; the last fragment syncs when the whole model would.
+
+Overlap (`delay=tau >= 1`): at fragment f's sync step the graph only computes its payload
+(error feedback included) and writes it into state buffers (SENT): the means, divided by
+the number of workers, into `lordo.payload.f` (summed in place), the int8 codes and scales
+into `lordo.payload.f.codes|scales` (gathered into `lordo.received.f.*`). The runtime
+(`overlap.Overlap`) starts those collectives after the step without waiting. At event
+"merge.f", tau steps later, it waits for them before the graph, which reads what arrived
+(RECEIVED) and runs the rest of the sync: new Q, outer step, every parameter of f reset to
+its anchor (the tau local steps are dropped), u and v as they are then carried to the new Q.
+What a payload holds is known from shapes alone (`_layout`), so the merging graph can read
+what an earlier graph wrote.
+
 Ablations: `projection="local"` (each worker's Q from its own gradient at each sync) and
 `omega=1` (no full-rank term).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from dataclasses import dataclass
@@ -45,8 +63,9 @@ from .collectives import (
     world_size,
 )
 from .manager import INIT, Conflict, Event, PassResult, Program, Stage, register_pass
-from .outer import (OuterOptimizer, apply_outer_step, end_of_updates, hold_anchors, int8_decoded, int8_encoded,
-                    pseudo_gradients)
+from .outer import (OuterOptimizer, apply_outer_step, check_streaming, end_of_updates, first_sync_step,
+                    fragments_of_step, hold_anchors, int8_decoded, int8_encoded, pseudo_gradients)
+from .overlap import SENT_OVER, Overlap, Transfer
 from .projection import refreshed_projection, write_projection
 from .select import choose_matrix, validate_selector
 
@@ -96,6 +115,9 @@ class LoRDO:
       payload: what a sync sends for the selected matrices: "full", "low_rank" or "int8".
       sketch_size: extra sketch columns beyond `rank` for the "low_rank" payload.
       outer_lr, outer_momentum, nesterov: the outer SGD (1, 0, False: model averaging).
+      fragments: sync the model in this many fragments at staggered steps (streaming; 1: all at once).
+      delay: steps a fragment's collectives overlap before their result is merged (tau; 0: the
+        sync step waits for them).
       clip: norm clipping of each gradient (None: off).
       params: which matrices (as LowRank.params); group: the process group.
 
@@ -126,6 +148,8 @@ class LoRDO:
     outer_lr: float = 1.0
     outer_momentum: float = 0.0
     nesterov: bool = False
+    fragments: int = 1
+    delay: int = 0
     clip: float | None = None
     params: object = None
     group: object = None
@@ -166,6 +190,11 @@ class LoRDO:
                              "use on_refresh='keep', 'reproject' or 'ldadam', or sync_optimizer_state=False")
         if self.nesterov and self.outer_momentum == 0:
             raise ValueError("LoRDO.nesterov=True needs outer_momentum > 0")
+        check_streaming("LoRDO", "sync_every", self.sync_every, self.fragments, self.delay)
+        if self.delay and self.sync_optimizer_state:
+            raise ValueError("LoRDO.sync_optimizer_state=True averages u, v at the sync step, and with delay="
+                             f"{self.delay} they move on before the average arrives: use delay=0, or "
+                             "sync_optimizer_state=False")
         if self.clip is not None and (not isinstance(self.clip, numbers.Real) or not self.clip > 0):
             raise ValueError(f"LoRDO.clip must be None or > 0, got {self.clip!r}")
         validate_selector("LoRDO", self.params)
@@ -179,6 +208,13 @@ class LoRDO:
     @property
     def outer(self) -> OuterOptimizer:
         return OuterOptimizer(self.outer_lr, self.outer_momentum, self.nesterov)
+
+    def event(self, fragment: int) -> str:
+        return "sync" if self.fragments == 1 else f"sync.{fragment}"
+
+    def merge_event(self, fragment: int) -> str:
+        """Where fragment `fragment`'s overlapped collectives are merged (`delay` >= 1)."""
+        return "merge" if self.fragments == 1 else f"merge.{fragment}"
 
 
 def _releases(option: LoRDO, info: ParamInfo, op_name: str) -> tuple[str, ...]:
@@ -321,18 +357,15 @@ def _first_projection(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix],
 @dataclass
 class _Payload:
     """What a sync sends: nodes to average (mean all-reduce) and to gather, each with its
-    parameter, and how to read each parameter's average (and its new Q's source) back."""
+    parameter (and, for an int8 payload, what each worker's own codes decode to)."""
 
     means: list[tuple[str, fx.Node]]
     gathers: list[tuple[str, fx.Node]]
-    read: Callable[[fx.Graph, dict, dict, str], tuple[fx.Node, fx.Node]]
+    local: dict[str, fx.Node]
 
 
 def _full_payload(graph, option, names, selected, state, deltas) -> _Payload:
-    def read(g, means, gathered, p):
-        return means[p][0], means[p][0]
-
-    return _Payload([(p, deltas[p]) for p in names], [], read)
+    return _Payload([(p, deltas[p]) for p in names], [], {})
 
 
 def _error_fed(g: fx.Graph, matrix: _Matrix, nodes: dict[str, fx.Node], delta: fx.Node) -> fx.Node:
@@ -368,18 +401,7 @@ def _low_rank_payload(graph, option, names, selected, state, deltas) -> _Payload
                      name=f"payload_sketch_{p}")
         _keep_residual(g, m, nodes, a, g.call_function(torch.matmul, (q, coords)))
         means += [(p, coords), (p, sketch)]
-
-    def read(g, averaged, gathered, p):
-        m = selected.get(p)
-        if m is None:
-            return averaged[p][0], averaged[p][0]
-        coords, sketch = averaged[p]
-        delta_a = g.call_function(torch.matmul, (state[p]["projection"], coords))
-        # The averaged sketch spans the average's column space: the new Q is its top singular vectors.
-        return (g.call_method("t", (delta_a,)) if m.tall else delta_a), (g.call_method("t", (sketch,)) if m.tall
-                                                                          else sketch)
-
-    return _Payload(means, [], read)
+    return _Payload(means, [], {})
 
 
 def _int8_payload(graph, option, names, selected, state, deltas) -> _Payload:
@@ -396,29 +418,41 @@ def _int8_payload(graph, option, names, selected, state, deltas) -> _Payload:
         _keep_residual(g, m, nodes, a, dequantized)
         local[p] = dequantized
         gathers += [(p, codes), (p, scales)]
-
-    def read(g, averaged, gathered, p):
-        m = selected.get(p)
-        if m is None:
-            return averaged[p][0], averaged[p][0]
-        if gathered:
-            codes, scales = gathered[p]
-            mean_a = g.call_method("mean", (int8_decoded(g, codes, scales), 0))
-        else:
-            mean_a = local[p]
-        mean = g.call_method("t", (mean_a,)) if m.tall else mean_a
-        return mean, mean
-
-    return _Payload(means, gathers, read)
+    return _Payload(means, gathers, local)
 
 
 _PAYLOADS = {"full": _full_payload, "low_rank": _low_rank_payload, "int8": _int8_payload}
 
 
-def _sync(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix], group: str | None, world: int) -> None:
-    """Event "sync": pseudo-gradients, payload, new Q, outer step, reset, moments carried."""
+def _read(option: LoRDO, selected: dict[str, _Matrix], state: dict[str, dict[str, fx.Node]], averaged: dict,
+          gathered: dict, local: dict, g: fx.Graph, p: str) -> tuple[fx.Node, fx.Node]:
+    """Parameter `p`'s averaged pseudo-gradient, and the source of its new Q, from what the
+    payload's collectives returned (`averaged`: the means, `gathered`: every worker's codes
+    and scales; with one worker and no gather, `local`: its own decoded payload)."""
+    m = selected.get(p)
+    if m is None or option.payload == "full":
+        return averaged[p][0], averaged[p][0]
+    if option.payload == "low_rank":
+        coords, sketch = averaged[p]
+        delta_a = g.call_function(torch.matmul, (state[p]["projection"], coords))
+        # The averaged sketch spans the average's column space: the new Q is its top singular vectors.
+        return (g.call_method("t", (delta_a,)) if m.tall else delta_a), (g.call_method("t", (sketch,)) if m.tall
+                                                                          else sketch)
+    if p in gathered:
+        codes, scales = gathered[p]
+        mean_a = g.call_method("mean", (int8_decoded(g, codes, scales), 0))
+    else:
+        mean_a = local[p]
+    mean = g.call_method("t", (mean_a,)) if m.tall else mean_a
+    return mean, mean
+
+
+def _sync(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix], names: list[str], group: str | None,
+          world: int) -> None:
+    """Event "sync" of the parameters `names` (all, or a fragment's): pseudo-gradients,
+    payload, new Q, outer step, reset, moments carried."""
     g = graph.graph
-    names = [s.param for s in graph.updates()]
+    matrices = [m for m in matrices if m.param in names]
     selected = {m.param: m for m in matrices}
     state = {m.param: _state_nodes(graph, m) for m in matrices}
     # Inserting before one fixed node keeps creation order: deltas, payload, collectives, outer step.
@@ -427,8 +461,7 @@ def _sync(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix], group: str 
         anchors = hold_anchors(graph, names, "lordo")
         deltas = pseudo_gradients(graph, anchors)
         payload = _PAYLOADS[option.payload](graph, option, names, selected, state, deltas)
-    # What the step writes into each moment: the inner update's, with what later stages fed in.
-    moments = {m.param: {key: graph.last_write(state[m.param][key]).args[1] for key in ("u", "v")} for m in matrices}
+    moments = _moments(graph, matrices, state)
     shared = [(p, key) for p in moments for key in ("u", "v")] if option.sync_optimizer_state else []
     averaged: dict[str, list[fx.Node]] = {}
     gathered: dict[str, list[fx.Node]] = {}
@@ -446,22 +479,168 @@ def _sync(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix], group: str 
         for p, value in zip(params, insert_all_gather(graph, list(values), group, world, Role.GRADIENT,
                                                       list(params))):
             gathered.setdefault(p, []).append(value)
-    means, new_q = {}, {}
     with g.inserting_before(point):
-        for p in names:
-            means[p], source = payload.read(g, averaged, gathered, p)
-            m = selected.get(p)
-            if m is None:
+        _outer_step(graph, option, names, selected, state, anchors, moments,
+                    lambda p: _read(option, selected, state, averaged, gathered, payload.local, g, p))
+
+
+def _moments(graph: TrainGraph, matrices: list[_Matrix], state: dict) -> dict[str, dict[str, fx.Node]]:
+    """What the step writes into each moment: the inner update's, with what later stages fed in."""
+    return {m.param: {key: graph.last_write(state[m.param][key]).args[1] for key in ("u", "v")} for m in matrices}
+
+
+def _outer_step(graph: TrainGraph, option: LoRDO, names: list[str], selected: dict[str, _Matrix], state: dict,
+                anchors: dict, moments: dict, read: Callable[[str], tuple[fx.Node, fx.Node]]) -> None:
+    """From each parameter's average (`read`): the new Q of each matrix, the outer step, and
+    the moments carried to the new Q."""
+    means, new_q = {}, {}
+    for p in names:
+        means[p], source = read(p)
+        m = selected.get(p)
+        if m is None:
+            continue
+        if option.projection == "local":
+            source = _site(graph, p).input("grad")
+        method = "svd" if option.payload == "low_rank" else option.method
+        new_q[p], _ = refreshed_projection(graph, p, source, state[p]["projection"], state[p].get("sketch"),
+                                           rank=option.rank, tall=m.tall, method=method,
+                                           power_iterations=option.power_iterations)
+    apply_outer_step(graph, anchors, means, option.outer, "lordo")
+    for p, m in selected.items():
+        _carry(graph, option, m, state[p], new_q[p], _site(graph, p), moments[p])
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One tensor of a fragment's overlapped payload: its parameter, shape and dtype."""
+
+    param: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _layout(graph: TrainGraph, option: LoRDO, names: list[str],
+            selected: dict[str, _Matrix]) -> tuple[list[_Piece], list[_Piece]]:
+    """What `_PAYLOADS` sends for `names`, known from shapes alone, so that the graph that merges
+    can read what an earlier graph sent: the pieces averaged, and the pieces gathered."""
+    means, gathers = [], []
+    for p in names:
+        info, m = graph.params[p], selected.get(p)
+        if m is None or option.payload == "full":
+            means.append(_Piece(p, tuple(info.shape), info.dtype))
+        elif option.payload == "low_rank":
+            dtype = torch.promote_types(info.dtype, torch.float32)
+            means += [_Piece(p, (option.rank, m.other), dtype),
+                      _Piece(p, (m.side, option.rank + option.sketch_size), dtype)]
+        else:
+            gathers += [_Piece(p, (m.side, m.other), torch.int8), _Piece(p, (m.side, 1), info.dtype)]
+    return means, gathers
+
+
+def _buffers(graph: TrainGraph, f: int, means: list[_Piece], gathers: list[_Piece],
+             world: int) -> dict[str, fx.Node]:
+    """Fragment `f`'s payload buffers: the averaged pieces, flat (summed in place: each worker
+    writes its share), and the gathered codes and scales (what a worker sends; every worker's,
+    in rank order, where they arrive)."""
+    buffers = {}
+    if means:
+        dtype = means[0].dtype
+        for piece in means[1:]:
+            dtype = torch.promote_types(dtype, piece.dtype)
+        buffers["mean"] = graph.state_node(StateSpec(name=f"lordo.payload.{f}", shape=(sum(x.numel for x in means),),
+                                                     dtype=dtype, owner="lordo"))
+    for part, pieces in (("codes", gathers[0::2]), ("scales", gathers[1::2])):
+        if pieces:
+            shape, dtype = (sum(x.numel for x in pieces),), pieces[0].dtype
+            buffers[part] = graph.state_node(StateSpec(name=f"lordo.payload.{f}.{part}", shape=shape, dtype=dtype,
+                                                       owner="lordo"))
+            buffers[f"received_{part}"] = graph.state_node(StateSpec(
+                name=f"lordo.received.{f}.{part}", shape=(world * shape[0],), dtype=dtype, owner="lordo"))
+    return buffers
+
+
+def _send(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix], names: list[str], f: int, group: str | None,
+          world: int) -> int:
+    """Event "sync.f" with a delay: fragment `f`'s payload written into its buffers (SENT where a
+    group takes it: the runtime sends it after this step); returns the bytes sent."""
+    g = graph.graph
+    selected = {m.param: m for m in matrices if m.param in names}
+    state = {p: _state_nodes(graph, m) for p, m in selected.items()}
+    means, gathers = _layout(graph, option, names, selected)
+    with g.inserting_before(end_of_updates(graph)):
+        payload = _PAYLOADS[option.payload](graph, option, names, selected, state,
+                                            pseudo_gradients(graph, hold_anchors(graph, names, "lordo")))
+        for piece, (_, node) in zip(means + gathers, payload.means + payload.gathers):
+            value = graph.value(node)
+            if (tuple(value.shape), value.dtype) != (piece.shape, piece.dtype):
+                raise AssertionError(f"LoRDO's payload layout for {piece.param} says {piece}, the payload has "
+                                     f"{tuple(value.shape)} {value.dtype}")
+        buffers = _buffers(graph, f, means, gathers, world)
+        role = Role.SENT if group else Role.OPTIMIZER_UPDATE
+        writes = []
+        if means:
+            flat = g.call_function(torch.cat, ([g.call_method("reshape", (g.call_method(
+                "to", (node, graph.value(buffers["mean"]).dtype)), -1)) for _, node in payload.means],))
+            # Divided before the sum, so that the buffer holds the average on any number of workers.
+            writes.append(("mean", "mean", tag(g.call_function(torch.ops.aten.div.Tensor, (flat, float(world))),
+                                                role, name=f"payload_{f}")))
+        for k, part in enumerate(("codes", "scales")):
+            if f"received_{part}" in buffers:
+                flat = g.call_function(torch.cat, ([g.call_method("reshape", (node, -1))
+                                                    for _, node in payload.gathers[k::2]],))
+                writes.append((part, f"received_{part}", tag(flat, role, name=f"payload_{f}_{part}")))
+        sent = 0
+        for key, received, value in writes:
+            target, into = buffers[key], buffers[received]
+            write = tag(g.call_method("copy_", (target, value)), Role.WRITEBACK, state=target.meta[STATE],
+                        name=f"write_{target.name}")
+            if group:
+                op = "all_reduce" if into is target else "all_gather_into_tensor"
+                write.meta[SENT_OVER] = Transfer(f, target.meta[STATE], into.meta[STATE], op, group)
+            elif into is not target:
+                # One worker: what it would gather is its own payload.
+                tag(g.call_method("copy_", (into, value)), Role.WRITEBACK, state=into.meta[STATE],
+                    name=f"write_{into.name}")
+            sent += graph.value(target).numel() * graph.value(target).element_size()
+    return sent
+
+
+def _merge(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix], names: list[str], f: int, group: str | None,
+           world: int) -> None:
+    """Event "merge.f", `delay` steps after fragment `f` sent its payload: the average it received,
+    new Q, outer step, reset, moments (as they are now) carried."""
+    g = graph.graph
+    selected = {m.param: m for m in matrices if m.param in names}
+    state = {p: _state_nodes(graph, m) for p, m in selected.items()}
+    means, gathers = _layout(graph, option, names, selected)
+    role = Role.RECEIVED if group else Role.OPTIMIZER_UPDATE
+    averaged: dict[str, list[fx.Node]] = {}
+    gathered: dict[str, list[fx.Node]] = {}
+    with g.inserting_before(end_of_updates(graph)):
+        anchors = hold_anchors(graph, names, "lordo")
+        buffers = _buffers(graph, f, means, gathers, world)
+        if means:
+            pieces = g.call_function(torch.split, (buffers["mean"], [x.numel for x in means]))
+            for k, piece in enumerate(means):
+                value = tag(g.call_method("view", (g.call_function(operator.getitem, (pieces, k)), piece.shape)),
+                            role, piece.param, name=f"received_{piece.param}")
+                averaged.setdefault(piece.param, []).append(g.call_method("to", (value, piece.dtype)))
+        for k, part in enumerate(("codes", "scales")):
+            if f"received_{part}" not in buffers:
                 continue
-            if option.projection == "local":
-                source = _site(graph, p).input("grad")
-            method = "svd" if option.payload == "low_rank" else option.method
-            new_q[p], _ = refreshed_projection(graph, p, source, state[p]["projection"], state[p].get("sketch"),
-                                               rank=option.rank, tall=m.tall, method=method,
-                                               power_iterations=option.power_iterations)
-        apply_outer_step(graph, anchors, means, option.outer, "lordo")
-        for m in matrices:
-            _carry(graph, option, m, state[m.param], new_q[m.param], _site(graph, m.param), moments[m.param])
+            kind = gathers[k::2]
+            rows = g.call_method("view", (buffers[f"received_{part}"], world, -1))
+            pieces = g.call_function(torch.split, (rows, [x.numel for x in kind], 1))
+            for i, piece in enumerate(kind):
+                value = tag(g.call_function(operator.getitem, (pieces, i)), role, piece.param,
+                            name=f"received_{part}_{piece.param}")
+                gathered.setdefault(piece.param, []).append(g.call_method("reshape", (value, -1, *piece.shape)))
+        _outer_step(graph, option, names, selected, state, anchors, _moments(graph, list(selected.values()), state),
+                    lambda p: _read(option, selected, state, averaged, gathered, {}, g, p))
 
 
 def _carry(graph: TrainGraph, option: LoRDO, matrix: _Matrix, nodes: dict[str, fx.Node], new_q: fx.Node,
@@ -499,8 +678,12 @@ def _carry(graph: TrainGraph, option: LoRDO, matrix: _Matrix, nodes: dict[str, f
 
 
 def _events(option: LoRDO) -> tuple[Event, ...]:
-    sync = Event("sync", every=option.sync_every, first=option.sync_every - 1)
-    return (INIT, sync) if option.first_projection == "gradient" else (sync,)
+    firsts = [first_sync_step(option.sync_every, option.fragments, f) for f in range(option.fragments)]
+    syncs = tuple(Event(option.event(f), every=option.sync_every, first=first) for f, first in enumerate(firsts))
+    if option.delay:
+        syncs += tuple(Event(option.merge_event(f), every=option.sync_every, first=first + option.delay)
+                       for f, first in enumerate(firsts))
+    return (INIT, *syncs) if option.first_projection == "gradient" else syncs
 
 
 def local_steps(program: Program, option: LoRDO) -> PassResult:
@@ -515,9 +698,22 @@ def synchronize(program: Program, option: LoRDO) -> PassResult:
     group = group_name(option.group)
     notes = (f"sync every {option.sync_every} steps, payload {option.payload!r}, "
              f"{'one worker: no collective' if group is None else f'{world_size(option.group)} workers'}",)
-    if "sync" in program.events:
-        matrices, _ = _plan(option, graph)
-        _sync(graph, option, matrices, group, world_size(option.group))
+    fragments = fragments_of_step(graph, option.fragments, "LoRDO.fragments")
+    if option.fragments > 1:
+        notes += tuple(f"fragment {f} (syncs at event {option.event(f)!r}): {', '.join(names)}"
+                       for f, names in enumerate(fragments))
+    matrices, _ = _plan(option, graph)
+    world = world_size(option.group)
+    for f, names in enumerate(fragments):
+        if option.event(f) in program.events and not option.delay:
+            _sync(graph, option, matrices, names, group, world)
+        elif option.event(f) in program.events:
+            sent = _send(graph, option, matrices, names, f, group, world)
+            notes += (f"fragment {f}: its {option.payload} payload ({sent:,} bytes) written to lordo.payload.{f}; "
+                      f"the runtime sends it after this step and it is merged {option.delay} step(s) later",)
+        if option.delay and option.merge_event(f) in program.events:
+            _merge(graph, option, matrices, names, f, group, world)
+            notes += (f"fragment {f}: the average sent {option.delay} step(s) ago merged",)
     return PassResult(program, notes)
 
 
@@ -526,7 +722,7 @@ _LOW_RANK_TWICE = ("LoRDO is GaLore with one global projection and infrequent sy
 
 
 @register_pass("lordo", stage=Stage.OPTIMIZER_STATE, option="lordo", option_type=LoRDO, releases=_releases,
-               events=_events, also={Stage.COMBINE: local_steps, Stage.SYNC: synchronize},
+               events=_events, also={Stage.COMBINE: local_steps, Stage.SYNC: synchronize}, runtime=Overlap,
                conflicts={"sync": WORKERS_COMBINE,
                           "data_parallel": Conflict(EVERY_STEP_AND_PERIODIC,
                                                     lambda lordo, every_step: over_two_levels(every_step, lordo)),

@@ -14,10 +14,15 @@ Every worker computes the same anchor from the same average, so nothing is broad
 
 Both passes' int8 payloads are the same code: `int8_encoded` (codes and row scales of a
 matrix, `lordo.int8_rows`, and what they decode to) and `int8_decoded` (codes times scales).
+Both stream alike (ALGORITHMS.md section 9): `fragments` cuts the updated parameters into
+F contiguous fragments of about equal size, and fragment f syncs after steps
+o_f, o_f + H, ... with o_f = `first_sync_step` = (f + 1) H / F - 1, so the last one syncs
+when the whole model would.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -38,6 +43,44 @@ class OuterOptimizer:
     lr: float = 1.0
     momentum: float = 0.0
     nesterov: bool = False
+
+
+def check_streaming(owner: str, every_field: str, every: int, fragments, delay) -> None:
+    """A ValueError naming the field unless 1 <= fragments <= every and 0 <= delay < every."""
+    if isinstance(fragments, bool) or not isinstance(fragments, int) or not 1 <= fragments <= every:
+        raise ValueError(f"{owner}.fragments must be an int in [1, {every_field}={every}] (one fragment syncs per "
+                         f"step at most), got {fragments!r}")
+    if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay < every:
+        raise ValueError(f"{owner}.delay must be an int in [0, {every_field} - 1 = {every - 1}] (a fragment's "
+                         f"result is merged before it syncs again), got {delay!r}")
+
+
+def first_sync_step(every: int, fragments: int, fragment: int) -> int:
+    """o_f: the step after which fragment `fragment` of `fragments` first syncs."""
+    return (fragment + 1) * every // fragments - 1
+
+
+def fragments_of(names: list[str], sizes: list[int], count: int, field: str) -> list[list[str]]:
+    """`names` in order, cut into `count` contiguous runs of about equal total size, none empty
+    (`field`: the option's name, for the error when there are fewer names than fragments)."""
+    if count > len(names):
+        raise ValueError(f"{field}={count} is more than the {len(names)} parameters the step updates")
+    total, running, fragments = sum(sizes), 0, [[]]
+    for i, (name, size) in enumerate(zip(names, sizes)):
+        to_start = count - len(fragments)
+        # A parameter goes with the fragment its middle falls in.
+        if fragments[-1] and to_start and (running + size / 2 >= total * len(fragments) / count
+                                           or len(names) - i == to_start):
+            fragments.append([])
+        fragments[-1].append(name)
+        running += size
+    return fragments
+
+
+def fragments_of_step(graph: TrainGraph, count: int, field: str) -> list[list[str]]:
+    """The step's updated parameters, in its order, cut into `count` fragments (`fragments_of`)."""
+    names = [site.param for site in graph.updates()]
+    return fragments_of(names, [math.prod(graph.params[n].shape) for n in names], count, field)
 
 
 @dataclass

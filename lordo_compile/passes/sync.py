@@ -50,17 +50,15 @@ import operator
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 
-from ..graph import STATE, Role, StateSpec, TrainGraph, events_name, tag
-from ..runtime.comm import Collective
-from ..runtime.executor import CollectiveError
+from ..graph import STATE, Role, StateSpec, TrainGraph, tag
 from .collectives import (group_name, insert_all_gather, insert_mean_all_reduce, remove_gradient_all_reduces,
                           world_size)
-from .manager import Event, PassResult, PassRuntime, Program, Stage, register_pass
-from .outer import (OuterOptimizer, apply_outer_step, end_of_updates, hold_anchors, int8_decoded, int8_encoded,
-                    pseudo_gradients)
+from .manager import Event, PassResult, Program, Stage, register_pass
+from .outer import (OuterOptimizer, apply_outer_step, check_streaming, end_of_updates, first_sync_step,
+                    fragments_of_step, hold_anchors, int8_decoded, int8_encoded, pseudo_gradients)
+from .overlap import SENT_OVER, Overlap, Transfer
 
 
 # What a sync sends: the pseudo-gradients, or their int8 codes and row scales (error fed back).
@@ -104,13 +102,7 @@ class Sync:
             raise ValueError(f"Sync.outer_momentum must be in [0, 1), got {self.outer_momentum!r}")
         if self.nesterov and self.outer_momentum == 0:
             raise ValueError("Sync.nesterov=True needs outer_momentum > 0")
-        if isinstance(self.fragments, bool) or not isinstance(self.fragments, int) or \
-                not 1 <= self.fragments <= self.every:
-            raise ValueError(f"Sync.fragments must be an int in [1, every={self.every}] (one fragment syncs per "
-                             f"step at most), got {self.fragments!r}")
-        if isinstance(self.delay, bool) or not isinstance(self.delay, int) or not 0 <= self.delay < self.every:
-            raise ValueError(f"Sync.delay must be an int in [0, every - 1 = {self.every - 1}] (a fragment's result "
-                             f"is merged before it syncs again), got {self.delay!r}")
+        check_streaming("Sync", "every", self.every, self.fragments, self.delay)
         if not isinstance(self.local_weight, numbers.Real) or not 0 <= self.local_weight < 1:
             raise ValueError(f"Sync.local_weight must be in [0, 1) (1 would never take the global value), got "
                              f"{self.local_weight!r}")
@@ -130,7 +122,7 @@ class Sync:
 
 
 def _first_sync(option: Sync, fragment: int) -> int:
-    return (fragment + 1) * option.every // option.fragments - 1
+    return first_sync_step(option.every, option.fragments, fragment)
 
 
 def _events(option: Sync) -> tuple[Event, ...]:
@@ -140,26 +132,6 @@ def _events(option: Sync) -> tuple[Event, ...]:
         return syncs
     return syncs + tuple(Event(option.merge_event(f), every=option.every, first=_first_sync(option, f) + option.delay)
                          for f in range(option.fragments))
-
-
-# On the write of a payload the runtime sends after the graph: the group's functional-collective name.
-SENT_OVER = "lordo_sent_over"
-
-
-def fragments_of(names: list[str], sizes: list[int], count: int) -> list[list[str]]:
-    """`names` in order, cut into `count` contiguous runs of about equal total size, none empty."""
-    if count > len(names):
-        raise ValueError(f"Sync.fragments={count} is more than the {len(names)} parameters the step updates")
-    total, running, fragments = sum(sizes), 0, [[]]
-    for i, (name, size) in enumerate(zip(names, sizes)):
-        to_start = count - len(fragments)
-        # A parameter goes with the fragment its middle falls in.
-        if fragments[-1] and to_start and (running + size / 2 >= total * len(fragments) / count
-                                           or len(names) - i == to_start):
-            fragments.append([])
-        fragments[-1].append(name)
-        running += size
-    return fragments
 
 
 def local_steps(program: Program, option: Sync) -> PassResult:
@@ -208,18 +180,6 @@ def _check_mixable(graph: TrainGraph, option: Sync, names: list[str]) -> None:
         raise NotImplementedError(
             f"Sync.local_weight={option.local_weight} with parameter {rounding[0]!r} held in a rounded form (ECO): "
             "a mix of local and global values would need its own rounding. Use local_weight=0.")
-
-
-@dataclass(frozen=True)
-class Transfer:
-    """One buffer of fragment `fragment` the runtime sends after a graph: `sent` (state name)
-    by collective `op` over `group`, into `received` (the same buffer for an all-reduce)."""
-
-    fragment: int
-    sent: str
-    received: str
-    op: str
-    group: str
 
 
 def _buffers(graph: TrainGraph, option: Sync, fragment: int, names: list[str]) -> dict[str, fx.Node]:
@@ -337,66 +297,13 @@ def _overlapped(graph: TrainGraph, option: Sync, fragments: list[list[str]], eve
     return notes
 
 
-class Overlap(PassRuntime):
-    """Starts each payload's collective after the graph that wrote it, without waiting; waits
-    for it before the graph that merges it (or before a checkpoint is read or loaded)."""
-
-    def __init__(self, option: Sync, context) -> None:
-        super().__init__(option, context)
-        # Per graph, fixed at capture: what it sends, and which fragments it merges.
-        self.transfers = {name: [n.meta[SENT_OVER] for n in graph.nodes() if SENT_OVER in n.meta]
-                          for name, graph in context.graphs.items()}
-        self.merges = {name: [f for f in range(option.fragments) if option.merge_event(f) in graph.events]
-                       for name, graph in context.graphs.items()}
-        self.pending: dict[int, list[dist.Work]] = {}
-
-    def after_call(self, events: frozenset[str]) -> bool:
-        tensors = self.context.runtime.tensors
-        for transfer in self.transfers[events_name(events)]:
-            sent, received = tensors[transfer.sent], tensors[transfer.received]
-            if transfer.op == "all_reduce":
-                work = dist.all_reduce(sent, group=self.option.group, async_op=True)
-            else:
-                work = dist.all_gather_single(received, sent, group=self.option.group, async_op=True)
-            self.pending.setdefault(transfer.fragment, []).append(work)
-        return True
-
-    def around_call(self, events: frozenset[str]):
-        for f in self.merges[events_name(events)]:
-            self._wait(f)
-        return None
-
-    def settle(self) -> None:
-        for f in list(self.pending):
-            self._wait(f)
-
-    def _wait(self, fragment: int) -> None:
-        try:
-            for work in self.pending.pop(fragment, []):
-                work.wait()
-        except Exception as error:
-            raise CollectiveError(
-                f"step {self.context.runtime.step}: the collective of sync fragment {fragment}, started "
-                f"{self.option.delay} step(s) ago, failed: {type(error).__name__}: {error}. A worker has probably "
-                "died or lost its connection. Restart every worker from the last checkpoint."
-            ) from error
-
-    def collectives(self, graph: TrainGraph) -> list[Collective]:
-        return [Collective(node.meta[SENT_OVER].op, "sum" if node.meta[SENT_OVER].op == "all_reduce" else "",
-                           node.meta[SENT_OVER].group,
-                           graph.value(node.args[0]).numel() * graph.value(node.args[0]).element_size(),
-                           in_graph=False)
-                for node in graph.nodes() if SENT_OVER in node.meta]
-
-
 @register_pass("sync", stage=Stage.SYNC, option="sync", option_type=Sync, events=_events,
                also={Stage.COMBINE: local_steps}, runtime=Overlap)
 def sync(program: Program, option: Sync) -> PassResult:
     notes = (f"sync after every {option.every} steps; outer SGD: lr {option.outer_lr}, momentum "
              f"{option.outer_momentum}, nesterov {option.nesterov}",)
     graph = program.graph
-    everything = [site.param for site in graph.updates()]
-    fragments = fragments_of(everything, [math.prod(graph.params[n].shape) for n in everything], option.fragments)
+    fragments = fragments_of_step(graph, option.fragments, "Sync.fragments")
     if option.fragments > 1:
         notes += tuple(f"fragment {f} (syncs at event {option.event(f)!r}): {', '.join(names)}"
                        for f, names in enumerate(fragments))

@@ -1,5 +1,7 @@
 """LoRDO's options and refusals, in one process (the 2-process parity is tests/test_lordo.py)."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,8 @@ from lordo_compile.testing import capture, training_step
         (dict(rank=4, nesterov=True), r"nesterov=True needs outer_momentum > 0"),
         (dict(rank=4, clip=-1.0), r"LoRDO.clip must be None or > 0"),
         (dict(rank=4, params=7), r"LoRDO.params must be None, a regex"),
+        (dict(rank=4, sync_every=2, fragments=3), r"LoRDO.fragments must be an int in \[1, sync_every=2\]"),
+        (dict(rank=4, fragments=0), r"LoRDO.fragments must be an int in \[1, sync_every=32\]"),
     ],
 )
 def test_bad_options(kwargs, message):
@@ -129,6 +133,24 @@ def test_events_schedule_and_released_state():
     assert opt.state[model[0].weight]["exp_avg"].numel() == 0
     kinds = {site.op.name for site in step.graphs["step"]["lordo"].train_graph.updates()}
     assert kinds == {"lordo_adamw", "adamw"}
+
+
+def test_fragments_sync_at_staggered_steps():
+    """Two fragments of H = 4 (0.weight, 512 of the 676 entries; the rest) sync after steps 1, 5, ...
+    and 3, 7, ..., each its own pseudo-gradients alone."""
+    step, _, _ = _step(lc.Policy.lordo(rank=4, sync_every=4, fragments=2))
+    assert [step.backend.schedule.name_at(k) for k in range(8)] == [
+        "init", "sync.0", "step", "sync.1", "step", "sync.0", "step", "sync.1"]
+
+    def synced(graph):
+        return sorted(set(re.findall(r"pseudo_gradient_(\w+)", step.graphs[graph]["lordo:sync"].body)))
+
+    assert synced("sync.0") == ["0_weight"] and synced("sync.1") == ["0_bias", "2_bias", "2_weight"]
+
+
+def test_more_fragments_than_parameters_are_refused():
+    with pytest.raises(ValueError, match=r"LoRDO.fragments=5 is more than the 4 parameters the step updates"):
+        _step(lc.Policy.lordo(rank=4, sync_every=8, fragments=5))
 
 
 def test_only_adamw_is_lordos_inner_optimizer():
