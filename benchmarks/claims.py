@@ -62,7 +62,8 @@ def _lordo_claims() -> list[Claim]:
     return claims
 
 
-SYNC = "python -m benchmarks.sync --json benchmarks/results/sync.json"
+SYNC = ("python -m benchmarks.sync --every 8 --compiler aot_eager --lrs 0.001 0.002 0.004 "
+        "--json benchmarks/results/sync.json")
 CAGE = "python -m benchmarks.cage --json benchmarks/results/cage.json"
 ECO = "python -m benchmarks.eco --json benchmarks/results/eco.json"
 ROTATION = "python -m benchmarks.rotation --json benchmarks/results/rotation.json"
