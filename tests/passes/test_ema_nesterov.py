@@ -190,13 +190,13 @@ def test_composes_with_lordos_inner_step(monkeypatch):
     base = lordo.EagerLoRDO(reference, options, 1, [None, None], [None, None])
     lookahead = EagerLookahead(reference.parameters(), **SCHEDULED)
     local = {}
-    sync = base._sync
+    merge = base._merge
 
-    def record_then_sync(grads):
+    def record_then_merge(grads, fragment, sent):
         local["params"] = [p.detach().clone() for p in reference.parameters()]
-        sync(grads)
+        merge(grads, fragment, sent)
 
-    base._sync = record_then_sync
+    base._merge = record_then_merge
 
     def run(k, x, y):
         local.pop("params", None)
