@@ -54,7 +54,7 @@ def streaming_policy(policy: str, every: int, fragments: int, rank: int, **optio
     return lc.Policy.diloco(every, fragments=fragments, **options)
 
 
-def one_period(rank: int, world: int, policy: str, fragments: list[int], payloads: list[str], every: int,
+def bytes_per_sync(rank: int, world: int, policy: str, fragments: list[int], payloads: list[str], every: int,
                low_rank: int) -> list[dict]:
     cfg = GPTConfig()
     rows = []
@@ -150,7 +150,7 @@ def main(argv=None) -> list[dict]:
     args.fragments = args.fragments or [1, 2, 4, 8]
     if 1 not in args.fragments:
         args.fragments = [1, *args.fragments]
-    rows = run_workers(one_period, 2, timeout=1800,
+    rows = run_workers(bytes_per_sync, 2, timeout=1800,
                        args=(args.policy, args.fragments, args.payloads, args.every, args.rank))[0]
     whole = next(r for r in rows if r["fragments"] == 1 and r["payload"] == args.payloads[0])["peak_sync_bytes"]
     for row in rows:

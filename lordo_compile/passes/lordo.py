@@ -65,7 +65,7 @@ from .collectives import (
 from .manager import INIT, Conflict, Event, PassResult, Program, Stage, register_pass
 from .outer import (OuterOptimizer, apply_outer_step, check_streaming, end_of_updates, first_sync_step,
                     fragments_of_step, hold_anchors, int8_decoded, int8_encoded, pseudo_gradients)
-from .overlap import SENT_OVER, Overlap, Transfer
+from .overlap import Overlap, write_payload
 from .projection import refreshed_projection, write_projection
 from .select import choose_matrix, validate_selector
 
@@ -593,20 +593,8 @@ def _send(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix], names: list
                 flat = g.call_function(torch.cat, ([g.call_method("reshape", (node, -1))
                                                     for _, node in payload.gathers[k::2]],))
                 writes.append((part, f"received_{part}", tag(flat, role, name=f"payload_{f}_{part}")))
-        sent = 0
-        for key, received, value in writes:
-            target, into = buffers[key], buffers[received]
-            write = tag(g.call_method("copy_", (target, value)), Role.WRITEBACK, state=target.meta[STATE],
-                        name=f"write_{target.name}")
-            if group:
-                op = "all_reduce" if into is target else "all_gather_into_tensor"
-                write.meta[SENT_OVER] = Transfer(f, target.meta[STATE], into.meta[STATE], op, group)
-            elif into is not target:
-                # One worker: what it would gather is its own payload.
-                tag(g.call_method("copy_", (into, value)), Role.WRITEBACK, state=into.meta[STATE],
-                    name=f"write_{into.name}")
-            sent += graph.value(target).numel() * graph.value(target).element_size()
-    return sent
+        return sum(write_payload(graph, f, buffers[key], buffers[received], value, group)
+                   for key, received, value in writes)
 
 
 def _merge(graph: TrainGraph, option: LoRDO, matrices: list[_Matrix], names: list[str], f: int, group: str | None,

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from ..graph import TrainGraph, events_name
+import torch.fx as fx
+
+from ..graph import STATE, Role, TrainGraph, events_name, tag
 from ..runtime.comm import Collective
 from ..runtime.executor import CollectiveError
 from .manager import PassRuntime
@@ -33,6 +35,24 @@ class Transfer:
     received: str
     op: str
     group: str
+
+
+def write_payload(graph: TrainGraph, fragment: int, target: fx.Node, received: fx.Node, value: fx.Node,
+                  group: str | None) -> int:
+    """Write `value` into the state buffer `target` at the insertion point, marked for the
+    runtime to send over `group` after the graph (an all-reduce in place when `received` is
+    `target`, else an all-gather into `received`); with one worker (no group) what it would
+    gather is its own payload. Returns the bytes sent."""
+    g = graph.graph
+    state = target.meta[STATE]
+    write = tag(g.call_method("copy_", (target, value)), Role.WRITEBACK, state=state, name=f"write_{target.name}")
+    if group:
+        op = "all_reduce" if received is target else "all_gather_into_tensor"
+        write.meta[SENT_OVER] = Transfer(fragment, state, received.meta[STATE], op, group)
+    elif received is not target:
+        tag(g.call_method("copy_", (received, value)), Role.WRITEBACK, state=received.meta[STATE],
+            name=f"write_{received.name}")
+    return graph.value(target).numel() * graph.value(target).element_size()
 
 
 class Overlap(PassRuntime):

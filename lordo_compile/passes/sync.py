@@ -52,13 +52,13 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..graph import STATE, Role, StateSpec, TrainGraph, tag
+from ..graph import Role, StateSpec, TrainGraph, tag
 from .collectives import (group_name, insert_all_gather, insert_mean_all_reduce, remove_gradient_all_reduces,
                           world_size)
 from .manager import Event, PassResult, Program, Stage, register_pass
 from .outer import (OuterOptimizer, apply_outer_step, check_streaming, end_of_updates, first_sync_step,
                     fragments_of_step, hold_anchors, int8_decoded, int8_encoded, pseudo_gradients)
-from .overlap import SENT_OVER, Overlap, Transfer
+from .overlap import Overlap, write_payload
 
 
 # What a sync sends: the pseudo-gradients, or their int8 codes and row scales (error fed back).
@@ -227,21 +227,8 @@ def _send(graph: TrainGraph, option: Sync, fragment: int, names: list[str], grou
                                                                for n in names],)), role,
                                   name=f"payload_{fragment}_{part}")
                   for k, part in enumerate(("codes", "scales"))}
-    sent = 0
-    for suffix, value in values.items():
-        target = buffers[f"sent{suffix}"]
-        received = buffers[f"received{suffix}"]
-        state = target.meta[STATE]
-        write = tag(g.call_method("copy_", (target, value)), Role.WRITEBACK, state=state, name=f"write_{target.name}")
-        if group:
-            op = "all_reduce" if received is target else "all_gather_into_tensor"
-            write.meta[SENT_OVER] = Transfer(fragment, state, received.meta[STATE], op, group)
-        elif received is not target:
-            # One worker: what it would gather is its own payload.
-            tag(g.call_method("copy_", (received, value)), Role.WRITEBACK, state=received.meta[STATE],
-                name=f"write_{received.name}")
-        sent += graph.value(target).numel() * graph.value(target).element_size()
-    return sent
+    return sum(write_payload(graph, fragment, buffers[f"sent{suffix}"], buffers[f"received{suffix}"], value, group)
+               for suffix, value in values.items())
 
 
 def _merge(graph: TrainGraph, option: Sync, fragment: int, names: list[str], group: str | None) -> None:
