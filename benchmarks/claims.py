@@ -67,6 +67,7 @@ SYNC = ("python -m benchmarks.sync --every 8 --compiler aot_eager --lrs 0.001 0.
 CAGE = "python -m benchmarks.cage --json benchmarks/results/cage.json"
 ECO = "python -m benchmarks.eco --json benchmarks/results/eco.json"
 ROTATION = "python -m benchmarks.rotation --json benchmarks/results/rotation.json"
+TWO_LEVEL = "python -m benchmarks.two_level --json benchmarks/results/two_level.json"
 GALORE = "python -m benchmarks.low_rank --compiler aot_eager --json benchmarks/results/low_rank.json"
 
 CLAIMS = [
@@ -79,6 +80,13 @@ CLAIMS = [
             "ddp") for h in (8, 32)],
     *[Claim(f"DiLoCo beats plain model averaging (local SGD) at H={h}", "sync.json", SYNC,
             _versus(f"diloco H={h}", f"local_sgd H={h}")) for h in (8, 32)],
+    *[Claim(f"Two levels (DDP inside nodes of 2, {name} across them) beat flat {name} over 4 workers (H=8)",
+            "two_level.json", TWO_LEVEL, _versus(f"{row} 2x2{rank} H=8", f"{row}{rank} H=8"))
+      for name, row, rank in (("DiLoCo", "diloco", ""), ("LoRDO r=8", "lordo", " r=8"))],
+    Claim("Two-level DiLoCo (2 x 2, H=8) is within 1% of DDP", "two_level.json", TWO_LEVEL,
+          _versus("diloco 2x2 H=8", "ddp"), "lower", 0.01, "ddp"),
+    Claim("Streaming DiLoCo (4 fragments, each all-reduce overlapping one step) is within 1% of DiLoCo (H=8)",
+          "two_level.json", TWO_LEVEL, _versus("diloco F=4 tau=1 H=8", "diloco H=8"), "lower", 0.01, "diloco H=8"),
     Claim("CAGE at 3 bits reaches STE at 4 bits", "cage.json", CAGE, _versus("CAGE W3", "STE W4")),
     Claim("CAGE beats STE at W4A4", "cage.json", CAGE, _versus("CAGE W4A4", "STE W4A4")),
     *[claim for fmt in ("fp8_e4m3", "int8", "int4") for claim in (

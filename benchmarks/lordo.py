@@ -65,19 +65,22 @@ BYTES = [("bytes_per_worker", "bytes/worker", ","), ("ratio_vs_baseline", "x few
 COLUMNS = BYTES + [("ratio_vs_ddp", "x fewer vs ddp", ".1f"), ("state_bytes", "opt state B", ",")]
 
 
-def policy(options: dict) -> lc.Policy:
-    """The policy a configuration's options name (`policy`, `sync_every`, `rank`, ...)."""
-    kind, every = options["policy"], options.get("sync_every")
+def policy(options: dict, mesh=None) -> lc.Policy:
+    """The policy a configuration's options name (`policy`, `sync_every`, `rank`, and `fields`:
+    the preset's other arguments); `mesh`: two levels, the sync over its outer dimension."""
+    kind, every, fields = options["policy"], options.get("sync_every"), options.get("fields", {})
+    levels = {} if mesh is None else {"mesh": mesh}
     if kind == "ddp":
         return lc.Policy.ddp()
     if kind == "local_sgd":
-        return lc.Policy.local_sgd(every)
+        return lc.Policy.local_sgd(every, **levels, **fields)
     if kind == "diloco":
-        return lc.Policy.diloco(every, outer_lr=options["outer_lr"], outer_momentum=options["outer_momentum"])
+        return lc.Policy.diloco(every, outer_lr=options["outer_lr"], outer_momentum=options["outer_momentum"],
+                                **levels, **fields)
     if kind == "low_rank_ddp":
         # Its projection is refreshed as often as LoRDO's (at each sync).
         return lc.Policy.low_rank_ddp(options["rank"], update_proj_gap=every)
-    return lc.Policy.lordo(options["rank"], every, **options.get("fields", {}))
+    return lc.Policy.lordo(options["rank"], every, **levels, **fields)
 
 
 def diloco_sweep(sweep: tuple[dict, ...]) -> tuple[dict, ...]:

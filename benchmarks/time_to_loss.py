@@ -124,8 +124,13 @@ def _timing_worker(rank: int, world: int, options: dict, setup: RunConfig) -> di
 def modeled_curve(row: dict, link_bits: float, latency: float, workers: int, overlap: bool) -> list[tuple[float, float]]:
     """(modeled seconds, mean validation loss) at each evaluation of the row's runs."""
     beta = link_bits / 8
-    comm = {graph: sum(collective_seconds(op, payload, workers, latency, beta) for op, payload in found)
-            for graph, found in row["collectives"].items()}
+    return clocked_curve(row, {graph: sum(collective_seconds(op, payload, workers, latency, beta) for op, payload in found)
+                               for graph, found in row["collectives"].items()}, overlap)
+
+
+def clocked_curve(row: dict, comm: dict[str, float], overlap: bool) -> list[tuple[float, float]]:
+    """(modeled seconds, mean validation loss) at each evaluation of the row's runs, each step
+    taking its graph's `compute_ms` and `comm` seconds (the longer of the two with `overlap`)."""
     untimed = set(row["graphs"]) - set(row["compute_ms"])
     if untimed:
         raise ValueError(f"{row['config']}: graphs {sorted(untimed)} ran in training but not in the timing run")

@@ -5,6 +5,7 @@ import pytest
 
 from benchmarks.claims import Claim, evaluate
 from benchmarks.time_to_loss import collective_seconds, modeled_curve, time_to
+from benchmarks.two_level import comm_seconds
 
 
 def _result(**values):
@@ -61,6 +62,18 @@ def test_the_alpha_beta_model_of_a_ring_all_reduce_and_an_all_gather():
     assert collective_seconds("all_gather_into_tensor", 10 ** 6, 4, 1e-3, 1e6) == pytest.approx(3.003)
     with pytest.raises(NotImplementedError, match="broadcast"):
         collective_seconds("broadcast", 1, 4, 1e-3, 1e6)
+
+
+def test_two_levels_pay_the_slow_link_for_what_crosses_nodes_and_the_fast_one_inside():
+    # 4 workers as 2 nodes of 2, latency 1 ms, slow 8 Mbit/s (1 MB/s), fast 8 Gbit/s (1 GB/s), 1 MB each:
+    # inner ring of 2: 2e-3 + 1e6/1e9 = 3 ms; outer ring of 2: 2e-3 + 1 s; a flat ring of 4 at the slow link's
+    # pace: 6e-3 + 1.5 s
+    megabyte = 10 ** 6
+    assert comm_seconds([("all_reduce", megabyte, "inner")], 4, 1e-3, 8e6, 8e9) == pytest.approx(3e-3)
+    assert comm_seconds([("all_reduce", megabyte, "outer")], 4, 1e-3, 8e6, 8e9) == pytest.approx(1.002)
+    assert comm_seconds([("all_reduce", megabyte, "world")], 4, 1e-3, 8e6, 8e9) == pytest.approx(1.506)
+    both = [("all_reduce", megabyte, "inner"), ("all_reduce", megabyte, "outer")]
+    assert comm_seconds(both, 4, 1e-3, 8e6, 8e9) == pytest.approx(1.005)
 
 
 def test_time_to_a_loss_interpolates_between_evaluations_or_marks_the_best():

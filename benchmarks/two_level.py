@@ -1,0 +1,226 @@
+"""Two levels against one: DiLoCo and LoRDO on 4 gloo workers as 2 x 2, against their flat forms and DDP.
+
+    python -m benchmarks.two_level [--every 8] [--rank 8] [--only CONFIG ...] [--seeds 3] [--quick]
+        [--tuned-in benchmarks/results/sync.json] [--slow-mbit 100] [--fast-gbit 100] [--latency-us 100]
+        [--json PATH]
+
+The 4 workers stand for two nodes of two: ranks {0, 1} and {2, 3} share a node's fast links
+(a `DeviceMesh`'s inner dimension), and the two nodes are joined by a slow link. The rows
+(ALGORITHMS.md section 9), each trained as `benchmarks.lordo`'s are, on paired seeds:
+
+- "ddp": every gradient averaged over the 4 workers every step, all of it over the slow link;
+- "diloco H=h", "lordo r=R H=h": flat, 4 replicas that sync every h steps over all 4
+  workers; against ddp;
+- "diloco 2x2 H=h", "lordo 2x2 r=R H=h": two levels, gradients averaged over the inner
+  group (the node) every step, the sync every h steps over the outer group (across nodes):
+  2 replicas of 2 workers; against their flat forms;
+- "diloco F=4 tau=1 H=h": streaming DiLoCo, the model in 4 fragments at staggered steps,
+  each fragment's all-reduce overlapping one local step; against flat DiLoCo.
+
+Tuning, one sweep for all: "ddp" and the DiLoCo rows take the learning rate (and DiLoCo's
+outer lr and momentum) that `benchmarks.sync` tuned for "ddp" and "diloco H=h" on the same
+setup (--tuned-in, its JSON; the header names them); "lordo r=R H=h" tunes its lr here
+over that run's sweep on the same tuning seed, and "lordo 2x2 r=R H=h" takes it. The
+two-level and streaming rows are not tuned apart from their flat form.
+
+Bytes per worker are counted by each compiled step per process group
+(`step.comm_report().per_group()`): `slow_bytes` is what crossed the slow link (the outer
+group's, or everything for a flat row). Modeled time to loss: each step's compute is the
+flat form's graph time, measured alone on one worker under Inductor (`time_to_loss.compute_ms`),
+plus the alpha-beta model's time for its collectives, those of the inner group at
+--fast-gbit among 2 workers, the others at --slow-mbit (a flat ring of 4 spans both nodes,
+so its slowest link sets its pace), latency --latency-us, after the step's compute (a
+streaming row's sync, less the `delay` local steps it overlaps); the target is DDP's final
+mean validation loss. `--quick`: 16 steps of a one-layer model, H = 8, 2 seeds, no tuning (the
+4 workers are needed for two levels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import replace
+
+from torch.distributed.device_mesh import init_device_mesh
+
+from lordo_compile.experiment import RunConfig, train_tiny_gpt
+from lordo_compile.launch import run_workers
+
+from . import harness
+from .common import print_table, write_json
+from .harness import Config
+from .lordo import add_figures, add_run_arguments, claim, policy, setup_of, within
+from .time_to_loss import clocked_curve, collective_seconds, compute_ms, mean_curve, time_to
+
+INNER = 2  # workers per node
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def tuned_in(path: str, every: int) -> tuple[dict, dict, list[float]]:
+    """(DDP's chosen options, DiLoCo H=every's, the lr sweep) from a `benchmarks.sync` JSON."""
+    if not os.path.exists(path):
+        raise ValueError(f"--tuned-in {path}: no such file; run `python -m benchmarks.sync --every {every} --json "
+                         f"{path}` first, or give --quick")
+    with open(path) as f:
+        result = json.load(f)
+    rows = {row["config"]: row for row in result["rows"]}
+    missing = [name for name in ("ddp", f"diloco H={every}") if name not in rows or not rows[name].get("tuning")]
+    if missing:
+        raise ValueError(f"--tuned-in {path} has no tuned rows {missing}; run `python -m benchmarks.sync --every "
+                         f"{every} --only ddp 'local_sgd H={every}' 'diloco H={every}'` into it first")
+    return rows["ddp"]["chosen"], rows[f"diloco H={every}"]["chosen"], [t["chosen"]["lr"] for t in rows["ddp"]["tuning"]]
+
+
+def configs(every: int, rank: int, ddp: dict, diloco: dict, sweep: tuple[dict, ...]) -> list[Config]:
+    flat_diloco, flat_lordo = f"diloco H={every}", f"lordo r={rank} H={every}"
+    diloco = {"policy": "diloco", "sync_every": every, **diloco}
+    lordo = {"policy": "lordo", "rank": rank, "sync_every": every, "lr": harness.LR}
+    return [Config("ddp", {"policy": "ddp", **ddp}),
+            Config(flat_diloco, diloco, "ddp"),
+            Config(f"diloco 2x2 H={every}", {**diloco, "inner": INNER}, flat_diloco),
+            Config(f"diloco F=4 tau=1 H={every}", {**diloco, "fields": {"fragments": 4, "delay": 1}}, flat_diloco),
+            Config(flat_lordo, lordo, "ddp", sweep),
+            Config(f"lordo 2x2 r={rank} H={every}", {**lordo, "inner": INNER}, flat_lordo, tuned_after=flat_lordo)]
+
+
+def worker(rank: int, world: int, options: dict, setup: RunConfig) -> dict:
+    inner = options.get("inner")
+    mesh = init_device_mesh("cpu", (world // inner, inner), mesh_dim_names=("outer", "inner")) if inner else None
+    # Only rank 0's curve is kept, and evaluating holds no collective: the others skip it.
+    result = train_tiny_gpt(policy(options, mesh), setup if rank == 0 else replace(setup, eval_every=0))
+    report = result.step.comm_report()
+    level = {mesh.get_group(1).group_name: "inner", mesh.get_group(0).group_name: "outer"} if mesh else {}
+    per_level: dict[str, int] = {}
+    for group, (_, sent) in report.per_group().items():
+        per_level[level.get(group, "world")] = per_level.get(level.get(group, "world"), 0) + sent
+    return {"val_loss": result.val_loss, "curve": result.curve, "graphs": result.graphs,
+            "bytes_per_worker": report.bytes_sent, "bytes_per_level": per_level,
+            "state_bytes": result.step.memory_report().state_bytes_after,
+            "parameters": sum(p.numel() for p in result.model.parameters()),
+            "collectives": {name: [(c.op, c.payload_bytes, level.get(c.group, "world")) for c in found]
+                            for name, found in report.per_graph.items()}}
+
+
+def comm_seconds(collectives: list, workers: int, latency: float, slow_bits: float, fast_bits: float) -> float:
+    """The alpha-beta model's time for one graph's collectives: the inner group's over a fast
+    link among INNER workers, the outer group's among the nodes and a flat group's among all
+    workers over the slow link."""
+    total = 0.0
+    for op, payload, level in collectives:
+        count = {"inner": INNER, "outer": workers // INNER}.get(level, workers)
+        total += collective_seconds(op, payload, count, latency, (fast_bits if level == "inner" else slow_bits) / 8)
+    return total
+
+
+def time_to_loss(rows: list[dict], workers: int, latency: float, slow_bits: float, fast_bits: float) -> list[dict]:
+    """Per row, the modeled seconds to DDP's final mean validation loss (or to its best loss, marked)."""
+    by = {row["config"]: row for row in rows}
+    if "ddp" not in by:
+        return []
+    target, found = by["ddp"]["mean"], []
+    for row in rows:
+        # A streaming sync's all-reduce runs behind the `delay` local steps before its merge (the
+        # cheapest graph's time: with 4 fragments and a delay every step of H = 8 syncs or merges).
+        hidden = row["options"].get("fields", {}).get("delay", 0) * min(row["compute_ms"].values()) / 1e3
+        comm = {graph: max(0.0, comm_seconds(c, workers, latency, slow_bits, fast_bits) - hidden)
+                for graph, c in row["collectives"].items()}
+        points = clocked_curve(row, comm, overlap=False)
+        seconds, loss, reached = time_to(target, points)
+        found.append({"config": row["config"], "seconds": seconds, "loss": loss, "reached": reached,
+                      "total_s": points[-1][0], "slow_bytes": row["slow_bytes"], "points": points,
+                      "note": "" if reached else f"not reached (best {loss:.4f})"})
+    ddp = next(entry for entry in found if entry["config"] == "ddp")
+    for entry in found:
+        entry["speedup_vs_ddp"] = ddp["seconds"] / entry["seconds"] if entry["reached"] and ddp["reached"] else None
+    return found
+
+
+def claims(rows: list[dict]) -> list[str]:
+    """Each claim whose rows ran."""
+    by = {row["config"]: row for row in rows}
+    lines = []
+    for row in rows:
+        name, base = row["config"], by.get(row["baseline"] or "")
+        if base is None:
+            continue
+        if "2x2" in name:
+            lines.append(claim(f"two levels beat one ({name} - {base['config']})", row, "lower"))
+            if "ddp" in by:
+                lines.append(within(harness.versus(rows, name, "ddp"), by["ddp"], "DDP"))
+        elif "F=" in name:
+            lines.append(within(row, base, base["config"]))
+        else:
+            lines.append(within(row, base, "DDP"))
+    return lines
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_arguments(parser)
+    parser.add_argument("--every", type=int, default=8, help="sync interval H")
+    parser.add_argument("--rank", type=int, default=8, help="LoRDO's rank")
+    parser.add_argument("--tuned-in", default=os.path.join(RESULTS, "sync.json"),
+                        help="benchmarks.sync's JSON, where DDP's and DiLoCo's options were tuned")
+    parser.add_argument("--slow-mbit", type=float, default=100.0, help="the link between nodes, Mbit/s")
+    parser.add_argument("--fast-gbit", type=float, default=100.0, help="the links inside a node, Gbit/s")
+    parser.add_argument("--latency-us", type=float, default=100.0, help="every link's latency alpha")
+    harness.add_arguments(parser, compiler="aot_eager", only=True)
+    args = parser.parse_args(argv)
+    if args.workers % INNER:
+        parser.error(f"--workers {args.workers}: two levels of nodes of {INNER} need a multiple of {INNER}")
+    setup = setup_of(args, every=8)
+    args.workers = max(args.workers, 2 * INNER)  # a quick run's 2 workers would make one node
+    setup = replace(setup, eval_every=max(1, args.steps // 8))
+    seeds, tuning_seeds = harness.seeds_of(args)
+    if args.quick:
+        ddp, diloco, lrs = {"lr": harness.LR}, {"lr": harness.LR, "outer_lr": 0.7, "outer_momentum": 0.9}, []
+    else:
+        ddp, diloco, lrs = tuned_in(args.tuned_in, args.every)
+    sweep = harness.lr_sweep(args, lrs or harness.LRS)
+    comparison = harness.select(configs(args.every, args.rank, ddp, diloco, sweep), args.only)
+    # Compute time does not depend on the lr, nor on the levels (a two-level row's graphs are its flat form's).
+    timing = replace(setup, eval_every=0, seed=seeds[0], steps=min(setup.steps, 4 * args.every + 2))
+    flat_forms: dict[str, dict] = {}
+    compute = {}
+    for config in comparison:
+        flat = json.dumps({k: v for k, v in config.options.items() if k != "inner"}, sort_keys=True)
+        if flat not in flat_forms:
+            flat_forms[flat] = compute_ms(json.loads(flat), timing, "aot_eager" if args.quick else "inductor")
+        compute[config.name] = flat_forms[flat]
+    rows = harness.compare(comparison, lambda config, seed: run_workers(
+        worker, args.workers, timeout=3600, args=(config.options, replace(setup, seed=seed, lr=config.options["lr"]))
+    )[0], seeds, tuning_seeds)
+    add_figures(rows, comparison)
+    for row in rows:
+        first = row["runs"][0]  # graphs, collectives and bytes do not depend on the seed
+        row.update(graphs=first["graphs"], collectives=first["collectives"], bytes_per_level=first["bytes_per_level"],
+                   slow_bytes=sum(sent for level, sent in first["bytes_per_level"].items() if level != "inner"),
+                   compute_ms=compute[row["config"]], curve=mean_curve(row["runs"]))
+        for run in row["runs"]:
+            del run["graphs"], run["collectives"]
+    header = (f"tiny GPT ({rows[0]['runs'][0]['parameters']:,} parameters), {args.workers} gloo workers as "
+              f"{args.workers // INNER} nodes of {INNER}, x {args.batch} sequences of 128 bytes, {args.steps} steps, "
+              f"sync every {args.every}, seeds {seeds}, "
+              + ("no tuning" if args.quick else
+                 f"ddp and DiLoCo at benchmarks.sync's tuned options ({os.path.basename(args.tuned_in)}: ddp {ddp}, "
+                 f"diloco {diloco}), LoRDO's lr tuned over {[s['lr'] for s in sweep]} on seeds {tuning_seeds}")
+              + f", compiler {args.compiler}")
+    harness.report(rows, header, [("slow_bytes", "B over slow link", ","), ("bytes_per_worker", "B/worker", ",")])
+    print("\n".join(claims(rows)))
+    result = harness.save(args.json, header, rows, args, claims=claims)
+    network = (f"modeled: {args.slow_mbit:g} Mbit/s between nodes, {args.fast_gbit:g} Gbit/s inside, latency "
+               f"{args.latency_us:g} us, communication after compute")
+    result.update(network=network, time_to_loss=time_to_loss(result["rows"], args.workers, args.latency_us * 1e-6,
+                                                             args.slow_mbit * 1e6, args.fast_gbit * 1e9))
+    if result["time_to_loss"]:
+        print(f"time to DDP's final validation loss, {network}")
+        print_table(result["time_to_loss"], [("config", "config", "<"), ("slow_bytes", "B over slow link", ","),
+                                             ("seconds", "seconds", ".1f"), ("speedup_vs_ddp", "x faster than ddp", ".2f"),
+                                             ("total_s", "whole run s", ".1f"), ("note", "", "<")])
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
