@@ -6,7 +6,9 @@ Reads the full runs' JSON in --results (written by each benchmark's `--json`), r
 each claim's paired per-seed difference and its 95% interval from the rows' per-seed
 values (`benchmarks.harness`), and gives ALGORITHMS.md section 10's verdict. A claim whose
 JSON is missing, or was written before the harness (no per-seed values), is listed as not
-run, with the command that runs it. Nothing here trains.
+run, with the command that runs it. A claim's "run with" is the command lines its JSON
+records (each benchmark's own, partial runs' included), or, for a JSON written before they
+were recorded, the command typed here. Nothing here trains.
 """
 
 from __future__ import annotations
@@ -117,7 +119,11 @@ CLAIMS = [
 def evaluate(claim: Claim, result: dict | None) -> dict:
     """The claim's row of the table: its paired difference, interval and verdict, or why not run."""
     only = ((result or {}).get("arguments") or {}).get("only")
-    command = claim.command + (" --only " + " ".join(f"'{name}'" for name in only) if only else "")
+    recorded = (result or {}).get("commands")
+    # The command lines that wrote the JSON where it recorded them (harness.invoked), else the
+    # claim's own, with the rows a partial run chose.
+    command = ("; ".join(recorded) if recorded else
+               claim.command + (" --only " + " ".join(f"'{name}'" for name in only) if only else ""))
     row = {"paper": claim.paper, "command": command, "source": claim.source}
     rows = {r.get("config"): r for r in (result or {}).get("rows", [])}
     missing = [name for _, name in claim.terms if "values" not in rows.get(name, {})]

@@ -37,7 +37,9 @@ import json
 import math
 import multiprocessing
 import os
+import shlex
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
@@ -394,8 +396,9 @@ SELECTING = ("only", "jobs")
 def save(path: str | None, header: str, rows: list[dict], args: argparse.Namespace,
          claims: Sequence[str] | Callable[[list[dict]], list[str]] = (), selecting: Sequence[str] = (),
          **setup) -> dict:
-    """The JSON every comparison writes: its setup (the command's arguments), its rows and its
-    claim lines (`claims`: the lines, or the function of the rows that gives them).
+    """The JSON every comparison writes: its setup (the command's arguments), its rows, its
+    claim lines (`claims`: the lines, or the function of the rows that gives them) and the
+    command lines that wrote it (`commands`, see `invoked`).
 
     A partial run (`--only`) adds its rows to the JSON already at `path` when that one was run
     with the same arguments, apart from `SELECTING` and the benchmark's own `selecting` (which
@@ -404,13 +407,23 @@ def save(path: str | None, header: str, rows: list[dict], args: argparse.Namespa
     JSON holds what one run of all its rows would (the "only" it records is their union)."""
     seeds, tuning_seeds = seeds_of(args)
     result = {"header": header, "arguments": {k: v for k, v in vars(args).items() if k != "json"},
-              "seeds": seeds, "tuning_seeds": tuning_seeds, "rows": rows, **setup}
+              "seeds": seeds, "tuning_seeds": tuning_seeds, "rows": rows, **setup, "commands": invoked()}
     if path and getattr(args, "only", None) and os.path.exists(path):
         with open(path) as f:
             result = merged(json.load(f), result, (*SELECTING, *selecting), path)
     result["claims"] = claims(result["rows"]) if callable(claims) else list(claims)
     write_json(path, result)
     return result
+
+
+def invoked() -> list[str] | None:
+    """The command line of the benchmark run now, as a user types it (`python -m
+    benchmarks.NAME ...`), in a list: partial runs merged into one JSON add theirs. None when
+    the comparison was not started as a benchmark module (a test, a notebook)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is None or not spec.name.startswith("benchmarks."):
+        return None
+    return [shlex.join(["python", "-m", spec.name, *sys.argv[1:]])]
 
 
 def merged(earlier: dict, later: dict, selecting: Sequence[str], path: str = "the JSON") -> dict:
@@ -435,4 +448,7 @@ def merged(earlier: dict, later: dict, selecting: Sequence[str], path: str = "th
             arguments[key] = first + [value for value in then if value not in first]
     if earlier["arguments"].get("only") is None:
         arguments["only"] = None  # the earlier run had every row
-    return {**earlier, **later, "arguments": arguments, "rows": rows}
+    # Unknown (None) once any run of the merge was not recorded: a partial list would pass for all of them.
+    first, then = earlier.get("commands"), later.get("commands")
+    commands = first + [c for c in then if c not in first] if first is not None and then is not None else None
+    return {**earlier, **later, "arguments": arguments, "rows": rows, "commands": commands}

@@ -224,3 +224,37 @@ def test_partial_runs_of_one_setup_share_a_json_and_others_are_refused(tmp_path)
         save(path, "h", [row("naive", 0, 0)], args(["naive"]), claims=claims)
     save(path, "h", [row("naive", 0, 0)], args(None), claims=claims)
     assert [r["config"] for r in json.load(open(path))["rows"]] == ["naive"]
+
+
+def test_the_json_records_the_command_lines_that_wrote_it(tmp_path, monkeypatch):
+    import argparse
+    import json
+    import shlex
+    import sys
+    import types
+
+    from benchmarks.claims import Claim, evaluate
+    from benchmarks.harness import save
+
+    path = str(tmp_path / "run.json")
+    started_as = types.ModuleType("__main__")
+    started_as.__spec__ = types.SimpleNamespace(name="benchmarks.eco")
+    monkeypatch.setitem(sys.modules, "__main__", started_as)
+
+    def run(name, argv):
+        monkeypatch.setattr(sys, "argv", ["/somewhere/benchmarks/eco.py", *argv])
+        args = argparse.Namespace(only=[name], lrs=None, jobs=1, seeds=2, tuning_seeds=1, quick=False, json=path)
+        save(path, "h", [{"config": name, "baseline": None, "values": [2.0, 2.5]}], args)
+        return json.load(open(path))
+
+    run("master", ["--only", "master", "--json", path])
+    result = run("eco", ["--only", "eco", "--json", path])
+    assert result["commands"] == [f"python -m benchmarks.eco --only master --json {shlex.quote(path)}",
+                                  f"python -m benchmarks.eco --only eco --json {shlex.quote(path)}"]
+    claim = Claim("c", "run.json", "typed by hand", ((1, "eco"), (-1, "master")))
+    assert evaluate(claim, result)["command"] == "; ".join(result["commands"])
+    # A run not started as a benchmark module records nothing, and the merged list is no longer whole.
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    result = run("naive", [])
+    assert result["commands"] is None
+    assert evaluate(claim, result)["command"] == "typed by hand --only 'master' 'eco' 'naive'"
