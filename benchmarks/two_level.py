@@ -91,9 +91,8 @@ def worker(rank: int, world: int, options: dict, setup: RunConfig) -> dict:
     result = train_tiny_gpt(policy(options, mesh), setup if rank == 0 else replace(setup, eval_every=0))
     report = result.step.comm_report()
     level = {mesh.get_group(1).group_name: "inner", mesh.get_group(0).group_name: "outer"} if mesh else {}
-    per_level: dict[str, int] = {}
-    for group, (_, sent) in report.per_group().items():
-        per_level[level.get(group, "world")] = per_level.get(level.get(group, "world"), 0) + sent
+    # Each group is one level (a flat run's only group is the world).
+    per_level = {level.get(group, "world"): sent for group, (_, sent) in report.per_group().items()}
     return {"val_loss": result.val_loss, "curve": result.curve, "graphs": result.graphs,
             "bytes_per_worker": report.bytes_sent, "bytes_per_level": per_level,
             "state_bytes": result.step.memory_report().state_bytes_after,
