@@ -76,11 +76,13 @@ def claims(rows: list[dict]) -> list[str]:
 def main(argv=None) -> dict:
     args, steps, compiler = harness.tiny_gpt_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]),
                                                       argv)
-    rows, header = harness.compare_tiny_gpt(args, steps, compiler, configs(harness.lr_sweep(args, default=harness.LRS)),
+    every_config = configs(harness.lr_sweep(args, default=harness.LRS))
+    rows, header = harness.compare_tiny_gpt(args, steps, compiler, every_config,
                                             lambda options: _policy(options, steps))
     harness.report(rows, header)
     print("\n".join(claims(rows)))
-    return harness.save(args.json, header, rows, args, claims=claims, steps=steps, compiler=compiler)
+    return harness.save(args.json, header, rows, args, claims=claims, steps=steps, compiler=compiler,
+                        configs=every_config)
 
 
 if __name__ == "__main__":

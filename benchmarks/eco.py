@@ -83,7 +83,8 @@ def main(argv=None) -> dict:
         args.steps, args.compiler, args.formats = 10, "aot_eager", ["int8"]
     seeds, tuning_seeds = harness.seeds_of(args)
     sweep = harness.lr_sweep(args, default=harness.LRS)
-    rows = harness.compare(harness.select(configs(args.formats, sweep), args.only),
+    every_config = configs(args.formats, sweep)
+    rows = harness.compare(harness.select(every_config, args.only),
                            lambda config, seed: run(config, seed, args), seeds, tuning_seeds, jobs=args.jobs)
     for row in rows:
         row["bytes_per_param"] = row["runs"][0]["bytes_per_param"]  # the same on every seed
@@ -92,7 +93,8 @@ def main(argv=None) -> dict:
               f"{args.warmup} warm-up steps, seeds {seeds}, {args.compiler}")
     harness.report(rows, header, [("bytes_per_param", "bytes/param", ".2f")])
     print("\n".join(claims(rows)))
-    return harness.save(args.json, header, rows, args, claims=claims, selecting=("formats",))
+    return harness.save(args.json, header, rows, args, claims=claims, selecting=("formats",),
+                        configs=every_config)
 
 
 if __name__ == "__main__":

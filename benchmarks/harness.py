@@ -395,7 +395,7 @@ SELECTING = ("only", "jobs")
 
 def save(path: str | None, header: str, rows: list[dict], args: argparse.Namespace,
          claims: Sequence[str] | Callable[[list[dict]], list[str]] = (), selecting: Sequence[str] = (),
-         **setup) -> dict:
+         configs: Sequence[Config] = (), **setup) -> dict:
     """The JSON every comparison writes: its setup (the command's arguments), its rows, its
     claim lines (`claims`: the lines, or the function of the rows that gives them) and the
     command lines that wrote it (`commands`, see `invoked`).
@@ -404,13 +404,17 @@ def save(path: str | None, header: str, rows: list[dict], args: argparse.Namespa
     with the same arguments, apart from `SELECTING` and the benchmark's own `selecting` (which
     rows run): a row trained again replaces the earlier one, and the claims are those of the
     merged rows. Per seed a row's figures do not depend on which other rows ran, so the merged
-    JSON holds what one run of all its rows would (the "only" it records is their union)."""
+    JSON holds what one run of all its rows would (the "only" it records is their union): every
+    difference is taken again over the merged rows, and a row trained without its baseline
+    (`select`) is compared with it once that one is there, its baseline named by the
+    benchmark's whole list of configurations, `configs`."""
     seeds, tuning_seeds = seeds_of(args)
     result = {"header": header, "arguments": {k: v for k, v in vars(args).items() if k != "json"},
               "seeds": seeds, "tuning_seeds": tuning_seeds, "rows": rows, **setup, "commands": invoked()}
     if path and getattr(args, "only", None) and os.path.exists(path):
         with open(path) as f:
-            result = merged(json.load(f), result, (*SELECTING, *selecting), path)
+            result = merged(json.load(f), result, (*SELECTING, *selecting), path,
+                            {c.name: c.baseline for c in configs})
     result["claims"] = claims(result["rows"]) if callable(claims) else list(claims)
     write_json(path, result)
     return result
@@ -426,9 +430,10 @@ def invoked() -> list[str] | None:
     return [shlex.join(["python", "-m", spec.name, *sys.argv[1:]])]
 
 
-def merged(earlier: dict, later: dict, selecting: Sequence[str], path: str = "the JSON") -> dict:
-    """`later`'s rows added to `earlier`'s (see `save`); a ValueError naming what differs when
-    the two were not run alike."""
+def merged(earlier: dict, later: dict, selecting: Sequence[str], path: str = "the JSON",
+           baselines: dict[str, str | None] | None = None) -> dict:
+    """`later`'s rows added to `earlier`'s (see `save`; `baselines`: configuration name to its
+    baseline's); a ValueError naming what differs when the two were not run alike."""
     def setup(result: dict) -> dict:
         return {k: v for k, v in result["arguments"].items() if k not in selecting}
 
@@ -451,4 +456,17 @@ def merged(earlier: dict, later: dict, selecting: Sequence[str], path: str = "th
     # Unknown (None) once any run of the merge was not recorded: a partial list would pass for all of them.
     first, then = earlier.get("commands"), later.get("commands")
     commands = first + [c for c in then if c not in first] if first is not None and then is not None else None
-    return {**earlier, **later, "arguments": arguments, "rows": rows, "commands": commands}
+    return {**earlier, **later, "arguments": arguments, "rows": compared(rows, baselines or {}),
+            "commands": commands}
+
+
+def compared(rows: list[dict], baselines: dict[str, str | None]) -> list[dict]:
+    """`rows` with each one's paired difference against its baseline taken over these rows: its
+    own, or where a partial run had none, the one `baselines` names."""
+    by_name = {row["config"]: row for row in rows}
+    found = []
+    for row in rows:
+        base = by_name.get(row["baseline"] or baselines.get(row["config"]) or "")
+        found.append({**row, "baseline": base["config"], **paired(row["values"], base["values"])}
+                     if base is not None else row)
+    return found

@@ -55,15 +55,17 @@ def claims(rows: list[dict]) -> list[str]:
 def main(argv=None) -> dict:
     args, steps, compiler = harness.tiny_gpt_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]),
                                                       argv)
+    every_config = configs(harness.lr_sweep(args, default=harness.LRS))
     rows, header = harness.compare_tiny_gpt(
-        args, steps, compiler, configs(harness.lr_sweep(args, default=harness.LRS)),
+        args, steps, compiler, every_config,
         lambda options: _policy(options["bits"]),
         lambda result: {"state_bytes": result.step.memory_report().state_bytes_after})
     for row in rows:
         row["state_bytes"] = row["runs"][0]["state_bytes"]
     harness.report(rows, header, [("state_bytes", "state B", ",")])
     print("\n".join(claims(rows)))
-    return harness.save(args.json, header, rows, args, claims=claims, steps=steps, compiler=compiler)
+    return harness.save(args.json, header, rows, args, claims=claims, steps=steps, compiler=compiler,
+                        configs=every_config)
 
 
 if __name__ == "__main__":

@@ -177,7 +177,8 @@ def main(argv=None) -> dict:
     else:
         ddp, diloco, lrs = tuned_in(args.tuned_in, args.every)
     sweep = harness.lr_sweep(args, lrs or harness.LRS)
-    comparison = harness.select(configs(args.every, args.rank, ddp, diloco, sweep), args.only)
+    every_config = configs(args.every, args.rank, ddp, diloco, sweep)
+    comparison = harness.select(every_config, args.only)
     # Compute time does not depend on the lr, nor on the levels (a two-level row's graphs are its flat form's).
     timing = replace(setup, eval_every=0, seed=seeds[0], steps=min(setup.steps, 4 * args.every + 2))
     flat_forms: dict[str, dict] = {}
@@ -207,7 +208,7 @@ def main(argv=None) -> dict:
               + f", compiler {args.compiler}")
     harness.report(rows, header, [("slow_bytes", "B over slow link", ","), ("bytes_per_worker", "B/worker", ",")])
     print("\n".join(claims(rows)))
-    result = harness.save(args.json, header, rows, args, claims=claims)
+    result = harness.save(args.json, header, rows, args, claims=claims, configs=every_config)
     network = (f"modeled: {args.slow_mbit:g} Mbit/s between nodes, {args.fast_gbit:g} Gbit/s inside, latency "
                f"{args.latency_us:g} us, communication after compute")
     result.update(network=network, time_to_loss=time_to_loss(result["rows"], args.workers, args.latency_us * 1e-6,

@@ -226,6 +226,39 @@ def test_partial_runs_of_one_setup_share_a_json_and_others_are_refused(tmp_path)
     assert [r["config"] for r in json.load(open(path))["rows"]] == ["naive"]
 
 
+def test_a_partial_run_without_its_baseline_is_compared_with_it_in_the_merged_json(tmp_path):
+    import argparse
+    import json
+
+    from benchmarks.harness import save
+
+    path = str(tmp_path / "run.json")
+    every_config = [Config("ddp"), Config("diloco", baseline="ddp"), Config("streaming", baseline="diloco")]
+
+    def args(only):
+        return argparse.Namespace(only=only, lrs=None, jobs=1, seeds=3, tuning_seeds=1, quick=False, json=path)
+
+    def row(name, baseline, *values):
+        return {"config": name, "baseline": baseline, "values": list(values), "diff_vs_baseline": None}
+
+    save(path, "h", [row("ddp", None, 2.0, 2.5, 3.0), row("diloco", "ddp", 2.1, 2.5, 3.2)], args(["ddp", "diloco"]),
+         configs=every_config)
+    # `select` dropped the baseline of a row whose baseline did not run.
+    save(path, "h", [row("streaming", None, 2.2, 2.6, 3.0)], args(["streaming"]), configs=every_config)
+    rows = {r["config"]: r for r in json.load(open(path))["rows"]}
+    # Differences 0.1, 0.1, -0.2: mean 0, sd sqrt(0.03), half width t(2) * sd / sqrt(3) = 4.303 * 0.1.
+    assert rows["streaming"]["baseline"] == "diloco"
+    assert rows["streaming"]["diff_vs_baseline"] == pytest.approx(0.0, abs=1e-12)
+    assert (rows["streaming"]["ci_low"], rows["streaming"]["ci_high"]) == pytest.approx((-0.4303, 0.4303), abs=1e-4)
+    assert rows["ddp"]["baseline"] is None and rows["ddp"]["diff_vs_baseline"] is None
+    # A baseline trained again (here: other figures) changes the differences against it.
+    save(path, "h", [row("diloco", None, 2.2, 2.6, 3.0)], args(["diloco"]), configs=every_config)
+    rows = {r["config"]: r for r in json.load(open(path))["rows"]}
+    assert rows["diloco"]["diff_vs_baseline"] == pytest.approx(0.1)
+    assert rows["streaming"]["diff_vs_baseline"] == pytest.approx(0.0, abs=1e-12)
+    assert rows["streaming"]["ci_high"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_the_json_records_the_command_lines_that_wrote_it(tmp_path, monkeypatch):
     import argparse
     import json
