@@ -401,7 +401,7 @@ def save(path: str | None, header: str, rows: list[dict], args: argparse.Namespa
     command lines that wrote it (`commands`, see `invoked`).
 
     A partial run (`--only`) adds its rows to the JSON already at `path` when that one was run
-    with the same arguments, apart from `SELECTING` and the benchmark's own `selecting` (which
+    with the same arguments (else they are written to PATH's stem + `.unmerged.json`), apart from `SELECTING` and the benchmark's own `selecting` (which
     rows run): a row trained again replaces the earlier one, and the claims are those of the
     merged rows. Per seed a row's figures do not depend on which other rows ran, so the merged
     JSON holds what one run of all its rows would (the "only" it records is their union): every
@@ -413,8 +413,14 @@ def save(path: str | None, header: str, rows: list[dict], args: argparse.Namespa
               "seeds": seeds, "tuning_seeds": tuning_seeds, "rows": rows, **setup, "commands": invoked()}
     if path and getattr(args, "only", None) and os.path.exists(path):
         with open(path) as f:
-            result = merged(json.load(f), result, (*SELECTING, *selecting), path,
-                            {c.name: c.baseline for c in configs})
+            earlier = json.load(f)
+        try:
+            result = merged(earlier, result, (*SELECTING, *selecting), path, {c.name: c.baseline for c in configs})
+        except ValueError as refused:
+            # The rows can have taken an hour: they go beside the JSON they could not join.
+            kept = os.path.splitext(path)[0] + ".unmerged.json"
+            write_json(kept, {**result, "claims": claims(rows) if callable(claims) else list(claims)})
+            raise ValueError(f"{refused}. This run's rows are kept in {kept}") from None
     result["claims"] = claims(result["rows"]) if callable(claims) else list(claims)
     write_json(path, result)
     return result

@@ -76,6 +76,16 @@ def test_two_levels_pay_the_slow_link_for_what_crosses_nodes_and_the_fast_one_in
     assert comm_seconds(both, 4, 1e-3, 8e6, 8e9) == pytest.approx(1.005)
 
 
+def test_the_common_target_is_the_lowest_loss_every_row_reaches():
+    from benchmarks.two_level import common_target
+
+    rows = [{"config": "ddp", "curve": [(0, 0, 5.0), (8, 0, 1.8), (16, 0, 1.9)]},
+            {"config": "diloco", "curve": [(0, 0, 5.0), (8, 0, 2.2), (16, 0, 2.1)]},
+            {"config": "lordo", "curve": [(0, 0, 5.0), (8, 0, 2.0), (16, 0, 2.05)]}]
+    # Best points 1.8, 2.1 and 2.0: every row reaches 2.1, diloco's best.
+    assert common_target(rows) == (2.1, "diloco")
+
+
 def test_time_to_a_loss_interpolates_between_evaluations_or_marks_the_best():
     points = [(1.0, 3.0), (2.0, 2.0), (3.0, 1.5)]
     assert time_to(2.5, points) == (pytest.approx(1.5), 2.5, True)

@@ -215,8 +215,11 @@ def test_partial_runs_of_one_setup_share_a_json_and_others_are_refused(tmp_path)
     assert merged["arguments"]["only"] == ["master", "eco", "naive"]
     assert merged["arguments"]["formats"] == ["int8", "fp8"]
     assert merged["claims"] == ["master: 3", "naive: 11", "eco: 15"]
-    with pytest.raises(ValueError, match=r"set up differently \(\['lrs'\]\).*another --json"):
+    with pytest.raises(ValueError, match=r"set up differently \(\['lrs'\]\).*another --json.*kept in .*unmerged"):
         save(path, "h", [row("naive", 0, 0)], args(["naive"], lrs=[1e-3]), claims=claims, selecting=("formats",))
+    kept = json.load(open(tmp_path / "run.unmerged.json"))
+    assert (kept["rows"], kept["arguments"]["lrs"], kept["claims"]) == ([row("naive", 0, 0)], [1e-3], ["naive: 0"])
+    assert json.load(open(path)) == merged
     with pytest.raises(ValueError, match="formats"):
         save(path, "h", [row("naive", 0, 0)], args(["naive"], formats=("int4",)), claims=claims)
     json.dump({"rows": [row("master", 1, 2)]}, open(path, "w"))

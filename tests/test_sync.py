@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
 import lordo_compile as lc
-from common import (EagerOuterStep, assert_close, average_gradients, checkpoint_bytes, int8_sent, load_checkpoint_bytes,
-                    named_parameters, stored_in_8_bits)
+from common import (EagerOuterStep, assert_close, average_gradients, checkpoint_bytes, compare, int8_sent,
+                    load_checkpoint_bytes, named_parameters, stored_in_8_bits)
 from lordo_compile.launch import run_workers
 from lordo_compile.models import MLP
 from lordo_compile.testing import training_step
@@ -145,7 +145,7 @@ def parity_worker(rank, world, case):
         return _eager_diloco(rank, world), _compiled(rank, lc.Policy.diloco(sync_every=H))
     if case == "diloco_8_bit":
         policy = lc.Policy(sync=lc.Policy.diloco(sync_every=H).sync, quantized_state=HELD)
-        return _eager_diloco(rank, world, HELD), _compiled(rank, policy)
+        return (_eager_diloco(rank, world, HELD), _eager_diloco(rank, world)), _compiled(rank, policy)
     return _eager_ddp(rank, world), _compiled(rank, lc.Policy.ddp())
 
 
@@ -155,9 +155,24 @@ def parity(request):
 
 
 def test_compiled_matches_the_eager_reference(parity):
-    _, results = parity
+    case, results = parity
     for reference, (params, _) in results:
-        assert_close(params, reference)
+        if case == "diloco_8_bit":
+            _assert_equal_up_to_flipped_codes(params, *reference)
+        else:
+            assert_close(params, reference)
+
+
+def _assert_equal_up_to_flipped_codes(params, held, full):
+    """Our graph and torch.optim round AdamW's update in a different order, by about an ulp
+    on some CPUs (AVX-512 ones, measured): a moment that close to the midpoint between two
+    codes of the 8-bit map then rounds to the other code, and the 12 steps carry that to
+    other weights. Measured: the worst weight 3.5e-4 of its tensor's rms away from the
+    reference stored in 8 bits (on other CPUs, within the default 1e-6). The floor is 1e-3
+    of the rms, and the reference that keeps its moments in fp32 must lie far outside it, or
+    the test could not tell 8-bit storage from none."""
+    assert_close(params, held, atol=1e-3)
+    assert compare(params, full, atol=1e-3).ratio > 100
 
 
 def test_ranks_are_bit_identical_after_the_last_sync(parity):

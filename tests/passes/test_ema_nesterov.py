@@ -211,7 +211,9 @@ def test_composes_with_lordos_inner_step(monkeypatch):
         lookahead.step(k, lambda k=k, x=x, y=y: run(k, x, y), updated)
     assert_close(named_parameters(model), named_parameters(reference), atol=ADAM_ATOL)
     names = [n for n, _ in reference.named_parameters()]
-    assert_close(_directions(step, names), dict(zip(names, lookahead.d, strict=True)), rtol=1e-4, atol=D_ATOL)
+    # The syncs keep d small against the weights it is a difference of (their rms is 26 to
+    # 49 times d's, measured, against about 20 without syncs), so its floor is 3 x D_ATOL.
+    assert_close(_directions(step, names), dict(zip(names, lookahead.d, strict=True)), rtol=1e-4, atol=3 * D_ATOL)
 
 
 def test_composes_with_cage():
