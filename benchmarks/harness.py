@@ -395,7 +395,7 @@ SELECTING = ("only", "jobs")
 
 def save(path: str | None, header: str, rows: list[dict], args: argparse.Namespace,
          claims: Sequence[str] | Callable[[list[dict]], list[str]] = (), selecting: Sequence[str] = (),
-         configs: Sequence[Config] = (), **setup) -> dict:
+         configs: Sequence[Config] = (), figures: Callable[[list[dict]], None] | None = None, **setup) -> dict:
     """The JSON every comparison writes: its setup (the command's arguments), its rows, its
     claim lines (`claims`: the lines, or the function of the rows that gives them) and the
     command lines that wrote it (`commands`, see `invoked`).
@@ -407,7 +407,8 @@ def save(path: str | None, header: str, rows: list[dict], args: argparse.Namespa
     JSON holds what one run of all its rows would (the "only" it records is their union): every
     difference is taken again over the merged rows, and a row trained without its baseline
     (`select`) is compared with it once that one is there, its baseline named by the
-    benchmark's whole list of configurations, `configs`."""
+    benchmark's whole list of configurations, `configs`; `figures` sets again, in place, the
+    figures a row takes from other rows (its ratios to its baseline's bytes, say)."""
     seeds, tuning_seeds = seeds_of(args)
     result = {"header": header, "arguments": {k: v for k, v in vars(args).items() if k != "json"},
               "seeds": seeds, "tuning_seeds": tuning_seeds, "rows": rows, **setup, "commands": invoked()}
@@ -421,6 +422,8 @@ def save(path: str | None, header: str, rows: list[dict], args: argparse.Namespa
             kept = os.path.splitext(path)[0] + ".unmerged.json"
             write_json(kept, {**result, "claims": claims(rows) if callable(claims) else list(claims)})
             raise ValueError(f"{refused}. This run's rows are kept in {kept}") from None
+    if figures:
+        figures(result["rows"])
     result["claims"] = claims(result["rows"]) if callable(claims) else list(claims)
     write_json(path, result)
     return result

@@ -145,15 +145,20 @@ def tuned_over(sweep: tuple[dict, ...], tuning_seeds: list[int], diloco: str = "
 
 
 def add_figures(rows: list[dict], configs: list[Config]) -> None:
-    """Each row's options, bytes, state bytes and mean curve, and its ratios and relative
-    difference against its baseline (and the "ddp" row, where there is one)."""
-    by_name = {row["config"]: row for row in rows}
+    """Each row's options, bytes, state bytes and mean curve, and its `ratios`."""
     for row, config in zip(rows, configs):
         first, curves = row["runs"][0], [r["curve"] for r in row["runs"]]
         row.update(options={**config.options, **row["chosen"]}, bytes_per_worker=first["bytes_per_worker"],
                    state_bytes=first["state_bytes"],
                    curve=[(step, sent, statistics.fmean(c[i][2] for c in curves))
                           for i, (step, sent, _) in enumerate(curves[0])])
+    ratios(rows)
+
+
+def ratios(rows: list[dict]) -> None:
+    """Each row's ratios and relative difference against its baseline (and the "ddp" row,
+    where there is one), set again when a partial run joins a saved JSON."""
+    by_name = {row["config"]: row for row in rows}
     for row in rows:
         base, ddp, sent = by_name.get(row["baseline"]), by_name.get("ddp"), row["bytes_per_worker"] or 1
         row["ratio_vs_baseline"] = base["bytes_per_worker"] / sent if base else None
@@ -256,15 +261,15 @@ def main(argv=None) -> dict:
         return result
     # The plot's curve: 9 points.
     setup = replace(setup_of(args, sync_every=8, ranks=args.ranks[:1]), eval_every=max(1, args.steps // 8))
-    comparison = harness.select(configs(args.ranks, args.small_batch, args.sync_every, harness.lr_sweep(args, LRS)),
-                                args.only)
+    every_config = configs(args.ranks, args.small_batch, args.sync_every, harness.lr_sweep(args, LRS))
+    comparison = harness.select(every_config, args.only)
     rows, header = compare_on_workers(comparison, setup, args, f"sync every {args.sync_every}",
                                       diloco=WITH_OUTER_STEP)
     harness.report(rows, header, COLUMNS)
     print("\n".join(claims(rows)))
     # The rows' names carry their rank and batch, so partial runs with other --ranks share a JSON.
     result = harness.save(args.json, header, rows, args, selecting=("ranks", "plot", "markdown", "redraw"),
-                          claims=claims)
+                          claims=claims, configs=every_config, figures=ratios)
     _draw(result, args.plot, args.markdown, args.json)
     return result
 

@@ -24,7 +24,8 @@ import argparse
 
 from . import harness
 from .harness import Config
-from .lordo import DILOCO_GRID, LR, LRS, add_run_arguments, claim, compare_on_workers, setup_of, within
+from .lordo import (DILOCO_GRID, LR, LRS, add_run_arguments, claim, compare_on_workers, ratios, setup_of,
+                    within)
 
 
 def configs(every: list[int], sweep: tuple[dict, ...]) -> list[Config]:
@@ -57,7 +58,8 @@ def main(argv=None) -> dict:
     harness.add_arguments(parser, compiler="inductor", only=True)
     args = parser.parse_args(argv)
     setup = setup_of(args, every=[8])
-    comparison = harness.select(configs(args.every, harness.lr_sweep(args, LRS)), args.only)
+    every_config = configs(args.every, harness.lr_sweep(args, LRS))
+    comparison = harness.select(every_config, args.only)
     rows, header = compare_on_workers(comparison, setup, args, "sync every H as each row names",
                                       diloco="DiLoCo's outer lr and momentum at local SGD's")
     for row in rows:
@@ -67,7 +69,8 @@ def main(argv=None) -> dict:
                                   ("outer_momentum", "outer mom.", "g")])
     print("\n".join(claims(rows)))
     # The rows' names carry their interval, so partial runs with other --every share a JSON.
-    return harness.save(args.json, header, rows, args, claims=claims, selecting=("every",))
+    return harness.save(args.json, header, rows, args, claims=claims, selecting=("every",), configs=every_config,
+                        figures=ratios)
 
 if __name__ == "__main__":
     main()

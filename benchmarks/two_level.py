@@ -51,7 +51,7 @@ from lordo_compile.launch import run_workers
 from . import harness
 from .common import print_table, write_json
 from .harness import Config
-from .lordo import add_figures, add_run_arguments, claim, policy, setup_of, within
+from .lordo import add_figures, add_run_arguments, claim, policy, ratios, setup_of, within
 from .time_to_loss import clocked_curve, collective_seconds, compute_ms, mean_curve, time_to
 
 INNER = 2  # workers per node
@@ -217,7 +217,7 @@ def main(argv=None) -> dict:
               + f", compiler {args.compiler}")
     harness.report(rows, header, [("slow_bytes", "B over slow link", ","), ("bytes_per_worker", "B/worker", ",")])
     print("\n".join(claims(rows)))
-    result = harness.save(args.json, header, rows, args, claims=claims, configs=every_config)
+    result = harness.save(args.json, header, rows, args, claims=claims, configs=every_config, figures=ratios)
     network = (f"modeled: {args.slow_mbit:g} Mbit/s between nodes, {args.fast_gbit:g} Gbit/s inside, latency "
                f"{args.latency_us:g} us, communication after compute")
     link = (args.workers, args.latency_us * 1e-6, args.slow_mbit * 1e6, args.fast_gbit * 1e9)

@@ -246,9 +246,17 @@ def test_a_partial_run_without_its_baseline_is_compared_with_it_in_the_merged_js
 
     save(path, "h", [row("ddp", None, 2.0, 2.5, 3.0), row("diloco", "ddp", 2.1, 2.5, 3.2)], args(["ddp", "diloco"]),
          configs=every_config)
+    def figures(rows):
+        by_name = {r["config"]: r for r in rows}
+        for r in rows:
+            r["baseline_first"] = by_name[r["baseline"]]["values"][0] if r["baseline"] else None
+
     # `select` dropped the baseline of a row whose baseline did not run.
-    save(path, "h", [row("streaming", None, 2.2, 2.6, 3.0)], args(["streaming"]), configs=every_config)
+    save(path, "h", [row("streaming", None, 2.2, 2.6, 3.0)], args(["streaming"]), configs=every_config,
+         figures=figures)
     rows = {r["config"]: r for r in json.load(open(path))["rows"]}
+    # Taken over the merged rows: diloco's row is not in the partial run.
+    assert [rows[n]["baseline_first"] for n in ("ddp", "diloco", "streaming")] == [None, 2.0, 2.1]
     # Differences 0.1, 0.1, -0.2: mean 0, sd sqrt(0.03), half width t(2) * sd / sqrt(3) = 4.303 * 0.1.
     assert rows["streaming"]["baseline"] == "diloco"
     assert rows["streaming"]["diff_vs_baseline"] == pytest.approx(0.0, abs=1e-12)
