@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
                            lambda config, seed: run(config, seed, args), seeds, tuning_seeds, jobs=args.jobs)
     for row in rows:
         row["bytes_per_param"] = row["runs"][0]["bytes_per_param"]  # the same on every seed
-    lr = f"peak lr tuned over {[s['lr'] for s in sweep]} on seeds {tuning_seeds}" if tuning_seeds else f"peak lr {LR:g}"
+    lr = harness.lr_words(sweep, tuning_seeds, LR)
     header = (f"tiny GPT, {args.steps} steps x {args.batch} sequences of 128 bytes, AdamW, {lr}, "
               f"{args.warmup} warm-up steps, seeds {seeds}, {args.compiler}")
     harness.report(rows, header, [("bytes_per_param", "bytes/param", ".2f")])

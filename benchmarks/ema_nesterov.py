@@ -64,14 +64,14 @@ def main(argv=None) -> dict:
         result = train_tiny_gpt(_policy(config.options["gamma"], args.beta, warmup, decay_start), setup)
         return {"val_loss": result.val_loss, "step_ms": result.median_ms()}
 
-    rows = harness.compare(configs(harness.lr_sweep(args, default=harness.LRS), args.gamma), run, seeds,
-                           tuning_seeds, jobs=args.jobs)
+    sweep = harness.lr_sweep(args, default=harness.LRS)
+    rows = harness.compare(configs(sweep, args.gamma), run, seeds, tuning_seeds, jobs=args.jobs)
     for row in rows:
         row["step_ms"] = min(r["step_ms"] for r in row["runs"])
         row["step_vs_adamw"] = row["step_ms"] / rows[0]["step_ms"]
     header = (f"tiny GPT, {steps} steps x {args.batch} sequences of 128 bytes, compiler {compiler}, "
               f"{harness.threads_per_run(args.jobs)} thread(s) per run, {args.jobs} at a time, "
-              f"seeds {seeds}, lr tuned on seeds {tuning_seeds or 'none'}; "
+              f"seeds {seeds}, {harness.lr_words(sweep, tuning_seeds, harness.LR)}; "
               f"lookahead beta {args.beta} for steps {warmup} to {decay_start}")
     harness.report(rows, header, [("step_ms", "step ms", ".1f"), ("step_vs_adamw", "step vs AdamW", ".2f")])
     claims = [harness.claim_line(row) for row in rows if row["baseline"]]

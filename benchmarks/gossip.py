@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
                    step_ms=statistics.median(r["step_ms"] for r in runs))
         row["ratio_vs_ddp"] = rows[0]["bytes_per_worker"] / max(1, row["bytes_per_worker"])
     params = sum(p.numel() for p in TinyGPT().parameters())
-    lr = f"peak lr tuned over {[s['lr'] for s in sweep]} on seeds {tuning_seeds}" if tuning_seeds else f"peak lr {LR:g}"
+    lr = harness.lr_words(sweep, tuning_seeds, LR)
     header = (f"tiny GPT ({params:,} parameters), {args.workers} gloo workers x {args.batch} sequences of 128 bytes, "
               f"{args.steps} steps, AdamW, {lr}, seeds {seeds}, {args.compiler}")
     harness.report(rows, header, [("bytes_per_worker", "bytes/worker", ","),

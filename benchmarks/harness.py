@@ -106,7 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, seeds: int = 3, tuning_see
     parser.add_argument("--tuning-seeds", type=int, default=tuning_seeds,
                         help=f"seeds for tuning ({TUNING_SEED_OFFSET}, ...: disjoint from the reported ones)")
     parser.add_argument("--lrs", type=float, nargs="+", default=None,
-                        help="learning rates every configuration is tuned over (default: each benchmark's sweep)")
+                        help="learning rates every configuration is tuned over (default: each benchmark's sweep; "
+                             "one value: every configuration trains at it, without tuning runs)")
     parser.add_argument("--compiler", default=compiler, choices=["inductor", "aot_eager"])
     if jobs:
         parser.add_argument("--jobs", type=int, default=1,
@@ -149,7 +150,7 @@ def compare_tiny_gpt(args: argparse.Namespace, steps: int, compiler: str, config
 
     rows = compare(select(configs, args.only), run, seeds, tuning_seeds, jobs=args.jobs)
     header = (f"tiny GPT, {steps} steps x {args.batch} sequences of 128 bytes, compiler {compiler}, "
-              f"seeds {seeds}, lr tuned on seeds {tuning_seeds or 'none'}")
+              f"seeds {seeds}, {lr_words(configs[0].sweep, tuning_seeds, configs[0].options['lr'])}")
     return rows, header
 
 
@@ -289,7 +290,9 @@ def _tune(configs: Sequence[Config], train: Train, tuning_seeds: Sequence[int],
             if len(config.sweep) >= 2 and tuning_seeds:
                 sweeps[config.name] = [{**start, **choice} for choice in config.sweep]
             else:
-                found[config.name] = (start, [], start_at_edge)
+                # A sweep of one (`--lrs X`) is the user's choice: it needs no tuning runs.
+                given = {**start, **config.sweep[0]} if len(config.sweep) == 1 else start
+                found[config.name] = (given, [], start_at_edge)
         pairs = [(config.with_options(choice), seed) for config in stage if config.name in sweeps
                  for choice in sweeps[config.name] for seed in tuning_seeds]
         figures = iter(train(pairs))
@@ -337,6 +340,18 @@ def select(configs: Sequence[Config], names: Sequence[str] | None) -> list[Confi
 def lr_sweep(args: argparse.Namespace, default: Sequence[float]) -> tuple[dict, ...]:
     """The learning-rate sweep every configuration of a comparison gets: `--lrs`, or `default`."""
     return tuple({"lr": lr} for lr in (args.lrs or default))
+
+
+def lr_words(sweep: Sequence[dict], tuning_seeds: Sequence[int], untuned: float, also: str = "") -> str:
+    """A header's words for how the rows' peak lr was set: tuned over `sweep` on the tuning
+    seeds (`also`: what was tuned with it), the one value `sweep` gives, or without tuning
+    seeds the configurations' own, `untuned`."""
+    lrs = [choice["lr"] for choice in sweep]
+    if len(lrs) == 1:
+        return f"peak lr {lrs[0]:g} (one value given: not tuned)"
+    if not tuning_seeds:
+        return f"peak lr {untuned:g} (not tuned)"
+    return f"peak lr tuned over {lrs}{f' ({also})' if also else ''} on seeds {list(tuning_seeds)}"
 
 
 def verdict(row: dict, better: str = "lower", tolerance: float = 0.0) -> str:

@@ -138,10 +138,7 @@ WITH_OUTER_STEP = "DiLoCo's with its outer lr and momentum"
 
 def tuned_over(sweep: tuple[dict, ...], tuning_seeds: list[int], diloco: str = "") -> str:
     """The header's words for the tuning; `diloco`: how DiLoCo's outer step was tuned."""
-    if not tuning_seeds:
-        return f"peak lr {LR:g}"
-    also = f" ({diloco})" if diloco else ""
-    return f"peak lr tuned over {[s['lr'] for s in sweep]}{also} on seeds {tuning_seeds}"
+    return harness.lr_words(sweep, tuning_seeds, LR, diloco)
 
 
 def add_figures(rows: list[dict], configs: list[Config]) -> None:

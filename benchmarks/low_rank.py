@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
         row.update(state_bytes=runs[0]["state_bytes"], step_ms=statistics.median(r["step_ms"] for r in runs))
         row["state_ratio"] = row["state_bytes"] / rows[0]["state_bytes"]
         row["step_ratio"] = row["step_ms"] / rows[0]["step_ms"]
-    lr = f"peak lr tuned over {[s['lr'] for s in sweep]} on seeds {tuning_seeds}" if tuning_seeds else f"peak lr {harness.LR:g}"
+    lr = harness.lr_words(sweep, tuning_seeds, harness.LR)
     header = (f"tiny GPT, {args.steps} steps, batch 16x128, AdamW, {lr}, seeds {seeds}, {args.compiler}, "
               f"update_proj_gap {args.gap}, scale 0.25")
     harness.report(rows, header, [("state_bytes", "opt state B", ","), ("state_ratio", "vs dense", ".3f"),

@@ -91,8 +91,8 @@ def main(argv=None) -> dict:
                            choice_changes=sum(a[k] != b[k] for a, b in zip(history, history[1:]) for k in a))
         return figures
 
-    rows = harness.compare(configs(harness.lr_sweep(args, default=(1.5e-3, 3e-3, 6e-3))), run, seeds, tuning_seeds,
-                           jobs=args.jobs)
+    every_config = configs(harness.lr_sweep(args, default=(1.5e-3, 3e-3, 6e-3)))
+    rows = harness.compare(every_config, run, seeds, tuning_seeds, jobs=args.jobs)
     for row in rows:
         runs = row["runs"]
         row["step_ms"] = min(r["step_ms"] for r in runs)
@@ -101,7 +101,8 @@ def main(argv=None) -> dict:
             row["rotated_at_end"] = f"{'/'.join(str(len(r['rotated'])) for r in runs)} of {runs[0]['layers']}"
     header = (f"tiny GPT ({args.layers} layers, width {args.width}), W4A4 {'CAGE' if args.cage else 'STE'}, "
               f"{steps} steps x {args.batch} sequences of {args.seq} bytes, compiler {compiler}, adaptive every "
-              f"{every} steps, seeds {seeds}, lr tuned on seeds {tuning_seeds or 'none'}")
+              f"{every} steps, seeds {seeds}, "
+              f"{harness.lr_words(every_config[0].sweep, tuning_seeds, every_config[0].options['lr'])}")
     harness.report(rows, header, [("rotated_at_end", "rotated", ">10"), ("step_ms", "step ms", ".1f"),
                                   ("choose_ms", "choose ms", ".1f")])
     by_name = {row["config"]: row for row in rows}

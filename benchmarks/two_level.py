@@ -213,7 +213,7 @@ def main(argv=None) -> dict:
               f"sync every {args.every}, seeds {seeds}, "
               + ("no tuning" if args.quick else
                  f"ddp and DiLoCo at benchmarks.sync's tuned options ({os.path.basename(args.tuned_in)}: ddp {ddp}, "
-                 f"diloco {diloco}), LoRDO's lr tuned over {[s['lr'] for s in sweep]} on seeds {tuning_seeds}")
+                 f"diloco {diloco}), LoRDO's {harness.lr_words(sweep, tuning_seeds, harness.LR)}")
               + f", compiler {args.compiler}")
     harness.report(rows, header, [("slow_bytes", "B over slow link", ","), ("bytes_per_worker", "B/worker", ",")])
     print("\n".join(claims(rows)))

@@ -126,6 +126,25 @@ def test_without_tuning_seeds_the_options_are_used_as_given():
     assert row["lr"] == 0.2 and row["tuning"] == [] and row["mean"] == 0.2
 
 
+def test_a_sweep_of_one_value_is_used_without_tuning_runs_and_the_header_says_so():
+    from benchmarks.harness import lr_words
+
+    trained = []
+
+    def run(config, seed):
+        trained.append(seed)
+        return {"val_loss": config.options["lr"]}
+
+    for tuning_seeds in ([], [1000]):
+        trained.clear()
+        (row,) = compare([Config("a", {"lr": 0.2}, sweep=({"lr": 0.4},))], run, seeds=[0, 1],
+                         tuning_seeds=tuning_seeds, log=lambda line: None)
+        assert (row["lr"], row["mean"], row["tuning"], trained) == (0.4, 0.4, [], [0, 1])
+        assert lr_words(({"lr": 0.4},), tuning_seeds, 0.2) == "peak lr 0.4 (one value given: not tuned)"
+    assert lr_words(({"lr": 0.1}, {"lr": 0.3}), [], 0.2) == "peak lr 0.2 (not tuned)"
+    assert lr_words(({"lr": 0.1}, {"lr": 0.3}), [1000], 0.2, "outer") == "peak lr tuned over [0.1, 0.3] (outer) on seeds [1000]"
+
+
 def test_the_whole_validation_split_is_every_held_out_byte_once():
     from lordo_compile.data import ByteBatches
 
