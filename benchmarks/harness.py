@@ -288,24 +288,24 @@ def _tune(configs: Sequence[Config], train: Train, tuning_seeds: Sequence[int],
         for config in stage:
             start, _, start_at_edge = found.get(config.tuned_after, ({}, [], False))
             if len(config.sweep) >= 2 and tuning_seeds:
-                sweeps[config.name] = [{**start, **choice} for choice in config.sweep]
+                sweeps[config.name] = ([{**start, **choice} for choice in config.sweep], start_at_edge)
             else:
                 # A sweep of one (`--lrs X`) is the user's choice: it needs no tuning runs.
                 given = {**start, **config.sweep[0]} if len(config.sweep) == 1 else start
                 found[config.name] = (given, [], start_at_edge)
         pairs = [(config.with_options(choice), seed) for config in stage if config.name in sweeps
-                 for choice in sweeps[config.name] for seed in tuning_seeds]
+                 for choice in sweeps[config.name][0] for seed in tuning_seeds]
         figures = iter(train(pairs))
         for config in stage:
             if config.name not in sweeps:
                 continue
             tuning = []
-            for choice in sweeps[config.name]:
+            choices, start_at_edge = sweeps[config.name]
+            for choice in choices:
                 losses = [next(figures)["val_loss"] for _ in tuning_seeds]
                 tuning.append({"chosen": choice, "mean": statistics.fmean(losses), "values": losses})
                 log(f"  {config.name} {choice} (tuning seeds): val loss {tuning[-1]['mean']:.4f}")
             chosen = min(tuning, key=lambda t: t["mean"])["chosen"]
-            start_at_edge = found[config.tuned_after][2] if config.tuned_after else False
             found[config.name] = (chosen, tuning, start_at_edge or _at_edge(config.sweep, chosen))
     return [found[config.name] for config in configs]
 
