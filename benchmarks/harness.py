@@ -416,14 +416,17 @@ def save(path: str | None, header: str, rows: list[dict], args: argparse.Namespa
     command lines that wrote it (`commands`, see `invoked`).
 
     A partial run (`--only`) adds its rows to the JSON already at `path` when that one was run
-    with the same arguments (else they are written to PATH's stem + `.unmerged.json`), apart from `SELECTING` and the benchmark's own `selecting` (which
-    rows run): a row trained again replaces the earlier one, and the claims are those of the
+    with the same arguments, apart from `SELECTING` and the benchmark's own `selecting` (which
+    rows run), and else writes them to PATH's stem + `.unmerged.json`: a row trained again replaces the earlier one, and the claims are those of the
     merged rows. Per seed a row's figures do not depend on which other rows ran, so the merged
     JSON holds what one run of all its rows would (the "only" it records is their union): every
     difference is taken again over the merged rows, and a row trained without its baseline
     (`select`) is compared with it once that one is there, its baseline named by the
     benchmark's whole list of configurations, `configs`; `figures` sets again, in place, the
     figures a row takes from other rows (its ratios to its baseline's bytes, say)."""
+    def claim_lines(rows: list[dict]) -> list[str]:
+        return claims(rows) if callable(claims) else list(claims)
+
     seeds, tuning_seeds = seeds_of(args)
     result = {"header": header, "arguments": {k: v for k, v in vars(args).items() if k != "json"},
               "seeds": seeds, "tuning_seeds": tuning_seeds, "rows": rows, **setup, "commands": invoked()}
@@ -435,11 +438,11 @@ def save(path: str | None, header: str, rows: list[dict], args: argparse.Namespa
         except ValueError as refused:
             # The rows can have taken an hour: they go beside the JSON they could not join.
             kept = os.path.splitext(path)[0] + ".unmerged.json"
-            write_json(kept, {**result, "claims": claims(rows) if callable(claims) else list(claims)})
+            write_json(kept, {**result, "claims": claim_lines(rows)})
             raise ValueError(f"{refused}. This run's rows are kept in {kept}") from None
     if figures:
         figures(result["rows"])
-    result["claims"] = claims(result["rows"]) if callable(claims) else list(claims)
+    result["claims"] = claim_lines(result["rows"])
     write_json(path, result)
     return result
 

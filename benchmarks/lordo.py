@@ -129,16 +129,11 @@ def compare_on_workers(comparison: list[Config], setup: RunConfig, args: argpars
     add_figures(rows, comparison)
     header = (f"tiny GPT ({rows[0]['runs'][0]['parameters']:,} parameters), {args.workers} gloo workers x "
               f"{args.batch} sequences of 128 bytes, {args.steps} steps, {sync}, seeds {seeds}, "
-              f"{tuned_over(harness.lr_sweep(args, LRS), tuning_seeds, diloco)}, compiler {args.compiler}")
+              f"{harness.lr_words(harness.lr_sweep(args, LRS), tuning_seeds, LR, diloco)}, compiler {args.compiler}")
     return rows, header
 
 
 WITH_OUTER_STEP = "DiLoCo's with its outer lr and momentum"
-
-
-def tuned_over(sweep: tuple[dict, ...], tuning_seeds: list[int], diloco: str = "") -> str:
-    """The header's words for the tuning; `diloco`: how DiLoCo's outer step was tuned."""
-    return harness.lr_words(sweep, tuning_seeds, LR, diloco)
 
 
 def add_figures(rows: list[dict], configs: list[Config]) -> None:

@@ -47,7 +47,7 @@ from lordo_compile.launch import run_workers
 from . import harness
 from .common import print_table
 from .harness import Config
-from .lordo import LR, LRS, WITH_OUTER_STEP, add_run_arguments, diloco_sweep, policy, setup_of, tuned_over
+from .lordo import LR, LRS, WITH_OUTER_STEP, add_run_arguments, diloco_sweep, policy, setup_of
 
 LINKS = (("100 Mbit/s", 100e6), ("1 Gbit/s", 1e9), ("10 Gbit/s", 10e9), ("100 Gbit/s", 100e9))  # bits per second
 CALIBRATION_BYTES = tuple(4 ** k for k in range(5, 13))  # 1 KiB .. 16 MiB
@@ -217,7 +217,7 @@ def main(argv=None) -> dict:
             link["speedup_vs_ddp"] = ddp["seconds"] / link["seconds"] if link["reached"] else None
             link["note"] = "" if link["reached"] else f"not reached (best {link['loss']:.4f})"
     header = (f"tiny GPT, {args.workers} gloo workers x {args.batch} sequences of 128 bytes, {args.steps} steps, "
-              f"seeds {seeds}, {tuned_over(sweep, tuning_seeds, diloco=WITH_OUTER_STEP)}, compiler {args.compiler}; modeled "
+              f"seeds {seeds}, {harness.lr_words(sweep, tuning_seeds, LR, WITH_OUTER_STEP)}, compiler {args.compiler}; modeled "
               f"links: latency {args.latency_us:g} us, {'overlapped with' if args.overlap else 'after'} compute; "
               f"target: DDP's final validation loss {target:.4f}")
     harness.report(rows, header, [("bytes_per_worker", "bytes/worker", ",")])

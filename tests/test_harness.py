@@ -265,6 +265,7 @@ def test_a_partial_run_without_its_baseline_is_compared_with_it_in_the_merged_js
 
     save(path, "h", [row("ddp", None, 2.0, 2.5, 3.0), row("diloco", "ddp", 2.1, 2.5, 3.2)], args(["ddp", "diloco"]),
          configs=every_config)
+
     def figures(rows):
         by_name = {r["config"]: r for r in rows}
         for r in rows:
