@@ -111,7 +111,8 @@ def _alike(checkpoint_id: str, metadata, saved_world: int,
             f"{checkpoint_id} was written by {saved_world} workers whose models differ ({differing[0]}, ...): it "
             f"was taken while each worker's model was its own, so it cannot resume on {world} workers. Resume with "
             f"{saved_world} workers, or from a checkpoint taken when every worker held the same model (right after "
-            "the step that exchanges models)."
+            "the step that exchanges models). A policy that syncs in fragments (streaming) has no such step: its "
+            "checkpoints resume only on the number of workers that wrote them."
         )
     first = entries[0]
     states = [e["optimizer"].get("state", {}) for e in entries]
