@@ -119,10 +119,10 @@ CLAIMS = [
             _versus(f"AdamW {bits}-bit moments", "AdamW"), "lower", 0.01, "AdamW") for bits in (8, 4)],
     # The tuned run above chose 2e-3 for the quantized rows, where full-rank AdamW's seeds
     # spread 0.1-0.4 nats; at AdamW's own tuned lr the comparison is one of state alone.
-    Claim("8-bit optimizer moments are within 1% of fp32 moments (AdamW), both at AdamW's tuned lr",
-          "quantized_state_at_adamw_lr.json", "python -m benchmarks.quantized_state --lrs 0.001 --compiler aot_eager "
-          "--jobs 2 --json benchmarks/results/quantized_state_at_adamw_lr.json", _versus("AdamW 8-bit moments", "AdamW"), "lower", 0.01,
-          "AdamW"),
+    *[Claim(f"{bits}-bit optimizer moments are within 1% of fp32 moments (AdamW), both at AdamW's tuned lr",
+            "quantized_state_at_adamw_lr.json", "python -m benchmarks.quantized_state --lrs 0.001 --compiler aot_eager "
+            "--jobs 2 --json benchmarks/results/quantized_state_at_adamw_lr.json",
+            _versus(f"AdamW {bits}-bit moments", "AdamW"), "lower", 0.01, "AdamW") for bits in (8, 4)],
     Claim("Adaptive rotation beats no rotation (W4A4)", "rotation.json", ROTATION, _versus("adaptive", "no rotation")),
     Claim("Adaptive rotation is no worse than always rotating (W4A4)", "rotation.json", ROTATION,
           _versus("adaptive", "always"), "lower", 0.01, "always"),
