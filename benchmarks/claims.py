@@ -78,11 +78,14 @@ ROTATION = "python -m benchmarks.rotation --json benchmarks/results/rotation.jso
 TWO_LEVEL = "python -m benchmarks.two_level --json benchmarks/results/two_level.json"
 GALORE = "python -m benchmarks.low_rank --compiler aot_eager --json benchmarks/results/low_rank.json"
 
-def _eco_claims(fmt: str, source: str, command: str, lr: str = "") -> list[Claim]:
-    """ECO's two claims at one format: against master weights and against naive re-quantization."""
-    return [Claim(f"ECO ({fmt}) is within 1% of master weights{lr}", source, command,
-                  _versus(f"eco {fmt}", f"master {fmt}"), "lower", 0.01, f"master {fmt}"),
-            Claim(f"ECO ({fmt}) beats naive re-quantization{lr}", source, command, _versus(f"eco {fmt}", f"naive {fmt}"))]
+def _eco_claims(fmt: str, source: str, command: str, lr: str = "", row: str = "eco") -> list[Claim]:
+    """ECO's two claims at one format: against master weights and against naive re-quantization
+    (`row`: "eco", rounding to nearest, or "eco sr", stochastic rounding)."""
+    name = "ECO with stochastic rounding" if row == "eco sr" else "ECO"
+    return [Claim(f"{name} ({fmt}) is within 1% of master weights{lr}", source, command,
+                  _versus(f"{row} {fmt}", f"master {fmt}"), "lower", 0.01, f"master {fmt}"),
+            Claim(f"{name} ({fmt}) beats naive re-quantization{lr}", source, command,
+                  _versus(f"{row} {fmt}", f"naive {fmt}"))]
 
 
 CLAIMS = [
@@ -109,6 +112,7 @@ CLAIMS = [
     Claim("CAGE beats STE at W4A4 (both at AdamW's lr, 1e-3)", "cage_at_adamw_lr.json", CAGE_AT_ADAMW_LR,
           _versus("CAGE W4A4", "STE W4A4")),
     *_eco_claims("fp8_e4m3", "eco_at_adamw_lr.json", ECO_AT_ADAMW_LR, " (at AdamW's lr, 1e-3)"),
+    *_eco_claims("fp8_e4m3", "eco_at_adamw_lr.json", ECO_AT_ADAMW_LR, " (at AdamW's lr, 1e-3)", "eco sr"),
     *_eco_claims("int8", "eco.json", ECO),
     *_eco_claims("int4", "eco_at_adamw_lr.json", ECO_AT_ADAMW_LR, " (at AdamW's lr, 1e-3)"),
     Claim("EMA-Nesterov lowers AdamW's loss", "ema_nesterov.json",

@@ -7,12 +7,14 @@ Every row trains the same tiny GPT (AdamW with the warm-up and cosine schedule o
 `lordo-compile train`) on the same paired seeds, with its linear weights quantized in one
 of three ways: "master" keeps an fp32 weight and the forward reads its quantized copy;
 "eco" keeps only the quantized weight and feeds the rounding error into Adam's first
-moment; "naive" keeps only the quantized weight and drops the error. Validation loss is
+moment, rounding to nearest; "eco sr" does the same with stochastic rounding (seeded by the
+run's seed), which the paper reports matters; "naive" keeps only the quantized weight and
+drops the error. Validation loss is
 that of the quantized model, on the whole held-out split. `bytes/param` is what persists
 between steps for the weights and the optimizer (gradients excluded), over all
 parameters, from `step.memory_report()`.
 
-Each row is compared, seed by seed, with one baseline: "eco <fmt>" and "naive <fmt>" with
+Each row is compared, seed by seed, with one baseline: "eco <fmt>", "eco sr <fmt>" and "naive <fmt>" with
 "master <fmt>" (the gap to master weights), "master <fmt>" with fp32 (what quantizing
 costs at all). The paper's claims, per format: ECO is within 1% of master weights, and ECO
 beats naive (read off the pair "eco <fmt>" against "naive <fmt>"). Every row's peak
@@ -41,14 +43,16 @@ def configs(formats, sweep) -> list[Config]:
     for fmt in formats:
         rows += [Config(f"master {fmt}", {"format": fmt, "mode": "master", "lr": LR}, "fp32", sweep),
                  Config(f"eco {fmt}", {"format": fmt, "mode": "eco", "lr": LR}, f"master {fmt}", sweep),
+                 Config(f"eco sr {fmt}", {"format": fmt, "mode": "eco", "rounding": "stochastic", "lr": LR},
+                        f"master {fmt}", sweep),
                  Config(f"naive {fmt}", {"format": fmt, "mode": "naive", "lr": LR}, f"master {fmt}", sweep)]
     return rows
 
 
 def run(config: Config, seed: int, args: argparse.Namespace) -> dict:
     options = config.options
-    policy = lc.Policy() if options["format"] == "fp32" else lc.Policy.eco(format=options["format"],
-                                                                           mode=options["mode"])
+    policy = lc.Policy() if options["format"] == "fp32" else lc.Policy.eco(
+        format=options["format"], mode=options["mode"], rounding=options.get("rounding", "nearest"), seed=seed)
     result = train_tiny_gpt(policy, RunConfig(steps=args.steps, batch_size=args.batch, warmup=args.warmup,
                                               lr=options["lr"], seed=seed, val_batches=0, compiler=args.compiler))
     memory = result.step.memory_report()
@@ -61,13 +65,14 @@ def claims(rows: list[dict]) -> list[str]:
     by_name = {row["config"]: row for row in rows}
     lines = []
     for fmt in FORMATS:
-        master, eco, naive = (f"{mode} {fmt}" for mode in ("master", "eco", "naive"))
-        if {master, eco} <= by_name.keys():
-            lines.append(harness.claim_line(harness.versus(rows, eco, master), "lower", 0.01 * by_name[master]["mean"],
-                                            label=f"eco {fmt} within 1% of master"))
-        if {eco, naive} <= by_name.keys():
-            lines.append(harness.claim_line(harness.versus(rows, eco, naive), "lower",
-                                            label=f"eco {fmt} beats naive (eco - naive)"))
+        master, naive = f"master {fmt}", f"naive {fmt}"
+        for eco in (f"eco {fmt}", f"eco sr {fmt}"):
+            if {master, eco} <= by_name.keys():
+                lines.append(harness.claim_line(harness.versus(rows, eco, master), "lower",
+                                                0.01 * by_name[master]["mean"], label=f"{eco} within 1% of master"))
+            if {eco, naive} <= by_name.keys():
+                lines.append(harness.claim_line(harness.versus(rows, eco, naive), "lower",
+                                                label=f"{eco} beats naive ({eco} - naive)"))
     return lines
 
 
