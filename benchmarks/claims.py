@@ -78,6 +78,7 @@ ROTATION = "python -m benchmarks.rotation --json benchmarks/results/rotation.jso
 TWO_LEVEL = "python -m benchmarks.two_level --json benchmarks/results/two_level.json"
 GALORE = "python -m benchmarks.low_rank --compiler aot_eager --json benchmarks/results/low_rank.json"
 
+
 def _eco_claims(fmt: str, source: str, command: str, lr: str = "", row: str = "eco") -> list[Claim]:
     """ECO's two claims at one format: against master weights and against naive re-quantization
     (`row`: "eco", rounding to nearest, or "eco sr", stochastic rounding)."""

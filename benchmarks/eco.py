@@ -5,19 +5,19 @@
 
 Every row trains the same tiny GPT (AdamW with the warm-up and cosine schedule of
 `lordo-compile train`) on the same paired seeds, with its linear weights quantized in one
-of three ways: "master" keeps an fp32 weight and the forward reads its quantized copy;
+of four ways: "master" keeps an fp32 weight and the forward reads its quantized copy;
 "eco" keeps only the quantized weight and feeds the rounding error into Adam's first
 moment, rounding to nearest; "eco sr" does the same with stochastic rounding (seeded by the
 run's seed), which the paper reports matters; "naive" keeps only the quantized weight and
-drops the error. Validation loss is
-that of the quantized model, on the whole held-out split. `bytes/param` is what persists
-between steps for the weights and the optimizer (gradients excluded), over all
-parameters, from `step.memory_report()`.
+drops the error. Validation loss is that of the quantized model, on the whole held-out
+split. `bytes/param` is what persists between steps for the weights and the optimizer
+(gradients excluded), over all parameters, from `step.memory_report()`.
 
-Each row is compared, seed by seed, with one baseline: "eco <fmt>", "eco sr <fmt>" and "naive <fmt>" with
-"master <fmt>" (the gap to master weights), "master <fmt>" with fp32 (what quantizing
-costs at all). The paper's claims, per format: ECO is within 1% of master weights, and ECO
-beats naive (read off the pair "eco <fmt>" against "naive <fmt>"). Every row's peak
+Each row is compared, seed by seed, with one baseline: "eco <fmt>", "eco sr <fmt>" and
+"naive <fmt>" with "master <fmt>" (the gap to master weights), "master <fmt>" with fp32
+(what quantizing costs at all). The paper's claims, per format: ECO is within 1% of master
+weights, and ECO beats naive (read off the pairs "eco <fmt>" and "eco sr <fmt>" against
+"naive <fmt>"). Every row's peak
 learning rate is tuned over the same sweep (`--lrs`, default `harness.LRS`) on the
 tuning seeds; the JSON's per-row `tuning` holds each rate's loss, where the paper's third
 claim can be looked at (on the tuning seeds only, untested): naive's loss grows as the rate

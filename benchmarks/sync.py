@@ -35,7 +35,8 @@ DDP_AT_INNER_LR = "ddp lr=1e-3"
 
 
 def configs(every: list[int], sweep: tuple[dict, ...]) -> list[Config]:
-    rows = [Config("ddp", {"policy": "ddp", "lr": LR}, sweep=sweep), Config(DDP_AT_INNER_LR, {"policy": "ddp", "lr": 1e-3})]
+    rows = [Config("ddp", {"policy": "ddp", "lr": LR}, sweep=sweep),
+            Config(DDP_AT_INNER_LR, {"policy": "ddp", "lr": 1e-3})]
     rows += [Config(f"local_sgd H={h}", {"policy": "local_sgd", "sync_every": h, "lr": LR}, "ddp", sweep)
              for h in every]
     return rows + [Config(f"diloco H={h}", {"policy": "diloco", "sync_every": h, "lr": LR, "outer_lr": 0.7,
