@@ -182,7 +182,7 @@ class EagerLoRDO:
                     s["Q"] = _sketch_projection(sketch, s["tall"])
                 else:
                     g = _mean(w.grad, self.world) if o["projection"] == "global" else w.grad
-                    s["Q"] = self._project_q(g, s, "svd") if self.projections else \
+                    s["Q"] = self._project_q(g, s, "svd") if self.projections is not None else \
                         new_projection(g, None, None, "svd", RANK)
         grads = {w: w.grad.clone() for w in self.low}
         self.dense.step()
