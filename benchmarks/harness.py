@@ -417,8 +417,8 @@ def save(path: str | None, header: str, rows: list[dict], args: argparse.Namespa
 
     A partial run (`--only`) adds its rows to the JSON already at `path` when that one was run
     with the same arguments, apart from `SELECTING` and the benchmark's own `selecting` (which
-    rows run), and else writes them to PATH's stem + `.unmerged.json`: a row trained again replaces the earlier one, and the claims are those of the
-    merged rows. Per seed a row's figures do not depend on which other rows ran, so the merged
+    rows run); else it writes them to PATH's stem + `.unmerged.json` and raises. In the merge a
+    row trained again replaces the earlier one, and the claims are those of the merged rows. Per seed a row's figures do not depend on which other rows ran, so the merged
     JSON holds what one run of all its rows would (the "only" it records is their union): every
     difference is taken again over the merged rows, and a row trained without its baseline
     (`select`) is compared with it once that one is there, its baseline named by the

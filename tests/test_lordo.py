@@ -396,17 +396,18 @@ class EagerAuthors:
             state["basis"] = new
 
 
-def _train(rank, world, policy, make_reference, data_seed=10, sizes=(64, 32, 48)):
-    """The compiled run, then the reference on the same batches (given the Q the compiled run
-    held after each step); both models' parameters."""
+def _train(rank, world, policy, make_reference, data_seed=10, sizes=(64, 32, 48), record_projections=False):
+    """The compiled run, then the reference on the same batches (with `record_projections`,
+    given the Q the compiled run held after each step); both models' parameters."""
     model, batches = lordo_problem(rank, data_seed, sizes)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
     step = lc.compile(training_step(lambda x, y, m=model: F.mse_loss(m(x), y), opt), policy, compiler="eager")
     projections = []
     for x, y in batches:
         step(x, y)
-        held = step.state_dict()["runtime"]["tensors"]
-        projections.append({n: held[f"lordo.projection.{n}"].clone() for n in NAMES if f"lordo.projection.{n}" in held})
+        if record_projections:
+            held = step.state_dict()["runtime"]["tensors"]
+            projections.append({n: held[f"lordo.projection.{n}"].clone() for n in NAMES})
     state = step.state_dict()["runtime"]["tensors"]
     reference_model, reference = _reference_run(rank, make_reference, state, projections, data_seed, sizes)
     return {
@@ -451,14 +452,15 @@ def lordo_worker(rank, world, variants):
             options = {**DEFAULTS, **VARIANTS[name]}
 
             def make_reference(model, state, projections, options=options, held=QUANTIZED.get(name),
-                               sizes=SIZES.get(name, (64, 32, 48)), given=name in GIVEN_PROJECTIONS):
+                               sizes=SIZES.get(name, (64, 32, 48))):
                 return EagerLoRDO(model, options, world, [state.get(f"lordo.sketch.{n}") for n in NAMES],
                                   [state.get(f"lordo.payload_sketch.{n}") for n in NAMES], held, sizes,
-                                  projections if given else None)
+                                  projections or None)
 
             policy = dataclasses.replace(lc.Policy.lordo(rank=RANK, sync_every=H, **options),
                                          quantized_state=QUANTIZED.get(name))
-            result = _train(rank, world, policy, make_reference, DATA_SEED.get(name, 10), SIZES.get(name, (64, 32, 48)))
+            result = _train(rank, world, policy, make_reference, DATA_SEED.get(name, 10), SIZES.get(name, (64, 32, 48)),
+                            record_projections=name in GIVEN_PROJECTIONS)
             result["tie_margin"] = result.pop("reference_state").tie_margin
             projections = result.pop("projections")
             if name in GIVEN_PROJECTIONS:
