@@ -10,6 +10,7 @@ traces that function into aten ops, so Inductor sees the whole update and fuses 
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 from typing import Callable, Iterator, Sequence
 
@@ -73,6 +74,79 @@ def lower(train_graph: TrainGraph) -> fx.GraphModule:
     return module
 
 
+_COLLECTIVES = {torch.ops._c10d_functional.all_reduce, torch.ops._c10d_functional.all_gather_into_tensor,
+                torch.ops._c10d_functional.reduce_scatter_tensor, torch.ops._c10d_functional.all_to_all_single,
+                torch.ops._c10d_functional.broadcast}
+# Ops that only lay out their inputs (a bucket's concatenation, a gradient's views): moving one
+# next to a collective costs no compute order.
+_LAYOUT = {torch.ops.aten.cat, torch.ops.aten._unsafe_view, torch.ops.aten.split_with_sizes, torch.ops.aten.split}
+
+
+def schedule_collectives(module: fx.GraphModule) -> bool:
+    """Start every collective as soon as its inputs exist, and wait for it only where its
+    result is first computed with, so that it runs while the nodes in between compute (a
+    gradient bucket's all-reduce during the rest of the backward).
+
+    AOTAutograd writes a step's backward as one run of ops with the collectives after it, the
+    order of the traced program; here only the collectives, their waits and the layout ops
+    (views, concatenations, splits) that feed or cut them move. Compute keeps its order, and
+    so do the collectives among themselves (every worker issues them in the same order).
+    Returns whether the graph has a collective.
+    """
+    graph = module.graph
+    collectives = [n for n in graph.nodes if _packet(n) in _COLLECTIVES]
+    if not collectives:
+        return False
+    for node in collectives:
+        _raise(node)
+    for node in [n for n in graph.nodes if _packet(n) is torch.ops._c10d_functional.wait_tensor]:
+        _sink(node)
+    graph.lint()
+    module.recompile()
+    return True
+
+
+def _packet(node: fx.Node):
+    return getattr(node.target, "_overloadpacket", None) if node.op == "call_function" else None
+
+
+def _lays_out(node: fx.Node) -> bool:
+    return node.op == "call_function" and (
+        _packet(node) in _LAYOUT or getattr(node.target, "is_view", False) or node.target is operator.getitem)
+
+
+def _raise(node: fx.Node) -> None:
+    """Move `node` (and the layout ops it reads, first) to just after its last input, the
+    last collective before it, or the last op that writes in place (whose write it might read)."""
+    for source in node.all_input_nodes:
+        if _lays_out(source):
+            _raise(source)
+    last = node.prev
+    while (last not in node.all_input_nodes and not _writes(last) and _packet(last) not in _COLLECTIVES
+           and last.op not in ("root", "placeholder")):
+        last = last.prev
+    last.append(node)
+
+
+def _writes(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
+def _sink(node: fx.Node) -> None:
+    """Move `node` (and the layout ops that read it, first) to just before its first reader."""
+    for reader in list(node.users):
+        if _lays_out(reader):
+            _sink(reader)
+    readers = set(node.users)
+    if not readers:
+        return
+    first = node.next
+    while first not in readers:
+        first = first.next
+    first.prepend(node)
+
+
 @contextlib.contextmanager
 def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     """`torch.use_deterministic_algorithms(True)` for the duration, when `enabled`.
@@ -118,6 +192,7 @@ def _compile_phase(module, example_inputs, compiler, on_aten_graph, mode) -> Cal
         from torch._dynamo.backends.common import aot_autograd
 
         def keep(graph: fx.GraphModule, inputs):
+            schedule_collectives(graph)
             on_aten_graph(graph)
             return make_boxed_func(graph.forward)
 
@@ -126,8 +201,12 @@ def _compile_phase(module, example_inputs, compiler, on_aten_graph, mode) -> Cal
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
         def inner(graph: fx.GraphModule, inputs, **kwargs):
+            scheduled = schedule_collectives(graph)
             on_aten_graph(graph)
-            return compile_fx_inner(graph, inputs, **kwargs)
+            # Inductor's reordering for peak memory would issue every collective after the
+            # backward's last kernel, undoing the schedule.
+            with torch._inductor.config.patch(reorder_for_peak_memory=not scheduled):
+                return compile_fx_inner(graph, inputs, **kwargs)
 
         from torch._inductor import list_mode_options
 

@@ -38,6 +38,7 @@ def _refused(policy_or_step, error, message, make_opt=None):
     (lambda: lc.LoRDO(rank=-2), r"LoRDO.rank must be an int >= 1"),
     (lambda: lc.LoRDO(rank=4, sync_every=0), r"LoRDO.sync_every must be an int >= 2"),
     (lambda: lc.Sync(every=0), r"every"),
+    (lambda: lc.DataParallel(bucket_cap_mb=0), r"DataParallel.bucket_cap_mb must be a number of MiB > 0 or None, got 0"),
     (lambda: lc.FakeQuant(bits=5), r"FakeQuant.bits must be one of \(2, 3, 4, 8\)"),
     (lambda: lc.FakeQuant(quantizer="nf4"), r"FakeQuant.quantizer must be one of"),
     (lambda: lc.ECO(format="fp4"), r"ECO.format must be one of"),

@@ -6,7 +6,8 @@
   reference storing them as torchao does after each step;
 - streaming diloco(H, fragments=2), with and without overlap (delay, local_weight; 2 and
   4 workers), against the same reference synced and merged per fragment;
-- ddp() on a step with no collective against eager training with an explicit all-reduce;
+- ddp() on a step with no collective against eager training with an explicit all-reduce, its
+  buckets' all-reduces issued during the backward;
 plus byte accounting, resuming between syncs (an overlapped all-reduce in flight included),
 and a worker that leaves during a sync.
 """
@@ -113,7 +114,7 @@ def _eager_ddp(rank, world):
     return named_parameters(model)
 
 
-def _compiled(rank, policy, explicit_all_reduce=False):
+def _compiled(rank, policy, explicit_all_reduce=False, compiler="eager"):
     model, opt, batches = _problem(rank)
     world = dist.get_world_size()
 
@@ -128,12 +129,13 @@ def _compiled(rank, policy, explicit_all_reduce=False):
         return loss
 
     train_step = averaged_step if explicit_all_reduce else training_step(lambda x, y: F.mse_loss(model(x), y), opt)
-    step = lc.compile(train_step, policy, compiler="eager")
+    step = lc.compile(train_step, policy, compiler=compiler)
     for x, y in batches:
         step(x, y)
     report = step.comm_report()
+    aten = step.graphs["step"]["aten"].body.splitlines() if compiler != "eager" else []
     return named_parameters(model), {"bytes": report.bytes_sent, "collectives": report.collectives,
-                            "calls": dict(report.calls), "graphs": sorted(step.graphs)}
+                                     "calls": dict(report.calls), "graphs": sorted(step.graphs), "aten": aten}
 
 
 def parity_worker(rank, world, case):
@@ -146,7 +148,12 @@ def parity_worker(rank, world, case):
     if case == "diloco_8_bit":
         policy = lc.Policy(sync=lc.Policy.diloco(sync_every=H).sync, quantized_state=HELD)
         return (_eager_diloco(rank, world, HELD), _eager_diloco(rank, world)), _compiled(rank, policy)
-    return _eager_ddp(rank, world), _compiled(rank, lc.Policy.ddp())
+    return _eager_ddp(rank, world), _compiled(rank, lc.Policy(data_parallel=DDP_BUCKETS), compiler="aot_eager")
+
+
+# 2 KiB buckets on the MLP's gradients in reverse order (4, 128, 32, 1024, 32, 512 entries):
+# [4, 128, 32], [1024] (larger than a bucket), [32], [512]: four all-reduces per step.
+DDP_BUCKETS = lc.DataParallel(bucket_cap_mb=2 / 1024)
 
 
 @pytest.fixture(scope="module", params=["local_sgd", "local_sgd_explicit", "diloco", "diloco_8_bit", "ddp"])
@@ -187,11 +194,24 @@ def test_bytes_sent_match_the_analytic_count(parity):
     _, report = results[0][1]
     if case == "ddp":
         assert report["calls"] == {"step": STEPS}
-        assert (report["collectives"], report["bytes"]) == (STEPS, STEPS * numel * 4)
+        assert (report["collectives"], report["bytes"]) == (4 * STEPS, STEPS * numel * 4)
     else:
         assert report["graphs"] == ["step", "sync"]
         assert report["calls"] == {"step": STEPS - STEPS // H, "sync": STEPS // H}
         assert (report["collectives"], report["bytes"]) == (STEPS // H, STEPS // H * numel * 4)
+
+
+@pytest.mark.parametrize("parity", ["ddp"], indirect=True)
+def test_ddp_buckets_start_during_the_backward_and_wait_before_the_update(parity):
+    _, results = parity
+    aten = results[0][1][1]["aten"]
+    lines = {kind: [i for i, line in enumerate(aten) if f" = {kind}(" in line]
+             for kind in ("aten.mm", "_c10d_functional.all_reduce", "_c10d_functional.wait_tensor")}
+    matmuls, all_reduces, waits = lines.values()
+    assert len(all_reduces) == len(waits) == 4
+    # The last layer's bucket is sent before the backward's remaining matmuls run.
+    assert all_reduces[0] < matmuls[-1]
+    assert min(waits) > max(matmuls)
 
 
 FRAGMENTS = [["net.0.weight", "net.0.bias"], ["net.2.weight", "net.2.bias", "net.4.weight", "net.4.bias"]]

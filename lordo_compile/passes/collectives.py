@@ -107,23 +107,29 @@ ALL_GATHER = torch.ops._c10d_functional.all_gather_into_tensor.default
 
 
 def _bucketed(graph: TrainGraph, values: list[fx.Node], role: Role, params: list[str],
-              collective: Callable[[fx.Graph, fx.Node], fx.Node], leading: tuple[int, ...]) -> list[fx.Node]:
-    """Flatten `values` into one buffer per dtype (a bucket), run `collective` on it, and cut
-    the result back into tensors shaped `leading + value.shape`, inserted after the last value.
+              collective: Callable[[fx.Graph, fx.Node], fx.Node], leading: tuple[int, ...],
+              bucket_bytes: tuple[int, int] | None = None) -> list[fx.Node]:
+    """Flatten `values` into buffers (buckets), run `collective` on each, and cut the result
+    back into tensors shaped `leading + value.shape`.
 
-    One collective per dtype instead of one per tensor.
+    One bucket per dtype, inserted after the last value; or, with `bucket_bytes = (first,
+    rest)`, buckets filled in the order of `values` (the first up to `first` bytes, the others
+    up to `rest`; a value larger than its bucket's cap gets one of its own), each inserted after
+    its own last value and the bucket before it, so that its collective can start while later
+    values are computed.
     """
     g = graph.graph
-    shapes = [tuple(graph.value(v).shape) for v in values]
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, value in enumerate(values):
-        by_dtype.setdefault(graph.value(value).dtype, []).append(i)
     order = {n: i for i, n in enumerate(g.nodes)}
-    point = max(values, key=order.__getitem__).next
     results: list[fx.Node | None] = [None] * len(values)
-    # inserting_before a fixed node keeps creation order, so each node follows its inputs.
-    with g.inserting_before(point):
-        for indices in by_dtype.values():
+    point = max(values, key=order.__getitem__).next
+    placed = -1
+    for indices in _buckets(graph, values, bucket_bytes):
+        last = max((values[i] for i in indices), key=order.__getitem__)
+        # Buckets go in the order of `values` (every worker issues them in that order).
+        if bucket_bytes is not None and order[last] > placed:
+            placed, point = order[last], last.next
+        # inserting_before a fixed node keeps creation order, so each node follows its inputs.
+        with g.inserting_before(point):
             flat = [g.call_method("reshape", (values[i], -1)) for i in indices]
             bucket = g.call_function(torch.cat, (flat,))
             waited = collective(g, bucket)
@@ -134,16 +140,37 @@ def _bucketed(graph: TrainGraph, values: list[fx.Node], role: Role, params: list
                 n.meta.setdefault(ROLE, role)
             for k, i in enumerate(indices):
                 piece = g.call_function(operator.getitem, (pieces, k))
-                shaped = g.call_method("reshape", (piece, (*leading, *shapes[i])))
+                shaped = g.call_method("reshape", (piece, (*leading, *graph.value(values[i]).shape)))
                 for n in (piece, shaped):
                     n.meta.update({ROLE: role, PARAM: params[i]})
                 results[i] = shaped
     return results  # type: ignore[return-value]
 
 
+def _buckets(graph: TrainGraph, values: list[fx.Node], bucket_bytes: tuple[int, int] | None) -> list[list[int]]:
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i in range(len(values)):
+        by_dtype.setdefault(graph.value(values[i]).dtype, []).append(i)
+    if bucket_bytes is None:
+        return list(by_dtype.values())
+    buckets: list[list[int]] = []
+    for indices in by_dtype.values():
+        cap, filled = bucket_bytes[0], None
+        for i in indices:
+            size = graph.value(values[i]).numel() * graph.value(values[i]).element_size()
+            if filled is None or (filled and filled + size > cap):
+                cap = bucket_bytes[0] if filled is None else bucket_bytes[1]
+                buckets.append([])
+                filled = 0
+            buckets[-1].append(i)
+            filled += size
+    return buckets
+
+
 def insert_mean_all_reduce(graph: TrainGraph, values: list[fx.Node], group: str, role: Role,
-                           params: list[str]) -> list[fx.Node]:
-    """Average `values` over workers with one all-reduce per dtype, inserted after the last.
+                           params: list[str], bucket_bytes: tuple[int, int] | None = None) -> list[fx.Node]:
+    """Average `values` over workers with one all-reduce per bucket (per dtype, or by
+    `bucket_bytes`: see `_bucketed`), each inserted after its bucket's last value.
 
     Returns the averaged tensors, shaped as the inputs.
     """
@@ -155,7 +182,7 @@ def insert_mean_all_reduce(graph: TrainGraph, values: list[fx.Node], group: str,
             n.meta[ROLE] = Role.COLLECTIVE
         return waited
 
-    return _bucketed(graph, values, role, params, all_reduce, ())
+    return _bucketed(graph, values, role, params, all_reduce, (), bucket_bytes)
 
 
 def insert_all_gather(graph: TrainGraph, values: list[fx.Node], group: str, world: int, role: Role,

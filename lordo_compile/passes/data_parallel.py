@@ -6,7 +6,11 @@
              grad_W' = split(avg)[0].view(W.shape); ...; lordo.adamw(W, grad_W', ...)
 
 Gradients are averaged where backward produced them, before any clipping or scaling the
-step does, as torch's DistributedDataParallel does during backward. A step that already
+step does, as torch's DistributedDataParallel does during backward. Like DDP, buckets are
+filled in reverse parameter order (the order backward produces the gradients), the first up to
+1 MiB and the others up to `bucket_cap_mb`; lowering (`lowering.schedule_collectives`) starts
+each bucket's all-reduce as soon as its gradients exist and waits for it only where its result
+is first read, so it runs while the rest of the backward computes. A step that already
 averages its gradients over the same group keeps its own collectives. One worker: nothing is
 inserted.
 
@@ -18,8 +22,10 @@ each inner group trains as one worker with the inner group's batch (ALGORITHMS.m
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from ..graph import PARAM, ROLE, Role
@@ -34,9 +40,20 @@ class DataParallel:
     Args:
       group: the process group (None: the default group). Its timeout bounds how long a
         worker waits for a dead or stuck peer.
+      bucket_cap_mb: the most MiB of gradients one all-reduce carries after the first (which,
+        as in DistributedDataParallel, carries at most 1 MiB, so communication starts early);
+        None: one all-reduce of every gradient after the backward.
     """
 
     group: object = None
+    bucket_cap_mb: float | None = 25.0
+
+    def __post_init__(self) -> None:
+        if self.bucket_cap_mb is not None and (
+                isinstance(self.bucket_cap_mb, bool) or not isinstance(self.bucket_cap_mb, numbers.Real)
+                or not self.bucket_cap_mb > 0):
+            raise ValueError(f"DataParallel.bucket_cap_mb must be a number of MiB > 0 or None, got "
+                             f"{self.bucket_cap_mb!r}")
 
 
 @register_pass("data_parallel", stage=Stage.COMBINE, option="data_parallel", option_type=DataParallel,
@@ -49,13 +66,30 @@ def data_parallel(program: Program, option: DataParallel) -> PassResult:
     g = graph.graph
     if any(is_all_reduce(n) and n.args[2] == group for n in g.nodes):
         return PassResult(program, ("the step averages its own gradients; kept as written",))
-    grads = [n for n in g.nodes if n.meta.get(ROLE) == Role.GRADIENT and _is_backward_output(n)]
-    averaged = insert_mean_all_reduce(graph, grads, group, Role.GRADIENT, [n.meta[PARAM] for n in grads])
+    grads = [n for n in g.nodes if n.meta.get(ROLE) == Role.GRADIENT and _is_backward_output(n)][::-1]
+    caps = None if option.bucket_cap_mb is None else (
+        min(FIRST_BUCKET_BYTES, _mib(option.bucket_cap_mb)), _mib(option.bucket_cap_mb))
+    averaged = insert_mean_all_reduce(graph, grads, group, Role.GRADIENT, [n.meta[PARAM] for n in grads], caps)
     for raw, mean in zip(grads, averaged):
         bucket_input = next(u for u in raw.users if u.op == "call_method" and u.target == "reshape")
         raw.replace_all_uses_with(mean, delete_user_cb=lambda user, keep=bucket_input: user is not keep)
     size = sum(graph.value(n).numel() * graph.value(n).element_size() for n in grads)
-    return PassResult(program, (f"one all-reduce (mean) of {len(grads)} gradients, {size:,} bytes per step",))
+    buckets = len({_bucket_of(n) for n in averaged})
+    return PassResult(program, (f"{buckets} all-reduce(s) (mean) of {len(grads)} gradients, {size:,} bytes per step",))
+
+
+# DistributedDataParallel's first bucket (torch.distributed._DEFAULT_FIRST_BUCKET_BYTES).
+FIRST_BUCKET_BYTES = 1024 * 1024
+
+
+def _mib(mb: float) -> int:
+    return int(mb * 1024 * 1024)
+
+
+def _bucket_of(averaged: fx.Node) -> fx.Node:
+    while averaged.op != "call_function" or averaged.target is not torch.split:
+        averaged = averaged.args[0]
+    return averaged
 
 
 def _is_backward_output(node: fx.Node) -> bool:
