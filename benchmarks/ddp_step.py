@@ -10,10 +10,13 @@ batches (seeded by rank), with AdamW:
   under DDP's optimizer, which splits the graph at bucket boundaries) and a compiled
   `opt.step()`;
 - "lordo Policy.ddp()": the plain step (no all-reduce in it) compiled with the policy,
-  which inserts the gradient all-reduces into the one graph.
+  which inserts one all-reduce of every gradient into the one graph, after the backward;
+- "lordo, buckets of 25 MiB": the same with `DataParallel(bucket_cap_mb=25)`: DDP's buckets
+  (1 MiB first), each all-reduce issued during the backward as soon as its gradients exist.
 The timed steps go round robin (one step of each in turn) after `--warmup` untimed
 rounds, each call after a barrier so that both workers start it together; rank 0's
-times. `ratio_vs_ddp` is lordo's median over DDP's; `ratio_vs_best_ddp` over the faster DDP
+times. `ratio_vs_ddp` is lordo's median over DDP's (`buckets_ratio_vs_ddp` the bucketed
+row's); `ratio_vs_best_ddp` over the faster DDP
 row. One thread per worker (they share this machine's cores with gloo's threads).
 `--quick`: a smoke run (a 2-layer GPT of width 32, 4 steps of 2 sequences).
 """
@@ -38,6 +41,7 @@ from .common import QUICK_GPT, batches, print_table, timing_arguments, write_jso
 DDP = "DDP"
 COMPILED_DDP = "DDP + torch.compile"
 LORDO = "lordo Policy.ddp()"
+BUCKETS = "lordo, buckets of 25 MiB"
 
 
 def _model(cfg: GPTConfig):
@@ -75,7 +79,11 @@ def variants(cfg: GPTConfig) -> dict:
     model = _model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     lordo = lc.compile(training_step(model.loss, opt), lc.Policy.ddp())
-    return {DDP: ddp_step, COMPILED_DDP: compiled_ddp_step, LORDO: lordo}
+    bucketed_model = _model(cfg)
+    bucketed_opt = torch.optim.AdamW(bucketed_model.parameters(), lr=1e-3, weight_decay=0.1)
+    bucketed = lc.compile(training_step(bucketed_model.loss, bucketed_opt),
+                          lc.Policy(data_parallel=lc.DataParallel(bucket_cap_mb=25)))
+    return {DDP: ddp_step, COMPILED_DDP: compiled_ddp_step, LORDO: lordo, BUCKETS: bucketed}
 
 
 def worker(rank: int, world: int, steps: int, warmup: int, batch: int, cfg: GPTConfig) -> dict:
@@ -117,6 +125,7 @@ def main(argv=None) -> dict:
     print_table(rows, [("variant", "variant", "<22"), ("ms", "ms/step", ".1f"), ("ratio", "vs DDP", ".3f"),
                        ("first", "1st call s", ".1f")])
     result = {"ratio_vs_ddp": ms[LORDO] / ms[DDP], "ratio_vs_best_ddp": ms[LORDO] / ms[best], "best_ddp": best,
+              "buckets_ratio_vs_ddp": ms[BUCKETS] / ms[DDP],
               "ms": ms, "first_call_s": first, "per_rank_ms": [r["ms"] for r in results],
               "workers": args.workers, "batch_per_worker": [args.batch, cfg.block_size]}
     print(f"lordo Policy.ddp(): {result['ratio_vs_ddp']:.3f}x DDP's step time, "

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.fx as fx
 
-from .graph import TrainGraph
+from .graph import OVERLAP, TrainGraph
 from .ops import math_for
 
 COMPILERS = ("inductor", "aot_eager", "eager")
@@ -85,7 +85,8 @@ _LAYOUT = {torch.ops.aten.cat, torch.ops.aten._unsafe_view, torch.ops.aten.split
 def schedule_collectives(module: fx.GraphModule) -> bool:
     """Start every collective as soon as its inputs exist, and wait for it only where its
     result is first computed with, so that it runs while the nodes in between compute (a
-    gradient bucket's all-reduce during the rest of the backward).
+    gradient bucket's all-reduce during the rest of the backward). Run on the graphs whose
+    collectives a pass marked `graph.OVERLAP`.
 
     AOTAutograd writes a step's backward as one run of ops with the collectives after it, the
     order of the traced program; here only the collectives, their waits and the layout ops
@@ -187,12 +188,14 @@ def compile_phase(
 def _compile_phase(module, example_inputs, compiler, on_aten_graph, mode) -> Callable:
     if compiler == "eager":
         return module.forward
+    overlap = any(node.meta.get(OVERLAP) for node in module.graph.nodes)
     if compiler == "aot_eager":
         from functorch.compile import make_boxed_func
         from torch._dynamo.backends.common import aot_autograd
 
         def keep(graph: fx.GraphModule, inputs):
-            schedule_collectives(graph)
+            if overlap:
+                schedule_collectives(graph)
             on_aten_graph(graph)
             return make_boxed_func(graph.forward)
 
@@ -201,11 +204,12 @@ def _compile_phase(module, example_inputs, compiler, on_aten_graph, mode) -> Cal
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
         def inner(graph: fx.GraphModule, inputs, **kwargs):
-            scheduled = schedule_collectives(graph)
+            if overlap:
+                schedule_collectives(graph)
             on_aten_graph(graph)
-            # Inductor's reordering for peak memory would issue every collective after the
-            # backward's last kernel, undoing the schedule.
-            with torch._inductor.config.patch(reorder_for_peak_memory=not scheduled):
+            # Inductor's reordering for peak memory computes each weight's gradient late, just
+            # before its update reads it, which would leave nothing for a collective to overlap.
+            with torch._inductor.config.patch(reorder_for_peak_memory=not overlap):
                 return compile_fx_inner(graph, inputs, **kwargs)
 
         from torch._inductor import list_mode_options

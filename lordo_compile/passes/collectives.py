@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from ..distributed import group_name, rank, spans_every_worker, two_levels, world_size  # noqa: F401  (the passes' one import for groups)
 from ..errors import user_line
-from ..graph import PARAM, PROVENANCE, ROLE, Role, TrainGraph
+from ..graph import OVERLAP, PARAM, PROVENANCE, ROLE, Role, TrainGraph
 
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 # Why two passes that each decide how workers combine are refused together.
@@ -170,7 +170,8 @@ def _buckets(graph: TrainGraph, values: list[fx.Node], bucket_bytes: tuple[int, 
 def insert_mean_all_reduce(graph: TrainGraph, values: list[fx.Node], group: str, role: Role,
                            params: list[str], bucket_bytes: tuple[int, int] | None = None) -> list[fx.Node]:
     """Average `values` over workers with one all-reduce per bucket (per dtype, or by
-    `bucket_bytes`: see `_bucketed`), each inserted after its bucket's last value.
+    `bucket_bytes`: see `_bucketed`), each inserted after its bucket's last value; with
+    `bucket_bytes`, each is marked to overlap the compute after it (`graph.OVERLAP`).
 
     Returns the averaged tensors, shaped as the inputs.
     """
@@ -180,6 +181,8 @@ def insert_mean_all_reduce(graph: TrainGraph, values: list[fx.Node], group: str,
         waited = g.call_function(WAIT, (reduced,))
         for n in (reduced, waited):
             n.meta[ROLE] = Role.COLLECTIVE
+        if bucket_bytes is not None:
+            reduced.meta[OVERLAP] = True
         return waited
 
     return _bucketed(graph, values, role, params, all_reduce, (), bucket_bytes)

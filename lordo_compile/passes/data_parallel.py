@@ -6,11 +6,12 @@
              grad_W' = split(avg)[0].view(W.shape); ...; lordo.adamw(W, grad_W', ...)
 
 Gradients are averaged where backward produced them, before any clipping or scaling the
-step does, as torch's DistributedDataParallel does during backward. Like DDP, buckets are
-filled in reverse parameter order (the order backward produces the gradients), the first up to
-1 MiB and the others up to `bucket_cap_mb`; lowering (`lowering.schedule_collectives`) starts
-each bucket's all-reduce as soon as its gradients exist and waits for it only where its result
-is first read, so it runs while the rest of the backward computes. A step that already
+step does, as torch's DistributedDataParallel does during backward: by default one bucket
+of every gradient after the backward. With `bucket_cap_mb`, buckets are filled as DDP fills
+them, in reverse parameter order (the order backward produces the gradients), the first up to
+1 MiB and the others up to the cap, and lowering (`lowering.schedule_collectives`) starts each
+bucket's all-reduce as soon as its gradients exist and waits for it only where its result is
+first read, so it runs while the rest of the backward computes. A step that already
 averages its gradients over the same group keeps its own collectives. One worker: nothing is
 inserted.
 
@@ -40,13 +41,15 @@ class DataParallel:
     Args:
       group: the process group (None: the default group). Its timeout bounds how long a
         worker waits for a dead or stuck peer.
-      bucket_cap_mb: the most MiB of gradients one all-reduce carries after the first (which,
-        as in DistributedDataParallel, carries at most 1 MiB, so communication starts early);
-        None: one all-reduce of every gradient after the backward.
+      bucket_cap_mb: None: one all-reduce of every gradient after the backward (on 2 CPU
+        cores with gloo the faster: `benchmarks.ddp_step`). A number: buckets of at most that
+        many MiB after the first (which, as in DistributedDataParallel, carries at most 1 MiB),
+        each issued during the backward as soon as its gradients exist (DDP's default is 25),
+        for links that move data beside the compute (NCCL, a NIC).
     """
 
     group: object = None
-    bucket_cap_mb: float | None = 25.0
+    bucket_cap_mb: float | None = None
 
     def __post_init__(self) -> None:
         if self.bucket_cap_mb is not None and (
