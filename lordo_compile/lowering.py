@@ -82,7 +82,7 @@ _COLLECTIVES = {torch.ops._c10d_functional.all_reduce, torch.ops._c10d_functiona
 _LAYOUT = {torch.ops.aten.cat, torch.ops.aten._unsafe_view, torch.ops.aten.split_with_sizes, torch.ops.aten.split}
 
 
-def schedule_collectives(module: fx.GraphModule) -> bool:
+def schedule_collectives(module: fx.GraphModule) -> None:
     """Start every collective as soon as its inputs exist, and wait for it only where its
     result is first computed with, so that it runs while the nodes in between compute (a
     gradient bucket's all-reduce during the rest of the backward). Run on the graphs whose
@@ -92,19 +92,14 @@ def schedule_collectives(module: fx.GraphModule) -> bool:
     order of the traced program; here only the collectives, their waits and the layout ops
     (views, concatenations, splits) that feed or cut them move. Compute keeps its order, and
     so do the collectives among themselves (every worker issues them in the same order).
-    Returns whether the graph has a collective.
     """
     graph = module.graph
-    collectives = [n for n in graph.nodes if _packet(n) in _COLLECTIVES]
-    if not collectives:
-        return False
-    for node in collectives:
+    for node in [n for n in graph.nodes if _packet(n) in _COLLECTIVES]:
         _raise(node)
     for node in [n for n in graph.nodes if _packet(n) is torch.ops._c10d_functional.wait_tensor]:
         _sink(node)
     graph.lint()
     module.recompile()
-    return True
 
 
 def _packet(node: fx.Node):
