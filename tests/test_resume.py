@@ -183,8 +183,9 @@ def resume_elsewhere(rank, world, name, path):
     return "no error", False
 
 
-@pytest.mark.parametrize("name", ["local_sgd", "lordo"])
-def test_resuming_with_another_number_of_workers_is_refused(name, tmp_path):
+def test_resuming_with_another_number_of_workers_is_refused(tmp_path):
+    # The refusal is the checkpoint's, whatever the policy (local SGD's run cost the suite 21 s more).
+    name = "lordo"
     run_workers(first_run, 2, args=(name, str(tmp_path)))
     path = str(tmp_path / f"{name}-2-0-{STOPS[0]}.pt")
     message, untouched = run_workers(resume_elsewhere, 3, args=(name, path))[0]
