@@ -116,6 +116,7 @@ CLAIMS = [
     *_eco_claims("fp8_e4m3", "eco_at_adamw_lr.json", ECO_AT_ADAMW_LR, " (at AdamW's lr, 1e-3)", "eco sr"),
     *_eco_claims("int8", "eco.json", ECO),
     *_eco_claims("int4", "eco_at_adamw_lr.json", ECO_AT_ADAMW_LR, " (at AdamW's lr, 1e-3)"),
+    *_eco_claims("int4", "eco_at_adamw_lr.json", ECO_AT_ADAMW_LR, " (at AdamW's lr, 1e-3)", "eco sr"),
     Claim("EMA-Nesterov lowers AdamW's loss", "ema_nesterov.json",
           "python -m benchmarks.ema_nesterov --json benchmarks/results/ema_nesterov.json",
           _versus("EMA-Nesterov", "AdamW")),
