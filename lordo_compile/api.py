@@ -156,8 +156,9 @@ class LordoBackend:
             self.graphs[name] = views
             state_names = list(graph.state)
             in_graph = sum(c.in_graph for c in collectives_in(graph, self.pass_runtimes))
+            lowerings = [asked for hook in self.pass_runtimes if (asked := hook.lowering(graph)) is not None]
             entry = CompiledGraph(name, state_names, in_graph,
-                                  self._builder(lowered, views, state_names))
+                                  self._builder(lowered, views, state_names, lowerings))
             if symbolic:
                 # Symbolic sizes live in dynamo's shape environment, which exists only now.
                 entry.fn = entry.build(tuple(example_inputs), _static(self.runtime.inputs(state_names)))
@@ -169,13 +170,14 @@ class LordoBackend:
         self.executor.log_comm = "comm" in logs.enabled()
         return self.executor
 
-    def _builder(self, lowered: fx.GraphModule, views: GraphStages, state_names: list[str]) -> Callable:
+    def _builder(self, lowered: fx.GraphModule, views: GraphStages, state_names: list[str],
+                 lowerings: list) -> Callable:
         def build(args: tuple, state: list | None = None) -> Callable:
             started = time.perf_counter()
             inputs = list(args) + (state if state is not None else self.runtime.inputs(state_names))
             fn = compile_phase(lowered, inputs, self.compiler,
                                lambda aten: views.add(GraphView(views.events, "aten", aten)),
-                               deterministic=self.deterministic, mode=self.mode)
+                               deterministic=self.deterministic, mode=self.mode, lowerings=lowerings)
             self.timings["codegen_s"] = self.timings.get("codegen_s", 0.0) + time.perf_counter() - started
             return fn
 

@@ -36,9 +36,6 @@ PARAM = "lordo_param"
 STATE = "lordo_state"
 PROVENANCE = "lordo_pass"
 INPUT = "lordo_input"
-# On a collective: lowering issues it as soon as its inputs exist and waits for it where its
-# result is first read (`lowering.schedule_collectives`), for it to overlap the compute between.
-OVERLAP = "lordo_overlap"
 # A choice the step makes once (which basis a layer quantizes in): a rewrite that repeats
 # the forward reads it instead of making it again, so both forwards compute one function.
 DECISION = "lordo_decision"

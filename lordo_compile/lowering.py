@@ -10,14 +10,13 @@ traces that function into aten ops, so Inductor sees the whole update and fuses 
 from __future__ import annotations
 
 import contextlib
-import operator
 import os
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
 
-from .graph import OVERLAP, TrainGraph
+from .graph import TrainGraph
 from .ops import math_for
 
 COMPILERS = ("inductor", "aot_eager", "eager")
@@ -74,75 +73,6 @@ def lower(train_graph: TrainGraph) -> fx.GraphModule:
     return module
 
 
-_COLLECTIVES = {torch.ops._c10d_functional.all_reduce, torch.ops._c10d_functional.all_gather_into_tensor,
-                torch.ops._c10d_functional.reduce_scatter_tensor, torch.ops._c10d_functional.all_to_all_single,
-                torch.ops._c10d_functional.broadcast}
-# Ops that only lay out their inputs (a bucket's concatenation, a gradient's views): moving one
-# next to a collective costs no compute order.
-_LAYOUT = {torch.ops.aten.cat, torch.ops.aten._unsafe_view, torch.ops.aten.split_with_sizes, torch.ops.aten.split}
-
-
-def schedule_collectives(module: fx.GraphModule) -> None:
-    """Start every collective as soon as its inputs exist, and wait for it only where its
-    result is first computed with, so that it runs while the nodes in between compute (a
-    gradient bucket's all-reduce during the rest of the backward). Run on the graphs whose
-    collectives a pass marked `graph.OVERLAP`.
-
-    AOTAutograd writes a step's backward as one run of ops with the collectives after it, the
-    order of the traced program; here only the collectives, their waits and the layout ops
-    (views, concatenations, splits) that feed or cut them move. Compute keeps its order, and
-    so do the collectives among themselves (every worker issues them in the same order).
-    """
-    graph = module.graph
-    for node in [n for n in graph.nodes if _packet(n) in _COLLECTIVES]:
-        _raise(node)
-    for node in [n for n in graph.nodes if _packet(n) is torch.ops._c10d_functional.wait_tensor]:
-        _sink(node)
-    graph.lint()
-    module.recompile()
-
-
-def _packet(node: fx.Node):
-    return getattr(node.target, "_overloadpacket", None) if node.op == "call_function" else None
-
-
-def _lays_out(node: fx.Node) -> bool:
-    return node.op == "call_function" and (
-        _packet(node) in _LAYOUT or getattr(node.target, "is_view", False) or node.target is operator.getitem)
-
-
-def _raise(node: fx.Node) -> None:
-    """Move `node` (and the layout ops it reads, first) to just after its last input, the
-    last collective before it, or the last op that writes in place (whose write it might read)."""
-    for source in node.all_input_nodes:
-        if _lays_out(source):
-            _raise(source)
-    last = node.prev
-    while (last not in node.all_input_nodes and not _writes(last) and _packet(last) not in _COLLECTIVES
-           and last.op not in ("root", "placeholder")):
-        last = last.prev
-    last.append(node)
-
-
-def _writes(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return node.op == "call_function" and schema is not None and schema.is_mutable
-
-
-def _sink(node: fx.Node) -> None:
-    """Move `node` (and the layout ops that read it, first) to just before its first reader."""
-    for reader in list(node.users):
-        if _lays_out(reader):
-            _sink(reader)
-    readers = set(node.users)
-    if not readers:
-        return
-    first = node.next
-    while first not in readers:
-        first = first.next
-    first.prepend(node)
-
-
 @contextlib.contextmanager
 def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     """`torch.use_deterministic_algorithms(True)` for the duration, when `enabled`.
@@ -171,41 +101,43 @@ def compile_phase(
     on_aten_graph: Callable[[fx.GraphModule], None],
     deterministic: bool = True,
     mode: str | None = None,
+    lowerings: Sequence = (),
 ) -> Callable:
     """Compile a lowered phase; `on_aten_graph` receives the graph AOTAutograd produced.
 
     With `deterministic`, code generation picks kernels whose result does not depend on
-    thread timing (see `deterministic_algorithms`). `mode` is torch.compile's (Inductor only)."""
+    thread timing (see `deterministic_algorithms`). `mode` is torch.compile's (Inductor only).
+    `lowerings`: what the passes ask of code generation (`passes.Lowering`): their rewrites
+    of the aten graph run before `on_aten_graph`, their Inductor config patches around it."""
     with deterministic_algorithms(deterministic):
-        return _compile_phase(module, example_inputs, compiler, on_aten_graph, mode)
+        return _compile_phase(module, example_inputs, compiler, on_aten_graph, mode, lowerings)
 
 
-def _compile_phase(module, example_inputs, compiler, on_aten_graph, mode) -> Callable:
+def _compile_phase(module, example_inputs, compiler, on_aten_graph, mode, lowerings) -> Callable:
     if compiler == "eager":
         return module.forward
-    overlap = any(node.meta.get(OVERLAP) for node in module.graph.nodes)
+
+    def rewritten(graph: fx.GraphModule) -> fx.GraphModule:
+        for lowering in lowerings:
+            for rewrite in lowering.aten_rewrites:
+                rewrite(graph)
+        on_aten_graph(graph)
+        return graph
     if compiler == "aot_eager":
         from functorch.compile import make_boxed_func
         from torch._dynamo.backends.common import aot_autograd
 
         def keep(graph: fx.GraphModule, inputs):
-            if overlap:
-                schedule_collectives(graph)
-            on_aten_graph(graph)
-            return make_boxed_func(graph.forward)
+            return make_boxed_func(rewritten(graph).forward)
 
         return aot_autograd(fw_compiler=keep)(module, list(example_inputs))
     if compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
         def inner(graph: fx.GraphModule, inputs, **kwargs):
-            if overlap:
-                schedule_collectives(graph)
-            on_aten_graph(graph)
-            # Inductor's reordering for peak memory computes each weight's gradient late, just
-            # before its update reads it, which would leave nothing for a collective to overlap.
-            with torch._inductor.config.patch(reorder_for_peak_memory=not overlap):
-                return compile_fx_inner(graph, inputs, **kwargs)
+            with torch._inductor.config.patch(
+                    {key: value for lowering in lowerings for key, value in lowering.inductor_config.items()}):
+                return compile_fx_inner(rewritten(graph), inputs, **kwargs)
 
         from torch._inductor import list_mode_options
 

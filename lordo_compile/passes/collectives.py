@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from ..distributed import group_name, rank, spans_every_worker, two_levels, world_size  # noqa: F401  (the passes' one import for groups)
 from ..errors import user_line
-from ..graph import OVERLAP, PARAM, PROVENANCE, ROLE, Role, TrainGraph
+from ..graph import PARAM, PROVENANCE, ROLE, Role, TrainGraph
 
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 # Why two passes that each decide how workers combine are refused together.
@@ -32,6 +32,10 @@ def over_two_levels(every_step, periodic) -> bool:
     and the outer level of one 2-D arrangement (`distributed.two_levels`)."""
     return two_levels(every_step.group, periodic.group)
 WAIT = torch.ops._c10d_functional.wait_tensor.default
+
+
+# On an all-reduce `insert_mean_all_reduce` placed in buckets: to overlap the compute after it.
+OVERLAP = "lordo_overlap"
 
 
 def _packet(target) -> object:
@@ -171,7 +175,7 @@ def insert_mean_all_reduce(graph: TrainGraph, values: list[fx.Node], group: str,
                            params: list[str], bucket_bytes: tuple[int, int] | None = None) -> list[fx.Node]:
     """Average `values` over workers with one all-reduce per bucket (per dtype, or by
     `bucket_bytes`: see `_bucketed`), each inserted after its bucket's last value; with
-    `bucket_bytes`, each is marked to overlap the compute after it (`graph.OVERLAP`).
+    `bucket_bytes`, each is marked to overlap the compute after it (`OVERLAP`).
 
     Returns the averaged tensors, shaped as the inputs.
     """
@@ -204,3 +208,72 @@ def insert_all_gather(graph: TrainGraph, values: list[fx.Node], group: str, worl
         return waited
 
     return _bucketed(graph, values, role, params, all_gather, (world,))
+
+
+_COLLECTIVES = {torch.ops._c10d_functional.all_reduce, torch.ops._c10d_functional.all_gather_into_tensor,
+                torch.ops._c10d_functional.reduce_scatter_tensor, torch.ops._c10d_functional.all_to_all_single,
+                torch.ops._c10d_functional.broadcast}
+# Ops that only lay out their inputs (a bucket's concatenation, a gradient's views): moving one
+# next to a collective costs no compute order.
+_LAYOUT = {torch.ops.aten.cat, torch.ops.aten._unsafe_view, torch.ops.aten.split_with_sizes, torch.ops.aten.split}
+
+
+def schedule_collectives(module: fx.GraphModule) -> None:
+    """Start every collective of an aten graph as soon as its inputs exist, and wait for it
+    only where its result is first computed with, so that it runs while the nodes in between
+    compute (a gradient bucket's all-reduce during the rest of the backward). A rewrite for
+    `Lowering.aten_rewrites`.
+
+    AOTAutograd writes a step's backward as one run of ops with the collectives after it, the
+    order of the traced program; here only the collectives, their waits and the layout ops
+    (views, concatenations, splits) that feed or cut them move. Compute keeps its order, and
+    so do the collectives among themselves (every worker issues them in the same order).
+    """
+    graph = module.graph
+    for node in [n for n in graph.nodes if _op(n) in _COLLECTIVES]:
+        _raise(node)
+    for node in [n for n in graph.nodes if _is_wait(n)]:
+        _sink(node)
+    graph.lint()
+    module.recompile()
+
+
+def _op(node: fx.Node):
+    return _packet(node.target) if node.op == "call_function" else None
+
+
+def _lays_out(node: fx.Node) -> bool:
+    return node.op == "call_function" and (
+        _op(node) in _LAYOUT or getattr(node.target, "is_view", False) or node.target is operator.getitem)
+
+
+def _raise(node: fx.Node) -> None:
+    """Move `node` (and the layout ops it reads, first) to just after its last input, the
+    last collective before it, or the last op that writes in place (whose write it might read)."""
+    for source in node.all_input_nodes:
+        if _lays_out(source):
+            _raise(source)
+    last = node.prev
+    while (last not in node.all_input_nodes and not _writes(last) and _op(last) not in _COLLECTIVES
+           and last.op not in ("root", "placeholder")):
+        last = last.prev
+    last.append(node)
+
+
+def _writes(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
+def _sink(node: fx.Node) -> None:
+    """Move `node` (and the layout ops that read it, first) to just before its first reader."""
+    for reader in list(node.users):
+        if _lays_out(reader):
+            _sink(reader)
+    readers = set(node.users)
+    if not readers:
+        return
+    first = node.next
+    while first not in readers:
+        first = first.next
+    first.prepend(node)

@@ -9,7 +9,7 @@ Gradients are averaged where backward produced them, before any clipping or scal
 step does, as torch's DistributedDataParallel does during backward: by default one bucket
 of every gradient after the backward. With `bucket_cap_mb`, buckets are filled as DDP fills
 them, in reverse parameter order (the order backward produces the gradients), the first up to
-1 MiB and the others up to the cap, and lowering (`lowering.schedule_collectives`) starts each
+1 MiB and the others up to the cap, and code generation (`OverlappedBuckets`) starts each
 bucket's all-reduce as soon as its gradients exist and waits for it only where its result is
 first read, so it runs while the rest of the backward computes. A step that already
 averages its gradients over the same group keeps its own collectives. One worker: nothing is
@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..graph import PARAM, ROLE, Role
-from .collectives import EVERY_STEP_AND_PERIODIC, group_name, insert_mean_all_reduce, is_all_reduce, over_two_levels
-from .manager import Conflict, PassResult, Program, Stage, register_pass
+from ..graph import PARAM, ROLE, Role, TrainGraph
+from .collectives import (EVERY_STEP_AND_PERIODIC, OVERLAP, group_name, insert_mean_all_reduce, is_all_reduce,
+                          over_two_levels, schedule_collectives)
+from .manager import Conflict, Lowering, PassResult, PassRuntime, Program, Stage, register_pass
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,8 +60,20 @@ class DataParallel:
                              f"{self.bucket_cap_mb!r}")
 
 
+class OverlappedBuckets(PassRuntime):
+    """Asks code generation to keep each bucket's all-reduce early and its wait late in the
+    graphs that hold them: `schedule_collectives` on the aten graph, and Inductor's peak-memory
+    reordering off, since it computes each weight's gradient just before its update reads it,
+    which would leave nothing for a collective to overlap."""
+
+    def lowering(self, graph: TrainGraph) -> Lowering | None:
+        if not any(node.meta.get(OVERLAP) for node in graph.graph.nodes):
+            return None
+        return Lowering((schedule_collectives,), {"reorder_for_peak_memory": False})
+
+
 @register_pass("data_parallel", stage=Stage.COMBINE, option="data_parallel", option_type=DataParallel,
-               conflicts={"sync": Conflict(EVERY_STEP_AND_PERIODIC, over_two_levels)})
+               conflicts={"sync": Conflict(EVERY_STEP_AND_PERIODIC, over_two_levels)}, runtime=OverlappedBuckets)
 def data_parallel(program: Program, option: DataParallel) -> PassResult:
     group = group_name(option.group)
     if group is None:

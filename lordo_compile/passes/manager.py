@@ -135,6 +135,15 @@ PassFn = Callable[[Program, Any], "PassResult | None"]
 ReleaseFn = Callable[[Any, ParamInfo, str], tuple[str, ...]]
 
 
+@dataclass(frozen=True)
+class Lowering:
+    """What a pass asks of code generation for one graph: `aten_rewrites`, run in order on the
+    aten graph AOTAutograd writes before the compiler reads it, and Inductor config patches."""
+
+    aten_rewrites: tuple[Callable[[Any], None], ...] = ()
+    inductor_config: Mapping[str, Any] = field(default_factory=dict)
+
+
 class PassRuntime:
     """What a pass does at run time, beyond its graphs; every hook defaults to nothing.
 
@@ -169,6 +178,11 @@ class PassRuntime:
 
     def export_quantized(self):
         """The quantized weights this pass makes the forward read (None: it quantizes nothing)."""
+        return None
+
+    def lowering(self, graph: TrainGraph) -> Lowering | None:
+        """How code generation treats `graph`, the final graph of one set of events (None: as
+        it is)."""
         return None
 
     def collectives(self, graph: TrainGraph) -> list:

@@ -1,4 +1,4 @@
-"""`lowering.schedule_collectives` on hand-written aten graphs: which nodes move and which stay.
+"""`collectives.schedule_collectives` on hand-written aten graphs: which nodes move and which stay.
 
 No process group is needed: the graphs are only reordered, never run.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from lordo_compile.lowering import schedule_collectives
+from lordo_compile.passes.collectives import schedule_collectives
 
 aten = torch.ops.aten
 functional = torch.ops._c10d_functional
