@@ -32,6 +32,10 @@ def test_generated_code_has_no_python_callbacks():
     assert "lordo" not in code
     extern = set(re.findall(r"extern_kernels\.(\w+)\(", code))
     assert extern <= {"mm", "addmm", "bmm", "baddbmm"}, extern
+    # The non-finite check is one ATen foreach call over the loss and every gradient.
+    fallbacks = re.findall(r"= torch\.ops\.(\w+\.\w+)\.\w+\(\[(.*)\]", code)
+    assert [op for op, _ in fallbacks] == ["aten._foreach_norm"], fallbacks
+    assert fallbacks[0][1].count("buf") == 1 + len(list(model.parameters())), fallbacks
     if DEVICE.type == "cuda":
         # Triton kernels: the AdamW updates (the step's only sqrt) are generated kernels, with
         # no callback into Python; how many depends on Inductor's horizontal fusion on GPUs.

@@ -155,6 +155,21 @@ def test_skip_counts_and_matches_a_run_without_that_batch(name):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.gpu
+def test_flags_mark_exactly_the_tensors_holding_nan_or_inf():
+    """The largest magnitude decides: a NaN anywhere (the vectorized body or the tail of a
+    loop), an inf of either sign, in fp32 or bf16; finite values near the type's limit pass."""
+    nan, inf = float("nan"), float("inf")
+    big = torch.finfo(torch.float32).max
+    tensors = [torch.randn(1003), torch.randn(1003), torch.randn(1003), torch.full((7,), big), torch.randn(5, 6),
+               torch.randn(64, dtype=torch.bfloat16), torch.tensor(2.5), torch.full((33,), -big)]
+    tensors[1][500], tensors[2][1002], tensors[4][3, 2] = nan, -inf, inf
+    tensors[5][63] = inf
+    tensors = [t.to(DEVICE) for t in tensors]
+    flags = nonfinite.finite_flags(tensors)
+    assert flags.tolist() == [True, False, False, True, False, False, True, True]
+
+
 def test_bad_mode_is_refused():
     with pytest.raises(ValueError, match="Policy.on_nonfinite must be 'raise', 'skip' or None"):
         lc.Policy(on_nonfinite="ignore")
