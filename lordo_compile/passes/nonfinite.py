@@ -64,7 +64,7 @@ def finite_flags_math(tensors: list[torch.Tensor]) -> torch.Tensor:
     `clip_grad_norm_(error_if_nonfinite=True)` fails it. One ATen foreach call per width,
     left to ATen by Inductor: the norm is the cheapest foreach reduction on CPU (0.35 ms for
     the tiny GPT's gradients, against 2.8 ms for the largest magnitude), and a reduction per
-    tensor fused into the backward cost 10-15 s of g++ and fusion on its first call."""
+    tensor fused into the backward cost about 10-15 s of g++ and fusion on its first call."""
     norms: list[torch.Tensor | None] = [None] * len(tensors)
     narrow = [i for i, t in enumerate(tensors) if t.dtype.itemsize < 4]
     wide = [i for i, t in enumerate(tensors) if t.dtype.itemsize >= 4]
