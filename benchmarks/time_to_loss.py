@@ -1,7 +1,7 @@
 """Time to a target loss on a modeled network: DDP, low-rank DDP, DiLoCo and LoRDO on gloo workers.
 
-    python -m benchmarks.time_to_loss [--workers 4] [--steps 640] [--rank 8] [--sync-every 32] [--seeds 3]
-        [--latency-us 100] [--overlap] [--plot PATH] [--json PATH] [--quick]
+    python -m benchmarks.time_to_loss [--workers 4] [--steps 640] [--rank 8] [--sync-every 8] [--seeds 3]
+        [--tuned-in JSON ...] [--latency-us 100] [--overlap] [--plot PATH] [--json PATH] [--quick]
 
 Three measurements, then the alpha-beta model of ALGORITHMS.md section 10:
 
@@ -12,6 +12,14 @@ Three measurements, then the alpha-beta model of ALGORITHMS.md section 10:
 2. Loss: each method trains on the workers on the paired seeds, as `benchmarks.lordo`'s
    rows do (its `policy`), evaluating every steps/16. Per step, the compiled step records
    which graph ran (which events), and per graph the collectives it issues (op, bytes).
+   Each method runs at the options tuned for it where a benchmark already tuned them on
+   this setup (--tuned-in: the first JSON with a tuned row of the same name and options,
+   apart from the tuned ones, whose run had the same workers, steps, batch, seeds, tuning
+   seeds and compiler; by default `benchmarks.sync`'s for DDP and DiLoCo,
+   `benchmarks.two_level`'s for LoRDO at H = 8, `benchmarks.lordo`'s for low-rank DDP,
+   whose projection is refreshed every `lordo.SYNC_EVERY` steps as there); a method
+   tuned in none of them is tuned here, over the same sweep. The header and each row's
+   `tuned_in` say which.
 3. Compute: each method's step, compiled by Inductor whatever --compiler trains with (but
    aot_eager under --quick), runs
    alone (one worker, one thread, as each training worker has one), before any training,
@@ -26,7 +34,8 @@ all-reduce of b bytes over K workers 2(K-1)alpha + 2(K-1)/K b/beta, an all-gathe
 (K-1)(alpha + b/beta). Communication does not overlap compute (--overlap: a step takes
 the longer of the two). Per link: the time each method needs to reach DDP's final
 validation loss (mean curve over the seeds, interpolated between evaluations), or, marked
-"not reached", the time to the best loss it reaches. The losses themselves are compared
+"not reached", the time to the best loss it reaches; and the time each needs to reach the
+lowest loss every method reaches (`common_target`). The losses themselves are compared
 on paired seeds as every benchmark here does (`benchmarks.harness`).
 `--quick`: 2 workers, 16 steps of a one-layer model, sync every 8, 2 seeds, no tuning.
 """
@@ -34,6 +43,8 @@ on paired seeds as every benchmark here does (`benchmarks.harness`).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import time
 from dataclasses import replace
@@ -47,10 +58,14 @@ from lordo_compile.launch import run_workers
 from . import harness
 from .common import print_table
 from .harness import Config
-from .lordo import LR, LRS, WITH_OUTER_STEP, add_run_arguments, diloco_sweep, policy, setup_of
+from .lordo import LR, LRS, SYNC_EVERY, WITH_OUTER_STEP, add_run_arguments, diloco_sweep, policy, setup_of
 
 LINKS = (("100 Mbit/s", 100e6), ("1 Gbit/s", 1e9), ("10 Gbit/s", 10e9), ("100 Gbit/s", 100e9))  # bits per second
 CALIBRATION_BYTES = tuple(4 ** k for k in range(5, 13))  # 1 KiB .. 16 MiB
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+TUNED_IN = tuple(os.path.relpath(os.path.join(RESULTS, name)) for name in ("sync.json", "two_level.json", "lordo.json"))
+TUNED_KEYS = ("lr", "outer_lr", "outer_momentum")
+SAME_SETUP = ("workers", "steps", "batch", "seeds", "tuning_seeds", "compiler")
 
 
 def collective_seconds(op: str, payload: int, workers: int, alpha: float, beta: float) -> float:
@@ -157,12 +172,50 @@ def time_to(target: float, points: list[tuple[float, float]]) -> tuple[float, fl
 
 def configs(rank: int, sync_every: int, sweep: tuple[dict, ...]) -> list[Config]:
     return [Config("ddp", {"policy": "ddp", "lr": LR}, sweep=sweep),
-            Config(f"low_rank_ddp r={rank}", {"policy": "low_rank_ddp", "rank": rank, "sync_every": sync_every,
+            Config(f"low_rank_ddp r={rank}", {"policy": "low_rank_ddp", "rank": rank, "sync_every": SYNC_EVERY,
                                               "lr": LR}, "ddp", sweep),
             Config(f"diloco H={sync_every}", {"policy": "diloco", "sync_every": sync_every, "lr": LR, "outer_lr": 0.7,
                                               "outer_momentum": 0.9}, "ddp", diloco_sweep(sweep)),
             Config(f"lordo r={rank} H={sync_every}", {"policy": "lordo", "rank": rank, "sync_every": sync_every,
                                                       "lr": LR}, "ddp", sweep)]
+
+
+def tuned_elsewhere(comparison: list[Config], paths: list[str], args: argparse.Namespace
+                    ) -> tuple[list[Config], dict[str, str]]:
+    """The comparison with each configuration that one of `paths` tuned on this setup at the
+    options chosen there (no sweep here), and the file each came from."""
+    wanted = {config.name: config for config in comparison}
+
+    def untuned(options: dict) -> dict:
+        return {key: value for key, value in options.items() if key not in TUNED_KEYS}
+
+    found: dict[str, tuple[dict, str]] = {}
+    for path in paths:
+        if not os.path.exists(path):
+            raise ValueError(f"--tuned-in {path}: no such file; name the benchmark JSONs that tuned these methods, "
+                             "or give --tuned-in with no path to tune every method here")
+        with open(path) as f:
+            result = json.load(f)
+        differs = [key for key in SAME_SETUP if result.get("arguments", {}).get(key) != getattr(args, key)]
+        if differs:
+            harness.progress(f"--tuned-in {path}: not this setup ({', '.join(differs)} differ); not used")
+            continue
+        for row in result["rows"]:
+            config = wanted.get(row["config"])
+            if (config and row["config"] not in found and row.get("tuning")
+                    and untuned(row["options"]) == untuned(config.options)):
+                found[row["config"]] = (row["options"], os.path.basename(path))
+    tuned = [replace(config, options=found[config.name][0], sweep=(), tuned_after=None) if config.name in found
+             else config for config in comparison]
+    return tuned, {name: source for name, (_, source) in found.items()}
+
+
+def common_target(rows: list[dict]) -> tuple[float, str]:
+    """The lowest validation loss every row's mean curve reaches, and the row that sets it: a
+    target on which every row has a time (DDP's final loss may be one no other row reaches)."""
+    best = {row["config"]: min(loss for _, _, loss in row["curve"]) for row in rows}
+    worst = max(best, key=best.get)
+    return best[worst], worst
 
 
 def mean_curve(runs: list[dict]) -> list[tuple[int, int, float]]:
@@ -174,7 +227,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_arguments(parser)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--sync-every", type=int, default=32)
+    parser.add_argument("--sync-every", type=int, default=8, help="DiLoCo's and LoRDO's sync interval H")
+    parser.add_argument("--tuned-in", nargs="*", default=list(TUNED_IN), metavar="JSON",
+                        help="benchmark JSONs whose tuned options a method of the same name and setup takes")
     parser.add_argument("--latency-us", type=float, default=100.0, help="every link's latency alpha")
     parser.add_argument("--overlap", action="store_true", help="communication overlaps compute: a step takes the max")
     parser.add_argument("--plot", help="PNG of validation loss against modeled time, one panel per link")
@@ -183,7 +238,7 @@ def main(argv=None) -> dict:
     setup = replace(setup_of(args, sync_every=8), eval_every=max(1, args.steps // 16))
     seeds, tuning_seeds = harness.seeds_of(args)
     sweep = harness.lr_sweep(args, LRS)
-    comparison = configs(args.rank, args.sync_every, sweep)
+    comparison, tuned_in = tuned_elsewhere(configs(args.rank, args.sync_every, sweep), args.tuned_in, args)
     calibration = calibrate(args.workers)
     print(f"gloo all-reduce among {args.workers} processes on this machine, fitted: alpha "
           f"{calibration['alpha_s'] * 1e6:.1f} us, beta {calibration['beta_bytes_per_s'] * 8 / 1e9:.2f} Gbit/s")
@@ -205,6 +260,36 @@ def main(argv=None) -> dict:
         for run in row["runs"]:
             del run["graphs"], run["collectives"]
     target = rows[0]["mean"]
+    common, setter = common_target(rows)
+    links = times_to(target, rows, args)
+    common_links = times_to(common, rows, args)
+    tuned_here = [config.name for config in comparison if config.name not in tuned_in]
+    tuning = "; ".join([f"{name} at {source}'s tuned options" for name, source in tuned_in.items()]
+                       + ([f"{', '.join(tuned_here)}: {harness.lr_words(sweep, tuning_seeds, LR, WITH_OUTER_STEP)}"]
+                          if tuned_here else []))
+    header = (f"tiny GPT, {args.workers} gloo workers x {args.batch} sequences of 128 bytes, {args.steps} steps, "
+              f"seeds {seeds}, {tuning}, compiler {args.compiler}; modeled links: latency {args.latency_us:g} us, "
+              f"{'overlapped with' if args.overlap else 'after'} compute; target: DDP's final validation loss "
+              f"{target:.4f}")
+    for row in rows:
+        row["tuned_in"] = tuned_in.get(row["config"], "here" if tuning_seeds else None)
+    harness.report(rows, header, [("bytes_per_worker", "bytes/worker", ",")])
+    columns = [("link", "link", "<"), ("config", "config", "<"), ("seconds", "seconds", ".1f"),
+               ("speedup_vs_ddp", "x faster than ddp", ".2f"), ("total_s", "whole run s", ".1f"), ("note", "", "<")]
+    print(f"time to DDP's final validation loss {target:.4f} (modeled seconds)")
+    print_table(links, columns)
+    print(f"time to {common:.4f}, the lowest loss every method reaches ({setter}'s best; modeled seconds)")
+    print_table(common_links, columns)
+    if args.plot:
+        _plot(links, rows, target, args.plot, header)
+    return harness.save(args.json, header, rows, args, calibration=calibration, target=target,
+                        time_to_loss=links, common_target={"loss": common, "set_by": setter},
+                        time_to_common_loss=common_links)
+
+
+def times_to(target: float, rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """Per link and row: the modeled seconds to `target` (or to the row's best loss, marked),
+    the whole run's seconds, and the speedup against DDP where both reach it."""
     links = []
     for name, bits in LINKS:
         for row in rows:
@@ -214,21 +299,9 @@ def main(argv=None) -> dict:
                           "total_s": points[-1][0], "points": points})
         ddp = next(link for link in links if link["link"] == name and link["config"] == "ddp")
         for link in links[-len(rows):]:
-            link["speedup_vs_ddp"] = ddp["seconds"] / link["seconds"] if link["reached"] else None
+            link["speedup_vs_ddp"] = ddp["seconds"] / link["seconds"] if link["reached"] and ddp["reached"] else None
             link["note"] = "" if link["reached"] else f"not reached (best {link['loss']:.4f})"
-    header = (f"tiny GPT, {args.workers} gloo workers x {args.batch} sequences of 128 bytes, {args.steps} steps, "
-              f"seeds {seeds}, {harness.lr_words(sweep, tuning_seeds, LR, WITH_OUTER_STEP)}, compiler {args.compiler}; modeled "
-              f"links: latency {args.latency_us:g} us, {'overlapped with' if args.overlap else 'after'} compute; "
-              f"target: DDP's final validation loss {target:.4f}")
-    harness.report(rows, header, [("bytes_per_worker", "bytes/worker", ",")])
-    print(f"time to validation loss {target:.4f} (modeled seconds)")
-    print_table(links, [("link", "link", "<"), ("config", "config", "<"), ("seconds", "seconds", ".1f"),
-                        ("speedup_vs_ddp", "x faster than ddp", ".2f"), ("total_s", "whole run s", ".1f"),
-                        ("note", "", "<")])
-    if args.plot:
-        _plot(links, rows, target, args.plot, header)
-    return harness.save(args.json, header, rows, args, calibration=calibration, target=target,
-                        time_to_loss=links)
+    return links
 
 
 def _plot(links: list[dict], rows: list[dict], target: float, path: str, title: str) -> None:

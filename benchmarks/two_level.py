@@ -52,7 +52,7 @@ from . import harness
 from .common import print_table, write_json
 from .harness import Config
 from .lordo import add_figures, add_run_arguments, claim, policy, ratios, setup_of, within
-from .time_to_loss import clocked_curve, collective_seconds, compute_ms, mean_curve, time_to
+from .time_to_loss import clocked_curve, collective_seconds, common_target, compute_ms, mean_curve, time_to
 
 INNER = 2  # workers per node
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -134,14 +134,6 @@ def time_to_loss(rows: list[dict], target: float, workers: int, latency: float, 
         entry["speedup_vs_ddp"] = (ddp["seconds"] / entry["seconds"]
                                    if ddp and entry["reached"] and ddp["reached"] else None)
     return found
-
-
-def common_target(rows: list[dict]) -> tuple[float, str]:
-    """The lowest validation loss every row's mean curve reaches, and the row that sets it: a
-    target on which every row has a time (DDP's final loss may be one no other row reaches)."""
-    best = {row["config"]: min(loss for _, _, loss in row["curve"]) for row in rows}
-    worst = max(best, key=best.get)
-    return best[worst], worst
 
 
 def claims(rows: list[dict]) -> list[str]:

@@ -4,7 +4,7 @@ against hand computation, verdicts on made-up per-seed values."""
 import pytest
 
 from benchmarks.claims import Claim, evaluate
-from benchmarks.time_to_loss import collective_seconds, modeled_curve, time_to
+from benchmarks.time_to_loss import collective_seconds, common_target, modeled_curve, time_to
 from benchmarks.two_level import comm_seconds
 
 
@@ -77,8 +77,6 @@ def test_two_levels_pay_the_slow_link_for_what_crosses_nodes_and_the_fast_one_in
 
 
 def test_the_common_target_is_the_lowest_loss_every_row_reaches():
-    from benchmarks.two_level import common_target
-
     rows = [{"config": "ddp", "curve": [(0, 0, 5.0), (8, 0, 1.8), (16, 0, 1.9)]},
             {"config": "diloco", "curve": [(0, 0, 5.0), (8, 0, 2.2), (16, 0, 2.1)]},
             {"config": "lordo", "curve": [(0, 0, 5.0), (8, 0, 2.0), (16, 0, 2.05)]}]
