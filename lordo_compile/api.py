@@ -33,7 +33,7 @@ from .errors import CaptureError
 from .graph import ROLE, ParamInfo, Role, TrainGraph
 from .inspect import GraphView, GraphStages, describe_stage_change, role_counts, update_counts
 from .lowering import COMPILERS, checked_mode, compile_phase, lower, require_deterministic_cublas
-from .passes import Pipeline, RuntimeContext, Schedule, Stage, released_state, run_passes
+from .passes import Pipeline, RuntimeContext, Schedule, Stage, asked_lowerings, released_state, run_passes
 from .policy import Policy
 from .runtime.comm import CommReport, collectives_in
 from .runtime.executor import CompiledGraph, OptimizerChanged, StepExecutor
@@ -156,7 +156,7 @@ class LordoBackend:
             self.graphs[name] = views
             state_names = list(graph.state)
             in_graph = sum(c.in_graph for c in collectives_in(graph, self.pass_runtimes))
-            lowerings = [asked for hook in self.pass_runtimes if (asked := hook.lowering(graph)) is not None]
+            lowerings = asked_lowerings(self.pass_runtimes, graph)
             entry = CompiledGraph(name, state_names, in_graph,
                                   self._builder(lowered, views, state_names, lowerings))
             if symbolic:

@@ -14,7 +14,7 @@ from torch import nn
 import lordo_compile as lc
 from common import assert_close, named_parameters
 from lordo_compile.graph import Role, StateSpec, tag
-from lordo_compile.passes import PassResult, Program, Stage, register_pass
+from lordo_compile.passes import Lowering, PassResult, PassRuntime, Program, Stage, register_pass
 from lordo_compile.testing import training_step
 
 
@@ -104,3 +104,60 @@ def test_rewrites_run_in_stage_order_whatever_the_policy_lists():
 def test_register_pass_with_after_says_what_replaced_it():
     with pytest.raises(TypeError, match=r"after=\.\.\.\) was replaced by stage="):
         register_pass("old_style", stage=Stage.UPDATE, after=("low_rank",))
+
+
+@dataclass(frozen=True)
+class AskInductor:
+    """Asks Inductor's `reorder_for_peak_memory` to be `reorder` for every graph."""
+
+    reorder: bool
+
+
+class AskingRuntime(PassRuntime):
+    def lowering(self, graph):
+        return Lowering(inductor_config={"reorder_for_peak_memory": self.option.reorder})
+
+
+def _identity(program: Program, option: AskInductor) -> PassResult:
+    return PassResult(program, ("asks Inductor",))
+
+
+@dataclass(frozen=True)
+class AskInductorToo:
+    """The same ask from a second pass."""
+
+    reorder: bool
+
+
+register_pass("ask_inductor", stage=Stage.UPDATE, option_type=AskInductor, runtime=AskingRuntime)(_identity)
+register_pass("ask_inductor_too", stage=Stage.UPDATE, option_type=AskInductorToo, runtime=AskingRuntime)(_identity)
+
+
+def test_two_passes_that_set_one_inductor_option_apart_are_refused_at_capture():
+    model, batches = _problem()
+    step = _step(model, lc.Policy(extra_passes=[AskInductor(True), AskInductorToo(False)]))
+    with pytest.raises(ValueError, match=r"passes 'ask_inductor' and 'ask_inductor_too' set Inductor's config "
+                                         r"'reorder_for_peak_memory' to True and False.*enable only one of them"):
+        step(*batches[0])
+    model, batches = _problem()
+    agreeing = _step(model, lc.Policy(extra_passes=[AskInductor(False), AskInductorToo(False)]))
+    agreeing(*batches[0])
+
+
+@dataclass(frozen=True)
+class AskInductorMore(AskInductor):
+    """A subclass of one pass's options registered as another's."""
+
+
+register_pass("ask_inductor_more", stage=Stage.UPDATE, option_type=AskInductorMore)(_identity)
+
+
+def test_a_pass_given_twice_is_refused_and_a_subclass_of_options_runs_its_own_pass():
+    model, batches = _problem()
+    with pytest.raises(ValueError, match=r"enables pass 'ask_inductor' twice \(in Policy.extra_passes and again"):
+        _step(model, lc.Policy(extra_passes=[AskInductor(True), AskInductor(False)]))(*batches[0])
+    with pytest.raises(ValueError, match=r"enables pass 'low_rank' twice \(in Policy.low_rank and again"):
+        _step(model, dataclasses.replace(lc.Policy.galore(rank=4), extra_passes=("low_rank",)))(*batches[0])
+    step = _step(model, lc.Policy(extra_passes=[AskInductorMore(False)]))
+    step(*batches[0])
+    assert "ask_inductor_more" in step.graphs["step"] and "ask_inductor" not in step.graphs["step"]

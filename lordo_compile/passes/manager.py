@@ -22,7 +22,7 @@ import enum
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..errors import PassError
 from ..graph import PROVENANCE, ParamInfo, StateSpec, TrainGraph, events_name, propagate_values
@@ -213,6 +213,26 @@ class RuntimeContext:
     owner: str
 
 
+def asked_lowerings(runtimes: Sequence[PassRuntime], graph: TrainGraph) -> list[Lowering]:
+    """What the enabled passes ask of code generation for `graph`. Two passes that set one
+    Inductor option to different values are refused: whichever was applied last would win,
+    and the other pass's graph would be compiled against what it asked."""
+    asked, settings = [], {}
+    for runtime in runtimes:
+        lowering = runtime.lowering(graph)
+        if lowering is None:
+            continue
+        for key, value in lowering.inductor_config.items():
+            owner, earlier = settings.setdefault(key, (runtime.context.owner, value))
+            if earlier != value:
+                raise ValueError(
+                    f"passes {owner!r} and {runtime.context.owner!r} set Inductor's config {key!r} to {earlier!r} and "
+                    f"{value!r} for the graph of events {sorted(graph.events)}; enable only one of them in the Policy, "
+                    "or have one pass's lowering leave that option alone")
+        asked.append(lowering)
+    return asked
+
+
 @dataclass(frozen=True)
 class Conflict:
     """A conflict that holds unless `combinable(this pass's option, the other's)` says the two
@@ -340,6 +360,12 @@ def plan_passes(policy: Any) -> list[tuple[RegisteredPass, Any]]:
             enabled[registered.name] = (registered, value)
     for extra in getattr(policy, "extra_passes", ()):
         registered, value = _extra_pass(extra)
+        if registered.name in enabled:
+            given = f"Policy.{registered.option}" if registered.option and getattr(policy, registered.option, None) \
+                is not None else "Policy.extra_passes"
+            raise ValueError(
+                f"the policy enables pass {registered.name!r} twice (in {given} and again in Policy.extra_passes as "
+                f"{extra!r}); a pass runs once per step, so give it once, with the options it should run with")
         enabled[registered.name] = (registered, value)
     if not enabled:
         enabled["identity"] = (_REGISTRY["identity"], None)
@@ -367,8 +393,10 @@ def _extra_pass(extra: Any) -> tuple[RegisteredPass, Any]:
                 f"passes: {sorted(_REGISTRY)}. Register it with lordo_compile.passes.register_pass."
             )
         return _REGISTRY[extra], None
-    for registered in _REGISTRY.values():
-        if registered.option_type is not None and isinstance(extra, registered.option_type):
+    # The exact type first: a subclass of one pass's options may be another pass's.
+    takes = [registered for registered in _REGISTRY.values() if registered.option_type is not None]
+    for registered in sorted(takes, key=lambda registered: type(extra) is not registered.option_type):
+        if isinstance(extra, registered.option_type):
             return registered, extra
     raise ValueError(
         f"Policy.extra_passes holds {extra!r}, whose type no registered pass takes; register the pass with "
