@@ -21,11 +21,10 @@ Three measurements, then the alpha-beta model of ALGORITHMS.md section 10:
    tuned in none of them is tuned here, over the same sweep. The header and each row's
    `tuned_in` say which.
 3. Compute: each method's step, compiled by Inductor whatever --compiler trains with (but
-   aot_eager under --quick), runs
-   alone (one worker, one thread, as each training worker has one), before any training,
-   for four sync intervals; the median time of each graph, its first
-   (compiling) call left out. A graph that runs once (the first step's) is charged the
-   ordinary step's time.
+   aot_eager under --quick), runs alone (one worker, one thread, as each training worker
+   has one), before any training, for four sync intervals, every method's step in one
+   process, round robin; the median time of each graph, its first (compiling) call left
+   out. A graph that runs once (the first step's) is charged the ordinary step's time.
 
 The modeled wall-clock to step s is the sum over steps i <= s of compute(graph_i) and
 comm(graph_i), where comm is the model's time for that graph's collectives over a link
@@ -52,7 +51,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from lordo_compile.experiment import RunConfig, train_tiny_gpt
+from lordo_compile.experiment import RunConfig, tiny_gpt_run, train_tiny_gpt
 from lordo_compile.launch import run_workers
 
 from . import harness
@@ -119,21 +118,35 @@ def worker(rank: int, world: int, options: dict, setup: RunConfig) -> dict:
             "collectives": {name: [(c.op, c.payload_bytes) for c in found] for name, found in report.per_graph.items()}}
 
 
-def compute_ms(options: dict, setup: RunConfig, compiler: str = "inductor") -> dict[str, float]:
-    """Median ms of each graph of the method's step, one worker alone, first call of each left out."""
+def compute_ms(methods: dict[str, dict], setup: RunConfig, compiler: str = "inductor") -> dict[str, dict[str, float]]:
+    """Per method (name: options), the median ms of each graph of its step, one worker alone:
+    every method's step in one process, round robin (one step of each in turn, so that the
+    machine's drift falls on all alike), the first call of each graph left out."""
     alone = replace(setup, eval_every=0, compiler=compiler)
-    result = run_workers(_timing_worker, 1, timeout=3600, args=(options, alone))[0]
+    timed = run_workers(_timing_worker, 1, timeout=3600, args=(methods, alone))[0]
+    return {name: _graph_medians(graphs, seconds) for name, (graphs, seconds) in timed.items()}
+
+
+def _graph_medians(graphs: list[str], seconds: list[float]) -> dict[str, float]:
+    """A graph that ran once (the first step's) is charged the most frequent graph's time."""
     times: dict[str, list[float]] = {}
-    for graph, seconds in zip(result["graphs"], result["step_seconds"]):
-        times.setdefault(graph, []).append(seconds)
+    for graph, took in zip(graphs, seconds):
+        times.setdefault(graph, []).append(took)
     medians = {graph: statistics.median(values[1:]) * 1e3 for graph, values in times.items() if len(values) > 1}
     ordinary = max(times, key=lambda graph: len(times[graph]))
     return {graph: medians.get(graph, medians[ordinary]) for graph in times}
 
 
-def _timing_worker(rank: int, world: int, options: dict, setup: RunConfig) -> dict:
-    result = train_tiny_gpt(policy(options), setup)
-    return {"graphs": result.graphs, "step_seconds": result.step_seconds}
+def _timing_worker(rank: int, world: int, methods: dict[str, dict], setup: RunConfig
+                   ) -> dict[str, tuple[list[str], list[float]]]:
+    runs = {name: tiny_gpt_run(policy(options), setup) for name, options in methods.items()}
+    timed: dict[str, tuple[list[str], list[float]]] = {name: ([], []) for name in runs}
+    for _ in range(setup.steps):
+        for name, run in runs.items():
+            _, seconds, graph = run.train_step()
+            timed[name][0].append(graph)
+            timed[name][1].append(seconds)
+    return timed
 
 
 def modeled_curve(row: dict, link_bits: float, latency: float, workers: int, overlap: bool) -> list[tuple[float, float]]:
@@ -248,7 +261,7 @@ def main(argv=None) -> dict:
     timing_compiler = "aot_eager" if args.quick else "inductor"
     # Four sync intervals run every graph of a periodic schedule at least twice.
     timing = replace(setup, seed=seeds[0], steps=min(setup.steps, 4 * args.sync_every + 2))
-    compute = {config.name: compute_ms(config.options, timing, timing_compiler) for config in comparison}
+    compute = compute_ms({config.name: config.options for config in comparison}, timing, timing_compiler)
     rows = harness.compare(comparison, lambda config, seed: run_workers(
         worker, args.workers, timeout=3600, args=(config.options, replace(setup, seed=seed, lr=config.options["lr"]))
     )[0], seeds, tuning_seeds)

@@ -182,13 +182,11 @@ def main(argv=None) -> dict:
     comparison = harness.select(every_config, args.only)
     # Compute time does not depend on the lr, nor on the levels (a two-level row's graphs are its flat form's).
     timing = replace(setup, eval_every=0, seed=seeds[0], steps=min(setup.steps, 4 * args.every + 2))
-    flat_forms: dict[str, dict] = {}
-    compute = {}
-    for config in comparison:
-        flat = json.dumps({k: v for k, v in config.options.items() if k != "inner"}, sort_keys=True)
-        if flat not in flat_forms:
-            flat_forms[flat] = compute_ms(json.loads(flat), timing, "aot_eager" if args.quick else "inductor")
-        compute[config.name] = flat_forms[flat]
+    flat_forms = {config.name: json.dumps({k: v for k, v in config.options.items() if k != "inner"}, sort_keys=True)
+                  for config in comparison}
+    timed = compute_ms({flat: json.loads(flat) for flat in flat_forms.values()}, timing,
+                       "aot_eager" if args.quick else "inductor")
+    compute = {name: timed[flat] for name, flat in flat_forms.items()}
     rows = harness.compare(comparison, lambda config, seed: run_workers(
         worker, args.workers, timeout=3600, args=(config.options, replace(setup, seed=seed, lr=config.options["lr"]))
     )[0], seeds, tuning_seeds)

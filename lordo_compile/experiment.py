@@ -1,9 +1,11 @@
 """The tiny-GPT training run the CLI and the benchmarks share.
 
-One function, `train_tiny_gpt`: a seeded model, AdamW with warmup and cosine decay,
-batches of CPython's bundled help text (each worker its own, when torch.distributed is
-initialised), a compiled step under a policy, and a fixed validation set. It returns what a comparison needs: losses, per-step times with the
-graph (set of events) each step ran, and the compiled step itself (for its memory and graphs).
+One function, `train_tiny_gpt`: a seeded model, AdamW with warmup and cosine decay, batches
+of CPython's bundled help text (each worker its own, when torch.distributed is initialised),
+a compiled step under a policy, and a fixed validation set. It returns what a comparison
+needs: losses, per-step times with the graph (set of events) each step ran, and the
+compiled step itself (for its memory and graphs). `tiny_gpt_run` builds the run it steps
+through, for a loop of its own (timing several runs round robin).
 """
 
 from __future__ import annotations
@@ -139,10 +141,31 @@ def _info(step: CompiledStep, name: str):
     return step.backend.captured.params[name]
 
 
-def train_tiny_gpt(policy: Policy, config: RunConfig = RunConfig(), log: Callable[[str], None] | None = None,
-                   on_step: Callable[[int, float, CompiledStep], None] | None = None) -> RunResult:
-    """Train and evaluate; `log` gets a line every 1/16 of the run, `on_step(i, loss, step)`
-    is called after every step (a progress bar)."""
+@dataclass
+class TinyGPTRun:
+    """A seeded tiny GPT, its AdamW with warmup and cosine decay, this worker's batch stream
+    and the compiled step: what `train_tiny_gpt` trains, and what a timing loop steps
+    through (several runs in one process, round robin)."""
+
+    config: RunConfig
+    model: TinyGPT
+    step: CompiledStep
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    data: ByteBatches
+    generator: torch.Generator
+
+    def train_step(self) -> tuple[float, float, str]:
+        """One step on the next batch: (loss, seconds the compiled step took, the graph it ran)."""
+        x, y = self.data.batch(self.config.batch_size, self.generator)
+        index = self.step.backend.runtime.step
+        started = time.perf_counter()
+        loss = float(self.step(x, y))
+        seconds = time.perf_counter() - started
+        self.schedule.step()
+        return loss, seconds, self.step.backend.schedule.name_at(index)
+
+
+def tiny_gpt_run(policy: Policy, config: RunConfig = RunConfig()) -> TinyGPTRun:
     torch.manual_seed(config.seed)
     cfg = GPTConfig(block_size=config.seq_len, n_layer=config.layers, d_model=config.width, n_head=config.heads)
     model = TinyGPT(cfg)
@@ -153,31 +176,35 @@ def train_tiny_gpt(policy: Policy, config: RunConfig = RunConfig(), log: Callabl
         return warm * 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    data = ByteBatches(block_size=config.seq_len)
-    val_batches = data.val_batches(config.batch_size, config.val_batches) if config.val_batches else \
-        data.val_split(config.batch_size)
     # Same model on every worker (same seed), different data on each.
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     generator = torch.Generator().manual_seed(batch_stream_seed(config.seed, rank))
     step = compile(training_step(model.loss, opt), policy, compiler=config.compiler)
-    result = RunResult(step, model, float("nan"), float("nan"))
+    return TinyGPTRun(config, model, step, schedule, ByteBatches(block_size=config.seq_len), generator)
+
+
+def train_tiny_gpt(policy: Policy, config: RunConfig = RunConfig(), log: Callable[[str], None] | None = None,
+                   on_step: Callable[[int, float, CompiledStep], None] | None = None) -> RunResult:
+    """Train and evaluate; `log` gets a line every 1/16 of the run, `on_step(i, loss, step)`
+    is called after every step (a progress bar)."""
+    run = tiny_gpt_run(policy, config)
+    step = run.step
+    val_batches = run.data.val_batches(config.batch_size, config.val_batches) if config.val_batches else \
+        run.data.val_split(config.batch_size)
+    result = RunResult(step, run.model, float("nan"), float("nan"))
     for i in range(config.steps):
-        x, y = data.batch(config.batch_size, generator)
-        index = step.backend.runtime.step
-        t0 = time.perf_counter()
-        loss = float(step(x, y))
-        result.step_seconds.append(time.perf_counter() - t0)
-        result.graphs.append(step.backend.schedule.name_at(index))
+        loss, seconds, graph = run.train_step()
+        result.step_seconds.append(seconds)
+        result.graphs.append(graph)
         result.train_loss = loss
-        schedule.step()
         if config.eval_every and ((i + 1) % config.eval_every == 0 or i == 0):
-            result.curve.append((i + 1, step.comm_report().bytes_sent, evaluate(model, val_batches, step)))
+            result.curve.append((i + 1, step.comm_report().bytes_sent, evaluate(run.model, val_batches, step)))
         if log is not None:
-            log_step(log, i, loss, result.step_seconds[-1], schedule.get_last_lr()[0], config)
+            log_step(log, i, loss, seconds, run.schedule.get_last_lr()[0], config)
         if on_step is not None:
             on_step(i, loss, step)
     result.val_loss = result.curve[-1][2] if result.curve and result.curve[-1][0] == config.steps else \
-        evaluate(model, val_batches, step)
+        evaluate(run.model, val_batches, step)
     return result
 
 
