@@ -86,7 +86,10 @@ def _eco_claims(fmt: str, source: str, command: str, lr: str = "", row: str = "e
     return [Claim(f"{name} ({fmt}) is within 1% of master weights{lr}", source, command,
                   _versus(f"{row} {fmt}", f"master {fmt}"), "lower", 0.01, f"master {fmt}"),
             Claim(f"{name} ({fmt}) beats naive re-quantization{lr}", source, command,
-                  _versus(f"{row} {fmt}", f"naive {fmt}"))]
+                  _versus(f"{row} {fmt}", f"naive {fmt}"))] + (
+        [Claim(f"ECO's error feedback helps beyond stochastic rounding ({fmt}: ECO against naive, both rounding "
+               f"stochastically){lr}", source, command, _versus(f"eco sr {fmt}", f"naive sr {fmt}"))]
+        if row == "eco sr" else [])
 
 
 CLAIMS = [

@@ -9,12 +9,13 @@ of four ways: "master" keeps an fp32 weight and the forward reads its quantized 
 "eco" keeps only the quantized weight and feeds the rounding error into Adam's first
 moment, rounding to nearest; "eco sr" does the same with stochastic rounding (seeded by the
 run's seed), which the paper reports matters; "naive" keeps only the quantized weight and
-drops the error. Validation loss is that of the quantized model, on the whole held-out
+drops the error, and "naive sr" does so with stochastic rounding (against "eco sr": whether
+the error feedback helps beyond the rounding). Validation loss is that of the quantized model, on the whole held-out
 split. `bytes/param` is what persists between steps for the weights and the optimizer
 (gradients excluded), over all parameters, from `step.memory_report()`.
 
-Each row is compared, seed by seed, with one baseline: "eco <fmt>", "eco sr <fmt>" and
-"naive <fmt>" with "master <fmt>" (the gap to master weights), "master <fmt>" with fp32
+Each row is compared, seed by seed, with one baseline: "eco <fmt>", "eco sr <fmt>",
+"naive <fmt>" and "naive sr <fmt>" with "master <fmt>" (the gap to master weights), "master <fmt>" with fp32
 (what quantizing costs at all). The paper's claims, per format: ECO is within 1% of master
 weights, and ECO beats naive (read off the pairs "eco <fmt>" and "eco sr <fmt>" against
 "naive <fmt>"). Every row's peak
@@ -45,7 +46,9 @@ def configs(formats, sweep) -> list[Config]:
                  Config(f"eco {fmt}", {"format": fmt, "mode": "eco", "lr": LR}, f"master {fmt}", sweep),
                  Config(f"eco sr {fmt}", {"format": fmt, "mode": "eco", "rounding": "stochastic", "lr": LR},
                         f"master {fmt}", sweep),
-                 Config(f"naive {fmt}", {"format": fmt, "mode": "naive", "lr": LR}, f"master {fmt}", sweep)]
+                 Config(f"naive {fmt}", {"format": fmt, "mode": "naive", "lr": LR}, f"master {fmt}", sweep),
+                 Config(f"naive sr {fmt}", {"format": fmt, "mode": "naive", "rounding": "stochastic", "lr": LR},
+                        f"master {fmt}", sweep)]
     return rows
 
 
@@ -73,6 +76,9 @@ def claims(rows: list[dict]) -> list[str]:
             if {eco, naive} <= by_name.keys():
                 lines.append(harness.claim_line(harness.versus(rows, eco, naive), "lower",
                                                 label=f"{eco} beats naive ({eco} - naive)"))
+        if {f"eco sr {fmt}", f"naive sr {fmt}"} <= by_name.keys():
+            lines.append(harness.claim_line(harness.versus(rows, f"eco sr {fmt}", f"naive sr {fmt}"), "lower",
+                                            label=f"eco sr {fmt} beats naive sr (eco sr - naive sr)"))
     return lines
 
 
