@@ -52,10 +52,10 @@ from . import harness
 from .common import print_table, write_json
 from .harness import Config
 from .lordo import add_figures, add_run_arguments, claim, policy, ratios, setup_of, within
-from .time_to_loss import clocked_curve, collective_seconds, common_target, compute_ms, mean_curve, time_to
+from .time_to_loss import (RESULTS, clocked_curve, collective_seconds, common_target, compute_ms, mean_curve,
+                           time_to)
 
 INNER = 2  # workers per node
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def tuned_in(path: str, every: int) -> tuple[dict, dict, list[float]]:
