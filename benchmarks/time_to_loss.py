@@ -194,15 +194,16 @@ def configs(rank: int, sync_every: int, sweep: tuple[dict, ...]) -> list[Config]
 
 
 def tuned_elsewhere(comparison: list[Config], paths: list[str], args: argparse.Namespace
-                    ) -> tuple[list[Config], dict[str, str]]:
+                    ) -> tuple[list[Config], dict[str, tuple[str, dict]]]:
     """The comparison with each configuration that one of `paths` tuned on this setup at the
-    options chosen there (no sweep here), and the file each came from."""
+    options chosen there (no sweep here); per configuration found, the file it came from and
+    its row there (whose `tuning` holds the sweep it was tuned over)."""
     wanted = {config.name: config for config in comparison}
 
     def untuned(options: dict) -> dict:
         return {key: value for key, value in options.items() if key not in TUNED_KEYS}
 
-    found: dict[str, tuple[dict, str]] = {}
+    found: dict[str, tuple[str, dict]] = {}
     for path in paths:
         if not os.path.exists(path):
             raise ValueError(f"--tuned-in {path}: no such file; name the benchmark JSONs that tuned these methods, "
@@ -217,10 +218,10 @@ def tuned_elsewhere(comparison: list[Config], paths: list[str], args: argparse.N
             config = wanted.get(row["config"])
             if (config and row["config"] not in found and row.get("tuning")
                     and untuned(row["options"]) == untuned(config.options)):
-                found[row["config"]] = (row["options"], os.path.basename(path))
-    tuned = [replace(config, options=found[config.name][0], sweep=(), tuned_after=None) if config.name in found
-             else config for config in comparison]
-    return tuned, {name: source for name, (_, source) in found.items()}
+                found[row["config"]] = (os.path.basename(path), row)
+    tuned = [replace(config, options=found[config.name][1]["options"], sweep=(), tuned_after=None)
+             if config.name in found else config for config in comparison]
+    return tuned, found
 
 
 def common_target(rows: list[dict]) -> tuple[float, str]:
@@ -277,7 +278,7 @@ def main(argv=None) -> dict:
     links = times_to(target, rows, args)
     common_links = times_to(common, rows, args)
     tuned_here = [config.name for config in comparison if config.name not in tuned_in]
-    tuning = "; ".join([f"{name} at {source}'s tuned options" for name, source in tuned_in.items()]
+    tuning = "; ".join([f"{name} at {source}'s tuned options" for name, (source, _) in tuned_in.items()]
                        + ([f"{', '.join(tuned_here)}: {harness.lr_words(sweep, tuning_seeds, LR, WITH_OUTER_STEP)}"]
                           if tuned_here else []))
     header = (f"tiny GPT, {args.workers} gloo workers x {args.batch} sequences of 128 bytes, {args.steps} steps, "
@@ -285,7 +286,7 @@ def main(argv=None) -> dict:
               f"{'overlapped with' if args.overlap else 'after'} compute; target: DDP's final validation loss "
               f"{target:.4f}")
     for row in rows:
-        row["tuned_in"] = tuned_in.get(row["config"], "here" if tuning_seeds else None)
+        row["tuned_in"] = tuned_in[row["config"]][0] if row["config"] in tuned_in else "here" if tuning_seeds else None
     harness.report(rows, header, [("bytes_per_worker", "bytes/worker", ",")])
     columns = [("link", "link", "<"), ("config", "config", "<"), ("seconds", "seconds", ".1f"),
                ("speedup_vs_ddp", "x faster than ddp", ".2f"), ("total_s", "whole run s", ".1f"), ("note", "", "<")]

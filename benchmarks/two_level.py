@@ -1,7 +1,7 @@
 """Two levels against one: DiLoCo and LoRDO on 4 gloo workers as 2 x 2, against their flat forms and DDP.
 
     python -m benchmarks.two_level [--every 8] [--rank 8] [--only CONFIG ...] [--seeds 3] [--quick]
-        [--tuned-in benchmarks/results/sync.json] [--slow-mbit 100] [--fast-gbit 100] [--latency-us 100]
+        [--tuned-in JSON ...] [--slow-mbit 100] [--fast-gbit 100] [--latency-us 100]
         [--json PATH]
 
 The 4 workers stand for two nodes of two: ranks {0, 1} and {2, 3} share a node's fast links
@@ -17,11 +17,14 @@ The 4 workers stand for two nodes of two: ranks {0, 1} and {2, 3} share a node's
 - "diloco F=4 tau=1 H=h": streaming DiLoCo, the model in 4 fragments at staggered steps,
   each fragment's all-reduce overlapping one local step; against flat DiLoCo.
 
-Tuning, one sweep for all: "ddp" and the DiLoCo rows take the learning rate (and DiLoCo's
-outer lr and momentum) that `benchmarks.sync` tuned for "ddp" and "diloco H=h" on the same
-setup (--tuned-in, its JSON; the header names them); "lordo r=R H=h" tunes its lr here
-over that run's sweep on the same tuning seed, and "lordo 2x2 r=R H=h" takes it. The
-two-level and streaming rows are not tuned apart from their flat form.
+Tuning, one sweep for all: "ddp" and "diloco H=h" take the learning rate (and DiLoCo's
+outer lr and momentum) that another benchmark tuned for a row of the same name and options
+on the same setup (--tuned-in, by default `benchmarks.sync`'s JSON; matched as
+`time_to_loss.tuned_elsewhere` does), or are tuned here where none did; "lordo r=R H=h"
+tunes its lr here over the sweep DDP was tuned over (`--lrs` where given), on the same
+tuning seed, and "lordo 2x2 r=R H=h" takes it. The two-level and streaming rows are not
+tuned apart from their flat form. The header and each row's `tuned_in` say where each
+row's options came from.
 
 Bytes per worker are counted by each compiled step per process group
 (`step.comm_report().per_group()`): `slow_bytes` is what crossed the slow link (the outer
@@ -51,36 +54,32 @@ from lordo_compile.launch import run_workers
 from . import harness
 from .common import print_table, write_json
 from .harness import Config
-from .lordo import add_figures, add_run_arguments, claim, policy, ratios, setup_of, within
+from .lordo import add_figures, add_run_arguments, claim, diloco_sweep, policy, ratios, setup_of, within
 from .time_to_loss import (RESULTS, clocked_curve, collective_seconds, common_target, compute_ms, mean_curve,
-                           time_to)
+                           time_to, tuned_elsewhere)
 
 INNER = 2  # workers per node
 
 
-def tuned_in(path: str, every: int) -> tuple[dict, dict, list[float]]:
-    """(DDP's chosen options, DiLoCo H=every's, the lr sweep) from a `benchmarks.sync` JSON."""
-    if not os.path.exists(path):
-        raise ValueError(f"--tuned-in {path}: no such file; run `python -m benchmarks.sync --every {every} --json "
-                         f"{path}` first, or give --quick")
-    with open(path) as f:
-        result = json.load(f)
-    rows = {row["config"]: row for row in result["rows"]}
-    missing = [name for name in ("ddp", f"diloco H={every}") if name not in rows or not rows[name].get("tuning")]
-    if missing:
-        raise ValueError(f"--tuned-in {path} has no tuned rows {missing}; run `python -m benchmarks.sync --every "
-                         f"{every} --only ddp 'local_sgd H={every}' 'diloco H={every}'` into it first")
-    return rows["ddp"]["chosen"], rows[f"diloco H={every}"]["chosen"], [t["chosen"]["lr"] for t in rows["ddp"]["tuning"]]
+def flat_baselines(every: int, sweep: tuple[dict, ...]) -> list[Config]:
+    """DDP and flat DiLoCo at placeholder options, each with the sweep it is tuned over where
+    no other benchmark tuned it on this setup."""
+    return [Config("ddp", {"policy": "ddp", "lr": harness.LR}, sweep=sweep),
+            Config(f"diloco H={every}", {"policy": "diloco", "sync_every": every, "lr": harness.LR, "outer_lr": 0.7,
+                                         "outer_momentum": 0.9}, "ddp", diloco_sweep(sweep))]
 
 
-def configs(every: int, rank: int, ddp: dict, diloco: dict, sweep: tuple[dict, ...]) -> list[Config]:
-    flat_diloco, flat_lordo = f"diloco H={every}", f"lordo r={rank} H={every}"
-    diloco = {"policy": "diloco", "sync_every": every, **diloco}
+def configs(every: int, rank: int, ddp: Config, diloco: Config, sweep: tuple[dict, ...]) -> list[Config]:
+    """Every row; the two-level and streaming DiLoCo rows take flat DiLoCo's options (its
+    chosen ones where it is tuned here)."""
+    flat_lordo = f"lordo r={rank} H={every}"
+    after_diloco = diloco.name if diloco.sweep else None
     lordo = {"policy": "lordo", "rank": rank, "sync_every": every, "lr": harness.LR}
-    return [Config("ddp", {"policy": "ddp", **ddp}),
-            Config(flat_diloco, diloco, "ddp"),
-            Config(f"diloco 2x2 H={every}", {**diloco, "inner": INNER}, flat_diloco),
-            Config(f"diloco F=4 tau=1 H={every}", {**diloco, "fields": {"fragments": 4, "delay": 1}}, flat_diloco),
+    return [ddp, diloco,
+            Config(f"diloco 2x2 H={every}", {**diloco.options, "inner": INNER}, diloco.name,
+                   tuned_after=after_diloco),
+            Config(f"diloco F=4 tau=1 H={every}", {**diloco.options, "fields": {"fragments": 4, "delay": 1}},
+                   diloco.name, tuned_after=after_diloco),
             Config(flat_lordo, lordo, "ddp", sweep),
             Config(f"lordo 2x2 r={rank} H={every}", {**lordo, "inner": INNER}, flat_lordo, tuned_after=flat_lordo)]
 
@@ -160,8 +159,8 @@ def main(argv=None) -> dict:
     add_run_arguments(parser)
     parser.add_argument("--every", type=int, default=8, help="sync interval H")
     parser.add_argument("--rank", type=int, default=8, help="LoRDO's rank")
-    parser.add_argument("--tuned-in", default=os.path.relpath(os.path.join(RESULTS, "sync.json")),
-                        help="benchmarks.sync's JSON, where DDP's and DiLoCo's options were tuned")
+    parser.add_argument("--tuned-in", nargs="*", default=[os.path.relpath(os.path.join(RESULTS, "sync.json"))],
+                        metavar="JSON", help="benchmark JSONs whose tuned options DDP and DiLoCo take on the same setup")
     parser.add_argument("--slow-mbit", type=float, default=100.0, help="the link between nodes, Mbit/s")
     parser.add_argument("--fast-gbit", type=float, default=100.0, help="the links inside a node, Gbit/s")
     parser.add_argument("--latency-us", type=float, default=100.0, help="every link's latency alpha")
@@ -173,11 +172,13 @@ def main(argv=None) -> dict:
     args.workers = max(args.workers, 2 * INNER)  # a quick run's 2 workers would make one node
     setup = replace(setup, eval_every=max(1, args.steps // 8))
     seeds, tuning_seeds = harness.seeds_of(args)
-    if args.quick:
-        ddp, diloco, lrs = {"lr": harness.LR}, {"lr": harness.LR, "outer_lr": 0.7, "outer_momentum": 0.9}, []
-    else:
-        ddp, diloco, lrs = tuned_in(args.tuned_in, args.every)
-    sweep = harness.lr_sweep(args, lrs or harness.LRS)
+    sweep = harness.lr_sweep(args, harness.LRS)
+    (ddp, diloco), tuned_in = tuned_elsewhere(flat_baselines(args.every, sweep), args.tuned_in, args)
+    if "ddp" in tuned_in and not args.lrs:
+        # One sweep for all: LoRDO's is the one DDP was tuned over.
+        sweep = tuple({"lr": tried["chosen"]["lr"]} for tried in tuned_in["ddp"][1]["tuning"])
+        if diloco.sweep:
+            diloco = replace(diloco, sweep=diloco_sweep(sweep))
     every_config = configs(args.every, args.rank, ddp, diloco, sweep)
     comparison = harness.select(every_config, args.only)
     # Compute time does not depend on the lr, nor on the levels (a two-level row's graphs are its flat form's).
@@ -198,13 +199,15 @@ def main(argv=None) -> dict:
                    compute_ms=compute[row["config"]], curve=mean_curve(row["runs"]))
         for run in row["runs"]:
             del run["graphs"], run["collectives"]
+    tuned_here = [config.name for config in comparison if config.sweep]
+    tuning = "; ".join([f"{name} at {source}'s tuned options {row['chosen']}" for name, (source, row) in tuned_in.items()]
+                       + ([f"{', '.join(tuned_here)}: {harness.lr_words(sweep, tuning_seeds, harness.LR)}"]
+                          if tuned_here else []))
     header = (f"tiny GPT ({rows[0]['runs'][0]['parameters']:,} parameters), {args.workers} gloo workers as "
               f"{args.workers // INNER} nodes of {INNER}, x {args.batch} sequences of 128 bytes, {args.steps} steps, "
-              f"sync every {args.every}, seeds {seeds}, "
-              + ("no tuning" if args.quick else
-                 f"ddp and DiLoCo at benchmarks.sync's tuned options ({os.path.basename(args.tuned_in)}: ddp {ddp}, "
-                 f"diloco {diloco}), LoRDO's {harness.lr_words(sweep, tuning_seeds, harness.LR)}")
-              + f", compiler {args.compiler}")
+              f"sync every {args.every}, seeds {seeds}, {tuning}, compiler {args.compiler}")
+    for row in rows:
+        row["tuned_in"] = tuned_in[row["config"]][0] if row["config"] in tuned_in else "here" if tuning_seeds else None
     harness.report(rows, header, [("slow_bytes", "B over slow link", ","), ("bytes_per_worker", "B/worker", ",")])
     print("\n".join(claims(rows)))
     result = harness.save(args.json, header, rows, args, claims=claims, configs=every_config, figures=ratios)
