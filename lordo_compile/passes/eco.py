@@ -38,7 +38,7 @@ from ..ops.eco import (
     eco_inject_projected_adam, eco_inject_projected_sgd_momentum, eco_inject_sgd_momentum, eco_lost_fraction,
     eco_requantize, forward_quantize, requantize_math, scale_shape,
 )
-from .manager import PassResult, PassRuntime, Program, Stage, register_pass
+from .manager import Lowering, PassResult, PassRuntime, Program, Stage, register_pass
 from .select import choose_matrix, validate_selector
 
 OUTER_ERRORS = ("drop", "keep")
@@ -310,6 +310,12 @@ class StoredWeights(PassRuntime):
     codes at its start), quantizes the weights once before the first call, and decodes them
     for `materialized()`.
 
+    Where the compiler keeps the graph's writes into its inputs in the aten graph (Inductor),
+    the writes into the stored weights are dropped there (`_drop_weight_writes`) and the
+    weights get no storage during the call: the forward reads the decoded value, which the
+    graph holds as its own buffer, and the value written would be freed right after the call
+    anyway. Elsewhere (aot_eager writes after the graph, eager inside it) they get storage.
+
     A weight an earlier capture stored and this one does not update (frozen since) keeps its
     codes and is not rebuilt by this capture's graphs: it holds its decoded value in full
     storage while they run, as any frozen weight does."""
@@ -322,6 +328,19 @@ class StoredWeights(PassRuntime):
         self.nbytes = [_nbytes(t) for t in self.tensors]
         self.frozen = [name for name in context.params
                        if name not in self.names and f"eco.codes.{name}" in context.runtime.tensors]
+        self.unwritten: set[frozenset[str]] = set()  # events of the graphs that never touch the weights' storage
+
+    def lowering(self, graph: TrainGraph) -> Lowering | None:
+        stored = {graph.parameter(name) for name, storage in graph.storage.items() if isinstance(storage, ECOStorage)}
+        if set(self.names) != {node.meta[PARAM] for node in stored}:
+            return None
+        positions = [i for i, node in enumerate(graph.placeholders()) if node in stored]
+        shapes = [tuple(self.context.params[graph.placeholders()[i].meta[PARAM]].shape) for i in positions]
+
+        def drop(aten: fx.GraphModule) -> None:
+            if _drop_weight_writes(aten, len(graph.placeholders()), positions, shapes):
+                self.unwritten.add(graph.events)
+        return Lowering((drop,))
 
     def _decode(self, name: str, weight: torch.Tensor) -> None:
         tensors = self.context.runtime.tensors
@@ -352,9 +371,9 @@ class StoredWeights(PassRuntime):
                 weight.copy_(value)
 
     @contextlib.contextmanager
-    def _allocated(self):
+    def _allocated(self, needed: bool = True):
         self._restore_frozen()
-        for tensor, nbytes in zip(self.tensors, self.nbytes):
+        for tensor, nbytes in zip(self.tensors, self.nbytes if needed else ()):
             if tensor.untyped_storage().nbytes() == 0:
                 tensor.untyped_storage().resize_(nbytes)
         try:
@@ -364,7 +383,7 @@ class StoredWeights(PassRuntime):
                 tensor.untyped_storage().resize_(0)
 
     def around_call(self, events: frozenset[str]):
-        return self._allocated()
+        return self._allocated(needed=events not in self.unwritten)
 
     @contextlib.contextmanager
     def _decoded(self):
@@ -383,6 +402,30 @@ class StoredWeights(PassRuntime):
             return []
         return ["share of the last step's rounding error the projected momentum could not hold (|e - PP^T e| / "
                 "|e|): " + ", ".join(f"{name} {share:.3f}" for name, share in lost.items())]
+
+
+def _drop_weight_writes(aten: fx.GraphModule, inputs: int, positions: list[int], shapes: list[tuple]) -> bool:
+    """Removes the aten graph's writes into the inputs at `positions` (the stored weights) and
+    says whether afterwards nothing in the graph touches those inputs. Changes nothing, and
+    says False, unless the graph has the step graph's inputs in order (each stored weight's
+    shape where expected), writes each stored weight exactly once, at the end, and reads none."""
+    placeholders = [n for n in aten.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != inputs:
+        return False
+    weights = [placeholders[i] for i in positions]
+    if any(tuple(getattr(w.meta.get("val"), "shape", ())) != shape for w, shape in zip(weights, shapes)):
+        return False
+    writes = []
+    for weight in weights:
+        users = list(weight.users)
+        if len(users) != 1 or users[0].target is not torch.ops.aten.copy_.default or users[0].args[0] is not weight \
+                or users[0].users:
+            return False
+        writes.append(users[0])
+    for write in writes:
+        aten.graph.erase_node(write)
+    aten.recompile()
+    return True
 
 
 @register_pass("eco", stage=Stage.WEIGHT_STORAGE, option="eco", option_type=ECO, runtime=StoredWeights,
