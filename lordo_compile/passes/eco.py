@@ -408,7 +408,9 @@ def _drop_weight_writes(aten: fx.GraphModule, inputs: int, positions: list[int],
     """Removes the aten graph's writes into the inputs at `positions` (the stored weights) and
     says whether afterwards nothing in the graph touches those inputs. Changes nothing, and
     says False, unless the graph has the step graph's inputs in order (each stored weight's
-    shape where expected), writes each stored weight exactly once, at the end, and reads none."""
+    shape where expected) and each stored weight's only use is one write whose result nothing
+    reads (AOTAutograd's write-back of the weight's value after the step). A cached compile
+    that skips this leaves the runtime lending storage, as before."""
     placeholders = [n for n in aten.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != inputs:
         return False
