@@ -224,6 +224,30 @@ def tuned_elsewhere(comparison: list[Config], paths: list[str], args: argparse.N
     return tuned, found
 
 
+def record_tuning(rows: list[dict], comparison: list[Config], tuned_in: dict[str, tuple[str, dict]],
+                  sweep: tuple[dict, ...], tuning_seeds: list[int]) -> str:
+    """Sets each row's `tuned_in` and returns the header's words for it: the JSON its options
+    came from, "here" where it was tuned in this run, for a row tuned after another that
+    row's, and None where it was not tuned (its options as given)."""
+    by_name = {config.name: config for config in comparison}
+
+    def source(name: str) -> str | None:
+        config = by_name[name]
+        if name in tuned_in:
+            return tuned_in[name][0]
+        if config.tuned_after:
+            return source(config.tuned_after)
+        return "here" if config.sweep and tuning_seeds else None
+
+    for row in rows:
+        row["tuned_in"] = source(row["config"])
+    tuned_here = [config.name for config in comparison if config.sweep]
+    return "; ".join([f"{name} at {path}'s tuned options {row['chosen']}"
+                      for name, (path, row) in tuned_in.items() if name in by_name]
+                     + ([f"{', '.join(tuned_here)}: {harness.lr_words(sweep, tuning_seeds, LR, WITH_OUTER_STEP)}"]
+                        if tuned_here else []))
+
+
 def common_target(rows: list[dict]) -> tuple[float, str]:
     """The lowest validation loss every row's mean curve reaches, and the row that sets it: a
     target on which every row has a time (DDP's final loss may be one no other row reaches)."""
@@ -277,16 +301,11 @@ def main(argv=None) -> dict:
     common, setter = common_target(rows)
     links = times_to(target, rows, args)
     common_links = times_to(common, rows, args)
-    tuned_here = [config.name for config in comparison if config.name not in tuned_in]
-    tuning = "; ".join([f"{name} at {source}'s tuned options" for name, (source, _) in tuned_in.items()]
-                       + ([f"{', '.join(tuned_here)}: {harness.lr_words(sweep, tuning_seeds, LR, WITH_OUTER_STEP)}"]
-                          if tuned_here else []))
+    tuning = record_tuning(rows, comparison, tuned_in, sweep, tuning_seeds)
     header = (f"tiny GPT, {args.workers} gloo workers x {args.batch} sequences of 128 bytes, {args.steps} steps, "
               f"seeds {seeds}, {tuning}, compiler {args.compiler}; modeled links: latency {args.latency_us:g} us, "
               f"{'overlapped with' if args.overlap else 'after'} compute; target: DDP's final validation loss "
               f"{target:.4f}")
-    for row in rows:
-        row["tuned_in"] = tuned_in[row["config"]][0] if row["config"] in tuned_in else "here" if tuning_seeds else None
     harness.report(rows, header, [("bytes_per_worker", "bytes/worker", ",")])
     columns = [("link", "link", "<"), ("config", "config", "<"), ("seconds", "seconds", ".1f"),
                ("speedup_vs_ddp", "x faster than ddp", ".2f"), ("total_s", "whole run s", ".1f"), ("note", "", "<")]

@@ -56,7 +56,7 @@ from .common import print_table, write_json
 from .harness import Config
 from .lordo import add_figures, add_run_arguments, claim, diloco_sweep, policy, ratios, setup_of, within
 from .time_to_loss import (RESULTS, clocked_curve, collective_seconds, common_target, compute_ms, mean_curve,
-                           time_to, tuned_elsewhere)
+                           record_tuning, time_to, tuned_elsewhere)
 
 INNER = 2  # workers per node
 
@@ -199,15 +199,10 @@ def main(argv=None) -> dict:
                    compute_ms=compute[row["config"]], curve=mean_curve(row["runs"]))
         for run in row["runs"]:
             del run["graphs"], run["collectives"]
-    tuned_here = [config.name for config in comparison if config.sweep]
-    tuning = "; ".join([f"{name} at {source}'s tuned options {row['chosen']}" for name, (source, row) in tuned_in.items()]
-                       + ([f"{', '.join(tuned_here)}: {harness.lr_words(sweep, tuning_seeds, harness.LR)}"]
-                          if tuned_here else []))
+    tuning = record_tuning(rows, comparison, tuned_in, sweep, tuning_seeds)
     header = (f"tiny GPT ({rows[0]['runs'][0]['parameters']:,} parameters), {args.workers} gloo workers as "
               f"{args.workers // INNER} nodes of {INNER}, x {args.batch} sequences of 128 bytes, {args.steps} steps, "
               f"sync every {args.every}, seeds {seeds}, {tuning}, compiler {args.compiler}")
-    for row in rows:
-        row["tuned_in"] = tuned_in[row["config"]][0] if row["config"] in tuned_in else "here" if tuning_seeds else None
     harness.report(rows, header, [("slow_bytes", "B over slow link", ","), ("bytes_per_worker", "B/worker", ",")])
     print("\n".join(claims(rows)))
     result = harness.save(args.json, header, rows, args, claims=claims, configs=every_config, figures=ratios)

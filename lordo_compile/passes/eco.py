@@ -334,11 +334,12 @@ class StoredWeights(PassRuntime):
         stored = {graph.parameter(name) for name, storage in graph.storage.items() if isinstance(storage, ECOStorage)}
         if set(self.names) != {node.meta[PARAM] for node in stored}:
             return None
-        positions = [i for i, node in enumerate(graph.placeholders()) if node in stored]
-        shapes = [tuple(self.context.params[graph.placeholders()[i].meta[PARAM]].shape) for i in positions]
+        placeholders = graph.placeholders()
+        positions = [i for i, node in enumerate(placeholders) if node in stored]
+        shapes = [tuple(self.context.params[placeholders[i].meta[PARAM]].shape) for i in positions]
 
         def drop(aten: fx.GraphModule) -> None:
-            if _drop_weight_writes(aten, len(graph.placeholders()), positions, shapes):
+            if _drop_weight_writes(aten, len(placeholders), positions, shapes):
                 self.unwritten.add(graph.events)
         return Lowering((drop,))
 
@@ -373,9 +374,10 @@ class StoredWeights(PassRuntime):
     @contextlib.contextmanager
     def _allocated(self, needed: bool = True):
         self._restore_frozen()
-        for tensor, nbytes in zip(self.tensors, self.nbytes if needed else ()):
-            if tensor.untyped_storage().nbytes() == 0:
-                tensor.untyped_storage().resize_(nbytes)
+        if needed:
+            for tensor, nbytes in zip(self.tensors, self.nbytes):
+                if tensor.untyped_storage().nbytes() == 0:
+                    tensor.untyped_storage().resize_(nbytes)
         try:
             yield
         finally:
