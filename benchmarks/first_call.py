@@ -1,0 +1,179 @@
+"""Where a cold first call's time goes: lordo `Policy()` against PyTorch's compile recipe, by phase.
+
+    python -m benchmarks.first_call [--repeats 3] [--quick] [--json PATH]
+
+Variants, each a fresh tiny GPT with AdamW (batch 16x128):
+- "torch.compile recipe": `torch.compile(model.loss)`, eager `loss.backward()`, a compiled
+  `opt.step()` (as in benchmarks.step_time);
+- "lordo Policy()": the whole step as one graph, as shipped;
+- "lordo, writes at the end": without `lowering.write_inputs_when_computed` (the state writes
+  stay where AOTAutograd puts them, at the end of the graph);
+- "lordo, fusion search 64": with Inductor's own `max_fusion_buffer_group_pairwise_attempts`
+  (64) instead of `lowering.INDUCTOR_CONFIG`'s;
+- "lordo, neither": both; the lowering before these two choices.
+The last three replace those two names in `lordo_compile.lowering` for the call: an ablation,
+not an option users have.
+
+Every first call is cold (dynamo reset, a fresh Inductor cache); the variants go round robin,
+`--repeats` times, in one process, and each figure is the median over the repeats. Phases are
+Inductor's and AOTAutograd's own timers (`torch._dynamo.utils.compilation_time_metrics`), summed
+over the graphs of a call (the recipe has three: the loss's forward and backward, and the
+update): `aot_s` AOTAutograd and Inductor together, `lowering_s` Inductor's lowering of the aten
+graph to its IR (`GraphLowering.run`), `scheduler_s` node creation and fusion
+(`Scheduler.__init__`), `kernel_codegen_s` kernel source (`Scheduler.codegen`), `cpp_wait_s` the
+wait for the C++ compiler's workers (`async_compile.wait`). `scheduler_nodes`: the nodes Inductor's
+scheduler starts from, over the call's graphs. `ratio_vs_recipe`: median of the paired ratios of
+first-call seconds.
+
+`--quick`: a smoke run (a 2-layer GPT of width 32, one repeat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from typing import Callable, Iterator
+
+import torch
+from torch._dynamo.utils import compilation_time_metrics
+
+import lordo_compile as lc
+from lordo_compile import lowering
+from lordo_compile.models import GPTConfig, TinyGPT
+from lordo_compile.testing import fresh_inductor_cache, training_step
+
+from .common import QUICK_GPT, batches, print_table, write_json
+
+RECIPE = "torch.compile recipe"
+LORDO = "lordo Policy()"
+PHASES = {"aot_s": "create_aot_dispatcher_function", "lowering_s": "GraphLowering.run",
+          "scheduler_s": "Scheduler.__init__", "kernel_codegen_s": "Scheduler.codegen",
+          "cpp_wait_s": "async_compile.wait"}
+
+
+def model_and_optimizer(cfg: GPTConfig):
+    torch.manual_seed(0)
+    model = TinyGPT(cfg)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+
+
+def recipe(cfg: GPTConfig) -> Callable:
+    model, opt = model_and_optimizer(cfg)
+    loss_fn = torch.compile(model.loss)
+
+    @torch.compile
+    def update():
+        opt.step()
+
+    def step(x, y):
+        loss = loss_fn(x, y)
+        loss.backward()
+        update()
+        opt.zero_grad()
+        return loss.detach()
+
+    return step
+
+
+def lordo(cfg: GPTConfig) -> Callable:
+    model, opt = model_and_optimizer(cfg)
+    return lc.compile(training_step(model.loss, opt), lc.Policy())
+
+
+@contextlib.contextmanager
+def lowering_without(writes_early: bool, fusion_search: bool) -> Iterator[None]:
+    saved = lowering.write_inputs_when_computed, lowering.INDUCTOR_CONFIG
+    if not writes_early:
+        lowering.write_inputs_when_computed = lambda graph: None
+    if not fusion_search:
+        lowering.INDUCTOR_CONFIG = {}
+    try:
+        yield
+    finally:
+        lowering.write_inputs_when_computed, lowering.INDUCTOR_CONFIG = saved
+
+
+VARIANTS = {
+    RECIPE: (recipe, True, True),
+    LORDO: (lordo, True, True),
+    "lordo, writes at the end": (lordo, False, True),
+    "lordo, fusion search 64": (lordo, True, False),
+    "lordo, neither": (lordo, False, False),
+}
+
+
+@contextlib.contextmanager
+def counting_scheduler_nodes(counts: list[int]) -> Iterator[None]:
+    from torch._inductor import scheduler
+
+    init = scheduler.Scheduler._init
+
+    def counting(self, nodes):
+        counts.append(len(nodes))
+        return init(self, nodes)
+
+    scheduler.Scheduler._init = counting
+    try:
+        yield
+    finally:
+        scheduler.Scheduler._init = init
+
+
+def first_call(cfg: GPTConfig, name: str, batch) -> dict:
+    make, writes_early, fusion_search = VARIANTS[name]
+    torch._dynamo.reset()
+    compilation_time_metrics.clear()
+    counts: list[int] = []
+    with lowering_without(writes_early, fusion_search):
+        step = make(cfg)
+        with fresh_inductor_cache(), counting_scheduler_nodes(counts):
+            started = time.perf_counter()
+            step(*batch)
+            seconds = time.perf_counter() - started
+    figures = {key: sum(compilation_time_metrics.get(timer, [0.0])) for key, timer in PHASES.items()}
+    return {"first_call_s": seconds, **figures, "scheduler_nodes": sum(counts)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    cfg, batch_size = (QUICK_GPT, 2) if args.quick else (GPTConfig(), 16)
+    if args.quick:
+        args.repeats = 1
+    (batch,) = batches(cfg, batch_size, 1)
+    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    for repeat in range(args.repeats):
+        for name in VARIANTS:
+            runs[name].append(first_call(cfg, name, batch))
+            print(f"  repeat {repeat + 1}: {name} {runs[name][-1]['first_call_s']:.1f} s", flush=True)
+    rows = []
+    for name, calls in runs.items():
+        row = {"variant": name, **{key: statistics.median(call[key] for call in calls) for key in calls[0]},
+               "first_calls_s": [call["first_call_s"] for call in calls]}
+        row["ratio_vs_recipe"] = statistics.median(
+            call["first_call_s"] / recipe_call["first_call_s"] for call, recipe_call in zip(calls, runs[RECIPE]))
+        rows.append(row)
+    print(f"\ntiny GPT ({sum(p.numel() for p in TinyGPT(cfg).parameters()):,} parameters), batch {batch_size}x"
+          f"{cfg.block_size}, AdamW, {torch.get_num_threads()} threads: cold first calls, median of {args.repeats} "
+          f"round-robin repeats")
+    print_table(rows, [("variant", "variant", "<26"), ("first_call_s", "1st call s", ".1f"),
+                       ("ratio_vs_recipe", "vs recipe", ".3f"), ("aot_s", "AOT+Inductor s", ".1f"),
+                       ("lowering_s", "lowering s", ".1f"), ("scheduler_s", "scheduler s", ".1f"),
+                       ("kernel_codegen_s", "kernels s", ".1f"), ("cpp_wait_s", "C++ wait s", ".1f"),
+                       ("scheduler_nodes", "sched. nodes", ".0f")])
+    result = {"rows": rows, "repeats": args.repeats, "batch": [batch_size, cfg.block_size],
+              "first_call_ratio_vs_torch_compile": rows[1]["ratio_vs_recipe"], "torch": torch.__version__,
+              "threads": torch.get_num_threads()}
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
