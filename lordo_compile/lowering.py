@@ -9,6 +9,7 @@ traces that function into aten ops, so Inductor sees the whole update and fuses 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 from typing import Callable, Iterator, Sequence
@@ -25,9 +26,9 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 # Inductor options for every step graph. Inductor looks for fusions among the nodes that read
 # one buffer, trying each node with the next `max_fusion_buffer_group_pairwise_attempts` (64 by
 # default) in every fusion round. Every node of a whole-step update reads the hyperparameters and
-# the non-finite flag, so those groups hold hundreds of nodes: on the tiny GPT, 16 finds the same
-# kernels as 64 (same count, same bits) and cuts the scheduler's time from 9.2 to 6.0 s of a cold
-# first call (python -m benchmarks.first_call).
+# the non-finite flag, so those groups hold hundreds of nodes: on the tiny GPT, 16 cuts the
+# scheduler's time from 9.2 to 6.0 s of a cold first call (python -m benchmarks.first_call); the
+# step computes the same bits (tests/test_lowering.py).
 INDUCTOR_CONFIG = {"max_fusion_buffer_group_pairwise_attempts": 16}
 # The two cuBLAS workspace settings under which cuBLAS gives the same bits on every run.
 DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
@@ -167,17 +168,17 @@ def write_inputs_when_computed(graph: fx.GraphModule) -> None:
     parameter's update: each bias correction's nine scalars per parameter, each moment's
     partial sums. Written when computed, the chain that reads a new moment or step count reads
     a buffer that nothing writes later and stays inlined: on the tiny GPT, 1,792 scheduler
-    nodes become 1,168 with the same kernels and the same bits (python -m
-    benchmarks.first_call). Reads through views of the input count as reads; an input the
+    nodes become 1,168 (python -m benchmarks.first_call), and the step computes the same bits
+    (tests/test_lowering.py). Reads through views of the input count as reads; an input the
     graph returns is left alone."""
     nodes = graph.graph.nodes
     writes = [node for node in nodes
               if node.op == "call_function" and node.target is torch.ops.aten.copy_.default
               and node.args[0].op == "placeholder"]
-    written = [write.args[0] for write in writes]
+    writes_into = collections.Counter(write.args[0] for write in writes)
     for write in writes:
         target, value = write.args
-        if written.count(target) > 1:
+        if writes_into[target] > 1:
             continue
         order = {node: index for index, node in enumerate(nodes)}
         readers = _reads_of(target) - {write, value}

@@ -43,6 +43,25 @@ def fresh_inductor_cache():
         yield
 
 
+@contextlib.contextmanager
+def counting_scheduler_nodes(counts: list[int]):
+    """Inside, each graph Inductor schedules appends to `counts` the number of nodes its
+    scheduler starts from (one per buffer to compute, before fusion)."""
+    from torch._inductor import scheduler
+
+    init = scheduler.Scheduler._init
+
+    def counting(self, nodes):
+        counts.append(len(nodes))
+        return init(self, nodes)
+
+    scheduler.Scheduler._init = counting
+    try:
+        yield
+    finally:
+        scheduler.Scheduler._init = init
+
+
 def stage_text(step: CompiledStep, stage: str = "captured", events: str = "step") -> str:
     """The stable text of one stage of the graph for `events` ("step": a step with no event;
     else the event names joined by "+", e.g. "refresh+sync"), without the title line."""

@@ -12,7 +12,7 @@ import lordo_compile as lc
 from lordo_compile import lowering
 from lordo_compile.models import MLP
 from lordo_compile.lowering import write_inputs_when_computed
-from lordo_compile.testing import fresh_inductor_cache, training_step
+from lordo_compile.testing import counting_scheduler_nodes, fresh_inductor_cache, training_step
 
 aten = torch.ops.aten
 
@@ -103,43 +103,37 @@ def test_an_input_the_graph_returns_keeps_its_write_at_the_end():
     assert order(module) == ["new_count", "other", "write_count"]
 
 
-def mlp_adamw_run(monkeypatch, rewrite: bool):
+def mlp_adamw_run(monkeypatch, as_before: bool):
     """Three AdamW steps of an MLP through Inductor (fresh cache); the parameters, the
-    scheduler's node count, and the generated code."""
-    if not rewrite:
-        monkeypatch.setattr(lowering, "write_inputs_when_computed", lambda graph: None)
-    from torch._inductor import scheduler
-
-    counts = []
-    init = scheduler.Scheduler._init
-
-    def counting(self, nodes):
-        counts.append(len(nodes))
-        return init(self, nodes)
-
-    monkeypatch.setattr(scheduler.Scheduler, "_init", counting)
-    torch.manual_seed(0)
-    model = MLP((16, 32, 32, 4))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), lc.Policy())
-    generator = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(8, 16, generator=generator), torch.randn(8, 4, generator=generator)) for _ in range(3)]
-    with fresh_inductor_cache():
-        _, sources = run_and_get_code(step, *batches[0])
+    scheduler's node count, and the generated code. `as_before`: without the lowering's two
+    choices (writes moved, Inductor's fusion search narrowed)."""
+    with monkeypatch.context() as patch:
+        if as_before:
+            patch.setattr(lowering, "write_inputs_when_computed", lambda graph: None)
+            patch.setattr(lowering, "INDUCTOR_CONFIG", {})
+        torch.manual_seed(0)
+        model = MLP((16, 32, 32, 4))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), lc.Policy())
+        generator = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(8, 16, generator=generator), torch.randn(8, 4, generator=generator))
+                   for _ in range(3)]
+        counts: list[int] = []
+        with fresh_inductor_cache(), counting_scheduler_nodes(counts):
+            _, sources = run_and_get_code(step, *batches[0])
     for batch in batches[1:]:
         step(*batch)
-    monkeypatch.undo()
     return [p.detach().clone() for p in model.parameters()], counts, "\n".join(sources)
 
 
 @pytest.mark.inductor
 def test_inductor_keeps_the_update_inlined_with_the_same_bits(monkeypatch):
-    params, counts, code = mlp_adamw_run(monkeypatch, rewrite=True)
-    params_before, counts_before, _ = mlp_adamw_run(monkeypatch, rewrite=False)
+    params, counts, code = mlp_adamw_run(monkeypatch, as_before=False)
+    params_before, counts_before, _ = mlp_adamw_run(monkeypatch, as_before=True)
     for got, want in zip(params, params_before):
         assert torch.equal(got, want)
-    # Without the rewrite each of the 6 parameters' bias corrections and moments left ~13
-    # values realized on their own (212 nodes for the MLP); with it, those stay inlined.
+    # With the writes at the end, each of the 6 parameters' bias corrections and moments left
+    # ~13 values realized on their own (212 nodes for the MLP); moved, those stay inlined.
     assert counts_before == [212], counts_before
     assert counts == [134], counts
     updates = re.findall(r"^(cpp_fused_\w*sqrt\w*) = ", code, flags=re.M)
