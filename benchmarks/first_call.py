@@ -8,11 +8,13 @@ Variants, each a fresh tiny GPT with AdamW (batch 16x128), built as benchmarks.s
 - "lordo Policy()": the whole step as one graph, as shipped;
 - "lordo, writes at the end": without `lowering.write_inputs_when_computed` (the state writes
   stay where AOTAutograd puts them, at the end of the graph);
+- "lordo, scalars inlined": without `lowering.compute_scalars_once` (each bias correction
+  inlined into the loops that read it);
 - "lordo, fusion search 64": with Inductor's own `max_fusion_buffer_group_pairwise_attempts`
   (64) instead of `lowering.INDUCTOR_CONFIG`'s;
-- "lordo, neither": both; the lowering before these two choices.
-The last three replace those two names in `lordo_compile.lowering` for the call: an ablation,
-not an option users have.
+- "lordo, none of the three": the lowering before these choices.
+The last four turn those choices off for the call (`lordo_compile.testing.lowering_without`):
+an ablation, not an option users have.
 
 Every first call is cold (dynamo reset, a fresh Inductor cache); the variants go round robin,
 `--repeats` times, in one process, and each figure is the median over the repeats. Phases are
@@ -31,18 +33,16 @@ first-call seconds.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch._dynamo.utils import compilation_time_metrics
 
 import lordo_compile as lc
-from lordo_compile import lowering
 from lordo_compile.models import GPTConfig, TinyGPT
-from lordo_compile.testing import counting_scheduler_nodes, fresh_inductor_cache
+from lordo_compile.testing import LOWERING_CHOICES, counting_scheduler_nodes, fresh_inductor_cache, lowering_without
 
 from .common import QUICK_GPT, batches, print_table, write_json
 from .step_time import LORDO, RECIPE, lordo, recipe
@@ -52,19 +52,6 @@ PHASES = {"aot_s": "create_aot_dispatcher_function", "lowering_s": "GraphLowerin
           "cpp_wait_s": "async_compile.wait"}
 
 
-@contextlib.contextmanager
-def lowering_without(writes_early: bool, fusion_search: bool) -> Iterator[None]:
-    saved = lowering.write_inputs_when_computed, lowering.INDUCTOR_CONFIG
-    if not writes_early:
-        lowering.write_inputs_when_computed = lambda graph: None
-    if not fusion_search:
-        lowering.INDUCTOR_CONFIG = {}
-    try:
-        yield
-    finally:
-        lowering.write_inputs_when_computed, lowering.INDUCTOR_CONFIG = saved
-
-
 CPU = torch.device("cpu")
 
 
@@ -72,21 +59,23 @@ def lordo_policy(cfg: GPTConfig) -> Callable:
     return lordo(cfg, CPU, lc.Policy())
 
 
+# Each variant: how to build its step, and the lowering choices it turns off.
 VARIANTS = {
-    RECIPE: (lambda cfg: recipe(cfg, CPU), True, True),
-    LORDO: (lordo_policy, True, True),
-    "lordo, writes at the end": (lordo_policy, False, True),
-    "lordo, fusion search 64": (lordo_policy, True, False),
-    "lordo, neither": (lordo_policy, False, False),
+    RECIPE: (lambda cfg: recipe(cfg, CPU), ()),
+    LORDO: (lordo_policy, ()),
+    "lordo, writes at the end": (lordo_policy, ("write_inputs_when_computed",)),
+    "lordo, scalars inlined": (lordo_policy, ("compute_scalars_once",)),
+    "lordo, fusion search 64": (lordo_policy, ("INDUCTOR_CONFIG",)),
+    "lordo, none of the three": (lordo_policy, tuple(LOWERING_CHOICES)),
 }
 
 
 def first_call(cfg: GPTConfig, name: str, batch) -> dict:
-    make, writes_early, fusion_search = VARIANTS[name]
+    make, turned_off = VARIANTS[name]
     torch._dynamo.reset()
     compilation_time_metrics.clear()
     counts: list[int] = []
-    with lowering_without(writes_early, fusion_search):
+    with lowering_without(*turned_off):
         step = make(cfg)
         with fresh_inductor_cache(), counting_scheduler_nodes(counts):
             started = time.perf_counter()

@@ -43,6 +43,35 @@ def fresh_inductor_cache():
         yield
 
 
+def _unchanged(graph) -> None:
+    return None
+
+
+# The lowering's choices for Inductor: each a name in `lordo_compile.lowering`, and what stands
+# in for it when it is turned off.
+LOWERING_CHOICES = {"write_inputs_when_computed": _unchanged, "compute_scalars_once": _unchanged,
+                    "INDUCTOR_CONFIG": {}}
+
+
+@contextlib.contextmanager
+def lowering_without(*choices: str):
+    """Inside, steps compiled with Inductor are lowered without the named `LOWERING_CHOICES`:
+    an ablation for tests and benchmarks, not an option users have."""
+    from . import lowering
+
+    unknown = sorted(set(choices) - set(LOWERING_CHOICES))
+    if unknown:
+        raise ValueError(f"unknown lowering choices {unknown}; choose from {sorted(LOWERING_CHOICES)}")
+    saved = {name: getattr(lowering, name) for name in choices}
+    for name in choices:
+        setattr(lowering, name, LOWERING_CHOICES[name])
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(lowering, name, value)
+
+
 @contextlib.contextmanager
 def counting_scheduler_nodes(counts: list[int]):
     """Inside, each graph Inductor schedules appends to `counts` the number of nodes its

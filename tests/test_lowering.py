@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch._inductor.utils import run_and_get_code
 
 import lordo_compile as lc
-from lordo_compile import lowering
 from lordo_compile.models import MLP
-from lordo_compile.lowering import write_inputs_when_computed
-from lordo_compile.testing import counting_scheduler_nodes, fresh_inductor_cache, training_step
+from lordo_compile.lowering import compute_scalars_once, computed_once, write_inputs_when_computed
+from lordo_compile.testing import (LOWERING_CHOICES, counting_scheduler_nodes, fresh_inductor_cache, lowering_without,
+                                   training_step)
 
 aten = torch.ops.aten
 
@@ -103,14 +104,34 @@ def test_an_input_the_graph_returns_keeps_its_write_at_the_end():
     assert order(module) == ["new_count", "other", "write_count"]
 
 
-def mlp_adamw_run(monkeypatch, as_before: bool):
+def test_a_costly_scalar_that_a_loop_reads_is_computed_once():
+    graph = fx.Graph()
+    count, beta, moment = (graph.placeholder(name) for name in ("count", "beta", "moment"))
+    power = call(graph, "power", aten.pow.Tensor_Tensor, beta, count)
+    correction = call(graph, "correction", aten.rsub.Scalar, power, 1)
+    next_count = call(graph, "next_count", aten.add.Tensor, count, 1)
+    corrected = call(graph, "corrected", aten.div.Tensor, moment, correction)
+    counted = call(graph, "counted", aten.mul.Tensor, moment, next_count)
+    graph.output((corrected, counted, correction))
+    module = fx.GraphModule(torch.nn.Module(), graph)
+    inputs = (torch.tensor(3.0), torch.tensor(0.9), torch.randn(5))
+    FakeTensorProp(module).propagate(*inputs)
+    expected = run(module, *inputs)
+    compute_scalars_once(module)
+    once = [node for node in module.graph.nodes if node.target is computed_once._opoverload]
+    # Only `correction` reaches a loop through a pow; `next_count` is cheap to inline, and the
+    # output reads `correction` itself.
+    assert [node.args[0].name for node in once] == ["correction"]
+    assert [user.name for user in once[0].users] == ["corrected"]
+    for got, want in zip(run(module, *inputs), expected):
+        assert torch.equal(got, want)
+
+
+def mlp_adamw_run(without: tuple[str, ...] = ()):
     """Three AdamW steps of an MLP through Inductor (fresh cache); the parameters, the
-    scheduler's node count, and the generated code. `as_before`: without the lowering's two
-    choices (writes moved, Inductor's fusion search narrowed)."""
-    with monkeypatch.context() as patch:
-        if as_before:
-            patch.setattr(lowering, "write_inputs_when_computed", lambda graph: None)
-            patch.setattr(lowering, "INDUCTOR_CONFIG", {})
+    scheduler's node count, and the generated code. `without`: the lowering's choices
+    (`LOWERING_CHOICES`) turned off."""
+    with lowering_without(*without):
         torch.manual_seed(0)
         model = MLP((16, 32, 32, 4))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -127,14 +148,52 @@ def mlp_adamw_run(monkeypatch, as_before: bool):
 
 
 @pytest.mark.inductor
-def test_inductor_keeps_the_update_inlined_with_the_same_bits(monkeypatch):
-    params, counts, code = mlp_adamw_run(monkeypatch, as_before=False)
-    params_before, counts_before, _ = mlp_adamw_run(monkeypatch, as_before=True)
+def test_inductor_keeps_the_update_inlined_with_the_same_bits():
+    params, counts, code = mlp_adamw_run()
+    params_before, counts_before, _ = mlp_adamw_run(without=tuple(LOWERING_CHOICES))
     for got, want in zip(params, params_before):
         assert torch.equal(got, want)
     # With the writes at the end, each of the 6 parameters' bias corrections and moments left
-    # ~13 values realized on their own (212 nodes for the MLP); moved, those stay inlined.
+    # ~13 values realized on their own (212 nodes for the MLP); moved, those stay inlined but
+    # for the two scalars per parameter that compute_scalars_once keeps apart.
     assert counts_before == [212], counts_before
-    assert counts == [134], counts
+    assert counts == [146], counts
     updates = re.findall(r"^(cpp_fused_\w*sqrt\w*) = ", code, flags=re.M)
     assert len(updates) == 1, updates
+
+
+@pytest.mark.inductor
+def test_inductor_computes_each_bias_correction_once_per_call():
+    params, _, code = mlp_adamw_run()
+    params_inlined, _, code_inlined = mlp_adamw_run(without=("compute_scalars_once",))
+    for got, want in zip(params, params_inlined):
+        assert torch.equal(got, want)
+    # AdamW's beta1 ** t and beta2 ** t for each of the 6 parameters: outside every loop, or
+    # inside the loop over each moment when inlined.
+    assert calls_in_loops(code, "std::pow(") == (0, 2 * 6)
+    assert calls_in_loops(code_inlined, "std::pow(") == (2 * 6, 0)
+
+
+def calls_in_loops(code: str, call: str) -> tuple[int, int]:
+    """How many times the C++ kernels in Inductor's output `code` write `call` inside a for
+    loop's body, and how many outside any loop."""
+    inside = outside = 0
+    for kernel in re.findall(r"r\'\'\'(.*?)\'\'\'", code, flags=re.S):
+        blocks: list[bool] = []
+        loop_header = False
+        for line in kernel.splitlines():
+            stripped = line.strip()
+            if call in stripped:
+                if any(blocks):
+                    inside += stripped.count(call)
+                else:
+                    outside += stripped.count(call)
+            if stripped.startswith("for("):
+                loop_header = True
+            for char in stripped:
+                if char == "{":
+                    blocks.append(loop_header)
+                    loop_header = False
+                elif char == "}":
+                    blocks.pop()
+    return inside, outside

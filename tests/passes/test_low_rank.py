@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import io
+import re
 import warnings
 
 import pytest
@@ -349,7 +350,8 @@ def test_inductor_matches_eager_galore():
     assert_close(named_parameters(model), named_parameters(reference), atol=ADAM_ATOL)
     assert set(step.graphs) == {"step", "refresh"} and step.captures == 1
     for phase in step.graphs.values():
-        assert "lordo" not in phase["aten"].text
+        # Every canonical op lowered; what is left is the lowering's own marker for Inductor.
+        assert set(re.findall(r"lordo\.(\w+)", phase["aten"].text)) <= {"computed_once"}
 
 
 def test_releasing_moments_that_hold_values_warns():
