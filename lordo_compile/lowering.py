@@ -239,7 +239,7 @@ def compute_scalars_once(graph: fx.GraphModule) -> None:
         value = node.meta.get("val")
         if not (node.op == "call_function" and _is_cpu_scalar(value) and _calls_costly_op(node)):
             continue
-        loops = [user for user in node.users if _is_cpu_scalar(user.meta.get("val")) is False]
+        loops = [user for user in node.users if _is_cpu_loop(user.meta.get("val"))]
         if not loops:
             continue
         with graph.graph.inserting_after(node):
@@ -251,11 +251,12 @@ def compute_scalars_once(graph: fx.GraphModule) -> None:
     graph.recompile()
 
 
-def _is_cpu_scalar(value) -> bool | None:
-    """Whether `value` is a 0-d CPU tensor; None when it is no tensor."""
-    if not isinstance(value, torch.Tensor):
-        return None
-    return value.dim() == 0 and value.device.type == "cpu"
+def _is_cpu_scalar(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 0 and value.device.type == "cpu"
+
+
+def _is_cpu_loop(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.device.type == "cpu"
 
 
 def _calls_costly_op(node: fx.Node) -> bool:
