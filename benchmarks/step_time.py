@@ -13,8 +13,11 @@ Peers, each a fresh model with the same initialisation on the same batches:
   (`torch._dynamo.compiled_autograd`), where it runs; where it fails, the error is in the
   JSON (`compiled_autograd_error`) and the row is left out.
 lordo rows: `Policy()` (deterministic kernels, the non-finite check), and at the first
-batch size also `deterministic=False` and `on_nonfinite=None`. `--modes` adds, for each mode
-other than "default", the recipe and `Policy()` compiled with that mode.
+batch size also `deterministic=False`, `on_nonfinite=None`, and on the CPU "lordo, scalars
+inlined": `Policy()` compiled without `lowering.compute_scalars_once` (an ablation through
+`lordo_compile.testing.lowering_without`; `scalars_once_gain` is `Policy()`'s time over its).
+`--modes` adds, for each mode other than "default", the recipe and `Policy()` compiled with
+that mode. The JSON is written after each batch size.
 
 Per batch size every variant's timed steps go round robin (one step of each in turn, the
 device synchronised around each), so a change in the machine's load hits all alike; ratios
@@ -50,13 +53,14 @@ from torch.utils.flop_counter import FlopCounterMode
 import lordo_compile as lc
 from lordo_compile.lowering import MODES
 from lordo_compile.models import GPTConfig, TinyGPT
-from lordo_compile.testing import fresh_inductor_cache, training_step
+from lordo_compile.testing import fresh_inductor_cache, lowering_without, training_step
 
 from .common import QUICK_GPT, batches, median_ms, print_table, timing_arguments, write_json
 
 RECIPE = "torch.compile recipe"
 PEERS = ("eager AdamW", "eager fused AdamW", RECIPE, "compiled autograd")
 LORDO = "lordo Policy()"
+SCALARS_INLINED = "lordo, scalars inlined"
 
 
 class Clock:
@@ -136,6 +140,14 @@ def lordo(cfg: GPTConfig, device: torch.device, policy: lc.Policy, **options) ->
     return lc.compile(training_step(model.loss, opt), policy, **options)
 
 
+def without_lowering_choice(step: Callable, choice: str) -> Callable:
+    """`step`, compiled (at its first call) without one of the lowering's choices."""
+    def call(*args):
+        with lowering_without(choice):
+            return step(*args)
+    return call
+
+
 def step_flops(cfg: GPTConfig, device: torch.device, batch: tuple) -> int:
     model, _ = model_and_optimizer(cfg, device)
     with FlopCounterMode(display=False) as counter:
@@ -173,6 +185,8 @@ def variants_at(cfg: GPTConfig, device: torch.device, first_section: bool, modes
     if first_section:
         variants["lordo deterministic=False"] = lordo(cfg, device, lc.Policy(), deterministic=False)
         variants["lordo on_nonfinite=None"] = lordo(cfg, device, lc.Policy(on_nonfinite=None))
+        if device.type == "cpu":  # the choice only applies to CPU loops
+            variants[SCALARS_INLINED] = without_lowering_choice(lordo(cfg, device, lc.Policy()), "compute_scalars_once")
         for mode in modes:
             if mode != "default":
                 variants[f"{RECIPE} [{mode}]"] = recipe(cfg, device, mode=mode)
@@ -203,6 +217,7 @@ def section(cfg: GPTConfig, device: torch.device, clock: Clock, batch_size: int,
             del variants[name]
             continue
         first[name] = clock() - called
+        print(f"{name}: first call {first[name]:.1f} s", flush=True)
         if name == LORDO:
             backend = step.backend
             timings = dict(backend.timings, dynamo_s=backend.timings["backend_entered"] - called)
@@ -263,6 +278,8 @@ def section(cfg: GPTConfig, device: torch.device, clock: Clock, batch_size: int,
     if "lordo deterministic=False" in ms:
         figures["deterministic_cost"] = ms[LORDO] / ms["lordo deterministic=False"]
         figures["nonfinite_check_cost"] = ms[LORDO] / ms["lordo on_nonfinite=None"]
+    if SCALARS_INLINED in ms:
+        figures["scalars_once_gain"] = ms[LORDO] / ms[SCALARS_INLINED]
     for mode in args.modes:
         if f"{LORDO} [{mode}]" in ms:
             figures.setdefault("modes", {})[mode] = {
@@ -306,14 +323,22 @@ def main(argv=None) -> dict:
               f"of the {peak:.0f} GFLOP/s matmul peak")
         for name, error in figures["errors"].items():
             print(f"{name}: did not run here: {error}")
+        # After each batch size, so a run stopped by a time limit keeps what it measured.
+        result = summary(sections, cfg, device, peak)
+        write_json(args.json, result)
     main_section = sections[0]
     print(f"lordo first call: dynamo {main_section['lordo_dynamo_s']:.1f} s + roles/passes "
           f"{main_section['lordo_roles_and_passes_s']:.2f} s + AOT/Inductor {main_section['lordo_codegen_s']:.1f} s")
-    result = {
+    return result
+
+
+def summary(sections: list[dict], cfg: GPTConfig, device: torch.device, peak: float) -> dict:
+    main_section = sections[0]
+    return {
         **{key: main_section[key] for key in ("best_peer", "best_peer_ms", "ratio_vs_best_peer",
-                                              "first_call_ratio_vs_torch_compile", "ratio_vs_torch_compile",
-                                              "ratio_vs_eager", "update_share", "deterministic_cost",
-                                              "nonfinite_check_cost", "capture_fraction")},
+                                                  "first_call_ratio_vs_torch_compile", "ratio_vs_torch_compile",
+                                                  "ratio_vs_eager", "update_share", "deterministic_cost",
+                                                  "nonfinite_check_cost", "capture_fraction")},
         "lordo_ms": main_section["ms"][LORDO],
         "matmul_peak_gflops": peak,
         "sections": sections,
@@ -322,8 +347,6 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    write_json(args.json, result)
-    return result
 
 
 if __name__ == "__main__":

@@ -228,23 +228,28 @@ def compute_scalars_once(graph: fx.GraphModule) -> None:
     Why: Inductor inlines a 0-d value into every loop that reads it, and its C++ evaluates the
     inlined expression at each vectorized iteration; with -fmath-errno the compiler cannot hoist
     `std::pow`. Adam's bias corrections, `1 - beta ** t`, were so computed once per 8 entries
-    of every moment: the tiny GPT's step went from 1.110x to 0.924x the compile recipe's at
-    batch 1 x 128 (python -m benchmarks.step_time, two runs). On a GPU every entry has its own
-    thread anyway, so this is CPU only."""
+    of every moment: at batch 1 x 128 the tiny GPT's step takes 0.83x the time it takes
+    without this rewrite, the two timed round robin in one run (`scalars_once_gain` in
+    benchmarks/results/step_time_scalars_once.json). On a GPU every entry has its own thread
+    anyway, so this is CPU only."""
     from torch._inductor.lowering import lowerings, register_lowering
 
     if computed_once._opoverload not in lowerings:
         register_lowering(computed_once._opoverload, type_promotion_kind=None)(_realize)
+    costly: set[fx.Node] = set()
     for node in list(graph.graph.nodes):
-        value = node.meta.get("val")
-        if not (node.op == "call_function" and _is_cpu_scalar(value) and _calls_costly_op(node)):
+        if not (node.op == "call_function" and _is_cpu_scalar(node.meta.get("val"))):
             continue
+        # In graph order, so each 0-d input has been looked at already.
+        if (getattr(node.target, "overloadpacket", None) in COSTLY_SCALAR_OPS
+                or any(source in costly for source in node.all_input_nodes)):
+            costly.add(node)
         loops = [user for user in node.users if _is_cpu_loop(user.meta.get("val"))]
-        if not loops:
+        if node not in costly or not loops:
             continue
         with graph.graph.inserting_after(node):
             once = graph.graph.call_function(computed_once._opoverload, (node,))
-        once.meta["val"] = value
+        once.meta["val"] = node.meta["val"]
         for user in loops:
             user.replace_input_with(node, once)
     graph.graph.lint()
@@ -257,22 +262,6 @@ def _is_cpu_scalar(value) -> bool:
 
 def _is_cpu_loop(value) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.device.type == "cpu"
-
-
-def _calls_costly_op(node: fx.Node) -> bool:
-    """Whether `node` or a 0-d value it is computed from (back to the first input that is not
-    a 0-d op's result) calls one of `COSTLY_SCALAR_OPS`."""
-    pending, seen = [node], set()
-    while pending:
-        current = pending.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        if getattr(current.target, "overloadpacket", None) in COSTLY_SCALAR_OPS:
-            return True
-        pending.extend(source for source in current.all_input_nodes
-                       if source.op == "call_function" and _is_cpu_scalar(source.meta.get("val")))
-    return False
 
 
 def _reads_of(node: fx.Node) -> set[fx.Node]:
