@@ -32,7 +32,7 @@ from .distributed import check_workers, world_size
 from .errors import CaptureError
 from .graph import ROLE, ParamInfo, Role, TrainGraph
 from .inspect import GraphView, GraphStages, describe_stage_change, role_counts, update_counts
-from .lowering import COMPILERS, checked_mode, compile_phase, lower, require_deterministic_cublas
+from .lowering import COMPILERS, checked_mode, compile_phase, lower, require_deterministic_cublas, uses_cuda_graphs
 from .passes import Pipeline, RuntimeContext, Schedule, Stage, asked_lowerings, released_state, run_passes
 from .policy import Policy
 from .runtime.comm import CommReport, collectives_in
@@ -166,7 +166,8 @@ class LordoBackend:
         self.captures += 1
         self._log_capture()
         self.executor = StepExecutor(compiled, pipeline.schedule, self.runtime, adapters, self.pass_runtimes,
-                                     deterministic=self.deterministic, after_call=self.after_call)
+                                     deterministic=self.deterministic, after_call=self.after_call,
+                                     cuda_graphs=self.compiler == "inductor" and uses_cuda_graphs(self.mode, captured.device))
         self.executor.log_comm = "comm" in logs.enabled()
         return self.executor
 
@@ -516,6 +517,9 @@ def compile(
         when unset, and a different value is refused.
       mode: torch.compile's mode for Inductor ("default", "reduce-overhead", "max-autotune",
         "max-autotune-no-cudagraphs"): its code generation options, as torch.compile applies them.
+        On a CUDA device, "reduce-overhead" and "max-autotune" replay the whole step as CUDA
+        graphs; the parameters and the state it writes are their static inputs, and what the
+        step returns is cloned out of the graphs' memory.
     """
     return CompiledStep(step, policy if policy is not None else Policy(), optimizers=optimizers, compiler=compiler,
                         deterministic=deterministic, mode=mode)

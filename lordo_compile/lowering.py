@@ -146,6 +146,12 @@ def _compile_phase(module, example_inputs, compiler, on_aten_graph, mode, loweri
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
         def inner(graph: fx.GraphModule, inputs, **kwargs):
+            if torch._inductor.config.triton.cudagraphs:
+                # CUDA graph trees replay a graph only when every input it writes has a fixed
+                # address; the inputs a step writes are its parameters and the state the runtime
+                # allocated once, so they are declared static (a batch is never written).
+                kwargs["static_input_idxs"] = sorted({*kwargs.get("static_input_idxs", ()),
+                                                      *written_inputs(graph)})
             with torch._inductor.config.patch(
                     {**INDUCTOR_CONFIG,
                      **{key: value for lowering in lowerings for key, value in lowering.inductor_config.items()}}):
@@ -156,6 +162,21 @@ def _compile_phase(module, example_inputs, compiler, on_aten_graph, mode, loweri
         patches = list_mode_options(mode) if mode is not None else None
         return compile_fx(module, list(example_inputs), inner_compile=inner, config_patches=patches)
     raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
+
+
+def uses_cuda_graphs(mode: str | None, device: torch.device) -> bool:
+    """Whether a step compiled with torch.compile's `mode` on `device` replays as CUDA graphs."""
+    from torch._inductor import list_mode_options
+
+    return device.type == "cuda" and mode is not None and bool(list_mode_options(mode).get("triton.cudagraphs"))
+
+
+def written_inputs(graph: fx.GraphModule) -> list[int]:
+    """The positions of the graph inputs that the graph writes into (`copy_` into a placeholder)."""
+    placeholders = [node for node in graph.graph.nodes if node.op == "placeholder"]
+    written = {node.args[0] for node in graph.graph.nodes
+               if node.op == "call_function" and node.target is torch.ops.aten.copy_.default}
+    return [index for index, node in enumerate(placeholders) if node in written]
 
 
 def write_inputs_when_computed(graph: fx.GraphModule) -> None:

@@ -31,7 +31,7 @@ export PYTHONUNBUFFERED=1
 # The subset's files are named so that test modules needing dev extras this machine may
 # lack (expecttest, torchao) are not collected. At its time limit pytest gets SIGINT, so it
 # stops like a Ctrl-C and still writes the outcome of the tests it ran.
-timeout -s INT -k 20 180 "$PYTHON" -m pytest -p no:cacheprovider -m gpu -q --junitxml="$TORCHINDUCTOR_CACHE_DIR/gpu.xml" \
+timeout -s INT -k 20 150 "$PYTHON" -m pytest -p no:cacheprovider -m gpu -q --junitxml="$TORCHINDUCTOR_CACHE_DIR/gpu.xml" \
     tests/test_parity.py tests/test_inductor.py tests/test_distributed.py tests/test_nonfinite.py \
     tests/passes/test_fuzz.py
 tests=$?
@@ -56,7 +56,7 @@ EOF
 
 # reduce-overhead: the step as CUDA graphs where Inductor can (the launch overhead that
 # dominates a model this small). The JSON is written after each batch size.
-timeout -s INT -k 20 250 "$PYTHON" -m benchmarks.step_time --device cuda --steps 30 --warmup 5 --first-calls 1 \
+timeout -s INT -k 20 290 "$PYTHON" -m benchmarks.step_time --device cuda --steps 30 --warmup 5 --first-calls 1 \
     --batch-sizes 16 1 --modes default reduce-overhead \
     --json "$RESULTS/gpu_step_time.json"
 exit "$tests"

@@ -11,7 +11,8 @@ from torch._inductor.utils import run_and_get_code
 
 import lordo_compile as lc
 from lordo_compile.models import MLP
-from lordo_compile.lowering import compute_scalars_once, computed_once, write_inputs_when_computed
+from lordo_compile.lowering import (compute_scalars_once, computed_once, uses_cuda_graphs, write_inputs_when_computed,
+                                    written_inputs)
 from lordo_compile.testing import (LOWERING_CHOICES, counting_scheduler_nodes, fresh_inductor_cache, lowering_without,
                                    training_step)
 
@@ -102,6 +103,16 @@ def test_an_input_the_graph_returns_keeps_its_write_at_the_end():
     module = fx.GraphModule(torch.nn.Module(), graph)
     write_inputs_when_computed(module)
     assert order(module) == ["new_count", "other", "write_count"]
+
+
+def test_the_inputs_a_step_writes_are_the_static_inputs_of_cuda_graphs():
+    # count and moment are written back; grad, a batch-like input, is only read.
+    assert written_inputs(step_like_graph()) == [0, 1]
+    assert uses_cuda_graphs("reduce-overhead", torch.device("cuda"))
+    assert uses_cuda_graphs("max-autotune", torch.device("cuda"))
+    assert not uses_cuda_graphs("max-autotune-no-cudagraphs", torch.device("cuda"))
+    assert not uses_cuda_graphs(None, torch.device("cuda"))
+    assert not uses_cuda_graphs("reduce-overhead", torch.device("cpu"))
 
 
 def test_a_costly_scalar_that_a_loop_reads_is_computed_once():

@@ -13,6 +13,9 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import torch
+from torch.utils._pytree import tree_map_only
+
 from ..capture.optim import OptimizerAdapter
 from ..graph import events_name
 from ..logs import emit
@@ -56,11 +59,13 @@ class StepExecutor:
         pass_runtimes: list[PassRuntime],
         deterministic: bool = True,
         after_call: Sequence[Callable[[], None]] = (),
+        cuda_graphs: bool = False,
     ) -> None:
         self.graphs = graphs
         # Calls the step makes outside its graph (a scheduler's step), run eagerly after it.
         self.after_call = list(after_call)
         self.deterministic = deterministic
+        self.cuda_graphs = cuda_graphs
         self.log_comm = False
         self.schedule = schedule
         self.runtime = runtime
@@ -92,7 +97,13 @@ class StepExecutor:
                     stack.enter_context(context)
             stack.enter_context(deterministic_algorithms(self.deterministic))
             try:
+                if self.cuda_graphs:
+                    # Each call is one iteration of CUDA graph trees: the last call's outputs
+                    # may be overwritten from here on, so they were cloned below.
+                    torch.compiler.cudagraph_mark_step_begin()
                 out = compiled.fn(*args, *self.state_inputs[events])
+                if self.cuda_graphs:
+                    out = tree_map_only(torch.Tensor, torch.clone, out)
             except Exception as error:
                 if not compiled.collectives:
                     raise
