@@ -192,8 +192,8 @@ def write_inputs_when_computed(graph: fx.GraphModule) -> None:
     a buffer that nothing writes later and stays inlined: on the tiny GPT, 1,792 scheduler
     nodes become 1,168 (python -m benchmarks.first_call), and the step computes the same bits
     (tests/test_lowering.py). Reads through views of the input count as reads; an input the
-    graph returns is left alone. It also moves peak memory, both ways: ECO fp8's peak rises
-    by about a copy of the weights, 8-bit moments' falls (docs/passes/quantized_state.md)."""
+    graph returns is left alone. It also moves peak memory: on the tiny GPT, ECO fp8's peak
+    is about a copy of the weights higher with it (docs/passes/quantized_state.md)."""
     nodes = graph.graph.nodes
     writes = [node for node in nodes
               if node.op == "call_function" and node.target is torch.ops.aten.copy_.default
