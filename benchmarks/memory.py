@@ -1,7 +1,7 @@
 """Memory of each policy on the tiny GPT: persistent bytes per parameter and measured peaks.
 
     python -m benchmarks.memory [--batch 1] [--block 128] [--compiler inductor] [--only POLICY ...] [--quick]
-                                [--json PATH]
+                                [--without CHOICE ...] [--json PATH]
 
 Every row runs in a fresh process (`--one`), so that no row's allocations or compiled code
 linger in another's figures: the tiny GPT's AdamW step, eagerly ("eager AdamW"), through
@@ -32,6 +32,10 @@ one measured step.
 and the gradients dominate the peak, which shows what updating each weight as soon as its
 gradient exists saves (docs/passes/quantized_state.md, "Where the peak is").
 
+`--without`: an ablation; the policies' rows are measured with these of the lowering's
+choices turned off (`lordo_compile.testing.LOWERING_CHOICES`), each row records them
+(`without`), and `--json` keeps rows of different ablations apart.
+
 `--json` merges: rows of another run of the same batch, block and compiler are kept unless
 this run measures the same policy again (each row's ratios are against its own run's peers).
 `--quick`: batch 1, aot_eager, the two peers and `Policy()` only.
@@ -47,12 +51,14 @@ import os
 import subprocess
 import sys
 import warnings
+from typing import Sequence
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import lordo_compile as lc
 from lordo_compile.models import GPTConfig
+from lordo_compile.testing import LOWERING_CHOICES, lowering_without
 
 from .common import batches, gpt_step, print_table, write_json
 
@@ -126,8 +132,14 @@ def _rss_peak() -> int:
     return int(line.split()[1]) * 1024
 
 
-def measure_one(name: str, batch: int, compiler: str, block: int = 128) -> dict:
-    """One row, in this process (which should run nothing else)."""
+def measure_one(name: str, batch: int, compiler: str, block: int = 128, without: Sequence[str] = ()) -> dict:
+    """One row, in this process (which should run nothing else); `without`: lowering choices
+    turned off (`lordo_compile.testing.lowering_without`)."""
+    with lowering_without(*without):
+        return {**_measure_one(name, batch, compiler, block), "without": sorted(without)}
+
+
+def _measure_one(name: str, batch: int, compiler: str, block: int) -> dict:
     cfg = GPTConfig(block_size=block)
     model, opt, train_step = gpt_step(cfg)
     if name == "eager AdamW":
@@ -169,9 +181,9 @@ def measure_one(name: str, batch: int, compiler: str, block: int = 128) -> dict:
             "peak_rss_bytes": _rss_peak(), "gradient_bytes": 4 * params}
 
 
-def _fresh(name: str, batch: int, block: int, compiler: str, cache: str) -> dict:
+def _fresh(name: str, batch: int, block: int, compiler: str, cache: str, without: Sequence[str]) -> dict:
     command = [sys.executable, "-m", "benchmarks.memory", "--one", name, "--batch", str(batch),
-               "--block", str(block), "--compiler", compiler]
+               "--block", str(block), "--compiler", compiler, *(["--without", *without] if without else [])]
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
@@ -179,7 +191,7 @@ def _fresh(name: str, batch: int, block: int, compiler: str, cache: str) -> dict
         error = next((line for line in reversed(done.stderr.splitlines()) if "Error" in line), "exit code "
                      f"{done.returncode}")
         print(f"the row {name!r} failed in its process:\n{done.stderr[-3000:]}", file=sys.stderr)
-        return {"policy": name, "error": error.strip()}
+        return {"policy": name, "without": sorted(without), "error": error.strip()}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -190,11 +202,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--compiler", default="inductor")
     parser.add_argument("--only", nargs="+", metavar="POLICY", help="these rows (and the peers) only")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--without", nargs="+", default=[], choices=sorted(LOWERING_CHOICES), metavar="CHOICE",
+                        help="an ablation: the policies' rows with these lowering choices turned off "
+                             f"({', '.join(sorted(LOWERING_CHOICES))})")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(measure_one(args.one, args.batch, args.compiler, args.block)))
+        print(json.dumps(measure_one(args.one, args.batch, args.compiler, args.block, args.without)))
         return []
     if args.quick:
         args.batch, args.compiler = 1, "aot_eager"
@@ -206,7 +221,9 @@ def main(argv=None) -> list[dict]:
         names = [*PEERS, *args.only]
     # One cache directory per run, empty at its start: no row reads code compiled by another run.
     cache = os.path.abspath(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lordo_memory_{os.getpid()}"))
-    rows = [_fresh(name, args.batch, args.block, args.compiler, cache) for name in names]
+    # The peers have no lowering choices; they run as they are.
+    rows = [_fresh(name, args.batch, args.block, args.compiler, cache, [] if name in PEERS else args.without)
+            for name in names]
     eager, compiled = rows[0], rows[1]
     if "error" in eager or "error" in compiled:
         raise RuntimeError(f"a peer failed, so no row can be compared: {eager.get('error') or compiled.get('error')}")
@@ -217,7 +234,8 @@ def main(argv=None) -> list[dict]:
         row["peak_vs_compile"] = row["peak_bytes"] / compiled["peak_bytes"]
         row["state_vs_adamw"] = row["state_bytes"] / eager["state_bytes"]
     print(f"tiny GPT ({eager['parameters']:,} parameters), AdamW, batch {args.batch}x{args.block}, {args.compiler}, "
-          f"torch {torch.__version__}; each row in a fresh process, peak of one step after {WARMUP}")
+          f"torch {torch.__version__}; each row in a fresh process, peak of one step after {WARMUP}"
+          + (f"; the policies without {', '.join(args.without)}" if args.without else ""))
     print_table(rows, [("policy", "policy", "<"), ("persistent_bytes_per_param", "held B/param", ".2f"),
                        ("state_vs_adamw", "state vs AdamW", ".3f"), ("peak_bytes", "peak B", ","),
                        ("peak_vs_eager", "vs eager", ".3f"), ("peak_vs_compile", "vs compile", ".3f"),
@@ -239,10 +257,13 @@ def _merged(path: str | None, run: dict, rows: list[dict]) -> list[dict]:
         earlier = json.load(f)
     if any(earlier.get(key, 128 if key == "block" else None) != value for key, value in run.items()):
         return rows
-    measured = {row["policy"] for row in rows}
-    kept = [row for row in earlier["rows"] if row["policy"] not in measured]
+    def key(row: dict) -> tuple:
+        return row["policy"], tuple(row.get("without", ()))
+
+    measured = {key(row) for row in rows}
+    kept = [row for row in earlier["rows"] if key(row) not in measured]
     order = list(dict.fromkeys([*PEERS, *POLICIES]))
-    return sorted(kept + rows, key=lambda row: order.index(row["policy"]))
+    return sorted(kept + rows, key=lambda row: (order.index(row["policy"]), key(row)[1]))
 
 
 if __name__ == "__main__":

@@ -145,10 +145,18 @@ def lordo(cfg: GPTConfig, device: torch.device, policy: lc.Policy, **options) ->
 
 
 def without_lowering_choice(step: Callable, choice: str) -> Callable:
-    """`step`, compiled (at its first call) without one of the lowering's choices."""
+    """`step`, compiled (at its first call) without one of the lowering's choices; the calls
+    after it go straight to the compiled step."""
+    compiled = False
+
     def call(*args):
-        with lowering_without(choice):
+        nonlocal compiled
+        if compiled:
             return step(*args)
+        with lowering_without(choice):
+            out = step(*args)
+        compiled = True
+        return out
     return call
 
 

@@ -192,8 +192,9 @@ def write_inputs_when_computed(graph: fx.GraphModule) -> None:
     a buffer that nothing writes later and stays inlined: on the tiny GPT, 1,792 scheduler
     nodes become 1,168 (python -m benchmarks.first_call), and the step computes the same bits
     (tests/test_lowering.py). Reads through views of the input count as reads; an input the
-    graph returns is left alone. It also moves peak memory: on the tiny GPT, ECO fp8's peak
-    is about a copy of the weights higher with it (docs/passes/quantized_state.md)."""
+    graph returns is left alone. Moving the writes changes how Inductor groups the updates,
+    and with it some policies' peak memory, up or down (`python -m benchmarks.memory
+    --without write_inputs_when_computed` measures it)."""
     nodes = graph.graph.nodes
     writes = [node for node in nodes
               if node.op == "call_function" and node.target is torch.ops.aten.copy_.default
@@ -250,12 +251,12 @@ def compute_scalars_once(graph: fx.GraphModule) -> None:
     Why: Inductor inlines a 0-d value into every loop that reads it, and its C++ evaluates the
     inlined expression at each vectorized iteration; with -fmath-errno the compiler cannot hoist
     `std::pow`. Adam's bias corrections, `1 - beta ** t`, were so computed once per 8 entries
-    of every moment: at batch 1 x 128 the tiny GPT's step takes 0.83x the time it takes
+    of every moment: at batch 1 x 128 the tiny GPT's step takes 0.79x the time it takes
     without this rewrite, the two timed round robin in one run (`scalars_once_gain` in
     benchmarks/results/step_time_scalars_once.json). On a GPU every entry has its own thread
     anyway, so this is CPU only. Like `write_inputs_when_computed`, it changes how Inductor
-    groups the updates and so the peak: with either of the two, 4-bit moments' peak on the
-    tiny GPT is 1.7x what it is without both (docs/passes/quantized_state.md)."""
+    groups the updates, and with it some policies' peak memory (`python -m benchmarks.memory
+    --without compute_scalars_once` measures it)."""
     from torch._inductor.lowering import lowerings, register_lowering
 
     if computed_once._opoverload not in lowerings:
