@@ -50,7 +50,7 @@ def _unchanged(graph) -> None:
 # The lowering's choices for Inductor: each a name in `lordo_compile.lowering`, and what stands
 # in for it when it is turned off.
 LOWERING_CHOICES = {"write_inputs_when_computed": _unchanged, "compute_scalars_once": _unchanged,
-                    "INDUCTOR_CONFIG": {}}
+                    "INDUCTOR_CONFIG": {}, "CPU_KERNEL_GROUP_ARGS": None}
 
 
 @contextlib.contextmanager

@@ -169,8 +169,28 @@ def test_inductor_keeps_the_update_inlined_with_the_same_bits():
     # for the two scalars per parameter that compute_scalars_once keeps apart.
     assert counts_before == [212], counts_before
     assert counts == [146], counts
+    # The six updates (and the non-finite check) in two C++ functions: CPU_KERNEL_GROUP_ARGS
+    # ends the first near 64 arguments.
     updates = re.findall(r"^(cpp_fused_\w*sqrt\w*) = ", code, flags=re.M)
-    assert len(updates) == 1, updates
+    assert len(updates) == 2, updates
+
+
+def kernel_arguments(code: str) -> list[int]:
+    """How many arguments each C++ function in Inductor's output `code` takes."""
+    return [len(re.findall(r"'[^']*\*'", arguments))
+            for arguments in re.findall(r"cpp_pybinding\(\[(.*?)\]", code, flags=re.S)]
+
+
+@pytest.mark.inductor
+def test_cpu_kernel_groups_end_near_their_bound_with_the_same_bits():
+    params, _, code = mlp_adamw_run()
+    params_unbounded, _, code_unbounded = mlp_adamw_run(without=("CPU_KERNEL_GROUP_ARGS",))
+    for got, want in zip(params, params_unbounded):
+        assert torch.equal(got, want)
+    # Under Inductor's bound (500) the check and the six updates are one function of 86
+    # arguments; a group ends after the kernel that takes it past 64.
+    assert kernel_arguments(code_unbounded)[-1:] == [86], kernel_arguments(code_unbounded)
+    assert kernel_arguments(code)[-2:] == [65, 29], kernel_arguments(code)
 
 
 @pytest.mark.inductor
