@@ -181,12 +181,19 @@ def kernel_arguments(code: str) -> list[int]:
             for arguments in re.findall(r"cpp_pybinding\(\[(.*?)\]", code, flags=re.S)]
 
 
+def code_with_and_without(choice: str) -> tuple[str, str]:
+    """The MLP's generated code as shipped and without the lowering's `choice`, once both
+    runs are seen to leave the same parameters, bit for bit."""
+    params, _, code = mlp_adamw_run()
+    params_without, _, code_without = mlp_adamw_run(without=(choice,))
+    for got, want in zip(params, params_without):
+        assert torch.equal(got, want)
+    return code, code_without
+
+
 @pytest.mark.inductor
 def test_cpu_kernel_groups_end_near_their_bound_with_the_same_bits():
-    params, _, code = mlp_adamw_run()
-    params_unbounded, _, code_unbounded = mlp_adamw_run(without=("CPU_KERNEL_GROUP_ARGS",))
-    for got, want in zip(params, params_unbounded):
-        assert torch.equal(got, want)
+    code, code_unbounded = code_with_and_without("CPU_KERNEL_GROUP_ARGS")
     # Under Inductor's bound (500) the check and the six updates are one function of 86
     # arguments; a group ends after the kernel that takes it past 64.
     assert kernel_arguments(code_unbounded)[-1:] == [86], kernel_arguments(code_unbounded)
@@ -195,10 +202,7 @@ def test_cpu_kernel_groups_end_near_their_bound_with_the_same_bits():
 
 @pytest.mark.inductor
 def test_inductor_computes_each_bias_correction_once_per_call():
-    params, _, code = mlp_adamw_run()
-    params_inlined, _, code_inlined = mlp_adamw_run(without=("compute_scalars_once",))
-    for got, want in zip(params, params_inlined):
-        assert torch.equal(got, want)
+    code, code_inlined = code_with_and_without("compute_scalars_once")
     # AdamW's beta1 ** t and beta2 ** t for each of the 6 parameters: outside every loop, or
     # inside the loop over each moment when inlined.
     assert calls_in_loops(code, "std::pow(") == (0, 2 * 6)
