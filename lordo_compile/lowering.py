@@ -177,11 +177,12 @@ def bounded_cpu_kernel_groups(max_args: int | None) -> Iterator[None]:
     library call between them, into one C++ function, and its wrapper allocates every buffer
     that function writes before calling it and frees them after. When the non-finite check
     holds every update until the last gradient exists, nothing separates the updates: every
-    parameter's new moments were then alive at once, one function of 400 arguments. Bounded,
-    the wrapper frees each group's buffers before allocating the next's: the peak falls to
-    what the ablation without it measures as twice as high for some policies
-    (`python -m benchmarks.memory --without CPU_KERNEL_GROUP_ARGS`); every kernel computes
-    the same bits (tests/test_lowering.py). Inductor's code for GPUs has no such groups."""
+    parameter's new moments were then alive at once, one function of about 400 arguments on
+    the tiny GPT. Bounded, the wrapper frees each group's buffers before allocating the
+    next's: some policies' peaks fall, by up to 39% (`python -m benchmarks.memory --without
+    CPU_KERNEL_GROUP_ARGS` measures them without it; docs/passes/quantized_state.md), and
+    every kernel computes the same bits (tests/test_lowering.py). Inductor's code for GPUs
+    has no such groups."""
     from torch._inductor.codegen.cpp import CppScheduling
 
     if max_args is None:
@@ -224,7 +225,7 @@ def write_inputs_when_computed(graph: fx.GraphModule) -> None:
     nodes become 1,168 (python -m benchmarks.first_call), and the step computes the same bits
     (tests/test_lowering.py). Reads through views of the input count as reads; an input the
     graph returns is left alone. Moving the writes changes how Inductor groups the updates,
-    and with it some policies' peak memory, up or down (`python -m benchmarks.memory
+    and with it some policies' peak memory (`python -m benchmarks.memory
     --without write_inputs_when_computed` measures it)."""
     nodes = graph.graph.nodes
     writes = [node for node in nodes
