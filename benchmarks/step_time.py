@@ -15,7 +15,9 @@ Peers, each a fresh model with the same initialisation on the same batches:
 lordo rows: `Policy()` (deterministic kernels, the non-finite check), and at the first
 batch size also `deterministic=False`, `on_nonfinite=None`, and on the CPU "lordo, scalars
 inlined": `Policy()` compiled without `lowering.compute_scalars_once` (an ablation through
-`lordo_compile.testing.lowering_without`; `scalars_once_gain` is `Policy()`'s time over its).
+`lordo_compile.testing.lowering_without`; `scalars_once_gain` is `Policy()`'s time over its),
+and "lordo, kernel groups unbounded": `Policy()` without `lowering.CPU_KERNEL_GROUP_ARGS`
+(`kernel_group_bound_cost`, the same ratio).
 `--modes` adds, for each mode other than "default", the recipe (with and without compiled
 autograd) and `Policy()` compiled with that mode. The JSON is written after each batch size.
 
@@ -61,6 +63,7 @@ RECIPE = "torch.compile recipe"
 PEERS = ("eager AdamW", "eager fused AdamW", RECIPE, "compiled autograd")
 LORDO = "lordo Policy()"
 SCALARS_INLINED = "lordo, scalars inlined"
+GROUPS_UNBOUNDED = "lordo, kernel groups unbounded"
 
 
 class Clock:
@@ -199,6 +202,7 @@ def variants_at(cfg: GPTConfig, device: torch.device, first_section: bool, modes
         variants["lordo on_nonfinite=None"] = lordo(cfg, device, lc.Policy(on_nonfinite=None))
         if device.type == "cpu":  # the choice only applies to CPU loops
             variants[SCALARS_INLINED] = without_lowering_choice(lordo(cfg, device, lc.Policy()), "compute_scalars_once")
+            variants[GROUPS_UNBOUNDED] = without_lowering_choice(lordo(cfg, device, lc.Policy()), "CPU_KERNEL_GROUP_ARGS")
         for mode in modes:
             if mode != "default":
                 variants[f"{RECIPE} [{mode}]"] = recipe(cfg, device, mode=mode)
@@ -294,6 +298,8 @@ def section(cfg: GPTConfig, device: torch.device, clock: Clock, batch_size: int,
         figures["nonfinite_check_cost"] = ms[LORDO] / ms["lordo on_nonfinite=None"]
     if SCALARS_INLINED in ms:
         figures["scalars_once_gain"] = ms[LORDO] / ms[SCALARS_INLINED]
+    if GROUPS_UNBOUNDED in ms:
+        figures["kernel_group_bound_cost"] = ms[LORDO] / ms[GROUPS_UNBOUNDED]
     for mode in args.modes:
         against_default = {key: ms[f"{name} [{mode}]"] / ms[name]
                            for key, name in (("lordo_vs_default", LORDO), ("recipe_vs_default", RECIPE))
