@@ -231,7 +231,7 @@ def test_a_checkpoint_resumes_bit_for_bit_and_loads_with_weights_only(tmp_path):
 
 
 @pytest.mark.inductor
-def test_inductor_fuses_every_quantized_update_into_one_kernel_and_matches_the_graph_run_eagerly():
+def test_inductor_fuses_the_quantized_updates_and_matches_the_graph_run_eagerly():
     import re
 
     import torch.nn.functional as F
@@ -257,8 +257,10 @@ def test_inductor_fuses_every_quantized_update_into_one_kernel_and_matches_the_g
     assert "lordo" not in code
     assert set(re.findall(r"extern_kernels\.(\w+)\(", code)) <= {"mm", "addmm"}
     assert not re.findall(r"torch\.ops\.aten\.(\w+)\(", code)  # no library call: the lookups are fused
-    # Every update (the only sqrt) with its reads and stores of codes and scales: one kernel.
-    assert len(re.findall(r"^(cpp_fused_\w*sqrt\w*) = ", code, flags=re.M)) == 1
+    # The four updates (the only sqrt) with their reads and stores of codes and scales: two
+    # C++ functions (`lowering.CPU_KERNEL_GROUP_ARGS` ends one near 64 arguments), not one
+    # per parameter.
+    assert len(re.findall(r"^(cpp_fused_\w*sqrt\w*) = ", code, flags=re.M)) == 2
     expected, _ = run("eager")
     assert_close(params, expected, rtol=1e-5, atol=1e-6)
 
