@@ -175,14 +175,13 @@ def bounded_cpu_kernel_groups(max_args: int | None) -> Iterator[None]:
 
     Why: on the CPU, Inductor writes the kernels it schedules one after another, with no
     library call between them, into one C++ function, and its wrapper allocates every buffer
-    that function writes before calling it and frees them after. When the non-finite check
-    holds every update until the last gradient exists, nothing separates the updates: every
-    parameter's new moments were then alive at once, one function of about 400 arguments on
-    the tiny GPT. Bounded, the wrapper frees each group's buffers before allocating the
-    next's: some policies' peaks fall, by up to 39% (`python -m benchmarks.memory --without
-    CPU_KERNEL_GROUP_ARGS` measures them without it; docs/passes/quantized_state.md), and
-    every kernel computes the same bits (tests/test_lowering.py). Inductor's code for GPUs
-    has no such groups."""
+    that function writes before calling it and frees them after. When every update waits for
+    the last gradient, nothing separates the updates: every update's intermediates were then
+    alive at once, one function of about 400 arguments on the tiny GPT. Bounded, the wrapper
+    frees each group's buffers before allocating the next's: some policies' peaks fall, by up
+    to 39% (`python -m benchmarks.memory --without CPU_KERNEL_GROUP_ARGS` measures them
+    without it), and every kernel computes the same bits (tests/test_lowering.py).
+    Inductor's code for GPUs has no such groups."""
     from torch._inductor.codegen.cpp import CppScheduling
 
     if max_args is None:
