@@ -25,8 +25,8 @@ COMPILERS = ("inductor", "aot_eager", "eager")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Inductor options for every step graph. Inductor looks for fusions among the nodes that read
 # one buffer, trying each node with the next `max_fusion_buffer_group_pairwise_attempts` (64 by
-# default) in every fusion round. Every node of a whole-step update reads the hyperparameters and
-# the non-finite flag, so those groups hold hundreds of nodes: on the tiny GPT, 16 cuts the
+# default) in every fusion round. Every node of a whole-step update reads the hyperparameters (and
+# any flag that guards the writes), so those groups hold hundreds of nodes: on the tiny GPT, 16 cuts the
 # scheduler's time from 14.1 to 7.8 s of a cold first call (python -m benchmarks.first_call); the
 # step computes the same bits (tests/test_lowering.py).
 INDUCTOR_CONFIG = {"max_fusion_buffer_group_pairwise_attempts": 16}
