@@ -3,7 +3,8 @@
     python -m benchmarks.compile_scale [--layers 2 8 32] [--compiler inductor] [--json PATH]
 
 `capture_s` is dynamo's trace of the whole step plus lordo's role annotation and passes;
-`compile_s` is the whole first call (capture, AOTAutograd, code generation, one step).
+`compile_s` is the whole first call (capture, AOTAutograd, code generation, one step), from an
+empty Inductor cache.
 Capture must grow no faster than linearly in the parameter count: the table shows
 capture seconds per million parameters, which should stay flat or fall.
 """
@@ -16,6 +17,7 @@ import time
 import torch
 
 from lordo_compile.models import GPTConfig
+from lordo_compile.testing import fresh_inductor_cache
 
 from .common import batches, gpt_step, lordo_compile, print_table, write_json
 
@@ -26,8 +28,9 @@ def measure(layers: int, compiler: str, batch_size: int) -> dict:
     model, _, train_step = gpt_step(cfg)
     (x, y), = batches(cfg, batch_size, 1)
     step = lordo_compile(train_step, compiler=compiler)
-    called = time.perf_counter()
-    step(x, y)
+    with fresh_inductor_cache():
+        called = time.perf_counter()
+        step(x, y)
     compile_s = time.perf_counter() - called
     timings = step.backend.timings
     dynamo_s = timings["backend_entered"] - called

@@ -12,8 +12,10 @@ Variants, each a fresh tiny GPT with AdamW (batch 16x128), built as benchmarks.s
   inlined into the loops that read it);
 - "lordo, fusion search 64": with Inductor's own `max_fusion_buffer_group_pairwise_attempts`
   (64) instead of `lowering.INDUCTOR_CONFIG`'s;
-- "lordo, none of the three": the lowering before these choices.
-The last four turn those choices off for the call (`lordo_compile.testing.lowering_without`):
+- "lordo, none of the three": the lowering before these choices;
+- "lordo, kernel groups unbounded": without `lowering.CPU_KERNEL_GROUP_ARGS` (Inductor's own
+  bound on a C++ function's arguments, 500, so fewer functions for the C++ compiler).
+The last five turn those choices off for the call (`lordo_compile.testing.lowering_without`):
 an ablation, not an option users have.
 
 Every first call is cold (dynamo reset, a fresh Inductor cache); the variants go round robin,
@@ -24,8 +26,15 @@ update): `aot_s` AOTAutograd and Inductor together, `lowering_s` Inductor's lowe
 graph to its IR (`GraphLowering.run`), `scheduler_s` node creation and fusion
 (`Scheduler.__init__`), `kernel_codegen_s` kernel source (`Scheduler.codegen`), `cpp_wait_s` the
 wait for the C++ compiler's workers (`async_compile.wait`). `scheduler_nodes`: the nodes Inductor's
-scheduler starts from, over the call's graphs. `ratio_vs_recipe`: median of the paired ratios of
+scheduler starts from, over the call's graphs; `cpp_functions`: the C++ functions the generated code
+asks for (compiled, or loaded from the cache). `ratio_vs_recipe`: median of the paired ratios of
 first-call seconds.
+
+`--warm`: instead, the first call of a new process whose Inductor cache an earlier process
+filled, as when a training job starts again (for the recipe and `Policy()`, round robin): each
+repeat runs one process that compiles cold into a new cache directory, then one that compiles
+again from it and is timed (`warm_s`; the filling process's call is `cold_s`). `ratio_vs_recipe`
+is then the median of the paired ratios of warm first calls.
 
 `--quick`: a smoke run (a 2-layer GPT of width 32, one repeat).
 """
@@ -33,7 +42,13 @@ first-call seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -67,28 +82,89 @@ VARIANTS = {
     "lordo, scalars inlined": (lordo_policy, ("compute_scalars_once",)),
     "lordo, fusion search 64": (lordo_policy, ("INDUCTOR_CONFIG",)),
     "lordo, none of the three": (lordo_policy, ("write_inputs_when_computed", "compute_scalars_once", "INDUCTOR_CONFIG")),
+    "lordo, kernel groups unbounded": (lordo_policy, ("CPU_KERNEL_GROUP_ARGS",)),
 }
 
 
-def first_call(cfg: GPTConfig, name: str, batch) -> dict:
+@contextlib.contextmanager
+def counting_cpp_functions(counts: list[int]):
+    """Inside, each C++ function Inductor hands its compiler appends 1 to `counts`."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    compile_one = AsyncCompile.cpp_pybinding
+
+    def counting(self, *args, **kwargs):
+        counts.append(1)
+        return compile_one(self, *args, **kwargs)
+
+    AsyncCompile.cpp_pybinding = counting
+    try:
+        yield
+    finally:
+        AsyncCompile.cpp_pybinding = compile_one
+
+
+def first_call(cfg: GPTConfig, name: str, batch, fresh_cache: bool = True) -> dict:
+    """The first call of the variant `name`'s step, by phase; with `fresh_cache`, from an empty
+    Inductor cache, else from the one the process was given."""
     make, turned_off = VARIANTS[name]
     torch._dynamo.reset()
     compilation_time_metrics.clear()
     counts: list[int] = []
+    functions: list[int] = []
     with lowering_without(*turned_off):
         step = make(cfg)
-        with fresh_inductor_cache(), counting_scheduler_nodes(counts):
+        with fresh_inductor_cache() if fresh_cache else contextlib.nullcontext(), counting_scheduler_nodes(counts), \
+                counting_cpp_functions(functions):
             started = time.perf_counter()
             step(*batch)
             seconds = time.perf_counter() - started
     figures = {key: sum(compilation_time_metrics.get(timer, [0.0])) for key, timer in PHASES.items()}
-    return {"first_call_s": seconds, **figures, "scheduler_nodes": sum(counts)}
+    return {"first_call_s": seconds, **figures, "scheduler_nodes": sum(counts), "cpp_functions": len(functions)}
+
+
+WARM_VARIANTS = (RECIPE, LORDO)
+
+
+def in_new_process(name: str, cache: str, quick: bool) -> dict:
+    """`first_call` of the variant `name` in a new Python process with the Inductor cache `cache`."""
+    command = [sys.executable, "-m", "benchmarks.first_call", "--one", name, *(["--quick"] if quick else [])]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+    if done.returncode:
+        raise RuntimeError(f"the first call of {name!r} failed in its process:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def warm_rows(repeats: int, quick: bool) -> list[dict]:
+    runs: dict[str, list[dict]] = {name: [] for name in WARM_VARIANTS}
+    for repeat in range(repeats):
+        for name in WARM_VARIANTS:
+            with tempfile.TemporaryDirectory(prefix="lordo-first-call-") as cache:
+                cold = in_new_process(name, cache, quick)
+                warm = in_new_process(name, cache, quick)
+            runs[name].append({**warm, "cold_s": cold["first_call_s"], "warm_s": warm["first_call_s"]})
+            print(f"  repeat {repeat + 1}: {name} cold {cold['first_call_s']:.1f} s, warm {warm['first_call_s']:.1f} s",
+                  flush=True)
+    return summarized(runs, "warm_s")
+
+
+def summarized(runs: dict[str, list[dict]], timed: str) -> list[dict]:
+    rows = []
+    for name, calls in runs.items():
+        row = {"variant": name, **{key: statistics.median(call[key] for call in calls) for key in calls[0]},
+               "first_calls_s": [call[timed] for call in calls]}
+        row["ratio_vs_recipe"] = statistics.median(
+            call[timed] / recipe_call[timed] for call, recipe_call in zip(calls, runs[RECIPE]))
+        rows.append(row)
+    return rows
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--warm", action="store_true", help="first calls from a cache an earlier process filled")
+    parser.add_argument("--one", choices=WARM_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -97,29 +173,32 @@ def main(argv=None) -> dict:
     if args.quick:
         args.repeats = 1
     (batch,) = batches(cfg, batch_size, 1)
-    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
-    for repeat in range(args.repeats):
-        for name in VARIANTS:
-            runs[name].append(first_call(cfg, name, batch))
-            print(f"  repeat {repeat + 1}: {name} {runs[name][-1]['first_call_s']:.1f} s", flush=True)
-    rows = []
-    for name, calls in runs.items():
-        row = {"variant": name, **{key: statistics.median(call[key] for call in calls) for key in calls[0]},
-               "first_calls_s": [call["first_call_s"] for call in calls]}
-        row["ratio_vs_recipe"] = statistics.median(
-            call["first_call_s"] / recipe_call["first_call_s"] for call, recipe_call in zip(calls, runs[RECIPE]))
-        rows.append(row)
+    if args.one:
+        print(json.dumps(first_call(cfg, args.one, batch, fresh_cache=False)))
+        return {}
+    if args.warm:
+        rows = warm_rows(args.repeats, args.quick)
+    else:
+        runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+        for repeat in range(args.repeats):
+            for name in VARIANTS:
+                runs[name].append(first_call(cfg, name, batch))
+                print(f"  repeat {repeat + 1}: {name} {runs[name][-1]['first_call_s']:.1f} s", flush=True)
+        rows = summarized(runs, "first_call_s")
     print(f"\ntiny GPT ({sum(p.numel() for p in TinyGPT(cfg).parameters()):,} parameters), batch {batch_size}x"
-          f"{cfg.block_size}, AdamW, {torch.get_num_threads()} threads: cold first calls, median of {args.repeats} "
-          f"round-robin repeats")
-    print_table(rows, [("variant", "variant", "<26"), ("first_call_s", "1st call s", ".1f"),
+          f"{cfg.block_size}, AdamW, {torch.get_num_threads()} threads: "
+          + ("first calls of a new process from a filled cache" if args.warm else "cold first calls")
+          + f", median of {args.repeats} round-robin repeats")
+    extra = [("cold_s", "cold s", ".1f")] if args.warm else []
+    print_table(rows, [("variant", "variant", "<26"), ("first_call_s", "1st call s", ".1f"), *extra,
                        ("ratio_vs_recipe", "vs recipe", ".3f"), ("aot_s", "AOT+Inductor s", ".1f"),
                        ("lowering_s", "lowering s", ".1f"), ("scheduler_s", "scheduler s", ".1f"),
                        ("kernel_codegen_s", "kernels s", ".1f"), ("cpp_wait_s", "C++ wait s", ".1f"),
-                       ("scheduler_nodes", "sched. nodes", ".0f")])
+                       ("scheduler_nodes", "sched. nodes", ".0f"), ("cpp_functions", "C++ functions", ".0f")])
     by_variant = {row["variant"]: row for row in rows}
-    result = {"rows": rows, "repeats": args.repeats, "batch": [batch_size, cfg.block_size],
-              "first_call_ratio_vs_torch_compile": by_variant[LORDO]["ratio_vs_recipe"], "torch": torch.__version__,
+    key = "warm_first_call_ratio_vs_torch_compile" if args.warm else "first_call_ratio_vs_torch_compile"
+    result = {"rows": rows, "repeats": args.repeats, "batch": [batch_size, cfg.block_size], "warm": args.warm,
+              key: by_variant[LORDO]["ratio_vs_recipe"], "torch": torch.__version__,
               "threads": torch.get_num_threads()}
     write_json(args.json, result)
     return result

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes
 
 from .graph import TrainGraph
 from .ops import math_for
@@ -157,15 +158,39 @@ def _compile_phase(module, example_inputs, compiler, on_aten_graph, mode, loweri
                                                       *written_inputs(graph)})
             with torch._inductor.config.patch(
                     {**INDUCTOR_CONFIG,
-                     **{key: value for lowering in lowerings for key, value in lowering.inductor_config.items()}}), \
+                     **{key: value for lowering in lowerings for key, value in lowering.inductor_config.items()},
+                     **cache_key_of(CPU_KERNEL_GROUP_ARGS)}), \
                     bounded_cpu_kernel_groups(CPU_KERNEL_GROUP_ARGS):
                 return compile_fx_inner(rewritten(graph, for_inductor=True), inputs, **kwargs)
 
         from torch._inductor import list_mode_options
 
         patches = list_mode_options(mode) if mode is not None else None
-        return compile_fx(module, list(example_inputs), inner_compile=inner, config_patches=patches)
+        with cacheable_tracing(example_inputs) as inputs:
+            return compile_fx(module, inputs, inner_compile=inner, config_patches=patches)
     raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
+
+
+@contextlib.contextmanager
+def cacheable_tracing(example_inputs: Sequence) -> Iterator[list]:
+    """Inside, a tracing context with a shape environment, as dynamo gives torch.compile's
+    graphs; yields the inputs as fake tensors of fixed shape in its fake mode.
+
+    Why: Inductor's FX graph cache looks up a graph's code only within such a context (outside
+    one it bypasses the cache: "No shape env"), so a step compiled outside dynamo would
+    regenerate all its code in every process. Inside dynamo (a step with symbolic sizes)
+    its context is used as it is."""
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    if TracingContext.try_get() is not None:
+        yield list(example_inputs)
+        return
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    with tracing(TracingContext(fake_mode)):
+        yield [fake_mode.from_tensor(value, static_shapes=True) if isinstance(value, torch.Tensor) else value
+               for value in example_inputs]
 
 
 @contextlib.contextmanager
@@ -193,6 +218,33 @@ def bounded_cpu_kernel_groups(max_args: int | None) -> Iterator[None]:
         yield
     finally:
         CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM = previous
+
+
+class CpuKernelGroupBound(CustomGraphPass):
+    """A post-grad pass that leaves the graph as it is: its `uuid` puts the C++ function bound
+    (`bounded_cpu_kernel_groups`) into Inductor's FX graph cache key.
+
+    Why: the key hashes the graph, Inductor's config and each custom pass's `uuid()`, but not a
+    class attribute of Inductor's C++ scheduler; without this, a compile under another bound (an
+    earlier lordo_compile, an ablation) would be handed that bound's code on a cache hit."""
+
+    def __init__(self, max_args: int) -> None:
+        self.max_args = max_args
+
+    def __call__(self, graph: fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> str:
+        return f"lordo_compile CPU kernel group bound {self.max_args}"
+
+
+def cache_key_of(max_args: int | None) -> dict:
+    """Inductor config patches under which the bound `max_args` is part of the cache key; the
+    post-grad passes the user set stay, before ours."""
+    if max_args is None:
+        return {}
+    passes = get_custom_graph_passes(torch._inductor.config.post_grad_custom_post_pass)
+    return {"post_grad_custom_post_pass": (*passes, CpuKernelGroupBound(max_args))}
 
 
 def uses_cuda_graphs(mode: str | None, device: torch.device) -> bool:

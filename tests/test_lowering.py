@@ -1,5 +1,6 @@
 """Lowering's rewrites of the aten graph before Inductor: where the writes into inputs go."""
 
+import collections
 import functools
 import re
 
@@ -7,13 +8,15 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch._inductor.utils import run_and_get_code
 
 import lordo_compile as lc
 from lordo_compile.models import MLP
-from lordo_compile.lowering import (compute_scalars_once, computed_once, uses_cuda_graphs, write_inputs_when_computed,
-                                    written_inputs)
+from lordo_compile.lowering import (CpuKernelGroupBound, cache_key_of, compute_scalars_once, computed_once,
+                                    uses_cuda_graphs, write_inputs_when_computed, written_inputs)
 from lordo_compile.testing import (LOWERING_CHOICES, counting_scheduler_nodes, fresh_inductor_cache, lowering_without,
                                    training_step)
 
@@ -201,6 +204,55 @@ def test_cpu_kernel_groups_end_near_their_bound_with_the_same_bits():
     # arguments; a group ends after the kernel that takes it past 64.
     assert kernel_arguments(code_unbounded)[-1:] == [86], kernel_arguments(code_unbounded)
     assert kernel_arguments(code)[-2:] == [65, 29], kernel_arguments(code)
+
+
+def mlp_adamw_compiled(cache_lookups: collections.Counter) -> tuple[str, list[torch.Tensor]]:
+    """Inductor's code for an MLP's AdamW step, compiled in whatever cache is current, and the
+    parameters after two steps; adds the FX graph cache's hits and misses to `cache_lookups`."""
+    torch.manual_seed(0)
+    model = MLP((16, 32, 32, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step = lc.compile(training_step(lambda x, y: F.mse_loss(model(x), y), opt), lc.Policy())
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 16, generator=generator), torch.randn(8, 4, generator=generator)) for _ in range(2)]
+    counters.clear()
+    _, sources = run_and_get_code(step, *batches[0])
+    cache_lookups.update({outcome: counters["inductor"][f"fxgraph_cache_{outcome}"] for outcome in ("hit", "miss")})
+    step(*batches[1])
+    assert "aten" in step.graphs["step"]
+    return "\n".join(sources), [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.inductor
+def test_inductor_cache_serves_a_step_again_but_not_under_another_kernel_group_bound():
+    cache_lookups = collections.Counter()
+    with fresh_inductor_cache():
+        bounded, params = mlp_adamw_compiled(cache_lookups)
+        with lowering_without("CPU_KERNEL_GROUP_ARGS"):
+            unbounded, params_unbounded = mlp_adamw_compiled(cache_lookups)
+        _, params_again = mlp_adamw_compiled(cache_lookups)
+    # The step compiled outside dynamo is looked up (outside a tracing context Inductor
+    # bypasses its cache); the unbounded step is compiled, not handed the bounded step's code.
+    assert cache_lookups == {"miss": 2, "hit": 1}, cache_lookups
+    assert kernel_arguments(bounded)[-2:] == [65, 29], kernel_arguments(bounded)
+    assert kernel_arguments(unbounded)[-1:] == [86], kernel_arguments(unbounded)
+    for got, unbounded_got, want in zip(params_again, params_unbounded, params):
+        assert torch.equal(got, want) and torch.equal(unbounded_got, want)
+
+
+def test_the_kernel_group_bound_keeps_the_users_post_grad_passes():
+    class UsersPass(CustomGraphPass):
+        def __call__(self, graph):
+            return None
+
+        def uuid(self):
+            return "the user's"
+
+    users = UsersPass()
+    with torch._inductor.config.patch(post_grad_custom_post_pass=users):
+        passes = cache_key_of(64)["post_grad_custom_post_pass"]
+    assert passes[0] is users and [type(p) for p in passes[1:]] == [CpuKernelGroupBound]
+    assert cache_key_of(None) == {}
 
 
 @pytest.mark.inductor
