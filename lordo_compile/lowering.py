@@ -158,8 +158,7 @@ def _compile_phase(module, example_inputs, compiler, on_aten_graph, mode, loweri
                                                       *written_inputs(graph)})
             with torch._inductor.config.patch(
                     {**INDUCTOR_CONFIG,
-                     **{key: value for lowering in lowerings for key, value in lowering.inductor_config.items()},
-                     **cache_key_of(CPU_KERNEL_GROUP_ARGS)}), \
+                     **{key: value for lowering in lowerings for key, value in lowering.inductor_config.items()}}), \
                     bounded_cpu_kernel_groups(CPU_KERNEL_GROUP_ARGS):
                 return compile_fx_inner(rewritten(graph, for_inductor=True), inputs, **kwargs)
 
@@ -206,7 +205,8 @@ def bounded_cpu_kernel_groups(max_args: int | None) -> Iterator[None]:
     frees each group's buffers before allocating the next's: some policies' peaks fall, by up
     to 39% (`python -m benchmarks.memory --without CPU_KERNEL_GROUP_ARGS` measures them
     without it), and every kernel computes the same bits (tests/test_lowering.py).
-    Inductor's code for GPUs has no such groups."""
+    Inductor's code for GPUs has no such groups. The bound enters Inductor's cache key
+    (`CpuKernelGroupBound`), after the post-grad passes the user set."""
     from torch._inductor.codegen.cpp import CppScheduling
 
     if max_args is None:
@@ -214,8 +214,10 @@ def bounded_cpu_kernel_groups(max_args: int | None) -> Iterator[None]:
         return
     previous = CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM
     CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM = max_args
+    users = get_custom_graph_passes(torch._inductor.config.post_grad_custom_post_pass)
     try:
-        yield
+        with torch._inductor.config.patch(post_grad_custom_post_pass=(*users, CpuKernelGroupBound(max_args))):
+            yield
     finally:
         CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM = previous
 
@@ -236,15 +238,6 @@ class CpuKernelGroupBound(CustomGraphPass):
 
     def uuid(self) -> str:
         return f"lordo_compile CPU kernel group bound {self.max_args}"
-
-
-def cache_key_of(max_args: int | None) -> dict:
-    """Inductor config patches under which the bound `max_args` is part of the cache key; the
-    post-grad passes the user set stay, before ours."""
-    if max_args is None:
-        return {}
-    passes = get_custom_graph_passes(torch._inductor.config.post_grad_custom_post_pass)
-    return {"post_grad_custom_post_pass": (*passes, CpuKernelGroupBound(max_args))}
 
 
 def uses_cuda_graphs(mode: str | None, device: torch.device) -> bool:

@@ -15,7 +15,7 @@ from torch._inductor.utils import run_and_get_code
 
 import lordo_compile as lc
 from lordo_compile.models import MLP
-from lordo_compile.lowering import (CpuKernelGroupBound, cache_key_of, compute_scalars_once, computed_once,
+from lordo_compile.lowering import (CpuKernelGroupBound, bounded_cpu_kernel_groups, compute_scalars_once, computed_once,
                                     uses_cuda_graphs, write_inputs_when_computed, written_inputs)
 from lordo_compile.testing import (LOWERING_CHOICES, counting_scheduler_nodes, fresh_inductor_cache, lowering_without,
                                    training_step)
@@ -250,9 +250,12 @@ def test_the_kernel_group_bound_keeps_the_users_post_grad_passes():
 
     users = UsersPass()
     with torch._inductor.config.patch(post_grad_custom_post_pass=users):
-        passes = cache_key_of(64)["post_grad_custom_post_pass"]
+        with bounded_cpu_kernel_groups(64):
+            passes = torch._inductor.config.post_grad_custom_post_pass
+        with bounded_cpu_kernel_groups(None):
+            unbounded = torch._inductor.config.post_grad_custom_post_pass
     assert passes[0] is users and [type(p) for p in passes[1:]] == [CpuKernelGroupBound]
-    assert cache_key_of(None) == {}
+    assert unbounded is users
 
 
 @pytest.mark.inductor
