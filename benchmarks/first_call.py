@@ -14,12 +14,18 @@ Variants, each a fresh tiny GPT with AdamW (batch 16x128), built as benchmarks.s
   (64) instead of `lowering.INDUCTOR_CONFIG`'s;
 - "lordo, none of the three": the lowering before these choices;
 - "lordo, kernel groups unbounded": without `lowering.CPU_KERNEL_GROUP_ARGS` (Inductor's own
-  bound on a C++ function's arguments, 500, so fewer functions for the C++ compiler).
-The last five turn those choices off for the call (`lordo_compile.testing.lowering_without`):
+  bound on a C++ function's arguments, 500, so fewer functions for the C++ compiler);
+- "lordo, dtype rules per op": without `lowering.dtype_rules_built_once` (Inductor builds its
+  dtype propagation rules again for each op it writes).
+The last six turn those choices off for the call (`lordo_compile.testing.lowering_without`):
 an ablation, not an option users have.
 
 Every first call is cold (dynamo reset, a fresh Inductor cache); the variants go round robin,
-`--repeats` times, in one process, and each figure is the median over the repeats. Phases are
+`--repeats` times, in one process, and each figure is the median over the repeats.
+`--fresh-processes`: each first call in a new Python process instead (with an empty cache
+directory), as a job starts; a process's one-time costs then fall on every variant alike, and
+a variant's figure does not depend on what ran before it. `--variants` picks some of them (the
+recipe always runs: ratios are to it). Phases are
 Inductor's and AOTAutograd's own timers (`torch._dynamo.utils.compilation_time_metrics`), summed
 over the graphs of a call (the recipe has three: the loss's forward and backward, and the
 update): `aot_s` AOTAutograd and Inductor together, `lowering_s` Inductor's lowering of the aten
@@ -50,7 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch._dynamo.utils import compilation_time_metrics
@@ -83,6 +89,7 @@ VARIANTS = {
     "lordo, fusion search 64": (lordo_policy, ("INDUCTOR_CONFIG",)),
     "lordo, none of the three": (lordo_policy, ("write_inputs_when_computed", "compute_scalars_once", "INDUCTOR_CONFIG")),
     "lordo, kernel groups unbounded": (lordo_policy, ("CPU_KERNEL_GROUP_ARGS",)),
+    "lordo, dtype rules per op": (lordo_policy, ("dtype_rules_built_once",)),
 }
 
 
@@ -135,6 +142,16 @@ def in_new_process(name: str, cache: str, quick: bool) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def fresh_process_rows(names: Sequence[str], repeats: int, quick: bool) -> list[dict]:
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        for name in names:
+            with tempfile.TemporaryDirectory(prefix="lordo-first-call-") as cache:
+                runs[name].append(in_new_process(name, cache, quick))
+            print(f"  repeat {repeat + 1}: {name} {runs[name][-1]['first_call_s']:.1f} s", flush=True)
+    return summarized(runs, "first_call_s")
+
+
 def warm_rows(repeats: int, quick: bool) -> list[dict]:
     runs: dict[str, list[dict]] = {name: [] for name in WARM_VARIANTS}
     for repeat in range(repeats):
@@ -164,7 +181,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--warm", action="store_true", help="first calls from a cache an earlier process filled")
-    parser.add_argument("--one", choices=WARM_VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--fresh-processes", action="store_true", help="each cold first call in a new process")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, metavar="VARIANT",
+                        help="some of the variants (the recipe always runs): " + "; ".join(VARIANTS))
+    parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -176,18 +196,25 @@ def main(argv=None) -> dict:
     if args.one:
         print(json.dumps(first_call(cfg, args.one, batch, fresh_cache=False)))
         return {}
+    names = [RECIPE, *[name for name in VARIANTS if name != RECIPE and name in (args.variants or VARIANTS)]]
+    if args.warm and (args.variants or args.fresh_processes):
+        parser.error("--warm times the recipe and Policy() in new processes already; "
+                     "drop --variants and --fresh-processes")
     if args.warm:
         rows = warm_rows(args.repeats, args.quick)
+    elif args.fresh_processes:
+        rows = fresh_process_rows(names, args.repeats, args.quick)
     else:
-        runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+        runs: dict[str, list[dict]] = {name: [] for name in names}
         for repeat in range(args.repeats):
-            for name in VARIANTS:
+            for name in names:
                 runs[name].append(first_call(cfg, name, batch))
                 print(f"  repeat {repeat + 1}: {name} {runs[name][-1]['first_call_s']:.1f} s", flush=True)
         rows = summarized(runs, "first_call_s")
     print(f"\ntiny GPT ({sum(p.numel() for p in TinyGPT(cfg).parameters()):,} parameters), batch {batch_size}x"
           f"{cfg.block_size}, AdamW, {torch.get_num_threads()} threads: "
-          + ("first calls of a new process from a filled cache" if args.warm else "cold first calls")
+          + ("first calls of a new process from a filled cache" if args.warm
+             else "cold first calls, each in a new process" if args.fresh_processes else "cold first calls")
           + f", median of {args.repeats} round-robin repeats")
     extra = [("cold_s", "cold s", ".1f")] if args.warm else []
     print_table(rows, [("variant", "variant", "<26"), ("first_call_s", "1st call s", ".1f"), *extra,
@@ -198,7 +225,8 @@ def main(argv=None) -> dict:
     by_variant = {row["variant"]: row for row in rows}
     key = "warm_first_call_ratio_vs_torch_compile" if args.warm else "first_call_ratio_vs_torch_compile"
     result = {"rows": rows, "repeats": args.repeats, "batch": [batch_size, cfg.block_size], "warm": args.warm,
-              key: by_variant[LORDO]["ratio_vs_recipe"], "torch": torch.__version__,
+              "fresh_processes": args.fresh_processes,
+              key: by_variant[LORDO]["ratio_vs_recipe"] if LORDO in by_variant else None, "torch": torch.__version__,
               "threads": torch.get_num_threads()}
     write_json(args.json, result)
     return result

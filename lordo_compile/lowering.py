@@ -159,7 +159,7 @@ def _compile_phase(module, example_inputs, compiler, on_aten_graph, mode, loweri
             with torch._inductor.config.patch(
                     {**INDUCTOR_CONFIG,
                      **{key: value for lowering in lowerings for key, value in lowering.inductor_config.items()}}), \
-                    bounded_cpu_kernel_groups(CPU_KERNEL_GROUP_ARGS):
+                    bounded_cpu_kernel_groups(CPU_KERNEL_GROUP_ARGS), dtype_rules_built_once():
                 return compile_fx_inner(rewritten(graph, for_inductor=True), inputs, **kwargs)
 
         from torch._inductor import list_mode_options
@@ -238,6 +238,38 @@ class CpuKernelGroupBound(CustomGraphPass):
 
     def uuid(self) -> str:
         return f"lordo_compile CPU kernel group bound {self.max_args}"
+
+
+@contextlib.contextmanager
+def dtype_rules_built_once() -> Iterator[None]:
+    """Inside, Inductor's dtype propagation handler builds its per-op rules once, not once for
+    every op its code generation writes.
+
+    Why: Inductor asks `DtypePropagationOpsHandler()` for each op of each kernel it writes; the handler is one shared object, but its `__init__`
+    sets its ~700 rules again at each call, allocating them anew and freeing the old ones, and
+    in some processes the allocator then maps and unmaps memory at every call. Built per op, the
+    tiny GPT's kernel source took 30.2 s of a cold first call, against 13.7 s built once
+    (`python -m benchmarks.first_call --fresh-processes`, README "Measured"). The rules come from
+    Inductor's tables, which only grow as ops register, so they are built again when a table's
+    length changes. The generated code is the same (tests/test_lowering.py)."""
+    from torch._inductor import dtype_propagation, utils
+    from torch._inductor.codegen import common
+
+    handler = dtype_propagation.DtypePropagationOpsHandler
+    build = handler.__init__
+    built_from: dict[int, tuple[int, int]] = {}
+
+    def build_once(self) -> None:
+        tables = (len(utils.op_dtype_propagation_rules), len(common.pointwise_overrides_data))
+        if built_from.get(id(self)) != tables:
+            build(self)
+            built_from[id(self)] = tables
+
+    handler.__init__ = build_once
+    try:
+        yield
+    finally:
+        handler.__init__ = build
 
 
 def uses_cuda_graphs(mode: str | None, device: torch.device) -> bool:

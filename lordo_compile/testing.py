@@ -50,7 +50,8 @@ def _unchanged(graph) -> None:
 # The lowering's choices for Inductor: each a name in `lordo_compile.lowering`, and what stands
 # in for it when it is turned off.
 LOWERING_CHOICES = {"write_inputs_when_computed": _unchanged, "compute_scalars_once": _unchanged,
-                    "INDUCTOR_CONFIG": {}, "CPU_KERNEL_GROUP_ARGS": None}
+                    "INDUCTOR_CONFIG": {}, "CPU_KERNEL_GROUP_ARGS": None,
+                    "dtype_rules_built_once": contextlib.nullcontext}
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from torch._inductor.utils import run_and_get_code
 import lordo_compile as lc
 from lordo_compile.models import MLP
 from lordo_compile.lowering import (CpuKernelGroupBound, bounded_cpu_kernel_groups, compute_scalars_once, computed_once,
-                                    uses_cuda_graphs, write_inputs_when_computed, written_inputs)
+                                    dtype_rules_built_once, uses_cuda_graphs, write_inputs_when_computed, written_inputs)
 from lordo_compile.testing import (LOWERING_CHOICES, counting_scheduler_nodes, fresh_inductor_cache, lowering_without,
                                    training_step)
 
@@ -256,6 +256,40 @@ def test_the_kernel_group_bound_keeps_the_users_post_grad_passes():
             unbounded = torch._inductor.config.post_grad_custom_post_pass
     assert passes[0] is users and [type(p) for p in passes[1:]] == [CpuKernelGroupBound]
     assert unbounded is users
+
+
+@pytest.mark.inductor
+def test_dtype_rules_built_once_leave_the_generated_code_as_it_was():
+    code, code_rules_per_op = code_with_and_without("dtype_rules_built_once")
+    # The AOT ID counts the graphs AOTAutograd compiled in the process; the rest is the same.
+    without_id = [re.sub(r"# AOT ID: .*", "", text) for text in (code, code_rules_per_op)]
+    assert without_id[0] == without_id[1]
+
+
+def test_dtype_rules_are_built_again_only_when_a_rule_table_grows():
+    import torch._inductor.lowering  # noqa: F401  (registers the rules)
+    from torch._inductor import utils
+    from torch._inductor.dtype_propagation import DtypePropagationOpsHandler
+
+    # A rule the handler's __init__ sets: a new object each time it runs.
+    name, rule = next(iter(utils.op_dtype_propagation_rules.items()))
+
+    def rules():
+        return getattr(DtypePropagationOpsHandler(), name)
+
+    original_init = DtypePropagationOpsHandler.__init__
+    with dtype_rules_built_once():
+        first = rules()
+        assert rules() is first
+        utils.op_dtype_propagation_rules["lordo_test_op"] = rule
+        try:
+            rebuilt = rules()
+            assert rebuilt is not first and hasattr(DtypePropagationOpsHandler(), "lordo_test_op")
+            assert rules() is rebuilt
+        finally:
+            del utils.op_dtype_propagation_rules["lordo_test_op"]
+    assert DtypePropagationOpsHandler.__init__ is original_init
+    assert rules() is not rules()
 
 
 @pytest.mark.inductor
