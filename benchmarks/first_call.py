@@ -1,6 +1,7 @@
 """Where a cold first call's time goes: lordo `Policy()` against PyTorch's compile recipe, by phase.
 
     python -m benchmarks.first_call [--repeats 3] [--quick] [--json PATH]
+        [--warm | --fresh-processes [--variants VARIANT ...]]
 
 Variants, each a fresh tiny GPT with AdamW (batch 16x128), built as benchmarks.step_time builds them:
 - "torch.compile recipe": `torch.compile(model.loss)`, eager `loss.backward()`, a compiled
