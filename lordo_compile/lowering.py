@@ -248,10 +248,10 @@ def dtype_rules_built_once() -> Iterator[None]:
     Why: Inductor asks `DtypePropagationOpsHandler()` for each op of each kernel it writes; the
     handler is one shared object, but its `__init__` sets its ~700 rules again at each call,
     allocating them anew and freeing the old ones, and in some processes the allocator then maps
-    and unmaps memory at every call. Built per op, the tiny GPT's kernel source took 27.8 s of a cold first call, against 13.2 s built once
-    (`python -m benchmarks.first_call --fresh-processes`, README "Measured"). The rules come from
-    Inductor's tables, which only grow as ops register, so they are built again when a table's
-    length changes. The generated code is the same (tests/test_lowering.py)."""
+    and unmaps memory at every call. Built per op, the tiny GPT's kernel source took 27.8 s of a
+    cold first call, against 13.2 s built once (`python -m benchmarks.first_call
+    --fresh-processes`, README "Measured"). The rules come from Inductor's tables, which only
+    grow as ops register, so they are built again when a table's length changes. The generated code is the same (tests/test_lowering.py)."""
     from torch._inductor import dtype_propagation, utils
     from torch._inductor.codegen import common
 
