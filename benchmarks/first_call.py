@@ -143,27 +143,29 @@ def in_new_process(name: str, cache: str, quick: bool) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def fresh_process_rows(names: Sequence[str], repeats: int, quick: bool) -> list[dict]:
+def in_fresh_process(name: str, quick: bool) -> dict:
+    """A cold first call of the variant `name` in a new process with an empty cache directory."""
+    with tempfile.TemporaryDirectory(prefix="lordo-first-call-") as cache:
+        return in_new_process(name, cache, quick)
+
+
+def cold_then_warm(name: str, quick: bool) -> dict:
+    """The first call of a new process whose cache an earlier new process filled (`warm_s`),
+    with that earlier process's cold call (`cold_s`)."""
+    with tempfile.TemporaryDirectory(prefix="lordo-first-call-") as cache:
+        cold = in_new_process(name, cache, quick)
+        warm = in_new_process(name, cache, quick)
+    return {**warm, "cold_s": cold["first_call_s"], "warm_s": warm["first_call_s"]}
+
+
+def round_robin(names: Sequence[str], repeats: int, measure: Callable[[str], dict], timed: str) -> list[dict]:
+    """`measure` each variant in turn, `repeats` times; a row per variant, as `summarized`."""
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for repeat in range(repeats):
         for name in names:
-            with tempfile.TemporaryDirectory(prefix="lordo-first-call-") as cache:
-                runs[name].append(in_new_process(name, cache, quick))
-            print(f"  repeat {repeat + 1}: {name} {runs[name][-1]['first_call_s']:.1f} s", flush=True)
-    return summarized(runs, "first_call_s")
-
-
-def warm_rows(repeats: int, quick: bool) -> list[dict]:
-    runs: dict[str, list[dict]] = {name: [] for name in WARM_VARIANTS}
-    for repeat in range(repeats):
-        for name in WARM_VARIANTS:
-            with tempfile.TemporaryDirectory(prefix="lordo-first-call-") as cache:
-                cold = in_new_process(name, cache, quick)
-                warm = in_new_process(name, cache, quick)
-            runs[name].append({**warm, "cold_s": cold["first_call_s"], "warm_s": warm["first_call_s"]})
-            print(f"  repeat {repeat + 1}: {name} cold {cold['first_call_s']:.1f} s, warm {warm['first_call_s']:.1f} s",
-                  flush=True)
-    return summarized(runs, "warm_s")
+            runs[name].append(measure(name))
+            print(f"  repeat {repeat + 1}: {name} {runs[name][-1][timed]:.1f} s", flush=True)
+    return summarized(runs, timed)
 
 
 def summarized(runs: dict[str, list[dict]], timed: str) -> list[dict]:
@@ -202,16 +204,11 @@ def main(argv=None) -> dict:
         parser.error("--warm times the recipe and Policy() in new processes already; "
                      "drop --variants and --fresh-processes")
     if args.warm:
-        rows = warm_rows(args.repeats, args.quick)
+        rows = round_robin(WARM_VARIANTS, args.repeats, lambda name: cold_then_warm(name, args.quick), "warm_s")
     elif args.fresh_processes:
-        rows = fresh_process_rows(names, args.repeats, args.quick)
+        rows = round_robin(names, args.repeats, lambda name: in_fresh_process(name, args.quick), "first_call_s")
     else:
-        runs: dict[str, list[dict]] = {name: [] for name in names}
-        for repeat in range(args.repeats):
-            for name in names:
-                runs[name].append(first_call(cfg, name, batch))
-                print(f"  repeat {repeat + 1}: {name} {runs[name][-1]['first_call_s']:.1f} s", flush=True)
-        rows = summarized(runs, "first_call_s")
+        rows = round_robin(names, args.repeats, lambda name: first_call(cfg, name, batch), "first_call_s")
     print(f"\ntiny GPT ({sum(p.numel() for p in TinyGPT(cfg).parameters()):,} parameters), batch {batch_size}x"
           f"{cfg.block_size}, AdamW, {torch.get_num_threads()} threads: "
           + ("first calls of a new process from a filled cache" if args.warm

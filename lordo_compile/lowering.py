@@ -251,19 +251,21 @@ def dtype_rules_built_once() -> Iterator[None]:
     and unmaps memory at every call. Built per op, the tiny GPT's kernel source took 27.8 s of a
     cold first call, against 13.2 s built once (`python -m benchmarks.first_call
     --fresh-processes`, README "Measured"). The rules come from Inductor's tables, which only
-    grow as ops register, so they are built again when a table's length changes. The generated code is the same (tests/test_lowering.py)."""
+    grow as ops register, so they are built again when a table's length changes. The generated
+    code is the same (tests/test_lowering.py)."""
     from torch._inductor import dtype_propagation, utils
     from torch._inductor.codegen import common
 
     handler = dtype_propagation.DtypePropagationOpsHandler
     build = handler.__init__
-    built_from: dict[int, tuple[int, int]] = {}
+    built_for = None
 
     def build_once(self) -> None:
-        tables = (len(utils.op_dtype_propagation_rules), len(common.pointwise_overrides_data))
-        if built_from.get(id(self)) != tables:
+        nonlocal built_for
+        handler_and_tables = (id(self), len(utils.op_dtype_propagation_rules), len(common.pointwise_overrides_data))
+        if handler_and_tables != built_for:
             build(self)
-            built_from[id(self)] = tables
+            built_for = handler_and_tables
 
     handler.__init__ = build_once
     try:

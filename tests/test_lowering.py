@@ -1,8 +1,10 @@
 """Lowering's rewrites of the aten graph before Inductor: where the writes into inputs go."""
 
 import collections
+import contextlib
 import functools
 import re
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -16,7 +18,8 @@ from torch._inductor.utils import run_and_get_code
 import lordo_compile as lc
 from lordo_compile.models import MLP
 from lordo_compile.lowering import (CpuKernelGroupBound, bounded_cpu_kernel_groups, compute_scalars_once, computed_once,
-                                    dtype_rules_built_once, uses_cuda_graphs, write_inputs_when_computed, written_inputs)
+                                    dtype_rules_built_once, uses_cuda_graphs, write_inputs_when_computed,
+                                    written_inputs)
 from lordo_compile.testing import (LOWERING_CHOICES, counting_scheduler_nodes, fresh_inductor_cache, lowering_without,
                                    training_step)
 
@@ -142,12 +145,37 @@ def test_a_costly_scalar_that_a_loop_reads_is_computed_once():
         assert torch.equal(got, want)
 
 
+class MlpRun(NamedTuple):
+    params: list[torch.Tensor]
+    scheduler_nodes: list[int]
+    code: str
+    dtype_rule_builds: int
+
+
+@contextlib.contextmanager
+def counting_dtype_rule_builds(builds: list[int]):
+    """Inside, each time Inductor's dtype propagation handler builds its rules appends 1 to `builds`."""
+    from torch._inductor.dtype_propagation import DtypePropagationOpsHandler
+
+    build = DtypePropagationOpsHandler.__init__
+
+    def counting(self) -> None:
+        builds.append(1)
+        build(self)
+
+    DtypePropagationOpsHandler.__init__ = counting
+    try:
+        yield
+    finally:
+        DtypePropagationOpsHandler.__init__ = build
+
+
 @functools.cache
-def mlp_adamw_run(without: tuple[str, ...] = ()):
+def mlp_adamw_run(without: tuple[str, ...] = ()) -> MlpRun:
     """Three AdamW steps of an MLP through Inductor (fresh cache); the parameters, the
-    scheduler's node count, and the generated code. `without`: the lowering's choices
-    (`LOWERING_CHOICES`) turned off. Cached: three tests read the run as shipped, and none
-    changes what it returns."""
+    scheduler's node count, the generated code, and how often the dtype rules were built.
+    `without`: the lowering's choices (`LOWERING_CHOICES`) turned off. Cached: three tests read
+    the run as shipped, and none changes what it returns."""
     with lowering_without(*without):
         torch.manual_seed(0)
         model = MLP((16, 32, 32, 4))
@@ -157,17 +185,18 @@ def mlp_adamw_run(without: tuple[str, ...] = ()):
         batches = [(torch.randn(8, 16, generator=generator), torch.randn(8, 4, generator=generator))
                    for _ in range(3)]
         counts: list[int] = []
-        with fresh_inductor_cache(), counting_scheduler_nodes(counts):
+        builds: list[int] = []
+        with fresh_inductor_cache(), counting_scheduler_nodes(counts), counting_dtype_rule_builds(builds):
             _, sources = run_and_get_code(step, *batches[0])
     for batch in batches[1:]:
         step(*batch)
-    return [p.detach().clone() for p in model.parameters()], counts, "\n".join(sources)
+    return MlpRun([p.detach().clone() for p in model.parameters()], counts, "\n".join(sources), len(builds))
 
 
 @pytest.mark.inductor
 def test_inductor_keeps_the_update_inlined_with_the_same_bits():
-    params, counts, code = mlp_adamw_run()
-    params_before, counts_before, _ = mlp_adamw_run(without=tuple(LOWERING_CHOICES))
+    params, counts, code, _ = mlp_adamw_run()
+    params_before, counts_before, _, _ = mlp_adamw_run(without=tuple(LOWERING_CHOICES))
     for got, want in zip(params, params_before):
         assert torch.equal(got, want)
     # With the writes at the end, each of the 6 parameters' bias corrections and moments left
@@ -190,8 +219,8 @@ def kernel_arguments(code: str) -> list[int]:
 def code_with_and_without(choice: str) -> tuple[str, str]:
     """The MLP's generated code as shipped and without the lowering's `choice`, once both
     runs are seen to leave the same parameters, bit for bit."""
-    params, _, code = mlp_adamw_run()
-    params_without, _, code_without = mlp_adamw_run(without=(choice,))
+    params, _, code, _ = mlp_adamw_run()
+    params_without, _, code_without, _ = mlp_adamw_run(without=(choice,))
     for got, want in zip(params, params_without):
         assert torch.equal(got, want)
     return code, code_without
@@ -264,6 +293,9 @@ def test_dtype_rules_built_once_leave_the_generated_code_as_it_was():
     # The AOT ID counts the graphs AOTAutograd compiled in the process; the rest is the same.
     without_id = [re.sub(r"# AOT ID: .*", "", text) for text in (code, code_rules_per_op)]
     assert without_id[0] == without_id[1]
+    # The compile builds the rules once; without, once for every op it writes.
+    assert mlp_adamw_run().dtype_rule_builds == 1
+    assert mlp_adamw_run(without=("dtype_rules_built_once",)).dtype_rule_builds > 100
 
 
 def test_dtype_rules_are_built_again_only_when_a_rule_table_grows():
