@@ -1,7 +1,7 @@
 """Where a cold first call's time goes: lordo `Policy()` against PyTorch's compile recipe, by phase.
 
     python -m benchmarks.first_call [--repeats 3] [--quick] [--json PATH]
-        [--warm | --fresh-processes [--variants VARIANT ...]]
+        [--warm | [--in-process] [--variants VARIANT ...]]
 
 Variants, each a fresh tiny GPT with AdamW (batch 16x128), built as benchmarks.step_time builds them:
 - "torch.compile recipe": `torch.compile(model.loss)`, eager `loss.backward()`, a compiled
@@ -21,12 +21,13 @@ Variants, each a fresh tiny GPT with AdamW (batch 16x128), built as benchmarks.s
 The last six turn those choices off for the call (`lordo_compile.testing.lowering_without`):
 an ablation, not an option users have.
 
-Every first call is cold (dynamo reset, a fresh Inductor cache); the variants go round robin,
-`--repeats` times, in one process, and each figure is the median over the repeats.
-`--fresh-processes`: each first call in a new Python process instead (with an empty cache
-directory), as a job starts; a process's one-time costs then fall on every variant alike, and
-a variant's figure does not depend on what ran before it. `--variants` picks some of them (the
-recipe always runs: ratios are to it). Phases are
+Every first call is cold: each in a new Python process with an empty Inductor cache directory,
+as a job starts; the variants go round robin, `--repeats` times, and each figure is the median
+over the repeats. A process's one-time costs so fall on every variant alike, and a variant's
+figure does not depend on what ran before it. `--in-process`: all first calls in this one
+process instead (dynamo reset and a fresh cache directory before each; the first variant pays
+the process's one-time costs). `--variants` picks some of them (the recipe always runs: ratios
+are to it). Phases are
 Inductor's and AOTAutograd's own timers (`torch._dynamo.utils.compilation_time_metrics`), summed
 over the graphs of a call (the recipe has three: the loss's forward and backward, and the
 update): `aot_s` AOTAutograd and Inductor together, `lowering_s` Inductor's lowering of the aten
@@ -184,7 +185,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--warm", action="store_true", help="first calls from a cache an earlier process filled")
-    parser.add_argument("--fresh-processes", action="store_true", help="each cold first call in a new process")
+    parser.add_argument("--in-process", action="store_true",
+                        help="every cold first call in this process (default: each in a new one)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, metavar="VARIANT",
                         help="some of the variants (the recipe always runs): " + "; ".join(VARIANTS))
     parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -200,19 +202,19 @@ def main(argv=None) -> dict:
         print(json.dumps(first_call(cfg, args.one, batch, fresh_cache=False)))
         return {}
     names = [RECIPE, *[name for name in VARIANTS if name != RECIPE and name in (args.variants or VARIANTS)]]
-    if args.warm and (args.variants or args.fresh_processes):
+    if args.warm and (args.variants or args.in_process):
         parser.error("--warm times the recipe and Policy() in new processes already; "
-                     "drop --variants and --fresh-processes")
+                     "drop --variants and --in-process")
     if args.warm:
         rows = round_robin(WARM_VARIANTS, args.repeats, lambda name: cold_then_warm(name, args.quick), "warm_s")
-    elif args.fresh_processes:
-        rows = round_robin(names, args.repeats, lambda name: in_fresh_process(name, args.quick), "first_call_s")
-    else:
+    elif args.in_process:
         rows = round_robin(names, args.repeats, lambda name: first_call(cfg, name, batch), "first_call_s")
+    else:
+        rows = round_robin(names, args.repeats, lambda name: in_fresh_process(name, args.quick), "first_call_s")
     print(f"\ntiny GPT ({sum(p.numel() for p in TinyGPT(cfg).parameters()):,} parameters), batch {batch_size}x"
           f"{cfg.block_size}, AdamW, {torch.get_num_threads()} threads: "
           + ("first calls of a new process from a filled cache" if args.warm
-             else "cold first calls, each in a new process" if args.fresh_processes else "cold first calls")
+             else "cold first calls in this process" if args.in_process else "cold first calls, each in a new process")
           + f", median of {args.repeats} round-robin repeats")
     extra = [("cold_s", "cold s", ".1f")] if args.warm else []
     print_table(rows, [("variant", "variant", "<26"), ("first_call_s", "1st call s", ".1f"), *extra,
@@ -223,7 +225,7 @@ def main(argv=None) -> dict:
     by_variant = {row["variant"]: row for row in rows}
     key = "warm_first_call_ratio_vs_torch_compile" if args.warm else "first_call_ratio_vs_torch_compile"
     result = {"rows": rows, "repeats": args.repeats, "batch": [batch_size, cfg.block_size], "warm": args.warm,
-              "fresh_processes": args.fresh_processes,
+              "fresh_processes": not (args.warm or args.in_process),
               key: by_variant[LORDO]["ratio_vs_recipe"] if LORDO in by_variant else None, "torch": torch.__version__,
               "threads": torch.get_num_threads()}
     write_json(args.json, result)

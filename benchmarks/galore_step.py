@@ -2,18 +2,21 @@
 
     python -m benchmarks.galore_step [--rank 16] [--gap 10] [--steps 40] [--batch 16] [--quick] [--json PATH]
 
-Four variants, each a fresh model with the same initialisation, on the same batches, timed
+Five variants, each a fresh model with the same initialisation, on the same batches, timed
 round robin (one step of each in turn) after `--warmup` untimed rounds:
 - "eager AdamW": dense, torch.optim as it comes;
 - "galore-torch GaLoreAdamW": galore-torch's own optimizer (proj_type "std"), eager;
 - "lordo Policy()": dense, compiled (Inductor);
-- "lordo GaLore": `Policy.galore(rank, update_proj_gap=gap)`, compiled.
+- "lordo GaLore": `Policy.galore(rank, update_proj_gap=gap)`, compiled;
+- "lordo GaLore, gradient formed": the same without `passes.projection.project_from_factors`
+  (each projected weight's gradient formed, then projected; `lowering_without`), an ablation.
 Both GaLores project the same matrices (the transformer blocks' linear weights) with the
 same rank, gap and scale 0.25, and refresh at the same steps (0, gap, 2 gap, ...): each
 one's refresh steps are timed apart from its ordinary steps. `ordinary_vs_dense`: our
 ordinary GaLore step over our dense step (the target is <= 1.0); `amortized_vs_dense`
 adds the refresh's extra time spread over `--amortize-gap` steps (200, the preset's
-default gap); `ratio_vs_galore_torch`: ours over galore-torch's, ordinary steps.
+default gap); `ratio_vs_galore_torch`: ours over galore-torch's, ordinary steps;
+`from_factors_gain`: our ordinary GaLore step over the ablation's.
 `--quick`: a smoke run (a 2-layer GPT of width 32, rank 4, 6 steps, refresh every 3).
 """
 
@@ -27,11 +30,12 @@ import torch
 
 import lordo_compile as lc
 from lordo_compile.models import GPTConfig, TinyGPT
-from lordo_compile.testing import galore_torch_adamw, training_step
+from lordo_compile.testing import galore_torch_adamw, lowering_without, training_step
 
 from .common import QUICK_GPT, batches, print_table, timing_arguments, write_json
 
 LR, WD, SCALE = 1e-3, 0.1, 0.25
+FORMED = "lordo GaLore, gradient formed"
 
 
 def _model(cfg: GPTConfig) -> TinyGPT:
@@ -45,7 +49,8 @@ def _projected(model: TinyGPT) -> list[torch.Tensor]:
 
 
 def variants(cfg: GPTConfig, rank: int, gap: int) -> dict:
-    """name -> (step, is_refresh(k) for 0-based call k, or None where no step refreshes)."""
+    """name -> (step, is_refresh(k) for 0-based call k or None where no step refreshes, the
+    choices of `lowering_without` its first call turns off)."""
     dense = _model(cfg)
     eager = training_step(dense.loss, torch.optim.AdamW(dense.parameters(), lr=LR, weight_decay=WD))
 
@@ -61,15 +66,17 @@ def variants(cfg: GPTConfig, rank: int, gap: int) -> dict:
     compiled = _model(cfg)
     ours_dense = lc.compile(training_step(compiled.loss, torch.optim.AdamW(compiled.parameters(), lr=LR,
                                                                            weight_decay=WD)), lc.Policy())
-    low = _model(cfg)
-    ours = lc.compile(training_step(low.loss, torch.optim.AdamW(low.parameters(), lr=LR, weight_decay=WD)),
-                      lc.Policy.galore(rank=rank, update_proj_gap=gap, scale=SCALE))
+    def ours_galore():
+        low = _model(cfg)
+        return lc.compile(training_step(low.loss, torch.optim.AdamW(low.parameters(), lr=LR, weight_decay=WD)),
+                          lc.Policy.galore(rank=rank, update_proj_gap=gap, scale=SCALE))
 
     def refreshes(k: int) -> bool:
         return k % gap == 0
 
-    return {"eager AdamW": (eager, None), "galore-torch GaLoreAdamW": (galore_torch, refreshes),
-            "lordo Policy()": (ours_dense, None), "lordo GaLore": (ours, refreshes)}
+    return {"eager AdamW": (eager, None, ()), "galore-torch GaLoreAdamW": (galore_torch, refreshes, ()),
+            "lordo Policy()": (ours_dense, None, ()), "lordo GaLore": (ours_galore(), refreshes, ()),
+            FORMED: (ours_galore(), refreshes, ("project_from_factors",))}
 
 
 def main(argv=None) -> dict:
@@ -87,14 +94,16 @@ def main(argv=None) -> dict:
     data = batches(cfg, args.batch, args.steps + args.warmup + 1)
     steps_of = variants(cfg, args.rank, args.gap)
     first = {}
-    for name, (step, _) in steps_of.items():
-        started = time.perf_counter()
-        step(*data[0])
-        first[name] = time.perf_counter() - started
+    for name, (step, _, turned_off) in steps_of.items():
+        # The step's graphs are captured at its first call, with the lowerings its passes ask.
+        with lowering_without(*turned_off):
+            started = time.perf_counter()
+            step(*data[0])
+            first[name] = time.perf_counter() - started
     ordinary: dict[str, list[float]] = {name: [] for name in steps_of}
     refresh: dict[str, list[float]] = {name: [] for name in steps_of}
     for k, batch in enumerate(data[1:], start=1):
-        for name, (step, refreshes) in steps_of.items():
+        for name, (step, refreshes, _) in steps_of.items():
             started = time.perf_counter()
             step(*batch)
             if k > args.warmup:
@@ -115,6 +124,7 @@ def main(argv=None) -> dict:
         "amortized_vs_dense": amortized / ms[dense],
         "amortize_gap": args.amortize_gap,
         "ratio_vs_galore_torch": ms[ours] / ms["galore-torch GaLoreAdamW"],
+        "from_factors_gain": ms[ours] / ms[FORMED],
         "refresh_vs_galore_torch": refresh_ms[ours] / refresh_ms["galore-torch GaLoreAdamW"],
         "ms": ms, "refresh_ms": refresh_ms, "first_call_s": first,
         "rank": args.rank, "gap": args.gap, "batch": [args.batch, cfg.block_size], "threads": torch.get_num_threads(),
@@ -122,7 +132,8 @@ def main(argv=None) -> dict:
     print(f"our GaLore: ordinary step {result['ordinary_vs_dense']:.3f}x our dense step, "
           f"{result['amortized_vs_dense']:.3f}x with the refresh amortized over {args.amortize_gap} steps; "
           f"{result['ratio_vs_galore_torch']:.3f}x galore-torch's ordinary step, "
-          f"{result['refresh_vs_galore_torch']:.3f}x its refresh")
+          f"{result['refresh_vs_galore_torch']:.3f}x its refresh; {result['from_factors_gain']:.3f}x the step with "
+          "each gradient formed before its projection")
     write_json(args.json, result)
     return result
 

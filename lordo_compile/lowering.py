@@ -28,8 +28,9 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 # one buffer, trying each node with the next `max_fusion_buffer_group_pairwise_attempts` (64 by
 # default) in every fusion round. Every node of a whole-step update reads the hyperparameters (and
 # any flag that guards the writes), so those groups hold hundreds of nodes: on the tiny GPT, 16 cuts the
-# scheduler's time from 14.1 to 7.8 s of a cold first call (python -m benchmarks.first_call); the
-# step computes the same bits (tests/test_lowering.py).
+# scheduler's time from 7.2 to 4.8 s of a cold first call (python -m benchmarks.first_call,
+# benchmarks/results/first_call_processes.json); the step computes the same bits
+# (tests/test_lowering.py).
 INDUCTOR_CONFIG = {"max_fusion_buffer_group_pairwise_attempts": 16}
 # The most arguments one C++ function of Inductor's CPU code may take (Inductor's own bound: 500);
 # see `bounded_cpu_kernel_groups`. None: Inductor's bound.
@@ -249,10 +250,10 @@ def dtype_rules_built_once() -> Iterator[None]:
     handler is one shared object, but its `__init__` sets its ~700 rules again at each call,
     allocating them anew and freeing the old ones, and in some processes the allocator then maps
     and unmaps memory at every call. Built per op, the tiny GPT's kernel source took 27.8 s of a
-    cold first call, against 13.2 s built once (`python -m benchmarks.first_call
-    --fresh-processes`, README "Measured"). The rules come from Inductor's tables, which only
-    grow as ops register, so they are built again when a table's length changes. The generated
-    code is the same (tests/test_lowering.py)."""
+    cold first call, against 13.2 s built once (`python -m benchmarks.first_call`, README
+    "Measured"). The rules come from Inductor's tables, which only grow as ops register, so they
+    are built again when a table's length changes. The generated code is the same
+    (tests/test_lowering.py)."""
     from torch._inductor import dtype_propagation, utils
     from torch._inductor.codegen import common
 

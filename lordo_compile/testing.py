@@ -47,30 +47,44 @@ def _unchanged(graph) -> None:
     return None
 
 
+def _projects_nothing(aten, inputs: int, positions: list[int]) -> int:
+    return 0
+
+
 # The lowering's choices for Inductor: each a name in `lordo_compile.lowering`, and what stands
 # in for it when it is turned off.
 LOWERING_CHOICES = {"write_inputs_when_computed": _unchanged, "compute_scalars_once": _unchanged,
                     "INDUCTOR_CONFIG": {}, "CPU_KERNEL_GROUP_ARGS": None,
                     "dtype_rules_built_once": contextlib.nullcontext}
+# Aten rewrites passes ask of code generation (any compiler): each a name in a module of
+# `lordo_compile.passes`, and what stands in for it when it is turned off.
+PASS_LOWERING_CHOICES = {"project_from_factors": ("projection", _projects_nothing)}
 
 
 @contextlib.contextmanager
 def lowering_without(*choices: str):
-    """Inside, steps compiled with Inductor are lowered without the named `LOWERING_CHOICES`:
-    an ablation for tests and benchmarks, not an option users have."""
+    """Inside, steps compiled are lowered without the named `LOWERING_CHOICES` (Inductor) or
+    `PASS_LOWERING_CHOICES`: an ablation for tests and benchmarks, not an option users have.
+    A pass's choice is read when a step is captured: capture inside too."""
+    import importlib
+
     from . import lowering
 
-    unknown = sorted(set(choices) - set(LOWERING_CHOICES))
+    unknown = sorted(set(choices) - set(LOWERING_CHOICES) - set(PASS_LOWERING_CHOICES))
     if unknown:
-        raise ValueError(f"unknown lowering choices {unknown}; choose from {sorted(LOWERING_CHOICES)}")
-    saved = {name: getattr(lowering, name) for name in choices}
-    for name in choices:
-        setattr(lowering, name, LOWERING_CHOICES[name])
+        raise ValueError(f"unknown lowering choices {unknown}; choose from "
+                         f"{sorted([*LOWERING_CHOICES, *PASS_LOWERING_CHOICES])}")
+    homes = {name: (lowering, LOWERING_CHOICES[name]) if name in LOWERING_CHOICES else
+             (importlib.import_module(f"{__package__}.passes.{PASS_LOWERING_CHOICES[name][0]}"),
+              PASS_LOWERING_CHOICES[name][1]) for name in choices}
+    saved = {name: getattr(module, name) for name, (module, _) in homes.items()}
+    for name, (module, stand_in) in homes.items():
+        setattr(module, name, stand_in)
     try:
         yield
     finally:
         for name, value in saved.items():
-            setattr(lowering, name, value)
+            setattr(homes[name][0], name, value)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ def test_channels_log_passes_graphs_and_comm(monkeypatch, caplog):
     for record in caplog.records:
         by_channel.setdefault(record.channel, []).append(record.getMessage())
     assert any(line.startswith("pass low_rank:") for line in by_channel["passes"])
-    assert any("lordo.galore_adamw(" in line for line in by_channel["graphs"])
+    assert any("lordo.galore_adamw_projected(" in line for line in by_channel["graphs"])
     assert by_channel["comm"][0].split()[:2] == ["graph", "runs"]
 
 

@@ -76,13 +76,6 @@ _ADAM = dict(
 )
 
 
-@define_op("galore_adamw", **_ADAM, doc="AdamW whose moments live on the projected gradient")
-def galore_adamw(param, grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps, weight_decay,
-                 *, scale, tall, numerics, maximize):
-    return _galore_adam(param, grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps,
-                        weight_decay, scale=scale, tall=tall, numerics=numerics, maximize=maximize, decoupled=True)
-
-
 @define_op("galore_adam", **_ADAM, doc="Adam (L2 decay in the gradient) with projected moments")
 def galore_adam(param, grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps, weight_decay,
                 *, scale, tall, numerics, maximize):
@@ -91,7 +84,7 @@ def galore_adam(param, grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, b
 
 
 @define_op("galore_adamw_projected", **_ADAM, projected_gradient=True,
-           doc="AdamW on a gradient already projected (and averaged): low-rank DDP's update")
+           doc="AdamW whose moments live on the projected gradient it reads (averaged, under low-rank DDP)")
 def galore_adamw_projected(param, projected_grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps,
                            weight_decay, *, scale, tall, numerics, maximize):
     return _galore_adam(param, projected_grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps,

@@ -204,11 +204,11 @@ def _lordo(site, outputs, error):
 # How the rounding error enters the momentum of each update rule ECO takes.
 _INJECTIONS = {
     "adamw": _adamw, "sgd_momentum": _sgd_momentum,
-    "galore_adamw": _projected_adam, "galore_adamw_projected": _projected_adam,
+    "galore_adamw_projected": _projected_adam,
     "galore_sgd_momentum": _projected_sgd_momentum,
     "lordo_adamw": _lordo, "lordo_adamw_full": _lordo,
 }
-_PROJECTED = {"galore_adamw", "galore_adamw_projected", "galore_sgd_momentum", "lordo_adamw", "lordo_adamw_full"}
+_PROJECTED = {"galore_adamw_projected", "galore_sgd_momentum", "lordo_adamw", "lordo_adamw_full"}
 
 
 def _rebuild_weights(graph: TrainGraph, storage: ECOStorage, chosen: list[str]) -> None:

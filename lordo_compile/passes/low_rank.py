@@ -2,20 +2,27 @@
 
     before:
         adamw = lordo.adamw(W, grad_W, exp_avg_W, exp_avg_sq_W, step_W, lr, ...)   # m x n moments
-    after (every step):
-        adamw = lordo.galore_adamw(W, grad_W, low_rank_exp_avg_W, low_rank_exp_avg_sq_W,
-                                   step_W, low_rank_projection_W, lr, ..., scale=a, tall=...)  # r x n moments
+    after (every step), AdamW:
+        projected_grad_W = torch.matmul(grad_W, low_rank_projection_W)     # before the first update
+        adamw = lordo.galore_adamw_projected(W, projected_grad_W, low_rank_exp_avg_W,
+                    low_rank_exp_avg_sq_W, step_W, low_rank_projection_W, lr, ..., scale=a, tall=...)
+    after (every step), Adam (L2 decay in the gradient) and SGD with momentum:
+        update = lordo.galore_adam(W, grad_W, ..., low_rank_projection_W, ...)   # projects inside
     after, on event "refresh" (every `update_proj_gap` steps, from step 0; for the "subspace"
     method, an exact SVD on "init" and warm-started iterations from step T):
         projection = lordo.low_rank_projection(grad_W, low_rank_projection_W, ...)
-        low_rank_projection_W.copy_(projection[0])
         failures.copy_(failures + sum over matrices of ~projection[1])   # once, after the last refresh
+        projected_grad_W = torch.matmul(grad_W, projection[0])
         [moments carried to the new basis: lordo.low_rank_carry, when on_refresh != "keep"]
-        adamw = lordo.galore_adamw(..., projection[0], ...)
+        adamw = lordo.galore_adamw_projected(..., projection[0], ...)
+        low_rank_projection_W.copy_(projection[0])
 
 The refresh reads the gradient the update reads: after any averaging or correction an
 earlier stage made, so with DDP every worker refreshes alike and under local SGD each
-worker keeps its own projection.
+worker keeps its own projection. An ordinary AdamW step reads the full gradient only to
+project it, and the non-finite check reads the projected gradient: code generation then
+takes the projection from the factors of the gradient's product, dY^T (X P) rather than
+(dY^T X) P, and never forms the gradient (`projection.project_from_factors`).
 
 The full-size moments are released from the optimizer before capture (`releases`), so
 the optimizer holds nothing for those parameters but `step`; the low-rank moments,
@@ -33,13 +40,13 @@ import torch.fx as fx
 from ..graph import ROLE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, tag
 from ..ops import op_named
 from ..ops.low_rank import METHODS, NUMERICS, ON_REFRESH, low_rank_carry
-from .manager import INIT, Event, PassResult, PassRuntime, Program, Stage, register_pass
-from .projection import refreshed_projection, write_projection
+from .manager import INIT, Event, PassResult, Program, Stage, register_pass
+from .projection import ProjectsFromFactors, projected_gradient, refreshed_projection, write_projection
 from .select import choose_matrix, validate_selector
 
 # The optimizer update each low-rank update replaces, and the state it takes over.
 _REPLACES = {
-    "adamw": ("galore_adamw", ("exp_avg", "exp_avg_sq")),
+    "adamw": ("galore_adamw_projected", ("exp_avg", "exp_avg_sq")),
     "adam": ("galore_adam", ("exp_avg", "exp_avg_sq")),
     "sgd_momentum": ("galore_sgd_momentum", ("momentum_buffer",)),
 }
@@ -156,29 +163,59 @@ def plan_matrices(option: LowRank, graph: TrainGraph) -> tuple[list[MatrixPlan],
 _FAILURES = StateSpec(name="low_rank.projection_failures", shape=(), dtype=torch.int64, owner="low_rank")
 
 
-def _rewrite(graph: TrainGraph, site: UpdateSite, plan: MatrixPlan, option: LowRank,
-             refresh: str | None) -> fx.Node | None:
-    """Replace one update by its low-rank form; with `refresh` ("first" or "later"), compute a
-    new projection first and return whether that projection failed."""
+@dataclass
+class Prepared:
+    """What an update's low-rank form reads, computed before the first update: its state, the
+    projection it uses (refreshed on a refresh), whether a refresh failed, and its gradient
+    (projected where the update reads it projected)."""
+
+    state: dict[str, fx.Node]
+    projection: fx.Node
+    failed: fx.Node | None
+    grad: fx.Node
+
+
+def _prepare(graph: TrainGraph, site: UpdateSite, plan: MatrixPlan, option: LowRank, refresh: str | None,
+             first: fx.Node) -> Prepared:
+    """The state, refreshed projection and gradient of one update, inserted before `first` (the
+    first update of the graph) or, for a gradient computed later, after it."""
     g = graph.graph
     p = plan.site_param
     state = {key: graph.add_state(spec) for key, spec in plan.specs.items()}
-    projection = state["projection"]
-    moments = {key: state[key] for key in _REPLACES[site.op.name][1]}
-    with g.inserting_before(site.node):
-        use_projection = projection
+    grad = site.input("grad")
+    order = {n: i for i, n in enumerate(g.nodes)}
+    with g.inserting_before(first if order[grad] < order[first] else grad.next):
+        projection, failed = state["projection"], None
         if refresh is not None:
             method = "svd" if refresh == "first" else option.method
-            use_projection, finite = refreshed_projection(
-                graph, p, site.input("grad"), projection, state.get("sketch"), rank=option.rank, tall=plan.tall,
+            projection, finite = refreshed_projection(
+                graph, p, grad, projection, state.get("sketch"), rank=option.rank, tall=plan.tall,
                 method=method, power_iterations=option.power_iterations)
-            if option.on_refresh != "keep" and refresh != "first":
-                for key, moment in list(moments.items()):
-                    carried = g.call_function(
-                        low_rank_carry, (moment, projection, use_projection),
-                        {"tall": plan.tall, "squared": key in _SQUARED, "mode": option.on_refresh},
-                    )
-                    moments[key] = tag(carried, Role.OPTIMIZER_UPDATE, p, key, name=f"carried_{key}_{p}")
+            failed = tag(g.call_function(torch.ops.aten.logical_not.default, (finite,)), Role.OPTIMIZER_UPDATE,
+                         p, name=f"projection_failed_{p}")
+        if op_named(plan.replacement).projected_gradient:
+            # Projected here, before the first update, the full gradient is read only to be
+            # projected (the non-finite check reads the projection too), and code generation
+            # may take the projection from the gradient's factors (`ProjectsFromFactors`).
+            grad = projected_gradient(graph, p, grad, projection, tall=plan.tall, dtype=plan.info.dtype)
+    return Prepared(state, projection, failed, grad)
+
+
+def _rewrite(graph: TrainGraph, site: UpdateSite, plan: MatrixPlan, option: LowRank, refresh: str | None,
+             prepared: Prepared) -> None:
+    """Replace one update by its low-rank form, reading what `_prepare` computed."""
+    g = graph.graph
+    p = plan.site_param
+    state = prepared.state
+    moments = {key: state[key] for key in _REPLACES[site.op.name][1]}
+    with g.inserting_before(site.node):
+        if option.on_refresh != "keep" and refresh == "later":
+            for key, moment in list(moments.items()):
+                carried = g.call_function(
+                    low_rank_carry, (moment, state["projection"], prepared.projection),
+                    {"tall": plan.tall, "squared": key in _SQUARED, "mode": option.on_refresh},
+                )
+                moments[key] = tag(carried, Role.OPTIMIZER_UPDATE, p, key, name=f"carried_{key}_{p}")
         step = site.input("step") if "step" in site.op.state else None
         if step is not None and option.on_refresh == "reset" and refresh == "later":
             step = tag(g.call_function(torch.ops.aten.zeros_like.default, (step,)), Role.OPTIMIZER_UPDATE, p, "step",
@@ -189,9 +226,11 @@ def _rewrite(graph: TrainGraph, site: UpdateSite, plan: MatrixPlan, option: LowR
             if key in moments:
                 args.append(moments[key])
             elif key == "projection":
-                args.append(use_projection)
+                args.append(prepared.projection)
             elif key == "step":
                 args.append(step)
+            elif key == "grad":
+                args.append(prepared.grad)
             else:
                 args.append(site.input(key))
         kwargs = {"scale": float(option.scale), "tall": plan.tall, **site.node.kwargs}
@@ -207,13 +246,8 @@ def _rewrite(graph: TrainGraph, site: UpdateSite, plan: MatrixPlan, option: LowR
                 write.args = (state[key], output)
     if refresh is not None:
         # After the update: every read of the old projection (carries, the update) precedes it.
-        # (Inserting before a fixed node keeps creation order.)
         with g.inserting_before(new.next):
-            failed = tag(g.call_function(torch.ops.aten.logical_not.default, (finite,)), Role.OPTIMIZER_UPDATE,
-                         p, name=f"projection_failed_{p}")
-            write_projection(graph, p, projection, use_projection)
-        return failed
-    return None
+            write_projection(graph, p, state["projection"], prepared.projection)
 
 
 def _count_failures(graph: TrainGraph, failed: list[fx.Node]) -> None:
@@ -240,9 +274,10 @@ def _events(option: LowRank) -> tuple[Event, ...]:
     return (Event("refresh", every=option.update_proj_gap, first=0),)
 
 
-class ProjectionWatch(PassRuntime):
+class ProjectionWatch(ProjectsFromFactors):
     """After a step that refreshed projections, reads the failure counter (one host read) and
-    warns once if a non-finite gradient made a refresh keep its previous projection."""
+    warns once if a non-finite gradient made a refresh keep its previous projection; asks code
+    generation to project gradients from their factors (`ProjectsFromFactors`)."""
 
     def __init__(self, option: LowRank, context) -> None:
         super().__init__(option, context)
@@ -296,10 +331,12 @@ def low_rank(program: Program, option: LowRank) -> PassResult:
     else:
         refresh = None
     by_param = {plan.site_param: plan for plan in plans}
-    failed = [_rewrite(graph, site, by_param[site.param], option, refresh)
-              for site in graph.updates() if site.param in by_param]
+    sites = [site for site in graph.updates() if site.param in by_param]
+    prepared = [_prepare(graph, site, by_param[site.param], option, refresh, sites[0].node) for site in sites]
+    for site, ready in zip(sites, prepared):
+        _rewrite(graph, site, by_param[site.param], option, refresh, ready)
     if refresh is not None:
-        _count_failures(graph, failed)
+        _count_failures(graph, [ready.failed for ready in prepared])
     summary = tuple(
         f"low-rank: {plan.site_param} {list(plan.info.shape)} -> {'tall' if plan.tall else 'wide'}, "
         f"moments {list(plan.specs[next(iter(plan.specs))].shape)}" for plan in plans

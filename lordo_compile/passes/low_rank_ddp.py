@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..graph import ROLE, STATE, Role, TrainGraph, tag
 from ..ops import op_named
 from .collectives import (
@@ -30,7 +28,7 @@ from .collectives import (
 )
 from .low_rank import LowRank, MatrixPlan, plan_matrices
 from .manager import Conflict, Event, PassResult, Program, Stage, register_pass
-from .projection import refreshed_projection, write_projection
+from .projection import ProjectsFromFactors, projected_gradient, refreshed_projection, write_projection
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,9 +83,8 @@ def _rewrite(graph: TrainGraph, plans: list[MatrixPlan], option: LowRankDDP, gro
                     method=low_rank.method, power_iterations=low_rank.power_iterations)
                 write_projection(graph, site.param, nodes["projection"], projection)
             projections[site.param] = projection
-            transposed = g.call_method("t", (projection,))
-            r = g.call_function(torch.matmul, (grad, projection) if plan.tall else (transposed, grad))
-            sends.append(tag(r, Role.GRADIENT, site.param, name=f"projected_grad_{site.param}"))
+            sends.append(projected_gradient(graph, site.param, grad, projection, tall=plan.tall,
+                                            dtype=plan.info.dtype))
     if refresh:
         averaged = sends
     else:
@@ -122,7 +119,7 @@ def _events(option: LowRankDDP) -> tuple[Event, ...]:
 
 
 @register_pass("low_rank_ddp", stage=Stage.COMBINE, option="low_rank_ddp", option_type=LowRankDDP,
-               releases=_releases, events=_events, conflicts={
+               releases=_releases, events=_events, runtime=ProjectsFromFactors, conflicts={
                    "sync": Conflict(EVERY_STEP_AND_PERIODIC, over_two_levels),
                    "data_parallel": WORKERS_COMBINE, "lordo": WORKERS_COMBINE,
                    "low_rank": "low-rank DDP is GaLore with its projected gradient averaged; both would own the "
@@ -133,7 +130,7 @@ def low_rank_ddp(program: Program, option: LowRankDDP) -> PassResult:
     graph = program.graph
     removed = remove_gradient_all_reduces(graph.graph, "Policy.low_rank_ddp")
     plans, dense = plan_matrices(option.low_rank, graph)
-    plans = [p for p in plans if p.replacement == "galore_adamw"]
+    plans = [p for p in plans if p.replacement == "galore_adamw_projected"]
     if not plans:
         raise ValueError("low-rank DDP selected no AdamW matrix. Left dense: " + "; ".join(dense))
     for plan in plans:

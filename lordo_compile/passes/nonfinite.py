@@ -174,7 +174,8 @@ def _guard(graph: TrainGraph) -> None:
         # step (RECEIVED), a bad step here is this worker's alone, found at its next sync.
         receives = any(n.meta.get(ROLE) == Role.COLLECTIVE for n in payloads)
         received = [_largest_received(graph, payloads, poison)]
-    labels = (RECEIVED,) * len(received) + ("loss",) + tuple(f"gradient of {s.param}" for s in sites)
+    labels = (RECEIVED,) * len(received) + ("loss",) + tuple(
+        f"{'projected ' if s.op.projected_gradient else ''}gradient of {s.param}" for s in sites)
     flags_state = graph.add_state(StateSpec(name=FLAGS.name, shape=(len(labels),), dtype=torch.bool,
                                             owner=FLAGS.owner, init="ones", holds="scratch"))
     skipped = graph.add_state(SKIPPED)

@@ -1,8 +1,11 @@
-"""The projection-refresh node GaLore, low-rank DDP and LoRDO share; not a pass itself.
+"""The projection nodes GaLore, low-rank DDP and LoRDO share; not a pass itself.
 
     computed = lordo.low_rank_projection(source, projection, sketch, rank=r, tall=..., method=...)
     new_projection = computed[0]        # r leading singular vectors of the source's smaller side
     projection_finite = computed[1]     # False: the source was not finite, the old projection kept
+
+    projected_grad = torch.matmul(grad, projection)         # tall: R = G P
+    projected_grad = torch.matmul(projection.t(), grad)     # wide: R = P^T G
 
 `source` is oriented as the weight (or is a sketch of it oriented so): its right singular
 vectors when tall, its left ones when wide, from one SVD of `source` itself, as galore-torch.
@@ -10,12 +13,15 @@ vectors when tall, its left ones when wide, from one SVD of `source` itself, as 
 
 from __future__ import annotations
 
+import functools
 import operator
 
+import torch
 import torch.fx as fx
 
-from ..graph import Role, TrainGraph, tag
+from ..graph import STATE, Role, TrainGraph, tag
 from ..ops.low_rank import low_rank_projection
+from .manager import Lowering, PassRuntime
 
 
 def refreshed_projection(graph: TrainGraph, param: str, source: fx.Node, projection: fx.Node,
@@ -38,3 +44,132 @@ def write_projection(graph: TrainGraph, param: str, projection: fx.Node, new: fx
     """`projection.copy_(new)` at the insertion point."""
     return tag(graph.graph.call_method("copy_", (projection, new)), Role.WRITEBACK, param, "projection",
                name=f"write_projection_{param}")
+
+
+def projected_gradient(graph: TrainGraph, param: str, grad: fx.Node, projection: fx.Node, *, tall: bool,
+                       dtype: torch.dtype) -> fx.Node:
+    """R = G P (tall) or P^T G (wide) at the insertion point, in float32 as the projection (a
+    gradient of another `dtype` is cast first, as the low-rank update ops cast it)."""
+    g = graph.graph
+    if dtype != torch.float32:
+        grad = g.call_method("to", (grad, torch.float32))
+    factors = (grad, projection) if tall else (g.call_method("t", (projection,)), grad)
+    return tag(g.call_function(torch.matmul, factors), Role.GRADIENT, param, name=f"projected_grad_{param}")
+
+
+_MM = torch.ops.aten.mm.default
+PROJECTION = "projection"
+
+
+class ProjectsFromFactors(PassRuntime):
+    """The run-time side of a pass whose updates read projected gradients: their projections
+    are formed from the factors of the gradients' products where that is cheaper."""
+
+    def lowering(self, graph: TrainGraph) -> Lowering | None:
+        return projections_from_factors(graph)
+
+
+def projections_from_factors(graph: TrainGraph) -> Lowering | None:
+    """The aten rewrite `project_from_factors` for `graph`'s projections (state named
+    "<owner>.projection.<parameter>"); None when it has none."""
+    placeholders = graph.placeholders()
+    positions = [i for i, node in enumerate(placeholders)
+                 if (node.meta.get(STATE) or "").split(".")[1:2] == [PROJECTION]]
+    if not positions:
+        return None
+    return Lowering((functools.partial(project_from_factors, inputs=len(placeholders), positions=positions),))
+
+
+def project_from_factors(aten: fx.GraphModule, inputs: int, positions: list[int]) -> int:
+    """Where an aten graph projects a matrix product that nothing else reads, R = (A B) P or
+    R = P^T (A B) with P one of the graph's inputs at `positions` (a projection), multiply as
+    A (B P) or (P^T A) B when that takes fewer multiplications; returns how many it rewrote.
+
+    Why: a linear layer's weight gradient is such a product, G = dY^T X (m x n), whose inner
+    side k is the batch's rows. Formed and projected, it costs m n (k + r) multiplications;
+    from its factors, r k (m + n), and G is never held. The result differs from the product
+    taken in the other order by rounding only. Changes nothing unless the graph has `inputs`
+    inputs (the step graph's, in order)."""
+    placeholders = [n for n in aten.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != inputs:
+        return 0
+    projections = {placeholders[i] for i in positions}
+    rewritten = 0
+    for node in [n for n in aten.graph.nodes if n.target is _MM]:
+        left, right = node.args
+        tall = _projection(right, projections) is not None
+        side = _projection(right if tall else left, projections)
+        found = _product(left if tall else right) if side is not None else None
+        if found is None:
+            continue
+        (a, b), transposed, chain = found
+        m, k = _shape(a)
+        n = _shape(b)[1]
+        rank = _shape(right)[1] if tall else _shape(left)[0]
+        if rank * k * (m + n) >= m * n * (k + rank):
+            continue
+        # At the product, where its factors are last read: a projection is an input, there already.
+        with aten.graph.inserting_before(chain[-1]):
+            if transposed:
+                a, b = _transposed(aten, b), _transposed(aten, a)
+            projection, projection_transposed = side
+            if projection_transposed:
+                projection = _transposed(aten, projection)
+            projected = _mm(aten, a, _mm(aten, b, projection)) if tall else _mm(aten, _mm(aten, projection, a), b)
+        node.replace_all_uses_with(projected)
+        for dead in [node, *chain]:
+            aten.graph.erase_node(dead)
+        rewritten += 1
+    if rewritten:
+        aten.graph.lint()
+        aten.recompile()
+    return rewritten
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.target is torch.ops.aten.t.default:
+        return True
+    return node.target is torch.ops.aten.permute.default and list(node.args[1]) == [1, 0]
+
+
+def _projection(node: fx.Node, projections: set[fx.Node]) -> tuple[fx.Node, bool] | None:
+    """(the projection, whether `node` is its transpose) when `node` is a projection or
+    transposes of one."""
+    transposed = False
+    while isinstance(node, fx.Node) and _is_transpose(node):
+        transposed = not transposed
+        node = node.args[0]
+    return (node, transposed) if node in projections else None
+
+
+def _product(node: fx.Node) -> tuple[tuple[fx.Node, fx.Node], bool, list[fx.Node]] | None:
+    """((A, B), whether `node` is (A B)^T rather than A B, the nodes from `node` to the product):
+    `node` is a matrix product or transposes of one, each read by the next alone."""
+    chain, transposed = [], False
+    while isinstance(node, fx.Node) and len(node.users) == 1:
+        chain.append(node)
+        if node.target is _MM:
+            return tuple(node.args), transposed, chain
+        if not _is_transpose(node):
+            return None
+        transposed = not transposed
+        node = node.args[0]
+    return None
+
+
+def _shape(node: fx.Node) -> tuple[int, int]:
+    return tuple(node.meta["val"].shape)
+
+
+def _transposed(aten: fx.GraphModule, node: fx.Node) -> fx.Node:
+    transposed = aten.graph.call_function(torch.ops.aten.permute.default, (node, [1, 0]))
+    transposed.meta["val"] = node.meta["val"].permute(1, 0)
+    return transposed
+
+
+def _mm(aten: fx.GraphModule, left: fx.Node, right: fx.Node) -> fx.Node:
+    product = aten.graph.call_function(_MM, (left, right))
+    product.meta["val"] = torch.ops.aten.mm.default(left.meta["val"], right.meta["val"])
+    return product

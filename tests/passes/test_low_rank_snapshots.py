@@ -28,18 +28,19 @@ class TestLowRankGraphs(expecttest.TestCase):
 +low_rank_exp_avg_sq_net_0_weight: f32[16, 4]  optimizer_state  [low_rank.exp_avg_sq.net.0.weight]  <low_rank>
 +low_rank_projection_net_0_weight: f32[8, 4]  optimizer_state  [low_rank.projection.net.0.weight]  <low_rank>
  input_1 = torch._C._nn.linear(x, net_0_weight, net_0_bias)  # f32[4, 16]  forward
-@@ -34,10 +37,10 @@
+@@ -34,10 +37,11 @@
  group0_weight_decay = group0_hyperparameters[4]  # f64[]  hyperparameter
 -adamw_net_0_weight = lordo.adamw(net_0_weight, grad_net_0_weight, exp_avg_net_0_weight, exp_avg_sq_net_0_weight, step_net_0_weight, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, maximize=False)  # (f32[16, 8], f32[0], f32[0], f32[])  optimizer_update
 -new_param_net_0_weight = adamw_net_0_weight[0]  # f32[16, 8]  optimizer_update
 -new_exp_avg_net_0_weight = adamw_net_0_weight[1]  # f32[0]  optimizer_update
 -new_exp_avg_sq_net_0_weight = adamw_net_0_weight[2]  # f32[0]  optimizer_update
 -new_step_net_0_weight = adamw_net_0_weight[3]  # f32[]  optimizer_update
-+galore_adamw_net_0_weight = lordo.galore_adamw(net_0_weight, grad_net_0_weight, low_rank_exp_avg_net_0_weight, low_rank_exp_avg_sq_net_0_weight, step_net_0_weight, low_rank_projection_net_0_weight, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, scale=0.25, tall=True, maximize=False, numerics='torch')  # (f32[16, 8], f32[16, 4], f32[16, 4], f32[])  optimizer_update  <low_rank>
-+new_param_net_0_weight = galore_adamw_net_0_weight[0]  # f32[16, 8]  optimizer_update
-+new_exp_avg_net_0_weight = galore_adamw_net_0_weight[1]  # f32[16, 4]  optimizer_update
-+new_exp_avg_sq_net_0_weight = galore_adamw_net_0_weight[2]  # f32[16, 4]  optimizer_update
-+new_step_net_0_weight = galore_adamw_net_0_weight[3]  # f32[]  optimizer_update
++projected_grad_net_0_weight = torch._VariableFunctionsClass.matmul(grad_net_0_weight, low_rank_projection_net_0_weight)  # f32[16, 4]  gradient  <low_rank>
++galore_adamw_projected_net_0_weight = lordo.galore_adamw_projected(net_0_weight, projected_grad_net_0_weight, low_rank_exp_avg_net_0_weight, low_rank_exp_avg_sq_net_0_weight, step_net_0_weight, low_rank_projection_net_0_weight, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, scale=0.25, tall=True, maximize=False, numerics='torch')  # (f32[16, 8], f32[16, 4], f32[16, 4], f32[])  optimizer_update  <low_rank>
++new_param_net_0_weight = galore_adamw_projected_net_0_weight[0]  # f32[16, 8]  optimizer_update
++new_exp_avg_net_0_weight = galore_adamw_projected_net_0_weight[1]  # f32[16, 4]  optimizer_update
++new_exp_avg_sq_net_0_weight = galore_adamw_projected_net_0_weight[2]  # f32[16, 4]  optimizer_update
++new_step_net_0_weight = galore_adamw_projected_net_0_weight[3]  # f32[]  optimizer_update
  write_param_net_0_weight = net_0_weight.copy_(new_param_net_0_weight)  # f32[16, 8]  writeback  [param]
 -write_exp_avg_net_0_weight = exp_avg_net_0_weight.copy_(new_exp_avg_net_0_weight)  # f32[0]  writeback  [exp_avg]
 -write_exp_avg_sq_net_0_weight = exp_avg_sq_net_0_weight.copy_(new_exp_avg_sq_net_0_weight)  # f32[0]  writeback  [exp_avg_sq]
@@ -91,19 +92,20 @@ group0_weight_decay = group0_hyperparameters[4]  # f64[]  hyperparameter
 refresh_net_0_weight = lordo.low_rank_projection(grad_net_0_weight, low_rank_projection_net_0_weight, low_rank_projection_net_0_weight, rank=4, tall=True, method='svd', power_iterations=1)  # (f32[8, 4], b8[])  optimizer_update  <low_rank>
 new_projection_net_0_weight = refresh_net_0_weight[0]  # f32[8, 4]  optimizer_update  <low_rank>
 projection_finite_net_0_weight = refresh_net_0_weight[1]  # b8[]  optimizer_update  <low_rank>
-carried_exp_avg_net_0_weight = lordo.low_rank_carry(low_rank_exp_avg_net_0_weight, low_rank_projection_net_0_weight, new_projection_net_0_weight, tall=True, squared=False, mode='reproject')  # f32[16, 4]  optimizer_update  <low_rank>
-carried_exp_avg_sq_net_0_weight = lordo.low_rank_carry(low_rank_exp_avg_sq_net_0_weight, low_rank_projection_net_0_weight, new_projection_net_0_weight, tall=True, squared=True, mode='reproject')  # f32[16, 4]  optimizer_update  <low_rank>
-galore_adamw_net_0_weight = lordo.galore_adamw(net_0_weight, grad_net_0_weight, carried_exp_avg_net_0_weight, carried_exp_avg_sq_net_0_weight, step_net_0_weight, new_projection_net_0_weight, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, scale=0.25, tall=True, maximize=False, numerics='torch')  # (f32[16, 8], f32[16, 4], f32[16, 4], f32[])  optimizer_update  <low_rank>
 projection_failed_net_0_weight = aten.logical_not(projection_finite_net_0_weight)  # b8[]  optimizer_update  <low_rank>
 projections_failed = aten.stack([projection_failed_net_0_weight])  # b8[1]  optimizer_update  <low_rank>
 projection_failures_now = aten.sum(projections_failed)  # i64[]  optimizer_update  <low_rank>
 projection_failures_counted = aten.add.Tensor(low_rank_projection_failures, projection_failures_now)  # i64[]  optimizer_update  <low_rank>
 count_projection_failures = low_rank_projection_failures.copy_(projection_failures_counted)  # i64[]  writeback  [low_rank.projection_failures]  <low_rank>
+projected_grad_net_0_weight = torch._VariableFunctionsClass.matmul(grad_net_0_weight, new_projection_net_0_weight)  # f32[16, 4]  gradient  <low_rank>
+carried_exp_avg_net_0_weight = lordo.low_rank_carry(low_rank_exp_avg_net_0_weight, low_rank_projection_net_0_weight, new_projection_net_0_weight, tall=True, squared=False, mode='reproject')  # f32[16, 4]  optimizer_update  <low_rank>
+carried_exp_avg_sq_net_0_weight = lordo.low_rank_carry(low_rank_exp_avg_sq_net_0_weight, low_rank_projection_net_0_weight, new_projection_net_0_weight, tall=True, squared=True, mode='reproject')  # f32[16, 4]  optimizer_update  <low_rank>
+galore_adamw_projected_net_0_weight = lordo.galore_adamw_projected(net_0_weight, projected_grad_net_0_weight, carried_exp_avg_net_0_weight, carried_exp_avg_sq_net_0_weight, step_net_0_weight, new_projection_net_0_weight, group0_lr, group0_beta1, group0_beta2, group0_eps, group0_weight_decay, scale=0.25, tall=True, maximize=False, numerics='torch')  # (f32[16, 8], f32[16, 4], f32[16, 4], f32[])  optimizer_update  <low_rank>
 write_projection_net_0_weight = low_rank_projection_net_0_weight.copy_(new_projection_net_0_weight)  # f32[8, 4]  writeback  [projection]  <low_rank>
-new_param_net_0_weight = galore_adamw_net_0_weight[0]  # f32[16, 8]  optimizer_update
-new_exp_avg_net_0_weight = galore_adamw_net_0_weight[1]  # f32[16, 4]  optimizer_update
-new_exp_avg_sq_net_0_weight = galore_adamw_net_0_weight[2]  # f32[16, 4]  optimizer_update
-new_step_net_0_weight = galore_adamw_net_0_weight[3]  # f32[]  optimizer_update
+new_param_net_0_weight = galore_adamw_projected_net_0_weight[0]  # f32[16, 8]  optimizer_update
+new_exp_avg_net_0_weight = galore_adamw_projected_net_0_weight[1]  # f32[16, 4]  optimizer_update
+new_exp_avg_sq_net_0_weight = galore_adamw_projected_net_0_weight[2]  # f32[16, 4]  optimizer_update
+new_step_net_0_weight = galore_adamw_projected_net_0_weight[3]  # f32[]  optimizer_update
 write_param_net_0_weight = net_0_weight.copy_(new_param_net_0_weight)  # f32[16, 8]  writeback  [param]
 write_exp_avg_net_0_weight = low_rank_exp_avg_net_0_weight.copy_(new_exp_avg_net_0_weight)  # f32[16, 4]  writeback  [exp_avg]
 write_exp_avg_sq_net_0_weight = low_rank_exp_avg_sq_net_0_weight.copy_(new_exp_avg_sq_net_0_weight)  # f32[16, 4]  writeback  [exp_avg_sq]
