@@ -204,7 +204,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--quick", action="store_true")
     choices = sorted([*LOWERING_CHOICES, *PASS_LOWERING_CHOICES])
     parser.add_argument("--without", nargs="+", default=[], choices=choices, metavar="CHOICE",
-                        help=f"an ablation: the policies' rows with these lowering choices turned off ({', '.join(choices)})")
+                        help="an ablation: the policies' rows with these lowering choices turned off "
+                             f"({', '.join(choices)})")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)

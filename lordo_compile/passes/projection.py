@@ -106,7 +106,8 @@ def project_from_factors(aten: fx.GraphModule, inputs: int, positions: list[int]
         m, k = _shape(a)
         n = _shape(b)[1]
         rank = _shape(right)[1] if tall else _shape(left)[0]
-        if rank * k * (m + n) >= m * n * (k + rank):
+        # A symbolic size (a step captured with dynamic shapes) is not compared: that would guard on it.
+        if not all(isinstance(size, int) for size in (m, k, n, rank)) or rank * k * (m + n) >= m * n * (k + rank):
             continue
         # At the product, where its factors are last read: a projection is an input, there already.
         with aten.graph.inserting_before(chain[-1]):
