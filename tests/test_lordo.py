@@ -607,15 +607,18 @@ GAP, SCALE = 5, 0.25
 
 def low_rank_ddp_worker(rank, world):
     """Low-rank DDP compiled, and written out: P from the averaged gradient every GAP steps,
-    the projected gradient averaged every step, Adam on it, decoupled decay after."""
+    the projected gradient averaged every step, Adam on it, decoupled decay after. Also the
+    shapes of the matrix products in the ordinary step's aten graph."""
     model, batches = lordo_problem(rank)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
     step = lc.compile(training_step(lambda x, y, m=model: F.mse_loss(m(x), y), opt),
-                      lc.Policy.low_rank_ddp(rank=RANK, update_proj_gap=GAP, scale=SCALE), compiler="eager")
+                      lc.Policy.low_rank_ddp(rank=RANK, update_proj_gap=GAP, scale=SCALE), compiler="aot_eager")
     for x, y in batches:
         step(x, y)
     compiled = [p.detach().clone() for p in model.parameters()]
     bytes_sent = step.comm_report().bytes_sent
+    products = [tuple(n.meta["val"].shape) for n in step.graphs["step"]["aten"].module.graph.nodes
+                if n.target is torch.ops.aten.mm.default]
 
     model, batches = lordo_problem(rank)
     written_out = EagerLowRankDDP(model, lambda t: _mean(t, world))
@@ -623,7 +626,7 @@ def low_rank_ddp_worker(rank, world):
         F.mse_loss(model(x), y).backward()
         written_out.step(k)
         model.zero_grad()
-    return compiled, [p.detach().clone() for p in model.parameters()], bytes_sent
+    return compiled, [p.detach().clone() for p in model.parameters()], bytes_sent, products
 
 
 class EagerLowRankDDP:
@@ -660,8 +663,11 @@ class EagerLowRankDDP:
 
 def test_low_rank_ddp_matches_its_definition():
     results = run_workers(low_rank_ddp_worker, 2, timeout=600)
-    for compiled, reference, _ in results:
+    for compiled, reference, _, products in results:
         assert_close(compiled, reference)
+        # Each low-rank weight's gradient is projected from its factors, before the all-reduce:
+        # the one product of the weight's shape an ordinary step takes is the update's back-projection.
+        assert products.count((32, 64)) == products.count((48, 32)) == 1
     assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
     dense = (32 + 48 + 4 * 48 + 4) * 4
     projected = (RANK * 64 + 48 * RANK) * 4 + dense
