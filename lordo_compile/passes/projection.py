@@ -9,6 +9,10 @@
 
 `source` is oriented as the weight (or is a sketch of it oriented so): its right singular
 vectors when tall, its left ones when wide, from one SVD of `source` itself, as galore-torch.
+
+A pass whose updates read projected gradients takes `ProjectsFromFactors` as its runtime: it
+asks code generation for `project_from_factors`, which projects a weight's gradient from the
+factors of its product, dY^T (X P), and so never forms the gradient.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def projected_gradient(graph: TrainGraph, param: str, grad: fx.Node, projection:
 
 
 _MM = torch.ops.aten.mm.default
-PROJECTION = "projection"
+_PROJECTION = "projection"
 
 
 class ProjectsFromFactors(PassRuntime):
@@ -74,7 +78,7 @@ def projections_from_factors(graph: TrainGraph) -> Lowering | None:
     "<owner>.projection.<parameter>"); None when it has none."""
     placeholders = graph.placeholders()
     positions = [i for i, node in enumerate(placeholders)
-                 if (node.meta.get(STATE) or "").split(".")[1:2] == [PROJECTION]]
+                 if (node.meta.get(STATE) or "").split(".")[1:2] == [_PROJECTION]]
     if not positions:
         return None
     return Lowering((functools.partial(project_from_factors, inputs=len(placeholders), positions=positions),))
