@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..graph import PARAM, ROLE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, tag
+from ..graph import PARAM, ROLE, ParamInfo, Role, StateSpec, TrainGraph, tag
 from ..ops.quant import (
     BITS, QUANTIZERS, STE, QuantizedModel, cage_coupled, cage_coupled_projected, cage_decoupled, cage_lambda, export,
 )
