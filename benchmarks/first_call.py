@@ -65,7 +65,7 @@ from torch._dynamo.utils import compilation_time_metrics
 
 import lordo_compile as lc
 from lordo_compile.models import GPTConfig, TinyGPT
-from lordo_compile.testing import counting_scheduler_nodes, fresh_inductor_cache, lowering_without
+from lordo_compile.testing import counting_calls, counting_scheduler_nodes, fresh_inductor_cache, lowering_without
 
 from .common import QUICK_GPT, batches, print_table, write_json
 from .step_time import LORDO, RECIPE, lordo, recipe
@@ -95,22 +95,11 @@ VARIANTS = {
 }
 
 
-@contextlib.contextmanager
 def counting_cpp_functions(counts: list[int]):
     """Inside, each C++ function Inductor hands its compiler appends 1 to `counts`."""
     from torch._inductor.async_compile import AsyncCompile
 
-    compile_one = AsyncCompile.cpp_pybinding
-
-    def counting(self, *args, **kwargs):
-        counts.append(1)
-        return compile_one(self, *args, **kwargs)
-
-    AsyncCompile.cpp_pybinding = counting
-    try:
-        yield
-    finally:
-        AsyncCompile.cpp_pybinding = compile_one
+    return counting_calls(AsyncCompile, "cpp_pybinding", counts)
 
 
 def first_call(cfg: GPTConfig, name: str, batch, fresh_cache: bool = True) -> dict:

@@ -33,8 +33,8 @@ and the gradients dominate the peak, which shows what updating each weight as so
 gradient exists saves (docs/passes/quantized_state.md, "Where the peak is").
 
 `--without`: an ablation; the policies' rows are measured with these of the lowering's
-choices turned off (`lordo_compile.testing.LOWERING_CHOICES` and `PASS_LOWERING_CHOICES`),
-each row records them (`without`), and `--json` keeps rows of different ablations apart.
+choices turned off (`lordo_compile.testing.LOWERING_CHOICES`), each row records them
+(`without`), and `--json` keeps rows of different ablations apart.
 
 `--json` merges: rows of another run of the same batch, block and compiler are kept unless
 this run measures the same policy again (each row's ratios are against its own run's peers).
@@ -58,7 +58,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import lordo_compile as lc
 from lordo_compile.models import GPTConfig
-from lordo_compile.testing import LOWERING_CHOICES, PASS_LOWERING_CHOICES, lowering_without
+from lordo_compile.testing import LOWERING_CHOICES, lowering_without
 
 from .common import batches, gpt_step, print_table, write_json
 
@@ -202,7 +202,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--compiler", default="inductor")
     parser.add_argument("--only", nargs="+", metavar="POLICY", help="these rows (and the peers) only")
     parser.add_argument("--quick", action="store_true")
-    choices = sorted([*LOWERING_CHOICES, *PASS_LOWERING_CHOICES])
+    choices = sorted(LOWERING_CHOICES)
     parser.add_argument("--without", nargs="+", default=[], choices=choices, metavar="CHOICE",
                         help="an ablation: the policies' rows with these lowering choices turned off "
                              f"({', '.join(choices)})")

@@ -51,59 +51,59 @@ def _projects_nothing(aten, inputs: int, positions: list[int]) -> int:
     return 0
 
 
-# The lowering's choices for Inductor: each a name in `lordo_compile.lowering`, and what stands
-# in for it when it is turned off.
-LOWERING_CHOICES = {"write_inputs_when_computed": _unchanged, "compute_scalars_once": _unchanged,
-                    "INDUCTOR_CONFIG": {}, "CPU_KERNEL_GROUP_ARGS": None,
-                    "dtype_rules_built_once": contextlib.nullcontext}
-# Aten rewrites passes ask of code generation (any compiler): each a name in a module of
-# `lordo_compile.passes`, and what stands in for it when it is turned off.
-PASS_LOWERING_CHOICES = {"project_from_factors": ("projection", _projects_nothing)}
+# The lowering's choices for Inductor, and the aten rewrites passes ask of code generation (under
+# any compiler): each a name in a module of this package, and what stands in for it when it is
+# turned off.
+LOWERING_CHOICES = {
+    "write_inputs_when_computed": ("lowering", _unchanged), "compute_scalars_once": ("lowering", _unchanged),
+    "INDUCTOR_CONFIG": ("lowering", {}), "CPU_KERNEL_GROUP_ARGS": ("lowering", None),
+    "dtype_rules_built_once": ("lowering", contextlib.nullcontext),
+    "project_from_factors": ("passes.projection", _projects_nothing),
+}
 
 
 @contextlib.contextmanager
 def lowering_without(*choices: str):
-    """Inside, steps compiled are lowered without the named `LOWERING_CHOICES` (Inductor) or
-    `PASS_LOWERING_CHOICES`: an ablation for tests and benchmarks, not an option users have.
-    A pass's choice is read when a step is captured: capture inside too."""
-    import importlib
-
-    from . import lowering
-
-    unknown = sorted(set(choices) - set(LOWERING_CHOICES) - set(PASS_LOWERING_CHOICES))
+    """Inside, steps are lowered without the named `LOWERING_CHOICES`: an ablation for tests and
+    benchmarks, not an option users have. A pass's rewrite is taken when a step is captured:
+    capture inside too."""
+    unknown = sorted(set(choices) - set(LOWERING_CHOICES))
     if unknown:
-        raise ValueError(f"unknown lowering choices {unknown}; choose from "
-                         f"{sorted([*LOWERING_CHOICES, *PASS_LOWERING_CHOICES])}")
-    homes = {name: (lowering, LOWERING_CHOICES[name]) if name in LOWERING_CHOICES else
-             (importlib.import_module(f"{__package__}.passes.{PASS_LOWERING_CHOICES[name][0]}"),
-              PASS_LOWERING_CHOICES[name][1]) for name in choices}
-    saved = {name: getattr(module, name) for name, (module, _) in homes.items()}
-    for name, (module, stand_in) in homes.items():
-        setattr(module, name, stand_in)
+        raise ValueError(f"unknown lowering choices {unknown}; choose from {sorted(LOWERING_CHOICES)}")
+    homes = {name: importlib.import_module(f"{__package__}.{LOWERING_CHOICES[name][0]}") for name in choices}
+    saved = {name: getattr(home, name) for name, home in homes.items()}
+    for name, home in homes.items():
+        setattr(home, name, LOWERING_CHOICES[name][1])
     try:
         yield
     finally:
         for name, value in saved.items():
-            setattr(homes[name][0], name, value)
+            setattr(homes[name], name, value)
 
 
 @contextlib.contextmanager
+def counting_calls(owner, attribute: str, counts: list[int], measure: Callable[..., int] = lambda *args: 1):
+    """Inside, each call of the method `owner.<attribute>` appends `measure(*its arguments)` to
+    `counts` (1 by default)."""
+    original = getattr(owner, attribute)
+
+    def counting(*args, **kwargs):
+        counts.append(measure(*args, **kwargs))
+        return original(*args, **kwargs)
+
+    setattr(owner, attribute, counting)
+    try:
+        yield
+    finally:
+        setattr(owner, attribute, original)
+
+
 def counting_scheduler_nodes(counts: list[int]):
     """Inside, each graph Inductor schedules appends to `counts` the number of nodes its
     scheduler starts from (one per buffer to compute, before fusion)."""
     from torch._inductor import scheduler
 
-    init = scheduler.Scheduler._init
-
-    def counting(self, nodes):
-        counts.append(len(nodes))
-        return init(self, nodes)
-
-    scheduler.Scheduler._init = counting
-    try:
-        yield
-    finally:
-        scheduler.Scheduler._init = init
+    return counting_calls(scheduler.Scheduler, "_init", counts, lambda self, nodes: len(nodes))
 
 
 def stage_text(step: CompiledStep, stage: str = "captured", events: str = "step") -> str:

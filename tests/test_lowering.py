@@ -1,7 +1,6 @@
 """Lowering's rewrites of the aten graph before Inductor: where the writes into inputs go."""
 
 import collections
-import contextlib
 import functools
 import re
 from typing import NamedTuple
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch._inductor.dtype_propagation import DtypePropagationOpsHandler
 from torch._inductor.utils import run_and_get_code
 
 import lordo_compile as lc
@@ -20,8 +20,8 @@ from lordo_compile.models import MLP
 from lordo_compile.lowering import (CpuKernelGroupBound, bounded_cpu_kernel_groups, compute_scalars_once, computed_once,
                                     dtype_rules_built_once, uses_cuda_graphs, write_inputs_when_computed,
                                     written_inputs)
-from lordo_compile.testing import (LOWERING_CHOICES, counting_scheduler_nodes, fresh_inductor_cache, lowering_without,
-                                   training_step)
+from lordo_compile.testing import (LOWERING_CHOICES, counting_calls, counting_scheduler_nodes, fresh_inductor_cache,
+                                   lowering_without, training_step)
 
 aten = torch.ops.aten
 
@@ -152,24 +152,6 @@ class MlpRun(NamedTuple):
     dtype_rule_builds: int
 
 
-@contextlib.contextmanager
-def counting_dtype_rule_builds(builds: list[int]):
-    """Inside, each time Inductor's dtype propagation handler builds its rules appends 1 to `builds`."""
-    from torch._inductor.dtype_propagation import DtypePropagationOpsHandler
-
-    build = DtypePropagationOpsHandler.__init__
-
-    def counting(self) -> None:
-        builds.append(1)
-        build(self)
-
-    DtypePropagationOpsHandler.__init__ = counting
-    try:
-        yield
-    finally:
-        DtypePropagationOpsHandler.__init__ = build
-
-
 @functools.cache
 def mlp_adamw_run(without: tuple[str, ...] = ()) -> MlpRun:
     """Three AdamW steps of an MLP through Inductor (fresh cache); the parameters, the
@@ -186,7 +168,8 @@ def mlp_adamw_run(without: tuple[str, ...] = ()) -> MlpRun:
                    for _ in range(3)]
         counts: list[int] = []
         builds: list[int] = []
-        with fresh_inductor_cache(), counting_scheduler_nodes(counts), counting_dtype_rule_builds(builds):
+        with fresh_inductor_cache(), counting_scheduler_nodes(counts), \
+                counting_calls(DtypePropagationOpsHandler, "__init__", builds):
             _, sources = run_and_get_code(step, *batches[0])
     for batch in batches[1:]:
         step(*batch)
@@ -301,7 +284,6 @@ def test_dtype_rules_built_once_leave_the_generated_code_as_it_was():
 def test_dtype_rules_are_built_again_only_when_a_rule_table_grows():
     import torch._inductor.lowering  # noqa: F401  (registers the rules)
     from torch._inductor import utils
-    from torch._inductor.dtype_propagation import DtypePropagationOpsHandler
 
     # A rule the handler's __init__ sets: a new object each time it runs.
     name, rule = next(iter(utils.op_dtype_propagation_rules.items()))

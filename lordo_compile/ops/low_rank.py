@@ -50,14 +50,14 @@ def _adam_direction(r, exp_avg, exp_avg_sq, step, beta1, beta2, eps, numerics):
 
 
 def _galore_adam(param, grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps, weight_decay,
-                 *, scale, tall, numerics, maximize, decoupled, projected=False):
+                 *, scale, tall, numerics, maximize, decoupled):
+    """`decoupled` (AdamW): `grad` comes projected, and the decay follows the step; else (Adam)
+    the L2 decay enters the full gradient, which is projected here."""
     grad = -grad if maximize else grad
-    if projected:
+    if decoupled:
         r = grad.to(exp_avg.dtype)
     else:
-        if not decoupled:
-            grad = grad + weight_decay * param
-        r = project(grad, projection, tall).to(exp_avg.dtype)
+        r = project(grad + weight_decay * param, projection, tall).to(exp_avg.dtype)
     direction, exp_avg, exp_avg_sq, step = _adam_direction(r, exp_avg, exp_avg_sq, step, beta1, beta2, eps,
                                                            numerics)
     update = project_back(direction.to(projection.dtype), projection, tall).to(param.dtype)
@@ -88,8 +88,7 @@ def galore_adam(param, grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, b
 def galore_adamw_projected(param, projected_grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps,
                            weight_decay, *, scale, tall, numerics, maximize):
     return _galore_adam(param, projected_grad, exp_avg, exp_avg_sq, step, projection, lr, beta1, beta2, eps,
-                        weight_decay, scale=scale, tall=tall, numerics=numerics, maximize=maximize, decoupled=True,
-                        projected=True)
+                        weight_decay, scale=scale, tall=tall, numerics=numerics, maximize=maximize, decoupled=True)
 
 
 @define_op(

@@ -41,7 +41,8 @@ from ..graph import ROLE, ParamInfo, Role, StateSpec, TrainGraph, UpdateSite, ta
 from ..ops import op_named
 from ..ops.low_rank import METHODS, NUMERICS, ON_REFRESH, low_rank_carry
 from .manager import INIT, Event, PassResult, Program, Stage, register_pass
-from .projection import ProjectsFromFactors, projected_gradient, refreshed_projection, write_projection
+from .projection import (PROJECTION_STATE, ProjectsFromFactors, projected_gradient, refreshed_projection,
+                         write_projection)
 from .select import choose_matrix, validate_selector
 
 # The optimizer update each low-rank update replaces, and the state it takes over.
@@ -150,7 +151,7 @@ def plan_matrices(option: LowRank, graph: TrainGraph) -> tuple[list[MatrixPlan],
                            counted_by_optimizer=True)
             for key in keys
         }
-        specs["projection"] = StateSpec(name=f"low_rank.projection.{site.param}", shape=(side, option.rank),
+        specs["projection"] = StateSpec(name=f"{PROJECTION_STATE}{site.param}", shape=(side, option.rank),
                                         dtype=torch.float32, owner="low_rank", param=site.param, init="eye")
         if option.method == "randomized":
             specs["sketch"] = StateSpec(name=f"low_rank.sketch.{site.param}",
@@ -176,14 +177,14 @@ class Prepared:
 
 
 def _prepare(graph: TrainGraph, site: UpdateSite, plan: MatrixPlan, option: LowRank, refresh: str | None,
-             first: fx.Node) -> Prepared:
+             first: fx.Node, order: dict[fx.Node, int]) -> Prepared:
     """The state, refreshed projection and gradient of one update, inserted before `first` (the
-    first update of the graph) or, for a gradient computed later, after it."""
+    first update of the graph) or, for a gradient computed later, after it (`order`: the graph's
+    nodes' positions before any was inserted)."""
     g = graph.graph
     p = plan.site_param
     state = {key: graph.add_state(spec) for key, spec in plan.specs.items()}
     grad = site.input("grad")
-    order = {n: i for i, n in enumerate(g.nodes)}
     with g.inserting_before(first if order[grad] < order[first] else grad.next):
         projection, failed = state["projection"], None
         if refresh is not None:
@@ -332,7 +333,8 @@ def low_rank(program: Program, option: LowRank) -> PassResult:
         refresh = None
     by_param = {plan.site_param: plan for plan in plans}
     sites = [site for site in graph.updates() if site.param in by_param]
-    prepared = [_prepare(graph, site, by_param[site.param], option, refresh, sites[0].node) for site in sites]
+    order = {n: i for i, n in enumerate(graph.graph.nodes)}
+    prepared = [_prepare(graph, site, by_param[site.param], option, refresh, sites[0].node, order) for site in sites]
     for site, ready in zip(sites, prepared):
         _rewrite(graph, site, by_param[site.param], option, refresh, ready)
     if refresh is not None:

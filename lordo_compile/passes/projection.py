@@ -62,7 +62,8 @@ def projected_gradient(graph: TrainGraph, param: str, grad: fx.Node, projection:
 
 
 _MM = torch.ops.aten.mm.default
-_PROJECTION = "projection"
+# The state name of each matrix's projection, before its parameter's name (`low_rank.plan_matrices`).
+PROJECTION_STATE = "low_rank.projection."
 
 
 class ProjectsFromFactors(PassRuntime):
@@ -74,11 +75,10 @@ class ProjectsFromFactors(PassRuntime):
 
 
 def projections_from_factors(graph: TrainGraph) -> Lowering | None:
-    """The aten rewrite `project_from_factors` for `graph`'s projections (state named
-    "<owner>.projection.<parameter>"); None when it has none."""
+    """The aten rewrite `project_from_factors` for `graph`'s projections (`PROJECTION_STATE`);
+    None when it has none."""
     placeholders = graph.placeholders()
-    positions = [i for i, node in enumerate(placeholders)
-                 if (node.meta.get(STATE) or "").split(".")[1:2] == [_PROJECTION]]
+    positions = [i for i, node in enumerate(placeholders) if (node.meta.get(STATE) or "").startswith(PROJECTION_STATE)]
     if not positions:
         return None
     return Lowering((functools.partial(project_from_factors, inputs=len(placeholders), positions=positions),))
@@ -139,29 +139,31 @@ def _is_transpose(node: fx.Node) -> bool:
     return node.target is torch.ops.aten.permute.default and list(node.args[1]) == [1, 0]
 
 
-def _projection(node: fx.Node, projections: set[fx.Node]) -> tuple[fx.Node, bool] | None:
-    """(the projection, whether `node` is its transpose) when `node` is a projection or
-    transposes of one."""
-    transposed = False
+def _under_transposes(node: fx.Node) -> tuple[fx.Node, bool, list[fx.Node]]:
+    """(what `node` transposes, through any number of transposes; whether that number is odd;
+    the nodes from `node` to it, both included)."""
+    chain, transposed = [node], False
     while isinstance(node, fx.Node) and _is_transpose(node):
         transposed = not transposed
         node = node.args[0]
-    return (node, transposed) if node in projections else None
+        chain.append(node)
+    return node, transposed, chain
+
+
+def _projection(node: fx.Node, projections: set[fx.Node]) -> tuple[fx.Node, bool] | None:
+    """(the projection, whether `node` is its transpose) when `node` is a projection or
+    transposes of one."""
+    base, transposed, _ = _under_transposes(node)
+    return (base, transposed) if base in projections else None
 
 
 def _product(node: fx.Node) -> tuple[tuple[fx.Node, fx.Node], bool, list[fx.Node]] | None:
     """((A, B), whether `node` is (A B)^T rather than A B, the nodes from `node` to the product):
     `node` is a matrix product or transposes of one, each read by the next alone."""
-    chain, transposed = [], False
-    while isinstance(node, fx.Node) and len(node.users) == 1:
-        chain.append(node)
-        if node.target is _MM:
-            return tuple(node.args), transposed, chain
-        if not _is_transpose(node):
-            return None
-        transposed = not transposed
-        node = node.args[0]
-    return None
+    base, transposed, chain = _under_transposes(node)
+    if not isinstance(base, fx.Node) or base.target is not _MM or any(len(n.users) != 1 for n in chain):
+        return None
+    return tuple(base.args), transposed, chain
 
 
 def _shape(node: fx.Node) -> tuple[int, int]:
